@@ -1,0 +1,332 @@
+"""PerlModel: a frozen open_clip CLIP refined by tiny thought projectors (arXiv 2605.18464).
+
+Per modality m (vision: CLS, text: EOS), with S = the frozen output of the lower blocks:
+
+    h(0) = Pool(R(S))                                   zero-shot state (a constant)
+    z(k) = phi(h(k-1))                                   one new thought token per step
+    h(k) = Pool(R([z(1) .. z(k) | S]))                   all earlier thoughts re-included
+    embedding = readout(h(K))                            ln_post/ln_final + frozen projection
+
+R = blocks[J:] is re-run K+1 times, with gradient flowing through the frozen blocks to phi; the
+lower blocks run once, without gradient (`image_prefix` / `text_prefix`, the seam the feature
+cache uses). Pool always reads the original CLS/EOS row, never a thought token. The mechanics of
+each tower (embedding, mask, insertion index, readout) live in `backbone.py`.
+
+Variants (Table 4) are parameters of this one model, resolved once in the constructor into a
+`LoopSpec(depths, layer_specific, step_specific)`; the forward pass indexes projectors by
+(depth slot, step slot):
+
+    shared     depths [J]          one projector per modality (PERL)
+    step       depths [J]          one projector per step (K of them)
+    early      depths [0]          one projector
+    deep       depths [3, 7, 11]   one projector, used at every depth
+    layer      depths [7, 9, 11]   one projector per depth
+    layerstep  depths [7, 9, 11]   one projector per (depth, step)
+
+Multi-depth reading (the paper is silent; our documented choice): the k thought tokens are
+inserted into the sequence at the lowest depth d0, exactly as in single-depth PERL; before each
+further depth d the thought-token positions of the running sequence are overwritten with the
+projections for that depth (deep-prompt style, as VPT-deep / MaPLe re-set their prompt tokens
+per layer). The projections at every depth are computed from the same pooled states
+h(0) .. h(k-1), so at step k depth d holds [phi_d,1(h(0)) .. phi_d,k(h(k-1))]; a thought token
+computed at an earlier step is reused, never recomputed. Blocks below d0 run once. With one
+depth this is exactly PERL. The default depths are the paper's for 12-block towers; for towers
+with L != 12 blocks each depth d is mapped to round(d * (L-1) / 11) (so 0 -> 0 and 11 -> L-1)
+and duplicates are dropped; `inject_layers` overrides them.
+
+`modality` = "vision" / "text" adapts one side only: the other side has no projector and runs
+zero-shot (Table 3; 3,841 / 2,561 trainable parameters for ViT-B/16).
+
+No `.cuda()` / `.half()`: device and dtype follow the inputs and the caller's autocast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from perl_core.backbone import TextPlacement, TextTower, VisionTower, check_clip, check_depth, run_blocks
+from perl_core.projector import ThoughtProjector
+
+Variant = Literal["shared", "step", "early", "deep", "layer", "layerstep"]
+Modality = Literal["both", "vision", "text"]
+VARIANTS = ("shared", "step", "early", "deep", "layer", "layerstep")
+MODALITIES = ("both", "vision", "text")
+
+# Table 4's depths, stated for the 12-block ViT-B/16 towers.
+PAPER_NUM_LAYERS = 12
+PAPER_DEPTHS = {"deep": (3, 7, 11), "layer": (7, 9, 11), "layerstep": (7, 9, 11)}
+MULTI_DEPTH = tuple(PAPER_DEPTHS)
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """How one modality recurs: injection depths and which projector axes are specific."""
+
+    depths: tuple[int, ...]  # strictly increasing; thought tokens are inserted at depths[0]
+    layer_specific: bool  # one projector per depth (else one shared across depths)
+    step_specific: bool  # one projector per step (else one shared across steps)
+
+
+def scale_depths(depths: Sequence[int], num_layers: int) -> tuple[int, ...]:
+    """Map 12-block depths onto a tower with `num_layers` blocks (0 -> 0, 11 -> L-1), deduped."""
+    if num_layers == PAPER_NUM_LAYERS:
+        return tuple(depths)
+    scaled = (int(d * (num_layers - 1) / (PAPER_NUM_LAYERS - 1) + 0.5) for d in depths)
+    return tuple(sorted(set(scaled)))
+
+
+def resolve_variant(variant: str, inject_layer: int, inject_layers: Sequence[int] | None,
+                    num_layers: int, what: str = "inject_layer") -> LoopSpec:
+    """Resolve a Table-4 variant into a LoopSpec for a tower with `num_layers` blocks."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r} is not one of {list(VARIANTS)}")
+    if inject_layers and variant not in MULTI_DEPTH:
+        raise ValueError(f"inject_layers={list(inject_layers)} only applies to the multi-depth "
+                         f"variants {list(MULTI_DEPTH)}; variant={variant!r} uses {what}")
+    if variant in MULTI_DEPTH:
+        depths = tuple(inject_layers) if inject_layers else scale_depths(PAPER_DEPTHS[variant],
+                                                                        num_layers)
+        if list(depths) != sorted(set(depths)):
+            raise ValueError(f"inject_layers={list(depths)} must be strictly increasing")
+        for d in depths:
+            check_depth(d, num_layers, "inject_layers entry")
+    else:
+        depth = 0 if variant == "early" else inject_layer
+        depths = (check_depth(depth, num_layers, what),)
+    return LoopSpec(depths=depths, layer_specific=variant in ("layer", "layerstep"),
+                    step_specific=variant in ("step", "layerstep"))
+
+
+def _insert(x: torch.Tensor, z: torch.Tensor, at: int) -> torch.Tensor:
+    """Insert the (N, k, D) thought tokens z into the sequence x before position `at`."""
+    return torch.cat([x[:, :at], z.to(x.dtype), x[:, at:]], dim=1)
+
+
+def _overwrite(x: torch.Tensor, z: torch.Tensor, at: int) -> torch.Tensor:
+    """Replace the k thought positions x[:, at:at+k] with z (no in-place op: autograd-safe)."""
+    return torch.cat([x[:, :at], z.to(x.dtype), x[:, at + z.shape[1]:]], dim=1)
+
+
+class PerlModel(nn.Module):
+    def __init__(self, clip: nn.Module, inject_layer: int = 7, num_steps: int = 4, rank: int = 1,
+                 modality: Modality = "both", variant: Variant = "shared",
+                 inject_layers: Sequence[int] | None = None, text_inject_layer: int | None = None,
+                 text_placement: TextPlacement = "after_bos"):
+        super().__init__()
+        check_clip(clip)
+        if modality not in MODALITIES:
+            raise ValueError(f"modality={modality!r} is not one of {list(MODALITIES)}")
+        if not isinstance(num_steps, int) or num_steps < 0:
+            raise ValueError(f"num_steps={num_steps!r} must be an integer >= 0")
+        if text_inject_layer is not None and variant in MULTI_DEPTH:
+            raise ValueError(f"text_inject_layer={text_inject_layer} applies to single-depth "
+                             f"variants; variant={variant!r} takes its depths from inject_layers")
+        if text_inject_layer not in (None, 0) and variant == "early":
+            raise ValueError(f"variant='early' injects at layer 0; got text_inject_layer="
+                             f"{text_inject_layer}")
+        self.clip = clip.requires_grad_(False).eval()
+        self.num_steps, self.rank = num_steps, rank
+        self.modality, self.variant, self.text_placement = modality, variant, text_placement
+        inject_layers = tuple(inject_layers) if inject_layers else None
+        # Plain objects holding a reference to the frozen CLIP (no parameters, no state).
+        self.towers = {"vision": VisionTower(clip), "text": TextTower(clip, text_placement)}
+        text_layer = inject_layer if text_inject_layer is None else text_inject_layer
+        self.loops = {
+            "vision": resolve_variant(variant, inject_layer, inject_layers,
+                                      self.towers["vision"].num_layers, "inject_layer"),
+            "text": resolve_variant(variant, text_layer, inject_layers,
+                                    self.towers["text"].num_layers,
+                                    "inject_layer" if text_inject_layer is None else
+                                    "text_inject_layer"),
+        }
+        # projectors[modality][depth slot][step slot]; only adapted modalities have an entry.
+        self.projectors = nn.ModuleDict()
+        for name in (("vision", "text") if modality == "both" else (modality,)):
+            loop, width = self.loops[name], self.towers[name].width
+            n_depth = len(loop.depths) if loop.layer_specific else 1
+            n_step = num_steps if loop.step_specific else 1
+            self.projectors[name] = nn.ModuleList(
+                nn.ModuleList(ThoughtProjector(width, rank) for _ in range(n_step))
+                for _ in range(n_depth))
+
+    # ---- frozen prefix (lower blocks, once, no grad) -----------------------------------------
+    @torch.no_grad()
+    def _prefix(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        tower = self.towers[name]
+        s = tower.embed(x)
+        return run_blocks(tower.blocks[:self.loops[name].depths[0]], s, tower.mask(s.shape[1], s))
+
+    def image_prefix(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> S_v (N, 1+P, D_v): the embeddings through blocks[:J], no grad."""
+        return self._prefix("vision", images)
+
+    def text_prefix(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(C, ctx) -> S_t (C, ctx, D_t): the embeddings through blocks[:J], no grad."""
+        return self._prefix("text", tokens)
+
+    # ---- the recurrence ----------------------------------------------------------------------
+    def _upper(self, name: str, prefix: torch.Tensor, read_idx: torch.Tensor,
+               thoughts: list[torch.Tensor] | None) -> torch.Tensor:
+        """One pass of blocks[d0:] with thought tokens; returns the raw read rows h (N, D).
+
+        thoughts: None (zero-shot pass) or one (N, k, D) tensor per injection depth.
+        """
+        tower, loop = self.towers[name], self.loops[name]
+        at = tower.insert_at
+        k = 0 if thoughts is None else thoughts[0].shape[1]
+        x = prefix if k == 0 else _insert(prefix, thoughts[0], at)
+        mask = tower.mask(x.shape[1], x)
+        reset = {d: j for j, d in enumerate(loop.depths) if j > 0}  # deeper depths: overwrite
+        for i in range(loop.depths[0], tower.num_layers):
+            if k and i in reset:
+                x = _overwrite(x, thoughts[reset[i]], at)
+            x = tower.blocks[i](x, attn_mask=mask)
+        # The read token (CLS / EOS) moves by k when the thoughts sit before it (always, except
+        # a degenerate EOS at index 0 with after-BOS placement).
+        idx = read_idx + k * (read_idx >= at).long()
+        return x[torch.arange(x.shape[0], device=x.device), idx]
+
+    def _projector(self, name: str, depth_slot: int, step: int) -> ThoughtProjector:
+        loop = self.loops[name]
+        return self.projectors[name][depth_slot if loop.layer_specific else 0][
+            step - 1 if loop.step_specific else 0]
+
+    def _check_steps(self, name: str, steps: int | None) -> int:
+        steps = self.num_steps if steps is None else steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise ValueError(f"steps={steps!r} must be an integer >= 0")
+        if name in self.projectors and self.loops[name].step_specific and steps > self.num_steps:
+            raise ValueError(f"steps={steps} > num_steps={self.num_steps}: variant "
+                             f"{self.variant!r} has one projector per step")
+        return steps
+
+    def _from_prefix(self, name: str, prefix: torch.Tensor, read_idx: torch.Tensor,
+                     steps: int | None, all_steps: bool) -> torch.Tensor:
+        steps = self._check_steps(name, steps)
+        with torch.no_grad():  # h(0) does not depend on any projector: a constant
+            h = self._upper(name, prefix, read_idx, None)
+        hs = [h]
+        if name in self.projectors:
+            n_depths = len(self.loops[name].depths)
+            thoughts: list[list[torch.Tensor]] = [[] for _ in range(n_depths)]  # per depth
+            for step in range(1, steps + 1):
+                for j in range(n_depths):
+                    thoughts[j].append(self._projector(name, j, step)(h).unsqueeze(1))
+                h = self._upper(name, prefix, read_idx, [torch.cat(t, dim=1) for t in thoughts])
+                hs.append(h)
+        else:  # not adapted: this side runs zero-shot at every step
+            hs += [h] * steps
+        readout = self.towers[name].readout
+        return readout(torch.stack(hs)) if all_steps else readout(hs[-1])
+
+    def image_from_prefix(self, prefix: torch.Tensor, steps: int | None = None,
+                          all_steps: bool = False) -> torch.Tensor:
+        """S_v -> (N, D) image embeddings after `steps` steps, or (steps+1, N, D) if all_steps."""
+        read_idx = torch.zeros(prefix.shape[0], dtype=torch.long, device=prefix.device)  # CLS
+        return self._from_prefix("vision", prefix, read_idx, steps, all_steps)
+
+    def text_from_prefix(self, prefix: torch.Tensor, tokens: torch.Tensor,
+                         steps: int | None = None, all_steps: bool = False) -> torch.Tensor:
+        """S_t and its tokens (for the EOS index) -> (C, D), or (steps+1, C, D) if all_steps."""
+        if tokens.shape[0] != prefix.shape[0]:
+            raise ValueError(f"tokens has {tokens.shape[0]} rows but the text prefix has "
+                             f"{prefix.shape[0]}")
+        read_idx = self.towers["text"].read_index(tokens).to(prefix.device)
+        return self._from_prefix("text", prefix, read_idx, steps, all_steps)
+
+    def encode_image(self, images: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, D) projected, not normalised; steps=0 is zero-shot CLIP."""
+        return self.image_from_prefix(self.image_prefix(images), steps)
+
+    def encode_text(self, tokens: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+        """(C, ctx) -> (C, D) projected, not normalised; steps=0 is zero-shot CLIP."""
+        return self.text_from_prefix(self.text_prefix(tokens), tokens, steps)
+
+    def encode_image_all_steps(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (K+1, N, D): every step 0..K from one pass."""
+        return self.image_from_prefix(self.image_prefix(images), all_steps=True)
+
+    def encode_text_all_steps(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(C, ctx) -> (K+1, C, D): every step 0..K from one pass."""
+        return self.text_from_prefix(self.text_prefix(tokens), tokens, all_steps=True)
+
+    # ---- logits and helpers ------------------------------------------------------------------
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """CLIP's frozen temperature, exp() applied (100 for OpenAI weights)."""
+        return self.clip.logit_scale.exp()
+
+    def logits(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """(..., N, D), (..., C, D) -> (..., N, C) = logit_scale * cos similarity."""
+        img, txt = F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1)
+        return self.logit_scale * img @ txt.transpose(-1, -2)
+
+    def tokenize(self, texts: str | list[str]) -> torch.Tensor:
+        """CLIP BPE tokens (C, ctx) on the CPU (move them to the model's device yourself)."""
+        if self.clip.vocab_size < 49408:
+            raise ValueError(f"tokenize uses CLIP's 49,408-token BPE; this model's vocab_size is "
+                             f"{self.clip.vocab_size}")
+        return open_clip.tokenize(texts, context_length=self.context_length)
+
+    @property
+    def image_size(self) -> int | tuple[int, int]:
+        h, w = self.clip.visual.image_size
+        return h if h == w else (h, w)
+
+    @property
+    def context_length(self) -> int:
+        return self.clip.context_length
+
+    @property
+    def vision_depths(self) -> tuple[int, ...]:
+        return self.loops["vision"].depths
+
+    @property
+    def text_depths(self) -> tuple[int, ...]:
+        return self.loops["text"].depths
+
+    def train(self, mode: bool = True) -> "PerlModel":
+        """Projectors follow `mode`; the frozen CLIP always stays in eval mode."""
+        super().train(mode)
+        self.clip.eval()
+        return self
+
+    # ---- trainable state ---------------------------------------------------------------------
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def trainable_parameter_counts(self) -> dict[str, int]:
+        """{"vision": n, "text": n, "total": n}; 3,841 + 2,561 = 6,402 for PERL on ViT-B/16."""
+        counts = {name: sum(p.numel() for p in self.projectors[name].parameters())
+                  if name in self.projectors else 0 for name in ("vision", "text")}
+        return {**counts, "total": counts["vision"] + counts["text"]}
+
+    def projector_state_dict(self) -> dict[str, torch.Tensor]:
+        """Detached copies of the projector weights (keys like 'vision.0.0.fc1.weight')."""
+        return {k: v.detach().clone() for k, v in self.projectors.state_dict().items()}
+
+    def load_projector_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        expected = set(self.projectors.state_dict())
+        missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"projector state does not fit this model (variant={self.variant!r}, modality="
+                f"{self.modality!r}, num_steps={self.num_steps}): missing {missing}, unexpected "
+                f"{unexpected}")
+        try:
+            self.projectors.load_state_dict(state_dict, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"projector state does not fit this model (rank={self.rank}, widths "
+                             f"vision={self.towers['vision'].width}, text="
+                             f"{self.towers['text'].width}): {e}") from None
+
+    def extra_repr(self) -> str:
+        return (f"variant={self.variant!r}, modality={self.modality!r}, num_steps={self.num_steps},"
+                f" rank={self.rank}, vision_depths={self.vision_depths}, text_depths="
+                f"{self.text_depths}, text_placement={self.text_placement!r}")
