@@ -1,0 +1,1179 @@
+"""`python -m pipeline.aggregate`: MLflow runs -> the paper's tables, plots and an HTML report.
+
+    python -m pipeline.aggregate [--experiment NAME ...] [--tracking-uri URI] [--out DIR]
+                                 [--ui-url URL] [--no-log]
+
+Reads trial runs with `MlflowClient.search_runs` (paged; Ray is not needed), casts their params
+to `TrainConfig` types, keeps one run per `config_hash` (the latest FINISHED one), groups seeds
+(mean, sample std, n) and rebuilds, for whichever runs exist:
+
+- Tables 1/5 (base-to-novel: Base / Novel / HM per dataset, both HM conventions),
+- Table 2 (cross-dataset) and Table 8 (domain generalisation): source, targets, Target Avg,
+- Table 3 (modality), Table 4 (loop variants), Fig. 3a (inject_layer), Fig. 3b (num_steps), the
+  alignment ablation (anchor_weight), any other ablation (rows = the fields the sweep varies),
+- per-step dynamics (acc / confidence / Brier / KL at steps 0..K).
+
+Each of our numbers carries the paper's number and ours - paper where the paper prints one
+(`pipeline.reference`); cells never run are `—`, cells whose runs all failed are `FAILED (k)`.
+Outputs (Markdown, CSV, LaTeX, PNG, report.html) go to `--out` and, unless `--no-log`, are
+logged as artifacts of a run in the `aggregate` experiment.
+
+Averaging conventions (data_protocol.md §9): per dataset, Base and Novel are means over seeds; HM
+is reported both as the mean of per-seed HMs (PERL's convention) and as HM(mean B, mean N)
+(CoOp's). Over datasets, Base/Novel/HM(PERL) are arithmetic means of the per-dataset values and
+HM(CoOp) is HM(Avg Base, Avg Novel). The ± of an average is the std over seeds of the per-seed
+average, over the seeds present in every dataset of that average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit, urlunsplit
+
+import pandas as pd
+
+from perl_core.config import EXECUTION_FIELDS, FIELD_NAMES, TrainConfig
+from pipeline import reference as ref
+from pipeline.tables import Cell, Column, Counts, Row, Table, to_csv, to_latex, to_markdown
+
+AGGREGATE_EXPERIMENT = "aggregate"
+# Every field that changes a result, except the seed: runs that share these values are one cell,
+# and their seeds are averaged.
+KEY_FIELDS: tuple[str, ...] = tuple(f for f in FIELD_NAMES if f not in EXECUTION_FIELDS
+                                    and f != "seed")
+_HINTS = get_type_hints(TrainConfig)
+_DEFAULTS = TrainConfig()
+
+# The field(s) each known sweep varies. Known by name so that an ablation whose other values are
+# not run yet still gets its axis (and the paper's rows as missing); unknown sweeps are grouped
+# by whatever fields vary among their runs.
+SWEEP_AXES: dict[str, tuple[str, ...]] = {
+    "base2novel": (), "cross_dataset": (), "domain_generalization": (),
+    "ablation_steps": ("num_steps",), "ablation_layer": ("inject_layer",),
+    "ablation_modality": ("modality",), "ablation_loop": ("variant",),
+    "alignment": ("anchor_weight",),
+}
+# Fields that describe data, not a setting being ablated.
+_DATA_FIELDS = ("dataset", "eval_datasets", "protocol")
+
+MODALITY_METHOD = {"vision": "Vision only", "text": "Text only", "both": "PERL"}
+VARIANT_METHOD = {"early": "PERL-Early", "deep": "PERL-Deep", "shared": "PERL-Shared",
+                  "step": "PERL-Step", "layer": "PERL-Layer", "layerstep": "PERL-LayerStep"}
+PARAM_COUNT_KEYS = ("num_trainable_parameters", "trainable_parameters", "num_trainable_params")
+STEP_METRICS = (("acc", "accuracy (%)", 2, "higher"), ("confidence", "confidence", 2, "higher"),
+                ("brier", "Brier score", 4, "lower"), ("kl", "KL from step 0", 4, "none"))
+
+Key = tuple  # values of KEY_FIELDS, in order (None where a run did not log the field)
+
+
+# --- reading MLflow -------------------------------------------------------------------------
+
+
+def default_tracking_uri() -> str:
+    """The pipeline's default: $MLFLOW_TRACKING_URI, else SQLite under ./runs (absolute)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or \
+        f"sqlite:///{(Path.cwd() / 'runs' / 'mlflow.db').resolve()}"
+
+
+def redact_uri(uri: str) -> str:
+    """The URI without user:password (never print or log credentials)."""
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        if parts.port:
+            host += f":{parts.port}"
+        return urlunsplit((parts.scheme, "***@" + host, parts.path, parts.query, parts.fragment))
+    return uri
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):])
+
+
+def make_client(tracking_uri: str, *, must_exist: bool = True):
+    from mlflow import MlflowClient
+
+    db = _sqlite_path(tracking_uri)
+    if must_exist and db is not None and str(db) not in ("", ":memory:") and not db.exists():
+        raise SystemExit(f"no MLflow store at {tracking_uri} (run a sweep first, or pass "
+                         "--tracking-uri)")
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def search_all_runs(client, experiment_ids: list[str], filter_string: str = "") -> list:
+    """Every run of the experiments, following page tokens (search_runs returns <= 1000 a page)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string=filter_string, max_results=1000,
+                                  page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def select_experiments(client, names: list[str] | None) -> dict[str, str]:
+    """{experiment_id: name}: the named ones (error if absent), else all with `sweep`-tagged runs."""
+    if names:
+        out = {}
+        for name in names:
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise SystemExit(f"experiment {name!r} not found in the tracking store")
+            out[exp.experiment_id] = exp.name
+        return out
+    exps, token = [], None
+    while True:
+        page = client.search_experiments(max_results=1000, page_token=token)
+        exps.extend(page)
+        token = page.token
+        if not token:
+            break
+    return {e.experiment_id: e.name for e in exps
+            if e.name != AGGREGATE_EXPERIMENT
+            and client.search_runs([e.experiment_id], "tags.sweep LIKE '%'", max_results=1)}
+
+
+def runs_frame(runs: Iterable, experiments: dict[str, str]) -> pd.DataFrame:
+    """One row per run, columns as mlflow.search_runs names them (params.*, metrics.*, tags.*)."""
+    recs = []
+    for r in runs:
+        rec: dict[str, Any] = {
+            "run_id": r.info.run_id, "experiment_id": r.info.experiment_id,
+            "experiment": experiments.get(r.info.experiment_id, r.info.experiment_id),
+            "status": r.info.status, "start_time": r.info.start_time or 0,
+            "end_time": r.info.end_time or 0, "run_name": r.info.run_name or "",
+        }
+        rec.update({f"tags.{k}": v for k, v in r.data.tags.items()})
+        rec.update({f"params.{k}": v for k, v in r.data.params.items()})
+        rec.update({f"metrics.{k}": v for k, v in r.data.metrics.items()})
+        recs.append(rec)
+    df = pd.DataFrame.from_records(recs)
+    for col in ("tags.config_hash", "tags.sweep", "tags.phase", "tags.status_detail"):
+        if col not in df.columns:
+            df[col] = pd.Series([None] * len(df), dtype="str")
+    return df
+
+
+def _parse_tuple(v: Any, item_type: type) -> str | None:
+    """Canonical text of a tuple param ("[3, 7, 11]"); MLflow may hold JSON, a repr, or CSV."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    s = str(v).strip()
+    if s in ("", "()", "[]"):
+        return "[]"
+    try:
+        items = json.loads(s) if s.startswith("[") else None
+    except ValueError:
+        items = None
+    if items is None and s[0] in "[(":
+        try:
+            items = list(ast.literal_eval(s))
+        except (ValueError, SyntaxError):
+            return None
+    if items is None:
+        items = [p.strip() for p in s.split(",") if p.strip()]
+    try:
+        return json.dumps([item_type(x) for x in items])
+    except (TypeError, ValueError):
+        return None
+
+
+def cast_params(df: pd.DataFrame, warnings: list[str] | None = None) -> pd.DataFrame:
+    """Cast `params.<TrainConfig field>` from MLflow strings to the field's type.
+
+    ints -> Int64, floats -> Float64, tuples -> canonical JSON text, the rest -> str. A value that
+    does not parse becomes NA and is reported (never silently coerced to something else).
+    """
+    df = df.copy()
+    for name in FIELD_NAMES:
+        col = f"params.{name}"
+        if col not in df.columns:
+            continue
+        raw = df[col]
+        hint = _HINTS[name]
+        if hint is int:
+            new = pd.to_numeric(raw, errors="coerce").astype("Float64")
+            bad = new.notna() & (new % 1 != 0)
+            new = new.mask(bad).astype("Int64")
+        elif hint is float:
+            new = pd.to_numeric(raw, errors="coerce").astype("Float64")
+        elif get_origin(hint) is tuple:
+            item_t = get_args(hint)[0]
+            new = pd.Series([_parse_tuple(v, item_t) for v in raw], index=df.index, dtype="str")
+        else:
+            new = raw.astype("str")
+        lost = raw.notna() & new.isna()
+        if warnings is not None and lost.any():
+            warnings.append(f"param {name!r}: {int(lost.sum())} value(s) not a valid "
+                            f"{getattr(hint, '__name__', hint)} (e.g. {raw[lost].iloc[0]!r}); "
+                            "treated as missing")
+        df[col] = new
+    return df
+
+
+# --- resolving runs into cells -----------------------------------------------------------------
+
+
+@dataclass
+class SeedRun:
+    run_id: str
+    experiment_id: str
+    status: str
+    seed: int | None
+    key: Key
+    metrics: dict[str, float]
+    extra: dict[str, str]  # params/tags that are not TrainConfig fields
+    reason: str = ""
+    sweep: str = ""
+
+
+@dataclass
+class Pool:
+    """Resolved runs: per cell key and seed, the FINISHED run, else the FAILED one."""
+    finished: dict[Key, dict[int, SeedRun]] = field(default_factory=dict)
+    failed: dict[Key, dict[int, SeedRun]] = field(default_factory=dict)
+    incomplete: dict[Key, dict[int, SeedRun]] = field(default_factory=dict)  # KILLED / RUNNING
+
+    def finished_seeds(self, key: Key) -> dict[int, SeedRun]:
+        return self.finished.get(key, {})
+
+    def failed_seeds(self, key: Key) -> dict[int, SeedRun]:
+        return self.failed.get(key, {})
+
+
+def _val(v: Any) -> Any:
+    """A hashable plain value (pandas NA -> None, numpy scalars -> Python)."""
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+        return None
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and v.is_integer() and abs(v) < 2**53:
+        return float(v)
+    return v
+
+
+def row_key(row: pd.Series) -> Key:
+    return tuple(_val(row.get(f"params.{f}")) for f in KEY_FIELDS)
+
+
+def kget(key: Key, name: str) -> Any:
+    return key[KEY_FIELDS.index(name)]
+
+
+def kreplace(key: Key, **changes: Any) -> Key:
+    k = list(key)
+    for name, v in changes.items():
+        k[KEY_FIELDS.index(name)] = v
+    return tuple(k)
+
+
+def sweep_name(tag: Any) -> str:
+    s = "" if tag is None or (isinstance(tag, float) and math.isnan(tag)) else str(tag)
+    s = s.rstrip("/").split("/")[-1]
+    for suffix in (".yaml", ".yml"):
+        s = s.removesuffix(suffix)
+    return s
+
+
+def resolve(df: pd.DataFrame) -> tuple[Pool, pd.DataFrame]:
+    """Dedupe by config_hash: the latest FINISHED run wins; a hash with no FINISHED run is FAILED
+    if any run failed, else incomplete. Returns the pool and `df` with a `resolution` column."""
+    pool = Pool()
+    df = df.copy()
+    df["resolution"] = pd.Series(["ignored"] * len(df), index=df.index, dtype="str")
+    trial = df["tags.config_hash"].notna() & (df["tags.config_hash"].astype("str") != "")
+    df.loc[~trial, "resolution"] = "not a trial run (no config_hash)"
+    hpo = trial & (df["tags.phase"].astype("str") == "hpo")
+    df.loc[hpo, "resolution"] = "hpo phase (not in tables)"
+    sel = df[trial & ~hpo].sort_values(["end_time", "start_time"], kind="stable")
+    param_cols = {f"params.{f}" for f in FIELD_NAMES}
+    for h, grp in sel.groupby("tags.config_hash", sort=False):
+        fin = grp[grp["status"] == "FINISHED"]
+        bad = grp[grp["status"] == "FAILED"]
+        if len(fin):
+            chosen, target, label = fin.iloc[-1], pool.finished, "used"
+        elif len(bad):
+            chosen, target, label = bad.iloc[-1], pool.failed, "failed"
+        else:
+            chosen, target, label = grp.iloc[-1], pool.incomplete, str(grp.iloc[-1]["status"])
+        for idx in grp.index:
+            df.loc[idx, "resolution"] = (label if idx == chosen.name else
+                                         f"superseded by {chosen['run_id']}")
+        seed = _val(chosen.get("params.seed"))
+        extra = {}
+        for c, v in chosen.items():
+            if (c.startswith("params.") and c not in param_cols) or c.startswith("tags."):
+                if _val(v) is not None:
+                    extra[c.split(".", 1)[1]] = str(v)
+        sr = SeedRun(
+            run_id=chosen["run_id"], experiment_id=chosen["experiment_id"],
+            status=chosen["status"], seed=seed, key=row_key(chosen),
+            metrics={c[len("metrics."):]: float(v) for c, v in chosen.items()
+                     if c.startswith("metrics.") and _val(v) is not None},
+            extra=extra, reason=str(_val(chosen.get("tags.status_detail")) or ""),
+            sweep=sweep_name(chosen.get("tags.sweep")))
+        # Two hashes for one (key, seed) only happen across schema versions (same settings):
+        # either run is a valid result, the last one visited is kept.
+        target.setdefault(sr.key, {})[seed] = sr
+    # A seed that FINISHED under one hash is not failed under another.
+    for key, seeds in list(pool.failed.items()):
+        for s in list(seeds):
+            if s in pool.finished.get(key, {}):
+                del seeds[s]
+        if not seeds:
+            del pool.failed[key]
+    return pool, df
+
+
+# --- statistics --------------------------------------------------------------------------------
+
+
+def hm(b: float | None, n: float | None) -> float | None:
+    if b is None or n is None:
+        return None
+    return 0.0 if b + n == 0 else 2 * b * n / (b + n)
+
+
+def metric(name: str) -> Callable[[SeedRun], float | None]:
+    def get(r: SeedRun) -> float | None:
+        v = r.metrics.get(name)
+        return None if v is None or math.isnan(v) else v
+    get.__name__ = name
+    return get
+
+
+def seed_hm(r: SeedRun) -> float | None:
+    """This seed's HM: the logged `hm`, else HM of its base and novel accuracies."""
+    v = r.metrics.get("hm")
+    if v is not None and not math.isnan(v):
+        return v
+    return hm(r.metrics.get("base/acc"), r.metrics.get("novel/acc"))
+
+
+def _std(vals: list[float]) -> float | None:
+    return statistics.stdev(vals) if len(vals) >= 2 else None
+
+
+def seed_values(pool: Pool, key: Key, fn: Callable[[SeedRun], float | None]) -> dict[int, float]:
+    out = {}
+    for s, r in pool.finished_seeds(key).items():
+        v = fn(r)
+        if v is not None:
+            out[s] = v
+    return out
+
+
+def cell_over_seeds(pool: Pool, key: Key, fn: Callable[[SeedRun], float | None]) -> Cell:
+    vals = seed_values(pool, key, fn)
+    fin = pool.finished_seeds(key)
+    failed = pool.failed_seeds(key)
+    return Cell(
+        mean=statistics.fmean(vals.values()) if vals else None,
+        std=_std(list(vals.values())), n=len(vals), n_failed=len(failed),
+        run_ids=tuple(fin[s].run_id for s in sorted(vals, key=_seed_order)),
+        failed_run_ids=tuple(r.run_id for r in failed.values()),
+        failure_reasons=tuple(r.reason for r in failed.values() if r.reason))
+
+
+def _seed_order(s: Any) -> tuple:
+    return (s is None, s if isinstance(s, (int, float)) else 0, str(s))
+
+
+def cell_over_datasets(pool: Pool, keys: list[Key],
+                       fn: Callable[[SeedRun], float | None]) -> Cell:
+    """Mean over datasets of the per-dataset seed means; ± over seeds of the per-seed average."""
+    per = [(k, seed_values(pool, k, fn)) for k in keys]
+    present = [(k, v) for k, v in per if v]
+    failed = [r for k in keys for r in pool.failed_seeds(k).values()]
+    cell = Cell(n_failed=len(failed), failed_run_ids=tuple(r.run_id for r in failed),
+                failure_reasons=tuple(r.reason for r in failed if r.reason))
+    if not present:
+        return cell
+    cell.mean = statistics.fmean(statistics.fmean(v.values()) for _, v in present)
+    common = set.intersection(*(set(v) for _, v in present))
+    per_seed = [statistics.fmean(v[s] for _, v in present) for s in common]
+    cell.std = _std(per_seed)
+    cell.n = len(common) if common else min(len(v) for _, v in present)
+    cell.run_ids = tuple(pool.finished_seeds(k)[s].run_id for k, v in present
+                         for s in sorted(v, key=_seed_order))
+    if len(present) < len(keys):
+        cell.note = f"average over {len(present)} of {len(keys)} datasets"
+    return cell
+
+
+def hm_of_cells(b: Cell, n: Cell) -> Cell:
+    """CoOp convention: HM of the (already averaged) Base and Novel cells; no ± of its own."""
+    if b.status != "ok" or n.status != "ok":
+        return Cell(n_failed=max(b.n_failed, n.n_failed),
+                    failed_run_ids=tuple(dict.fromkeys(b.failed_run_ids + n.failed_run_ids)),
+                    failure_reasons=b.failure_reasons + n.failure_reasons)
+    return Cell(mean=hm(b.mean, n.mean), n=min(b.n, n.n), n_failed=max(b.n_failed, n.n_failed),
+                run_ids=tuple(dict.fromkeys(b.run_ids + n.run_ids)),
+                failed_run_ids=tuple(dict.fromkeys(b.failed_run_ids + n.failed_run_ids)),
+                note=b.note or n.note)
+
+
+def attach_paper(cell: Cell, table: str, method: str | None, dataset: str | None, metric_: str,
+                 no_diff_reason: str = "") -> Cell:
+    if method is None or dataset is None:
+        return cell
+    row = ref.paper_entry(table, method, dataset, metric_)
+    if row is not None:
+        cell.paper, cell.paper_text, cell.paper_approx = row.value, row.text, row.approximate
+        cell.paper_note = f"{table} {method} {dataset} {metric_}" + (f"; {row.note}" if row.note
+                                                                      else "")
+        cell.no_diff_reason = no_diff_reason
+    return cell
+
+
+# --- sweeps -----------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepView:
+    """The runs one sweep submitted (phase final), for one protocol."""
+    sweep: str
+    protocol: str
+    keys: list[Key]  # distinct cell keys the sweep has runs for (any status)
+    seeds: list[Any]
+    axis: tuple[str, ...]  # fields that index the rows (empty: a plain protocol table)
+    constants: dict[str, Any]  # fields with one value across the sweep
+    datasets: list[str]
+    experiment_id: str
+    experiment: str  # experiment name
+
+    def template(self) -> Key:
+        return self.keys[0]
+
+
+def dataset_order(names: Iterable[str]) -> list[str]:
+    """The paper's order for its datasets, then everything else alphabetically."""
+    names = list(dict.fromkeys(n for n in names if n))
+    pos = {d: i for i, d in enumerate(ref.PAPER_DATASETS)}
+
+    def k(n: str) -> tuple:
+        p = ref.paper_dataset(n)
+        return (0, pos[p], n) if p in pos else (1, 0, n.lower())
+    return sorted(names, key=k)
+
+
+def sweep_views(df: pd.DataFrame) -> list[SweepView]:
+    """One view per (experiment, sweep tag, protocol). Split by experiment too, so that e.g. a
+    toy-world and a real-data submission of the same sweep file are never averaged together."""
+    trial = df[(df["resolution"] != "not a trial run (no config_hash)")
+               & (df["resolution"] != "hpo phase (not in tables)")]
+    views = []
+    sweeps = trial["tags.sweep"].map(sweep_name)
+    groups = sorted({(e, sw) for e, sw in zip(trial["experiment_id"], sweeps)},
+                    key=lambda g: (g[1], str(g[0])))
+    for exp_id, sw in groups:
+        part = trial[(sweeps == sw) & (trial["experiment_id"] == exp_id)]
+        protos = part["params.protocol"] if "params.protocol" in part else \
+            pd.Series(["base2novel"] * len(part), index=part.index)
+        for proto in sorted(set(protos.astype("str"))):
+            sub = part[protos.astype("str") == proto]
+            keys = list(dict.fromkeys(row_key(r) for _, r in sub.iterrows()))
+            seeds = sorted({_val(s) for s in sub.get("params.seed", pd.Series(dtype="str"))},
+                           key=_seed_order)
+            distinct = {f: {kget(k, f) for k in keys} for f in KEY_FIELDS}
+            varying = tuple(f for f in KEY_FIELDS if f not in _DATA_FIELDS and len(distinct[f]) > 1)
+            declared = SWEEP_AXES.get(sw)
+            axis = varying if declared is None else \
+                declared + tuple(f for f in varying if f not in declared)
+            views.append(SweepView(
+                sweep=sw or "(untagged)", protocol=proto, keys=keys, seeds=seeds, axis=axis,
+                constants={f: next(iter(v)) for f, v in distinct.items() if len(v) == 1},
+                datasets=dataset_order(str(kget(k, "dataset")) for k in keys),
+                experiment_id=str(exp_id), experiment=str(sub["experiment"].iloc[0])))
+    return views
+
+
+def fmt_value(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def differing_settings(view: SweepView) -> list[str]:
+    """Constant settings of the sweep that differ from the paper's (TrainConfig defaults)."""
+    out = []
+    for f in ("arch", "pretrained", "shots", "epochs", "lr", "batch_size", "rank",
+              "anchor_weight", "inject_layer", "num_steps", "modality", "variant", "template",
+              "precision", "weight_decay", "aug_scale_min"):
+        if f in view.axis or f not in view.constants:
+            continue
+        v, d = view.constants[f], getattr(_DEFAULTS, f)
+        if v is not None and not (v == d or (isinstance(d, (int, float)) and isinstance(v, (int, float))
+                                             and float(v) == float(d))):
+            out.append(f"{f}={fmt_value(v)}")
+    return out
+
+
+def settings_note(view: SweepView) -> list[str]:
+    diff = differing_settings(view)
+    if not diff:
+        return []
+    return ["Settings that differ from the paper's defaults: " + ", ".join(diff)
+            + ". Paper numbers are a reference, not a like-for-like target."]
+
+
+def count_cells(pool: Pool, keys: Iterable[Key], seeds: list[Any]) -> Counts:
+    c = Counts()
+    for k in keys:
+        fin, bad = pool.finished_seeds(k), pool.failed_seeds(k)
+        c.expected += len(seeds)
+        c.found += sum(1 for s in seeds if s in fin)
+        c.failed += sum(1 for s in seeds if s in bad and s not in fin)
+    return c
+
+
+# --- table builders -------------------------------------------------------------------------
+
+
+def _b2n_columns(with_cos: bool = False) -> list[Column]:
+    cols = [
+        Column("base", "Base", help="base-class accuracy (%), mean over seeds"),
+        Column("novel", "Novel", help="novel-class accuracy (%), mean over seeds"),
+        Column("hm", "HM (PERL conv.)",
+               help="per dataset: mean of per-seed HMs; average: mean of per-dataset HMs"),
+        Column("hm_coop", "HM (CoOp conv.)",
+               help="per dataset: HM of mean Base, mean Novel; average: HM(Avg Base, Avg Novel)"),
+    ]
+    if with_cos:
+        cols += [Column("base_anchor_cos", "anchor cos (base)", 4, "none"),
+                 Column("novel_anchor_cos", "anchor cos (novel)", 4, "none")]
+    return cols
+
+
+def _b2n_cells(pool: Pool, keys: list[Key], with_cos: bool = False) -> dict[str, Cell]:
+    if len(keys) == 1:
+        k = keys[0]
+        cells = {"base": cell_over_seeds(pool, k, metric("base/acc")),
+                 "novel": cell_over_seeds(pool, k, metric("novel/acc")),
+                 "hm": cell_over_seeds(pool, k, seed_hm)}
+        extra = [("base_anchor_cos", "base/anchor_cos"), ("novel_anchor_cos", "novel/anchor_cos")]
+        if with_cos:
+            cells.update({c: cell_over_seeds(pool, k, metric(m)) for c, m in extra})
+    else:
+        cells = {"base": cell_over_datasets(pool, keys, metric("base/acc")),
+                 "novel": cell_over_datasets(pool, keys, metric("novel/acc")),
+                 "hm": cell_over_datasets(pool, keys, seed_hm)}
+        if with_cos:
+            cells.update({"base_anchor_cos": cell_over_datasets(pool, keys, metric("base/anchor_cos")),
+                          "novel_anchor_cos": cell_over_datasets(pool, keys,
+                                                                 metric("novel/anchor_cos"))})
+    cells["hm_coop"] = hm_of_cells(cells["base"], cells["novel"])
+    return cells
+
+
+def _finished_datasets(pool: Pool, keys: list[Key]) -> set[str]:
+    return {str(kget(k, "dataset")) for k in keys if pool.finished_seeds(k)}
+
+
+def _average_comparability(pool: Pool, keys: list[Key], paper_set: tuple[str, ...]) -> str:
+    """'' when our average covers exactly the paper's datasets, else why Δ is not computed."""
+    ours = {ref.paper_dataset(d) for d in _finished_datasets(pool, keys)}
+    if ours == set(paper_set):
+        return ""
+    return (f"not compared: ours averages {len(ours)} dataset(s), the paper's average is over "
+            f"the {len(paper_set)} of its suite")
+
+
+def _keys_for_datasets(view: SweepView, datasets: list[str], **fields: Any) -> list[Key]:
+    """The cell key of each dataset for one row: an observed key when there is one, else the
+    sweep's template with the fields replaced (a cell that was never submitted)."""
+    out = []
+    for d in datasets:
+        want = {"dataset": d, **fields}
+        match = [k for k in view.keys if all(kget(k, f) == v for f, v in want.items())]
+        out.append(match[0] if match else kreplace(view.template(), **want))
+    return out
+
+
+def _real(view: SweepView) -> bool:
+    return any(ref.paper_dataset(d) for d in view.datasets)
+
+
+def table_base2novel(pool: Pool, view: SweepView) -> Table:
+    """Tables 1 and 5: per dataset Base / Novel / HM (both conventions) and the averages."""
+    datasets = list(view.datasets)
+    if _real(view):  # the paper's suite: datasets not run yet are shown as missing
+        datasets = dataset_order(datasets + [d for d in ref.B2N_DATASETS
+                                             if d not in {ref.paper_dataset(x) for x in datasets}])
+    keys = _keys_for_datasets(view, datasets)
+    t = Table(name=f"table1_5_base2novel__{view.sweep}",
+              title=f"Tables 1/5 — base-to-novel, per dataset (sweep `{view.sweep}`)",
+              index=("dataset",), columns=_b2n_columns(), sweep=view.sweep,
+              paper_ref="PERL row of Table 5 per dataset, Table 1 averages", plot="bars",
+              x_label="dataset")
+    for d, k in zip(datasets, keys):
+        cells = _b2n_cells(pool, [k])
+        p = ref.paper_dataset(d)
+        for m in ("base", "novel", "hm"):
+            attach_paper(cells[m], "T5", "PERL", p, m)
+        t.rows.append(Row(label=(d,), cells=cells, x=d))
+    avg = _b2n_cells(pool, keys)
+    if _real(view):
+        why = _average_comparability(pool, keys, ref.B2N_DATASETS)
+        for m in ("base", "novel", "hm"):
+            attach_paper(avg[m], "T1", "PERL", "average", m, why)
+        if why:
+            t.notes.append(f"Average row: paper value shown, Δ {why}.")
+    t.rows.append(Row(label=("Average",), cells=avg, kind="average"))
+    t.counts = count_cells(pool, keys, view.seeds)
+    t.notes += [
+        "HM (PERL conv.): per dataset the mean of per-seed HMs, Average = mean of the per-dataset"
+        " HMs (the paper's Avg HM convention).",
+        "HM (CoOp conv.): per dataset HM(mean Base, mean Novel), Average = HM(Avg Base, Avg "
+        "Novel); the paper prints no PERL number in this convention.",
+    ] + settings_note(view)
+    return t
+
+
+def _axis_label(view: SweepView, key: Key) -> tuple[str, ...]:
+    return tuple(fmt_value(kget(key, f)) for f in view.axis)
+
+
+def _paper_for_axis(view: SweepView, values: dict[str, Any]) -> tuple[str, str] | None:
+    """(paper table, method) of one ablation row, where the paper has that ablation."""
+    if view.axis == ("num_steps",):
+        return "F3b", f"PERL K={values['num_steps']}"
+    if view.axis == ("inject_layer",):
+        return "F3a", f"PERL J={values['inject_layer']}"
+    if view.axis == ("modality",):
+        m = MODALITY_METHOD.get(values["modality"])
+        return ("T3", m) if m else None
+    if view.axis and view.axis[0] == "variant" and set(view.axis) <= {
+            "variant", "inject_layer", "inject_layers", "text_inject_layer"}:
+        m = VARIANT_METHOD.get(values["variant"])
+        return ("T4", m) if m else None
+    return None
+
+
+_PAPER_AXIS_VALUES = {"num_steps": [1, 2, 3, 4, 5], "inject_layer": [6, 7, 8, 9, 10, 11],
+                      "modality": ["vision", "text", "both"],
+                      "variant": ["early", "deep", "shared", "step", "layer", "layerstep"]}
+_ABLATION_TITLES = {
+    ("num_steps",): ("fig3b_num_steps", "Fig. 3b — number of reasoning steps K (num_steps)"),
+    ("inject_layer",): ("fig3a_inject_layer", "Fig. 3a — injection layer J (inject_layer)"),
+    ("modality",): ("table3_modality", "Table 3 — modality ablation"),
+    ("variant",): ("table4_loop", "Table 4 — reasoning-loop configuration"),
+    ("anchor_weight",): ("alignment_anchor_weight",
+                         "Alignment ablation — anchor weight λ (anchor_weight)"),
+}
+
+
+def _param_count(pool: Pool, keys: list[Key]) -> str:
+    for k in keys:
+        for r in pool.finished_seeds(k).values():
+            for name in PARAM_COUNT_KEYS:
+                v = r.metrics.get(name, r.extra.get(name))
+                if v is not None:
+                    try:
+                        return f"{int(float(v)):,}"
+                    except ValueError:
+                        return str(v)
+    return "—"
+
+
+def table_b2n_ablation(pool: Pool, view: SweepView) -> tuple[Table, Table]:
+    """An ablation over base-to-novel: rows = values of the varied field(s), cells = averages
+    over the sweep's datasets. Also returns the per-dataset detail table."""
+    combos = list(dict.fromkeys(tuple(kget(k, f) for f in view.axis) for k in view.keys))
+    if len(view.axis) == 1 and _real(view) and view.axis[0] in _PAPER_AXIS_VALUES:
+        # the paper's rows, so that values never run are visible as missing
+        seen = {c[0] for c in combos}
+        combos += [(v,) for v in _PAPER_AXIS_VALUES[view.axis[0]] if v not in seen]
+    order = _PAPER_AXIS_VALUES.get(view.axis[0])
+
+    def rank(v: Any) -> tuple:
+        return (0, v) if isinstance(v, (int, float)) else (1, str(v))
+    combos.sort(key=lambda c: (order.index(c[0]) if order and c[0] in order else 99,
+                               *(rank(v) for v in c)))
+    known = SWEEP_AXES.get(view.sweep, ())
+    stem, title = _ABLATION_TITLES.get(view.axis, _ABLATION_TITLES.get(
+        view.axis[:1] if known and view.axis[:1] == known[:1] else (),
+        (f"ablation_{'_'.join(view.axis)}", f"Ablation over {', '.join(view.axis)}")))
+    with_cos = "anchor_weight" in view.axis
+    is_loop = view.axis[:1] == ("variant",)
+    t = Table(name=f"{stem}__{view.sweep}",
+              title=f"{title} (sweep `{view.sweep}`, base-to-novel averages over "
+                    f"{len(view.datasets)} dataset(s))",
+              index=view.axis, columns=_b2n_columns(with_cos), sweep=view.sweep,
+              info_columns=("#params", "#params (paper)") if (is_loop or view.axis == ("modality",))
+              else ())
+    numeric = len(view.axis) == 1 and all(
+        isinstance(c[0], (int, float)) for c in combos if c[0] is not None)
+    t.plot, t.x_label = ("curve" if numeric else "bars"), " / ".join(view.axis)
+    detail = Table(name=f"detail_{stem}__{view.sweep}",
+                   title=f"Per-dataset detail of {title.split(' — ')[0]} (sweep `{view.sweep}`)",
+                   index=view.axis + ("dataset",), columns=_b2n_columns(with_cos),
+                   sweep=view.sweep, section="detail")
+    all_keys: list[Key] = []
+    paper_tables = set()
+    for combo in combos:
+        values = dict(zip(view.axis, combo))
+        keys = _keys_for_datasets(view, view.datasets, **values)
+        all_keys += keys
+        cells = _b2n_cells(pool, keys, with_cos)
+        row = Row(label=tuple(fmt_value(v) for v in combo), cells=cells,
+                  x=combo[0] if len(combo) == 1 else " / ".join(map(fmt_value, combo)))
+        target = _paper_for_axis(view, values) if _real(view) else None
+        if target:
+            why = _average_comparability(pool, keys, ref.B2N_DATASETS)
+            for m in ("base", "novel", "hm"):
+                attach_paper(cells[m], target[0], target[1], "average", m, why)
+            paper_tables.add(target[0])
+            entry = ref.paper_entry(target[0], target[1], "average", "hm")
+            if entry is not None:
+                row.info["#params (paper)"] = entry.params
+        if t.info_columns:
+            row.info["#params"] = _param_count(pool, keys)
+        t.rows.append(row)
+        for d, k in zip(view.datasets, keys):
+            detail.rows.append(Row(label=row.label + (d,), cells=_b2n_cells(pool, [k], with_cos)))
+    if t.info_columns and all(r.info.get("#params (paper)", "") == "" for r in t.rows):
+        t.info_columns = ("#params",)
+    t.paper_ref = ", ".join(sorted(paper_tables)) + " (base-to-novel averages over 11 datasets)" \
+        if paper_tables else ""
+    if any(c.paper is not None and c.no_diff_reason for r in t.rows for c in r.cells.values()):
+        t.notes.append("Δ not computed (n/c) where our average does not cover the paper's 11 "
+                       "datasets: a partial average is not comparable to the paper's.")
+    if "F3a" in paper_tables or "F3b" in paper_tables:
+        t.notes.append("Fig. 3 values other than the default row are read off the plot (`~`).")
+    if is_loop:
+        t.notes.append("#params: trainable parameters logged by the runs; the paper's counting "
+                       "of multi-depth/step variants is unexplained (PERL.md §6.2).")
+    t.notes += [f"Rows: values of {', '.join(view.axis)}; every other setting as in the sweep. "
+                f"Datasets averaged: {', '.join(view.datasets)}.",
+                "HM (PERL conv.) = mean of per-dataset HMs (each the mean of per-seed HMs); "
+                "HM (CoOp conv.) = HM(Avg Base, Avg Novel)."] + settings_note(view)
+    t.counts = count_cells(pool, all_keys, view.seeds)
+    detail.counts = t.counts
+    detail.notes = ["Per dataset: mean ± std over seeds; no paper numbers exist at this level."]
+    return t, detail
+
+
+def _target_names(pool: Pool, view: SweepView, source: str) -> list[str]:
+    names: list[str] = []
+    for k in view.keys:
+        ev = kget(k, "eval_datasets")
+        if ev:
+            try:
+                names += list(json.loads(ev))
+            except ValueError:
+                pass
+        for r in pool.finished_seeds(k).values():
+            names += [m.split("/")[0] for m in r.metrics
+                      if m.endswith("/acc") and m.split("/")[0] not in ("base", "novel", "all")]
+    names = [n for n in dict.fromkeys(names) if n != source]
+    return dataset_order(names)
+
+
+def table_transfer(pool: Pool, view: SweepView) -> Table:
+    """Table 2 (cross_dataset) / Table 8 (domain_generalization): rows = source, targets, Avg."""
+    xd = view.protocol == "cross_dataset"
+    table_id, paper_t = ("table2_cross_dataset", "T2") if xd else \
+        ("table8_domain_generalization", "T8")
+    paper_targets = ref.XD_TARGETS if xd else ref.DG_TARGETS
+    t = Table(name=f"{table_id}__{view.sweep}",
+              title=f"{'Table 2 — cross-dataset transfer' if xd else 'Table 8 — domain generalisation'}"
+                    f" (sweep `{view.sweep}`)",
+              index=("evaluated on",), columns=[], sweep=view.sweep,
+              paper_ref=f"PERL row of Table {paper_t[1:]}", plot="bars", x_label="evaluated on")
+    # one column per trained model (a source dataset and, if the sweep varies any, its settings)
+    models = list(dict.fromkeys(view.keys))
+    sources = dataset_order(str(kget(k, "dataset")) for k in models)
+    targets: list[str] = []
+    for s in sources:
+        targets += _target_names(pool, view, s)
+    real_source = any(ref.paper_dataset(s) == ref.XD_SOURCE for s in sources)
+    if real_source:
+        have = {ref.paper_dataset(x) for x in targets}
+        targets += [d for d in paper_targets if d not in have]
+    targets = dataset_order(targets)
+    for i, k in enumerate(models):
+        src = str(kget(k, "dataset"))
+        lab = "acc" if len(models) == 1 else \
+            f"{src}" + ("" if not view.axis else " " + ", ".join(
+                f"{f}={fmt_value(kget(k, f))}" for f in view.axis))
+        t.columns.append(Column(f"m{i}", lab, help="top-1 accuracy (%), mean over seeds"))
+    rows: dict[str, Row] = {}
+
+    def row(label: str, kind: str = "data") -> Row:
+        if label not in rows:
+            rows[label] = Row(label=(label,), kind=kind, x=label)  # type: ignore[arg-type]
+        return rows[label]
+
+    for i, k in enumerate(models):
+        src = str(kget(k, "dataset"))
+        is_paper_src = ref.paper_dataset(src) == ref.XD_SOURCE
+        c = cell_over_seeds(pool, k, metric("all/acc"))
+        attach_paper(c, paper_t, "PERL", ref.XD_SOURCE if is_paper_src else None, "acc")
+        row(f"source: {src}").cells[f"m{i}"] = c
+        mine = list(targets)
+        for tgt in mine:
+            c = cell_over_seeds(pool, k, metric(f"{tgt}/acc"))
+            attach_paper(c, paper_t, "PERL", ref.paper_dataset(tgt) if is_paper_src else None, "acc")
+            row(tgt).cells[f"m{i}"] = c
+
+        def target_avg(r: SeedRun, _targets=tuple(mine)) -> float | None:
+            v = r.metrics.get("target_avg")
+            if v is not None and not math.isnan(v):
+                return v
+            vals = [r.metrics[f"{x}/acc"] for x in _targets if f"{x}/acc" in r.metrics]
+            return statistics.fmean(vals) if vals else None
+
+        c = cell_over_seeds(pool, k, target_avg)
+        if is_paper_src:
+            got = {ref.paper_dataset(x) for x in mine if seed_values(pool, k, metric(f"{x}/acc"))}
+            why = "" if got == set(paper_targets) else (
+                f"not compared: ours averages {len(got)} target(s), the paper's {len(paper_targets)}")
+            attach_paper(c, paper_t, "PERL", "target_average", "acc", why)
+        row("Target Avg", "average").cells[f"m{i}"] = c
+    t.rows = list(rows.values())
+    t.rows.sort(key=lambda r: (r.kind == "average", not r.label[0].startswith("source")))
+    t.counts = count_cells(pool, models, view.seeds)
+    t.notes += ["Target Avg: per seed the logged `target_avg` (mean over the targets, source "
+                "excluded), then mean ± std over seeds.",
+                "Paper numbers only beside a model trained on ImageNet (the paper's source)."] \
+        + settings_note(view)
+    return t
+
+
+def table_accuracy(pool: Pool, view: SweepView) -> Table:
+    """Protocol `all`: one accuracy per dataset (no paper counterpart)."""
+    keys = list(view.keys)
+    t = Table(name=f"accuracy_all__{view.sweep}",
+              title=f"Accuracy on all classes (protocol `all`, sweep `{view.sweep}`)",
+              index=("dataset",) + view.axis, columns=[Column("acc", "acc")], sweep=view.sweep,
+              plot="bars", x_label="dataset")
+    for k in keys:
+        lab = (str(kget(k, "dataset")),) + _axis_label(view, k)
+        t.rows.append(Row(label=lab, x=" / ".join(lab),
+                          cells={"acc": cell_over_seeds(pool, k, metric("all/acc"))}))
+    t.counts = count_cells(pool, keys, view.seeds)
+    return t
+
+
+def _max_step(pool: Pool, keys: list[Key]) -> int:
+    ks = [-1]
+    for k in keys:
+        for r in pool.finished_seeds(k).values():
+            for m in r.metrics:
+                if "_step" in m and m.split("_step")[-1].isdigit():
+                    ks.append(int(m.split("_step")[-1]))
+    return max(ks)
+
+
+def tables_dynamics(pool: Pool, view: SweepView) -> list[Table]:
+    """Per-step metrics (steps 0..K) averaged over the sweep's datasets, one table per metric;
+    rows = steps, columns = evaluation sets (Fig. 4/7)."""
+    keys = list(view.keys)
+    K = _max_step(pool, keys)
+    if K < 0:
+        return []
+    if view.protocol == "base2novel":
+        groups = [("base", "B2N base", "B2N-base", "average"),
+                  ("novel", "B2N novel", "B2N-novel", "average")]
+        suite = ref.B2N_DATASETS
+    elif view.protocol in ("cross_dataset", "domain_generalization"):
+        tag = "XD" if view.protocol == "cross_dataset" else "OOD"
+        groups = [("all", "source", None, None), ("@targets", f"{tag} targets", tag,
+                                                   "target_average")]
+        suite = ref.XD_TARGETS if view.protocol == "cross_dataset" else ref.DG_TARGETS
+    else:
+        groups, suite = [("all", "all classes", None, None)], ()
+    targets_by_key = {k: _target_names(pool, view, str(kget(k, "dataset"))) for k in keys}
+    out = []
+    for m, mlabel, dec, better in STEP_METRICS:
+        t = Table(name=f"dynamics_{m}__{view.sweep}",
+                  title=f"Per-step dynamics — {mlabel} at steps 0..{K} (sweep `{view.sweep}`)",
+                  index=("step",), sweep=view.sweep,
+                  columns=[Column(g[0].lstrip("@"), g[1], dec, better) for g in groups],  # type: ignore[arg-type]
+                  paper_ref="Fig. 7 (read off the plot, steps 0 and 4 only)", section="dynamics",
+                  plot="dynamics", x_label="step k")
+        for step in range(K + 1):
+            r = Row(label=(str(step),), x=step)
+            for evalset, _lab, f7, f7_ds in groups:
+                name = f"{m}_step{step}"
+                if evalset == "@targets":
+                    def fn(run: SeedRun, _n=name, _k=None) -> float | None:
+                        vals = [run.metrics[f"{x}/{_n}"] for x in targets_by_key.get(run.key, [])
+                                if f"{x}/{_n}" in run.metrics]
+                        return statistics.fmean(vals) if vals else None
+                else:
+                    fn = metric(f"{evalset}/{name}")
+                c = cell_over_datasets(pool, keys, fn) if len(keys) > 1 else \
+                    cell_over_seeds(pool, keys[0], fn)
+                if f7 and _real(view) and m in ("acc", "confidence", "brier"):
+                    if evalset == "@targets":
+                        got = {ref.paper_dataset(x) for k in keys for x in targets_by_key[k]
+                               if seed_values(pool, k, metric(f"{x}/{name}"))}
+                    else:
+                        got = {ref.paper_dataset(d) for d in _finished_datasets(pool, keys)}
+                    why = "" if got == set(suite) else "not compared: other datasets than Fig. 7"
+                    attach_paper(c, "F7", f"PERL {f7} step {step}", f7_ds, m, why)
+                r.cells[evalset.lstrip("@")] = c
+            t.rows.append(r)
+        if not any(c.status != "missing" for r in t.rows for c in r.cells.values()):
+            continue
+        t.counts = count_cells(pool, keys, view.seeds)
+        t.notes.append("Per step k: the metric of the model after k thought steps (k=0 is "
+                       "zero-shot CLIP); mean over datasets of the per-dataset seed means.")
+        if any(c.paper is not None for r in t.rows for c in r.cells.values()):
+            t.notes.append("Fig. 7 averages do not match the paper's table averages "
+                           "(PERL.md §12 item 8); confidence is read as %, Brier in [0, 2].")
+        out.append(t)
+    return out
+
+
+# --- driver --------------------------------------------------------------------------------
+
+
+@dataclass
+class Aggregate:
+    tables: list[Table]
+    figures: dict[str, list[Path]]  # table name -> PNGs drawn from it
+    runs: pd.DataFrame  # every run read, with its `resolution`
+    pool: Pool
+    views: list[SweepView]
+    experiments: dict[str, str]
+    tracking_uri: str
+    warnings: list[str] = field(default_factory=list)
+    run_experiment: dict[str, str] = field(default_factory=dict)  # run id -> experiment id
+
+    @property
+    def counts(self) -> Counts:
+        c = Counts()
+        for t in self.tables:
+            if t.section == "tables":
+                c.expected += t.counts.expected
+                c.found += t.counts.found
+                c.failed += t.counts.failed
+        return c
+
+
+def build_tables(pool: Pool, views: list[SweepView]) -> list[Table]:
+    tables: list[Table] = []
+    owner: dict[int, SweepView] = {}
+    for v in views:
+        if not v.keys:
+            continue
+        first = len(tables)
+        if v.protocol == "base2novel":
+            if v.axis:
+                main, detail = table_b2n_ablation(pool, v)
+                tables += [main, detail]
+            else:
+                tables.append(table_base2novel(pool, v))
+                tables += tables_dynamics(pool, v)
+        elif v.protocol in ("cross_dataset", "domain_generalization"):
+            tables.append(table_transfer(pool, v))
+            if not v.axis:
+                tables += tables_dynamics(pool, v)
+        else:
+            tables.append(table_accuracy(pool, v))
+        owner.update({id(t): v for t in tables[first:]})
+    # the paper's order (Tables 1/5, 2, 8, 3, 4, Fig. 3a, 3b, alignment, the rest), then by sweep
+    order = ("table1_5", "table2", "table8", "table3", "table4", "fig3a", "fig3b", "alignment",
+             "ablation", "accuracy", "dynamics", "detail")
+    tables.sort(key=lambda t: (next((i for i, p in enumerate(order) if t.name.startswith(p)),
+                                    len(order)), t.sweep))
+    # the same file stem must not be produced twice (one sweep with two protocols)
+    # (the same sweep in two experiments, or one sweep with two protocols): suffix the experiment
+    names = [t.name for t in tables]
+    for t, v in zip(tables, [owner[id(t)] for t in tables]):
+        if names.count(t.name) > 1:
+            slug = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in v.experiment)
+            t.name = f"{t.name}__{slug}__{v.protocol}"
+            t.title += f" [experiment {v.experiment}, protocol {v.protocol}]"
+    return tables
+
+
+def aggregate(tracking_uri: str, experiment_names: list[str] | None = None,
+              client=None) -> Aggregate:
+    client = client or make_client(tracking_uri)
+    experiments = select_experiments(client, experiment_names)
+    warnings: list[str] = []
+    runs = search_all_runs(client, list(experiments)) if experiments else []
+    df = runs_frame(runs, experiments)
+    if len(df):
+        df = cast_params(df, warnings)
+        pool, df = resolve(df)
+        views = sweep_views(df)
+    else:
+        pool, views = Pool(), []
+        df["resolution"] = pd.Series(dtype="str")
+    tables = build_tables(pool, views)
+    return Aggregate(tables=tables, figures={}, runs=df, pool=pool, views=views,
+                     experiments=experiments, tracking_uri=tracking_uri, warnings=warnings,
+                     run_experiment=dict(zip(df.get("run_id", []), df.get("experiment_id", []))))
+
+
+def runs_table_frame(agg: Aggregate) -> pd.DataFrame:
+    """Every run read, with the settings that identify it and how it was used (runs.csv)."""
+    df = agg.runs
+    if not len(df):
+        return pd.DataFrame(columns=["run_id"])
+    cols = ["run_id", "experiment", "tags.sweep", "tags.phase", "status", "resolution",
+            "tags.status_detail", "tags.config_hash"]
+    cols += [f"params.{f}" for f in ("protocol", "dataset", "seed", "num_steps", "inject_layer",
+                                     "modality", "variant", "anchor_weight")
+             if f"params.{f}" in df.columns]
+    cols += [c for c in ("metrics.base/acc", "metrics.novel/acc", "metrics.hm", "metrics.all/acc",
+                         "metrics.target_avg") if c in df.columns]
+    return df[cols].sort_values(["experiment", "tags.sweep", "run_id"], na_position="last")
+
+
+def write_outputs(agg: Aggregate, out: Path, *, ui_url: str | None = None) -> list[Path]:
+    """Tables (md/csv/tex), plots (png), runs.csv, summary.md and report.html under `out`."""
+    from pipeline import plots, report
+
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for t in agg.tables:
+        for ext, fn in (("md", to_markdown), ("csv", to_csv), ("tex", to_latex)):
+            p = out / f"{t.name}.{ext}"
+            p.write_text(fn(t), encoding="utf-8")
+            written.append(p)
+    agg.figures = plots.draw_all(agg.tables, out)
+    for t in agg.tables:
+        t.plots = [p.name for p in agg.figures.get(t.name, [])]
+    written += [p for ps in agg.figures.values() for p in ps]
+    runs_csv = out / "runs.csv"
+    runs_table_frame(agg).to_csv(runs_csv, index=False)
+    summary = out / "summary.md"
+    summary.write_text(summary_markdown(agg), encoding="utf-8")
+    html = report.write_report(agg, out, ui_url=ui_url)
+    return written + [runs_csv, summary, html]
+
+
+def count_lines(agg: Aggregate) -> list[str]:
+    lines = []
+    for t in agg.tables:
+        if t.section == "tables":
+            lines.append(f"{t.name}: {t.counts.line()}")
+    return lines
+
+
+def summary_markdown(agg: Aggregate) -> str:
+    head = [f"# Rebuilt tables (tracking store `{redact_uri(agg.tracking_uri)}`)", "",
+            f"Experiments: {', '.join(sorted(agg.experiments.values())) or 'none'}.",
+            "Paper columns are the numbers printed in arXiv 2605.18464v1, shown for reference "
+            "only; our numbers come from the MLflow runs listed in runs.csv.", ""]
+    if agg.warnings:
+        head += ["Warnings:"] + [f"- {w}" for w in agg.warnings] + [""]
+    if not agg.tables:
+        head.append("No trial runs found (runs carrying a `config_hash` tag, phase `final`).")
+    body = []
+    for sec in ("tables", "dynamics", "detail"):
+        body += [to_markdown(t) for t in agg.tables if t.section == sec]
+    return "\n".join(head) + "\n" + "\n".join(body)
+
+
+def _sqlite_artifact_location(tracking_uri: str) -> str | None:
+    db = _sqlite_path(tracking_uri)
+    if db is None:
+        return None
+    # beside the DB, not in the cwd (MLflow's default for SQLite stores is ./mlruns)
+    return (db.resolve().parent / "artifacts" / AGGREGATE_EXPERIMENT).as_uri()
+
+
+def log_to_mlflow(agg: Aggregate, out: Path, client=None) -> str:
+    """Log every output file as artifacts of a new run in the `aggregate` experiment."""
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.exceptions import MlflowException
+
+    client = client or make_client(agg.tracking_uri)
+    exp = client.get_experiment_by_name(AGGREGATE_EXPERIMENT)
+    if exp is None:
+        try:
+            exp_id = client.create_experiment(
+                AGGREGATE_EXPERIMENT, artifact_location=_sqlite_artifact_location(agg.tracking_uri))
+        except MlflowException:  # created concurrently by another aggregate
+            exp_id = client.get_experiment_by_name(AGGREGATE_EXPERIMENT).experiment_id
+    else:
+        exp_id = exp.experiment_id
+    names = ",".join(sorted(agg.experiments.values()))
+    run = client.create_run(exp_id, run_name="aggregate", tags={
+        "aggregate_of": names[:5000], "code_sha": os.environ.get("GIT_SHA", "")})
+    rid = run.info.run_id
+    now = int(time.time() * 1000)
+    c = agg.counts
+    try:
+        client.log_batch(rid, metrics=[Metric(k, float(v), now, 0) for k, v in (
+            ("cells_expected", c.expected), ("cells_found", c.found), ("cells_failed", c.failed),
+            ("cells_missing", c.missing), ("tables", len(agg.tables)))],
+            params=[Param("experiments", names[:6000] or "none")],
+            tags=[RunTag("tables", ",".join(t.name for t in agg.tables)[:5000])])
+        client.log_artifacts(rid, str(out))
+        client.set_terminated(rid, "FINISHED")
+    except BaseException:
+        client.set_terminated(rid, "FAILED")
+        raise
+    return rid
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.aggregate",
+                                 description=__doc__.strip().splitlines()[0])
+    ap.add_argument("--experiment", action="append", nargs="+", metavar="NAME",
+                    help="experiment name(s) to read (default: every experiment whose runs carry "
+                         "a `sweep` tag)")
+    ap.add_argument("--tracking-uri", default=None,
+                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                         "sqlite:///<cwd>/runs/mlflow.db)")
+    ap.add_argument("--out", default="runs/aggregate", help="output folder (default: %(default)s)")
+    ap.add_argument("--ui-url", default=None,
+                    help="MLflow UI base URL for run links in the report (default: the tracking "
+                         "URI when it is http(s))")
+    ap.add_argument("--no-log", action="store_true",
+                    help="do not log the outputs as an `aggregate` run in MLflow")
+    ap.add_argument("--quiet", action="store_true", help="do not print the Markdown tables")
+    args = ap.parse_args(argv)
+
+    uri = args.tracking_uri or default_tracking_uri()
+    names = [n for group in (args.experiment or []) for n in group] or None
+    client = make_client(uri)
+    agg = aggregate(uri, names, client=client)
+    out = Path(args.out)
+    files = write_outputs(agg, out, ui_url=args.ui_url)
+
+    print(f"read {len(agg.runs)} run(s) from {len(agg.experiments)} experiment(s) at "
+          f"{redact_uri(uri)}")
+    for w in agg.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    if not args.quiet:
+        for sec in ("tables", "dynamics"):
+            for t in agg.tables:
+                if t.section == sec:
+                    print()
+                    print(to_markdown(t))
+    print("cell counts (expected vs found):")
+    for line in count_lines(agg) or ["(no tables: no trial runs found)"]:
+        print(f"  {line}")
+    print(f"wrote {len(files)} file(s) to {out}/ (report: {out / 'report.html'})")
+    if not args.no_log:
+        rid = log_to_mlflow(agg, out, client=client)
+        print(f"logged outputs as artifacts of run {rid} in experiment '{AGGREGATE_EXPERIMENT}'")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,184 @@
+"""PNG plots of rebuilt tables (matplotlib, Agg backend: no display needed).
+
+Conventions in every plot: ours = solid line / filled bar with error bars (sample std over seeds);
+the paper's number = dashed line with hollow markers (curves) or a black tick (bars), labelled
+"paper"; a cell whose runs all failed = a red x on the axis, labelled FAILED. Missing cells are
+simply absent.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: the aggregator runs on clusters and in CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+from pipeline.tables import Cell, Table  # noqa: E402
+
+_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+            "#7f7f7f", "#bcbd22", "#17becf"]
+# Columns that are plotted (the CoOp-convention HM is derived from Base/Novel and would only
+# crowd the figure; it stays in the tables).
+_SKIP = {"hm_coop", "base_anchor_cos", "novel_anchor_cos"}
+
+
+def _ok(c: Cell | None) -> bool:
+    return c is not None and c.status == "ok"
+
+
+def _err(c: Cell) -> float:
+    return 0.0 if c.std is None or math.isnan(c.std) else c.std
+
+
+def _title(t: Table, width: int = 90) -> str:
+    return "\n".join(textwrap.wrap(t.title, width) + [t.counts.line()])
+
+
+def _series(t: Table, keys: list[str] | None = None):
+    cols = [c for c in t.columns if (keys is None and c.key not in _SKIP) or
+            (keys is not None and c.key in keys)]
+    return cols
+
+
+def _curve_panel(ax, t: Table, cols, ylabel: str) -> None:
+    failed_x = []
+    for i, col in enumerate(cols):
+        colour = _COLOURS[i % len(_COLOURS)]
+        pts = [(r.x, r.cells.get(col.key)) for r in t.rows if r.kind == "data"]
+        ours = [(x, c) for x, c in pts if _ok(c)]
+        if ours:
+            ax.errorbar([x for x, _ in ours], [c.mean for _, c in ours],
+                        yerr=[_err(c) for _, c in ours], fmt="o-", color=colour, capsize=3,
+                        label=f"{col.label} (ours)")
+        paper = [(x, c.paper) for x, c in pts if c is not None and c.paper is not None]
+        if paper:
+            ax.plot([x for x, _ in paper], [v for _, v in paper], "s--", color=colour,
+                    mfc="none", alpha=0.8, label=f"{col.label} (paper)")
+        failed_x += [x for x, c in pts if c is not None and c.status == "failed"]
+    if failed_x:
+        lo = ax.get_ylim()[0]
+        ax.plot(sorted(set(failed_x)), [lo] * len(set(failed_x)), "x", color="red", ms=10, mew=2,
+                label="FAILED", clip_on=False)
+    ax.set_xlabel(t.x_label or "/".join(t.index))
+    ax.set_ylabel(ylabel)
+    xs = [r.x for r in t.rows if isinstance(r.x, (int, float))]
+    if xs and all(float(x).is_integer() for x in xs):
+        ax.set_xticks(sorted(set(xs)))
+    if xs and min(xs) > 0 and max(xs) / min(xs) > 100:
+        ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+
+
+def plot_curve(t: Table, path: Path) -> Path:
+    cos = [c.key for c in t.columns if c.key.endswith("anchor_cos")]
+    panels = [(_series(t), "accuracy / HM (%)")]
+    if cos:
+        panels.append((_series(t, cos), "cos(zero-shot, refined image emb.)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for ax, (cols, ylabel) in zip(axes[0], panels):
+        _curve_panel(ax, t, cols, ylabel)
+    fig.suptitle(_title(t), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_bars(t: Table, path: Path) -> Path:
+    cols = _series(t)
+    rows = [r for r in t.rows]
+    n = max(len(cols), 1)
+    width = 0.8 / n
+    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.8 * len(rows) * max(1, n / 2) + 2)),
+                                    4.5))
+    paper_labelled = failed_labelled = False
+    for i, col in enumerate(cols):
+        colour = _COLOURS[i % len(_COLOURS)]
+        for j, r in enumerate(rows):
+            c = r.cells.get(col.key)
+            x = j - 0.4 + width * (i + 0.5)
+            if _ok(c):
+                ax.bar(x, c.mean, width, yerr=_err(c), color=colour, capsize=2,
+                       label=f"{col.label} (ours)" if j == min(
+                           k for k, rr in enumerate(rows) if _ok(rr.cells.get(col.key))) else None)
+            elif c is not None and c.status == "failed":
+                ax.plot(x, 0, "x", color="red", ms=9, mew=2,
+                        label=None if failed_labelled else "FAILED")
+                failed_labelled = True
+            if c is not None and c.paper is not None:
+                ax.plot(x, c.paper, "_", color="black", ms=max(6, 40 * width), mew=2,
+                        label=None if paper_labelled else "paper")
+                paper_labelled = True
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([" / ".join(r.label) for r in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_xlabel(t.x_label or "/".join(t.index))
+    ax.set_ylabel("accuracy / HM (%)")
+    ax.grid(axis="y", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, ncol=2)
+    ax.set_title(_title(t, 130), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_dynamics(tables: list[Table], path: Path) -> Path:
+    """One panel per per-step metric table of a sweep: x = step, a line per evaluation set."""
+    fig, axes = plt.subplots(1, len(tables), figsize=(4.2 * len(tables), 4), squeeze=False)
+    for ax, t in zip(axes[0], tables):
+        for i, col in enumerate(t.columns):
+            colour = _COLOURS[i % len(_COLOURS)]
+            pts = [(r.x, r.cells.get(col.key)) for r in t.rows]
+            ours = [(x, c) for x, c in pts if _ok(c)]
+            if ours:
+                ax.errorbar([x for x, _ in ours], [c.mean for _, c in ours],
+                            yerr=[_err(c) for _, c in ours], fmt="o-", color=colour, capsize=3,
+                            label=f"{col.label} (ours)")
+            paper = [(x, c.paper) for x, c in pts if c is not None and c.paper is not None]
+            if paper:
+                ax.plot([x for x, _ in paper], [v for _, v in paper], "s--", color=colour,
+                        mfc="none", label=f"{col.label} (paper, ~)")
+        metric = t.title.split(" — ", 1)[-1].split(" at steps")[0]
+        ax.set_title(metric, fontsize=9)
+        ax.set_xlabel("step k (0 = zero-shot)")
+        ax.set_ylabel(metric)
+        ax.set_xticks([r.x for r in t.rows])
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"Per-step dynamics (sweep `{tables[0].sweep}`)\n{tables[0].counts.line()}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def draw_all(tables: list[Table], out: Path) -> dict[str, list[Path]]:
+    """Draw every plottable table into `out`; returns table name -> PNG paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    figures: dict[str, list[Path]] = {}
+    dyn: dict[str, list[Table]] = {}
+    for t in tables:
+        if not any(c.status != "missing" or c.paper is not None
+                   for r in t.rows for c in r.cells.values()):
+            continue  # nothing to draw
+        if t.plot == "curve":
+            figures[t.name] = [plot_curve(t, out / f"{t.name}.png")]
+        elif t.plot == "bars":
+            figures[t.name] = [plot_bars(t, out / f"{t.name}.png")]
+        elif t.plot == "dynamics":
+            dyn.setdefault(t.sweep, []).append(t)
+    for sweep, ts in dyn.items():
+        # one figure per sweep, attached to its first per-step table (the report shows it once)
+        figures[ts[0].name] = [plot_dynamics(ts, out / f"dynamics__{sweep}.png")]
+    return figures
+
+
+__all__ = ["draw_all", "plot_curve", "plot_bars", "plot_dynamics"]

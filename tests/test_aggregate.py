@@ -1,0 +1,350 @@
+"""pipeline.aggregate on a real MLflow SQLite store filled with hand-made runs.
+
+SYNTHETIC FIXTURE: every metric value below is invented for this test (round numbers chosen so
+that means, stds and HMs are easy to compute by hand). None of them is a result of PERL or of
+this project; real dataset names are used only to check that the paper's reference columns
+appear beside them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+
+import pytest
+
+from perl_core.config import TrainConfig
+
+mlflow = pytest.importorskip("mlflow")
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+
+from pipeline import aggregate as agg_mod  # noqa: E402
+from pipeline.tables import to_markdown  # noqa: E402
+
+
+def HM(b: float, n: float) -> float:
+    return 2 * b * n / (b + n)
+
+
+# base2novel: dataset -> seed -> (base acc, novel acc)   [synthetic values]
+B2N = {"Caltech101": {1: (90.0, 80.0), 2: (92.0, 84.0)},
+       "DTD": {1: (60.0, 50.0), 2: (64.0, 56.0)}}
+# ablation_steps on the toy world: num_steps -> seed -> (base, novel)   [synthetic values]
+STEPS = {1: {1: (50.0, 40.0), 2: (52.0, 44.0)},
+         2: {1: (55.0, 45.0), 2: (57.0, 47.0)}}
+STEP_FAILED = (3, 1)  # num_steps=3, seed 1: its only run FAILED
+
+
+def _params(cfg: TrainConfig) -> list[Param]:
+    # as the pipeline logs them: every TrainConfig field by name, as a string
+    return [Param(k, json.dumps(v) if isinstance(v, list) else str(v))
+            for k, v in cfg.to_dict().items()]
+
+
+class Store:
+    def __init__(self, uri: str, tmp_path):
+        self.client = MlflowClient(tracking_uri=uri)
+        self.tmp = tmp_path
+        self.t = 1_700_000_000_000  # fixed, increasing clock for end_time ordering
+
+    def experiment(self, name: str) -> str:
+        return self.client.create_experiment(
+            name, artifact_location=(self.tmp / "artifacts" / name.replace("/", "_")).as_uri())
+
+    def run(self, exp: str, sweep: str, cfg: TrainConfig | None, metrics: dict[str, float],
+            status: str = "FINISHED", phase: str = "final", parent: str | None = None,
+            detail: str = "") -> str:
+        tags = {"sweep": sweep, "phase": phase}
+        if cfg is not None:
+            tags.update(config_hash=cfg.config_hash(), dataset=cfg.dataset,
+                        protocol=cfg.protocol, code_sha="0" * 40)
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        if detail:
+            tags["status_detail"] = detail
+        self.t += 1000
+        r = self.client.create_run(exp, start_time=self.t, tags=tags)
+        rid = r.info.run_id
+        self.client.log_batch(rid, metrics=[Metric(k, v, self.t, 0) for k, v in metrics.items()],
+                              params=_params(cfg) if cfg is not None else [])
+        self.t += 1000
+        self.client.set_terminated(rid, status, end_time=self.t)
+        return rid
+
+
+def _b2n_metrics(b: float, n: float, K: int = 0) -> dict[str, float]:
+    m = {"base/acc": b, "novel/acc": n, "hm": HM(b, n)}
+    for k in range(K + 1):  # per-step values: step k adds k points (synthetic)
+        for ev, acc in (("base", b), ("novel", n)):
+            m[f"{ev}/acc_step{k}"] = acc - (K - k)
+            m[f"{ev}/confidence_step{k}"] = 50.0 + k
+            m[f"{ev}/brier_step{k}"] = 0.5 - 0.01 * k
+            m[f"{ev}/kl_step{k}"] = 0.1 * k
+    return m
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    s = Store(uri, tmp)
+    base = TrainConfig(protocol="base2novel", num_steps=2)
+    ids: dict[str, object] = {"uri": uri, "tmp": tmp}
+
+    e1 = s.experiment("perl/base2novel")
+    parent = s.run(e1, "base2novel", None, {})  # the submission's parent run: no config_hash
+    # a stale duplicate of Caltech101 seed 1, superseded by the later FINISHED run of that hash
+    ids["stale"] = s.run(e1, "base2novel", base.replace(dataset="Caltech101", seed=1),
+                         _b2n_metrics(10.0, 10.0, K=2), parent=parent)
+    ids["b2n"] = {}
+    for d, seeds in B2N.items():
+        for seed, (b, n) in seeds.items():
+            ids["b2n"][(d, seed)] = s.run(e1, "base2novel", base.replace(dataset=d, seed=seed),
+                                          _b2n_metrics(b, n, K=2), parent=parent)
+
+    e2 = s.experiment("perl/ablation_steps")
+    parent2 = s.run(e2, "ablation_steps", None, {})
+    toy = TrainConfig(protocol="base2novel", dataset="ToyShapes", arch="perl-tiny",
+                      pretrained="embedded", shots=4)
+    for K, seeds in STEPS.items():
+        for seed, (b, n) in seeds.items():
+            s.run(e2, "ablation_steps", toy.replace(num_steps=K, seed=seed),
+                  _b2n_metrics(b, n), parent=parent2)
+    K, seed = STEP_FAILED
+    ids["failed"] = s.run(e2, "ablation_steps", toy.replace(num_steps=K, seed=seed), {},
+                          status="FAILED", parent=parent2, detail="NaN loss at step 7")
+    # an HPO-phase run of a tabled cell: never part of the tables
+    s.run(e2, "ablation_steps", toy.replace(num_steps=1, seed=1, lr=3e-3),
+          _b2n_metrics(99.0, 99.0), phase="hpo", parent=parent2)
+    # an unrelated experiment without sweep-tagged runs: not read by default
+    other = s.client.create_experiment("scratch", artifact_location=(tmp / "a2").as_uri())
+    r = s.client.create_run(other)
+    s.client.set_terminated(r.info.run_id)
+    return ids
+
+
+@pytest.fixture(scope="module")
+def result(store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    rc = agg_mod.main(["--tracking-uri", store["uri"], "--out", str(out), "--quiet"])
+    assert rc == 0
+    agg = agg_mod.aggregate(store["uri"])
+    return {"out": out, "agg": agg, **store}
+
+
+def _table(agg, prefix: str):
+    (t,) = [t for t in agg.tables if t.name.startswith(prefix)]
+    return t
+
+
+def _row(t, label):
+    (r,) = [r for r in t.rows if r.label[0] == label]
+    return r
+
+
+def test_reads_only_sweep_experiments(result):
+    assert sorted(result["agg"].experiments.values()) == ["perl/ablation_steps",
+                                                          "perl/base2novel"]
+
+
+def test_cast_params_types(result):
+    df = result["agg"].runs
+    assert str(df["params.seed"].dtype) == "Int64"
+    assert str(df["params.anchor_weight"].dtype) == "Float64"
+    assert df["params.eval_datasets"].dropna().unique().tolist() == ["[]"]
+
+
+def test_cast_params_reports_bad_values():
+    import pandas as pd
+
+    warnings: list[str] = []
+    df = pd.DataFrame({"params.seed": pd.Series(["1", "x", "2.5"], dtype="str"),
+                       "params.inject_layers": pd.Series(["[3, 7, 11]", "(7, 9)", "7,9"],
+                                                         dtype="str")})
+    out = agg_mod.cast_params(df, warnings)
+    assert out["params.seed"].tolist()[0] == 1 and out["params.seed"].isna().tolist()[1:] == \
+        [True, True]
+    assert out["params.inject_layers"].tolist() == ["[3, 7, 11]", "[7, 9]", "[7, 9]"]
+    assert any("seed" in w for w in warnings)
+
+
+def test_base2novel_means_stds_and_both_hm_conventions(result):
+    t = _table(result["agg"], "table1_5_base2novel__base2novel")
+    for d, seeds in B2N.items():
+        r = _row(t, d)
+        bs, ns = [v[0] for v in seeds.values()], [v[1] for v in seeds.values()]
+        hms = [HM(b, n) for b, n in zip(bs, ns)]
+        assert r.cells["base"].mean == pytest.approx(statistics.mean(bs))
+        assert r.cells["base"].std == pytest.approx(statistics.stdev(bs))
+        assert r.cells["base"].n == 2
+        assert r.cells["novel"].mean == pytest.approx(statistics.mean(ns))
+        assert r.cells["hm"].mean == pytest.approx(statistics.mean(hms))  # PERL convention
+        assert r.cells["hm_coop"].mean == pytest.approx(HM(statistics.mean(bs),
+                                                           statistics.mean(ns)))  # CoOp
+        assert len(r.cells["base"].run_ids) == 2
+    # by hand: Caltech101 B = 91, N = 82; DTD B = 62, N = 53
+    assert _row(t, "Caltech101").cells["base"].mean == pytest.approx(91.0)
+    assert _row(t, "Caltech101").cells["hm_coop"].mean == pytest.approx(HM(91, 82))
+    assert _row(t, "Caltech101").cells["hm"].mean == pytest.approx(
+        (HM(90, 80) + HM(92, 84)) / 2)
+    avg = [r for r in t.rows if r.kind == "average"][0]
+    assert avg.cells["base"].mean == pytest.approx((91 + 62) / 2)
+    assert avg.cells["novel"].mean == pytest.approx((82 + 53) / 2)
+    assert avg.cells["hm"].mean == pytest.approx(
+        ((HM(90, 80) + HM(92, 84)) / 2 + (HM(60, 50) + HM(64, 56)) / 2) / 2)
+    assert avg.cells["hm_coop"].mean == pytest.approx(HM(76.5, 67.5))
+    # ± of an average: std over seeds of the per-seed dataset average (75 and 78)
+    assert avg.cells["base"].std == pytest.approx(statistics.stdev([75.0, 78.0]))
+
+
+def test_duplicate_hash_keeps_latest_finished(result):
+    agg = result["agg"]
+    res = dict(zip(agg.runs["run_id"], agg.runs["resolution"]))
+    newest = result["b2n"][("Caltech101", 1)]
+    assert res[newest] == "used"
+    assert res[result["stale"]] == f"superseded by {newest}"
+    cal = _row(_table(agg, "table1_5_base2novel__base2novel"), "Caltech101")
+    assert result["stale"] not in cal.cells["base"].run_ids
+
+
+def test_paper_columns_for_real_datasets_only(result):
+    agg = result["agg"]
+    t = _table(agg, "table1_5_base2novel__base2novel")
+    cal = _row(t, "Caltech101").cells["base"]
+    assert cal.paper == pytest.approx(97.91)  # Table 5, PERL, Caltech101 base
+    assert cal.diff == pytest.approx(91.0 - 97.91)
+    # the paper's other datasets are rows too: not run -> missing, paper value beside it
+    img = _row(t, "ImageNet").cells["hm"]
+    assert img.status == "missing" and img.paper == pytest.approx(72.95) and img.diff is None
+    # average over 2 of 11 datasets: paper shown, difference not computed
+    avg = [r for r in t.rows if r.kind == "average"][0].cells["hm"]
+    assert avg.paper == pytest.approx(74.79) and avg.diff is None and avg.no_diff_reason
+    md = to_markdown(t)
+    assert "HM (PERL conv.) (paper)" in md and "n/c" in md
+    # the toy ablation has no paper column at all
+    steps = _table(agg, "fig3b_num_steps__ablation_steps")
+    assert not steps.any_paper
+    assert "(paper)" not in to_markdown(steps)
+
+
+def test_ablation_failed_and_missing_cells(result):
+    t = _table(result["agg"], "fig3b_num_steps__ablation_steps")
+    assert [r.label for r in t.rows] == [("1",), ("2",), ("3",)]
+    k1 = _row(t, "1").cells
+    assert k1["base"].mean == pytest.approx(51.0)  # the hpo-phase run (99) is excluded
+    assert k1["base"].n == 2
+    assert k1["hm"].mean == pytest.approx((HM(50, 40) + HM(52, 44)) / 2)
+    k3 = _row(t, "3").cells["base"]
+    assert k3.status == "failed" and k3.n_failed == 1 and k3.mean is None
+    assert result["failed"] in k3.failed_run_ids
+    assert "NaN loss at step 7" in k3.failure_reasons
+    md = to_markdown(t)
+    assert "FAILED (1)" in md
+    # 3 values of num_steps x 2 seeds: 4 found, 1 failed, 1 (K=3 seed 2) missing
+    c = t.counts
+    assert (c.expected, c.found, c.failed, c.missing) == (6, 4, 1, 1)
+    b2n = _table(result["agg"], "table1_5_base2novel__base2novel").counts
+    assert (b2n.expected, b2n.found, b2n.failed, b2n.missing) == (22, 4, 0, 18)
+    assert "—" in to_markdown(_table(result["agg"], "table1_5_base2novel__base2novel"))
+
+
+def test_dynamics_per_step(result):
+    t = _table(result["agg"], "dynamics_acc__base2novel")
+    assert [r.label[0] for r in t.rows] == ["0", "1", "2"]
+    # step k = final acc - (K - k); averaged over the 2 datasets' seed means
+    assert _row(t, "0").cells["base"].mean == pytest.approx((91 + 62) / 2 - 2)
+    assert _row(t, "2").cells["novel"].mean == pytest.approx((82 + 53) / 2)
+    kl = _table(result["agg"], "dynamics_kl__base2novel")
+    assert _row(kl, "2").cells["base"].mean == pytest.approx(0.2)
+
+
+def test_files_written(result):
+    out = result["out"]
+    names = {p.name for p in out.iterdir()}
+    for stem in ("table1_5_base2novel__base2novel", "fig3b_num_steps__ablation_steps"):
+        assert {f"{stem}.md", f"{stem}.csv", f"{stem}.tex", f"{stem}.png"} <= names
+    assert {"report.html", "summary.md", "runs.csv", "dynamics__base2novel.png"} <= names
+    rows = list(csv.DictReader(io.StringIO(
+        (out / "fig3b_num_steps__ablation_steps.csv").read_text())))
+    k3 = [r for r in rows if r["num_steps"] == "3"][0]
+    assert k3["base"] == "FAILED" and k3["base_status"] == "failed"
+    k1 = [r for r in rows if r["num_steps"] == "1"][0]
+    assert float(k1["base"]) == pytest.approx(51.0) and k1["base_n"] == "2"
+    assert len(k1["base_run_ids"].split(";")) == 2
+    tex = (out / "table1_5_base2novel__base2novel.tex").read_text()
+    assert r"\begin{tabular}" in tex and r"$\pm$" in tex
+    assert (out / "fig3b_num_steps__ablation_steps.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_is_self_contained(result):
+    html = (result["out"] / "report.html").read_text()
+    assert "data:image/png;base64," in html
+    assert "<script" not in html and "http://" not in html and "https://" not in html
+    assert "FAILED (1)" in html and "—" in html
+    assert result["b2n"][("DTD", 2)][:8] in html  # provenance: run ids beside the numbers
+    assert 'class="bad"' in html  # ours below the paper on Caltech101 base: coloured red
+
+
+def test_report_links_runs_to_ui(result, tmp_path):
+    from pipeline import report
+
+    agg = result["agg"]
+    html = report.render(agg, result["out"], ui_url="http://mlflow.example:5000/")
+    rid = result["b2n"][("DTD", 2)]
+    exp = agg.run_experiment[rid]
+    assert f"http://mlflow.example:5000/#/experiments/{exp}/runs/{rid}" in html
+    assert report.ui_base("http://user:secret@host:5000", None) == "http://host:5000"
+
+
+def test_artifacts_logged_to_aggregate_run(result):
+    client = MlflowClient(tracking_uri=result["uri"])
+    exp = client.get_experiment_by_name(agg_mod.AGGREGATE_EXPERIMENT)
+    assert exp is not None
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["cells_failed"] == 1
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"report.html", "summary.md", "runs.csv",
+            "table1_5_base2novel__base2novel.csv"} <= names
+    # the aggregate run has no sweep tag: a second aggregate does not read it back
+    assert "sweep" not in run.data.tags
+
+
+def test_no_log_and_explicit_experiment(result, tmp_path, capsys):
+    rc = agg_mod.main(["--tracking-uri", result["uri"], "--out", str(tmp_path / "o"),
+                       "--experiment", "perl/ablation_steps", "--no-log"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "fig3b_num_steps__ablation_steps: expected 6 run cells, found 4 FINISHED, 1 FAILED, " \
+           "1 missing" in printed
+    assert "table1_5" not in printed
+    client = MlflowClient(tracking_uri=result["uri"])
+    exp = client.get_experiment_by_name(agg_mod.AGGREGATE_EXPERIMENT)
+    assert len(client.search_runs([exp.experiment_id])) == 1  # --no-log logged nothing
+
+
+def test_unknown_experiment_and_missing_store(result, tmp_path):
+    with pytest.raises(SystemExit, match="not found"):
+        agg_mod.main(["--tracking-uri", result["uri"], "--experiment", "nope", "--no-log",
+                      "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no MLflow store"):
+        agg_mod.main(["--tracking-uri", f"sqlite:///{tmp_path / 'absent.db'}", "--no-log",
+                      "--out", str(tmp_path)])
+
+
+def test_empty_store_writes_an_empty_report(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'empty.db'}"
+    MlflowClient(tracking_uri=uri).search_experiments()  # creates the schema
+    rc = agg_mod.main(["--tracking-uri", uri, "--out", str(tmp_path / "o"), "--no-log"])
+    assert rc == 0
+    assert "No trial runs found" in (tmp_path / "o" / "report.html").read_text()
+
+
+def test_redact_uri():
+    assert agg_mod.redact_uri("http://u:p@h:5000/x") == "http://***@h:5000/x"
+    assert agg_mod.redact_uri("sqlite:///a.db") == "sqlite:///a.db"
+    assert not math.isnan(HM(1, 1))
