@@ -1052,7 +1052,7 @@ def write_outputs(agg: Aggregate, out: Path, *, ui_url: str | None = None) -> li
             p = out / f"{t.name}.{ext}"
             p.write_text(fn(t), encoding="utf-8")
             written.append(p)
-    agg.figures = plots.draw_all(agg.tables, out)
+    agg.figures = plots.draw_all(agg.tables, out, agg.warnings)
     for t in agg.tables:
         t.plots = [p.name for p in agg.figures.get(t.name, [])]
     written += [p for ps in agg.figures.values() for p in ps]

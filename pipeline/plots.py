@@ -160,24 +160,37 @@ def plot_dynamics(tables: list[Table], path: Path) -> Path:
     return path
 
 
-def draw_all(tables: list[Table], out: Path) -> dict[str, list[Path]]:
-    """Draw every plottable table into `out`; returns table name -> PNG paths."""
+def draw_all(tables: list[Table], out: Path,
+             warnings: list[str] | None = None) -> dict[str, list[Path]]:
+    """Draw every plottable table into `out`; returns table name -> PNG paths.
+
+    A plot that fails is reported in `warnings` and skipped: the tables are the primary output
+    and must not be lost to a drawing problem.
+    """
     out.mkdir(parents=True, exist_ok=True)
     figures: dict[str, list[Path]] = {}
+    jobs = []
     dyn: dict[str, list[Table]] = {}
     for t in tables:
         if not any(c.status != "missing" or c.paper is not None
                    for r in t.rows for c in r.cells.values()):
             continue  # nothing to draw
         if t.plot == "curve":
-            figures[t.name] = [plot_curve(t, out / f"{t.name}.png")]
+            jobs.append((t.name, plot_curve, t, out / f"{t.name}.png"))
         elif t.plot == "bars":
-            figures[t.name] = [plot_bars(t, out / f"{t.name}.png")]
+            jobs.append((t.name, plot_bars, t, out / f"{t.name}.png"))
         elif t.plot == "dynamics":
-            dyn.setdefault(t.sweep, []).append(t)
-    for sweep, ts in dyn.items():
+            dyn.setdefault(t.name.split("__", 1)[-1], []).append(t)
+    for suffix, ts in dyn.items():
         # one figure per sweep, attached to its first per-step table (the report shows it once)
-        figures[ts[0].name] = [plot_dynamics(ts, out / f"dynamics__{sweep}.png")]
+        jobs.append((ts[0].name, plot_dynamics, ts, out / f"dynamics__{suffix}.png"))
+    for name, fn, arg, path in jobs:
+        try:
+            figures[name] = [fn(arg, path)]
+        except Exception as e:  # noqa: BLE001 - see docstring
+            plt.close("all")
+            if warnings is not None:
+                warnings.append(f"plot {path.name} not drawn: {type(e).__name__}: {e}")
     return figures
 
 

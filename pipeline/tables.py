@@ -149,7 +149,8 @@ def fmt_diff(c: Cell, decimals: int = 2) -> str:
     if d is None:
         return "n/c" if (c.paper is not None and c.status == "ok" and c.no_diff_reason) \
             else MISSING
-    return fmt_num(d, decimals, sign=True)
+    # a difference to a value read off a figure is itself approximate
+    return ("~" if c.paper_approx else "") + fmt_num(d, decimals, sign=True)
 
 
 def _expected_n(t: Table) -> int:
