@@ -348,3 +348,61 @@ def test_redact_uri():
     assert agg_mod.redact_uri("http://u:p@h:5000/x") == "http://***@h:5000/x"
     assert agg_mod.redact_uri("sqlite:///a.db") == "sqlite:///a.db"
     assert not math.isnan(HM(1, 1))
+
+
+# --- builders on in-memory runs (same code path after search_runs; no store needed) ----------
+
+
+def _fake_runs(specs):
+    """specs: (sweep, TrainConfig, metrics[, status]) -> objects shaped like mlflow Runs."""
+    from types import SimpleNamespace as NS
+
+    out = []
+    for i, (sweep, cfg, metrics, *status) in enumerate(specs):
+        params = {p.key: p.value for p in _params(cfg)}
+        out.append(NS(info=NS(run_id=f"run{i:04d}", experiment_id="7",
+                              status=(status or ["FINISHED"])[0], start_time=i, end_time=i,
+                              run_name=""),
+                      data=NS(tags={"sweep": sweep, "phase": "final",
+                                    "config_hash": cfg.config_hash()},
+                              params=params, metrics=metrics)))
+    return out
+
+
+def _build(specs):
+    df = agg_mod.cast_params(agg_mod.runs_frame(_fake_runs(specs), {"7": "perl/x"}))
+    pool, df = agg_mod.resolve(df)
+    return agg_mod.build_tables(pool, agg_mod.sweep_views(df))
+
+
+def test_cross_dataset_table_with_paper_reference():
+    xd = TrainConfig(protocol="cross_dataset", dataset="ImageNet",
+                     eval_datasets=("Caltech101", "DTD"))
+    # synthetic values
+    tables = _build([("cross_dataset", xd.replace(seed=s),
+                      {"all/acc": src, "Caltech101/acc": c, "DTD/acc": d, "target_avg": (c + d) / 2})
+                     for s, src, c, d in ((1, 70.0, 94.0, 45.0), (2, 72.0, 96.0, 47.0))])
+    t = [t for t in tables if t.name.startswith("table2_cross_dataset")][0]
+    src = _row(t, "source: ImageNet").cells["m0"]
+    assert src.mean == pytest.approx(71.0) and src.paper == pytest.approx(70.25)
+    assert src.diff == pytest.approx(0.75)
+    assert _row(t, "Caltech101").cells["m0"].paper == pytest.approx(94.33)
+    assert _row(t, "EuroSAT").cells["m0"].status == "missing"  # a paper target not evaluated
+    avg = _row(t, "Target Avg").cells["m0"]
+    assert avg.mean == pytest.approx((69.5 + 71.5) / 2)
+    assert avg.paper == pytest.approx(65.56) and avg.diff is None  # 2 of 10 targets: n/c
+    assert (t.counts.expected, t.counts.found) == (2, 2)
+
+
+def test_modality_ablation_maps_to_table3_and_shows_unrun_rows():
+    base = TrainConfig(dataset="DTD", seed=1)
+    tables = _build([("ablation_modality", base.replace(modality=m),
+                      {"base/acc": 60.0, "novel/acc": 50.0, "num_trainable_parameters": n})
+                     for m, n in (("vision", 3841), ("both", 6402))])
+    t = [t for t in tables if t.name.startswith("table3_modality")][0]
+    assert [r.label[0] for r in t.rows] == ["vision", "text", "both"]
+    vis = _row(t, "vision")
+    assert vis.cells["hm"].paper == pytest.approx(71.72)  # Table 3 "Vision only"
+    assert vis.info["#params"] == "3,841" and vis.info["#params (paper)"] == "4K"
+    assert _row(t, "text").cells["base"].status == "missing"
+    assert _row(t, "both").cells["hm"].paper == pytest.approx(74.79)
