@@ -37,7 +37,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Iterable, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit, urlunsplit
 
 import pandas as pd
