@@ -1,0 +1,247 @@
+"""Evaluation metrics for PERL, as pure functions of logits (and embeddings) per reasoning step.
+
+Shapes: `logits` is (N, C) for one step or (S, N, C) for steps 0..K stacked (S = K+1); `labels`
+is (N,) with values in [0, C). Functions that take per-step logits broadcast the labels over S.
+Everything is computed in float32 whatever the input dtype (bf16 evaluation rounds otherwise).
+
+Units, chosen to match the paper's tables and figures (and `pipeline.aggregate`):
+- accuracy, confidence, harmonic mean: percent (0..100);
+- Brier score: multi-class, sum over classes of the squared error, mean over samples (0..2);
+- KL drift: nats, mean over samples;
+- anchor cosine: mean cos(v0, vK) over samples (-1..1).
+
+KL direction. The paper measures prediction drift as "the KL divergence from the step-0
+distribution" (Fig. 5). We read "divergence from Q" in the information-theoretic sense
+(D_KL(P || Q) is "the divergence of P from Q"), with the zero-shot prediction as the reference:
+
+    kl_step{k} = mean_i KL(p_k(i) || p_0(i)) = mean_i sum_c p_k,c (log p_k,c - log p_0,c)
+
+i.e. the information gained by moving from the zero-shot distribution to the step-k one.
+kl_step0 is 0 by construction.
+
+Streaming: evaluation sees the test set batch by batch, and keeping (K+1, N, C) logits for a
+1000-class, 50k-image test set would take gigabytes, so `StepMetricAccumulator` keeps sums only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+# --- per-sample quantities (..., N) --------------------------------------------------------------
+
+
+def _check(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    if logits.ndim not in (2, 3):
+        raise ValueError(f"logits must be (N, C) or (steps, N, C); got {tuple(logits.shape)}")
+    if labels.ndim != 1 or labels.shape[0] != logits.shape[-2]:
+        raise ValueError(f"labels must be (N,) with N={logits.shape[-2]}; got "
+                         f"{tuple(labels.shape)}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[-1]):
+        raise ValueError(f"labels must lie in [0, {logits.shape[-1]}); got range "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+
+
+def _gather_true(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """x (..., N, C) -> x[..., i, labels[i]] (..., N)."""
+    idx = labels.view(*([1] * (x.ndim - 2)), -1, 1).expand(*x.shape[:-1], 1)
+    return x.gather(-1, idx).squeeze(-1)
+
+
+def correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(..., N) bool: top-1 prediction equals the label."""
+    _check(logits, labels)
+    return logits.argmax(dim=-1) == labels
+
+
+def true_class_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(..., N): softmax probability of the true class."""
+    _check(logits, labels)
+    return _gather_true(logits.float().softmax(dim=-1), labels)
+
+
+def brier(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(..., N): sum_c (p_c - onehot_c)^2 = sum_c p_c^2 - 2 p_y + 1."""
+    _check(logits, labels)
+    p = logits.float().softmax(dim=-1)
+    return (p * p).sum(dim=-1) - 2.0 * _gather_true(p, labels) + 1.0
+
+
+def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """(..., N): KL(p || q) = sum_c p_c (log p_c - log q_c), from logits (log-softmax: stable)."""
+    if logits_p.shape[-1] != logits_q.shape[-1]:
+        raise ValueError(f"class counts differ: {logits_p.shape[-1]} vs {logits_q.shape[-1]}")
+    log_p = F.log_softmax(logits_p.float(), dim=-1)
+    log_q = F.log_softmax(logits_q.float(), dim=-1)
+    # Clamp: tiny negative values are rounding error (KL >= 0).
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1).clamp_min(0.0)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N,): cos(a_i, b_i) for embeddings (N, D)."""
+    if a.shape != b.shape:
+        raise ValueError(f"embeddings differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    return F.cosine_similarity(a.float(), b.float(), dim=-1)
+
+
+# --- aggregates (floats) ---------------------------------------------------------------------
+
+
+def _mean(x: torch.Tensor) -> float:
+    if x.numel() == 0:
+        raise ValueError("no samples to average over")
+    return float(x.float().mean())
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy in percent (one step: logits (N, C))."""
+    return 100.0 * _mean(correct(logits, labels))
+
+
+def mean_confidence(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean softmax probability of the true class, in percent."""
+    return 100.0 * _mean(true_class_prob(logits, labels))
+
+
+def brier_score(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Multi-class Brier score: mean over samples of sum_c (p_c - onehot_c)^2, in [0, 2]."""
+    return _mean(brier(logits, labels))
+
+
+def kl_drift(logits_step0: torch.Tensor, logits_stepk: torch.Tensor) -> float:
+    """Mean over samples of KL(p_k || p_0) in nats (see the module docstring for the direction)."""
+    return _mean(kl_divergence(logits_stepk, logits_step0))
+
+
+def anchor_cosine(v0: torch.Tensor, vk: torch.Tensor) -> float:
+    """Mean cos(v0_i, vK_i) between zero-shot and refined image embeddings (N, D)."""
+    return _mean(cosine(v0, vk))
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    """HM = 2ab / (a + b); 0 when both are 0 (CoOp convention); NaN propagates."""
+    if math.isnan(a) or math.isnan(b):
+        return math.nan
+    if a < 0 or b < 0:
+        raise ValueError(f"harmonic mean of negative values {a}, {b}")
+    return 0.0 if a + b == 0 else 2.0 * a * b / (a + b)
+
+
+def per_step_accuracy(logits_steps: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    """[acc at step 0, ..., acc at step K] in percent, for logits (K+1, N, C)."""
+    if logits_steps.ndim != 3:
+        raise ValueError(f"logits_steps must be (steps, N, C); got {tuple(logits_steps.shape)}")
+    return [100.0 * v for v in correct(logits_steps, labels).float().mean(dim=-1).tolist()]
+
+
+def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor,
+                       classnames: Sequence[str]) -> dict[str, float]:
+    """{classname: accuracy in percent} over the classes that have test samples (one step)."""
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be (N, C) for one step; got {tuple(logits.shape)}")
+    if len(classnames) != logits.shape[-1]:
+        raise ValueError(f"{len(classnames)} classnames for {logits.shape[-1]} logit columns")
+    hits = correct(logits, labels).float()
+    n = torch.bincount(labels, minlength=len(classnames))
+    k = torch.bincount(labels, weights=hits, minlength=len(classnames))
+    return {name: 100.0 * float(k[c]) / int(n[c]) for c, name in enumerate(classnames) if n[c] > 0}
+
+
+def step_metrics(logits_steps: torch.Tensor, labels: torch.Tensor,
+                 v0: torch.Tensor | None = None, vk: torch.Tensor | None = None) -> dict[str, float]:
+    """All per-step metrics of one evaluation set, unprefixed (see `StepMetricAccumulator`)."""
+    acc = StepMetricAccumulator(num_classes=logits_steps.shape[-1])
+    acc.update(logits_steps, labels, v0, vk)
+    return acc.compute()
+
+
+# --- streaming accumulator -----------------------------------------------------------------------
+
+
+@dataclass
+class StepMetricAccumulator:
+    """Sums per-step metrics over batches; `compute()` gives the contract's metric names.
+
+    Keys: acc (final step), acc_step{k}, confidence_step{k}, brier_step{k}, kl_step{k} for
+    k = 0..K, anchor_cos (when image embeddings were given), n (sample count).
+    """
+
+    num_classes: int
+    n: int = 0
+    _correct: torch.Tensor | None = None  # (S,) sums
+    _conf: torch.Tensor | None = None
+    _brier: torch.Tensor | None = None
+    _kl: torch.Tensor | None = None
+    _cos_sum: float = 0.0
+    _cos_n: int = 0
+    # final-step per-class hit counts, for per-class accuracy
+    _class_hits: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    _class_n: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+
+    def __post_init__(self) -> None:
+        self._class_hits = torch.zeros(self.num_classes, dtype=torch.float64)
+        self._class_n = torch.zeros(self.num_classes, dtype=torch.float64)
+
+    def update(self, logits_steps: torch.Tensor, labels: torch.Tensor,
+               v0: torch.Tensor | None = None, vk: torch.Tensor | None = None) -> None:
+        """logits (K+1, N, C) (or (N, C) = one step), labels (N,), optional v0/vK (N, D)."""
+        if logits_steps.ndim == 2:
+            logits_steps = logits_steps.unsqueeze(0)
+        _check(logits_steps, labels)
+        if logits_steps.shape[-1] != self.num_classes:
+            raise ValueError(f"logits have {logits_steps.shape[-1]} classes, expected "
+                             f"{self.num_classes}")
+        logits_steps = logits_steps.detach().float().cpu()
+        labels = labels.detach().cpu()
+        hits = correct(logits_steps, labels).double()
+        parts = {
+            "_correct": hits.sum(dim=-1),
+            "_conf": true_class_prob(logits_steps, labels).double().sum(dim=-1),
+            "_brier": brier(logits_steps, labels).double().sum(dim=-1),
+            "_kl": kl_divergence(logits_steps, logits_steps[:1]).double().sum(dim=-1),
+        }
+        for name, value in parts.items():
+            prev = getattr(self, name)
+            if prev is not None and prev.shape != value.shape:
+                raise ValueError(f"step count changed between batches: {prev.shape[0]} vs "
+                                 f"{value.shape[0]}")
+            setattr(self, name, value if prev is None else prev + value)
+        self.n += labels.shape[0]
+        self._class_hits.index_add_(0, labels, hits[-1])
+        self._class_n.index_add_(0, labels, torch.ones_like(hits[-1]))
+        if v0 is not None and vk is not None:
+            cos = cosine(v0.detach().cpu(), vk.detach().cpu()).double()
+            self._cos_sum += float(cos.sum())
+            self._cos_n += cos.shape[0]
+
+    def compute(self) -> dict[str, float]:
+        if self.n == 0 or self._correct is None:
+            raise ValueError("no samples were accumulated")
+        out: dict[str, float] = {}
+        steps = self._correct.shape[0]
+        out["acc"] = 100.0 * float(self._correct[-1]) / self.n
+        for name, scale, sums in (("acc", 100.0, self._correct), ("confidence", 100.0, self._conf),
+                                  ("brier", 1.0, self._brier), ("kl", 1.0, self._kl)):
+            assert sums is not None
+            for k in range(steps):
+                out[f"{name}_step{k}"] = scale * float(sums[k]) / self.n
+        if self._cos_n:
+            out["anchor_cos"] = self._cos_sum / self._cos_n
+        out["n"] = float(self.n)
+        return out
+
+    def per_class(self, classnames: Sequence[str]) -> dict[str, float]:
+        """{classname: final-step accuracy in percent} for the classes that had samples."""
+        if len(classnames) != self.num_classes:
+            raise ValueError(f"{len(classnames)} classnames for {self.num_classes} classes")
+        return {name: 100.0 * float(self._class_hits[c] / self._class_n[c])
+                for c, name in enumerate(classnames) if self._class_n[c] > 0}
+
+
+__all__ = ["correct", "true_class_prob", "brier", "kl_divergence", "cosine", "accuracy",
+           "mean_confidence", "brier_score", "kl_drift", "anchor_cosine", "harmonic_mean",
+           "per_step_accuracy", "per_class_accuracy", "step_metrics", "StepMetricAccumulator"]
