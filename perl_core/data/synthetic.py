@@ -1,0 +1,534 @@
+"""The synthetic world: small CoOp-format benchmarks generated on disk in seconds, for the embedded default.
+
+No CLIP weights or benchmark datasets can be downloaded in CI or on a laptop, yet the pipeline must
+run end to end with numbers that can move. This module draws a small world of coloured shapes,
+textures and counted objects (PIL + numpy only), writes it in exactly CoOp's layout
+(`<root>/<dataset_dir>/images/<class>/<n>.png` and `split_zhou_<Name>.json` with unsorted
+`[relpath, label, classname]` lists), and registers every dataset (`synthetic=True`) so that
+`get_spec("ToyShapes")` and the real CoOp loader work on it unchanged.
+
+Class names are compositions of words (colour x shape, pattern x colour, count x shape). Labels
+follow a checkerboard over the word grid, so that CoOp's base/novel split (labels[:ceil(n/2)] are
+base) puts every word in both halves: the novel classes are unseen *combinations of seen words*,
+which the tiny CLIP (`perl_core.pretrain`) never saw as whole compositions, so zero-shot transfer to
+them is possible but not free.
+
+Benchmarks (per class: 20 train / 6 val / 24 test images, 48 x 48 RGB PNG):
+
+| name | role | classes | words |
+|---|---|---|---|
+| ToyShapes | base2novel | 20 (10/10) | colour {red, green, blue, yellow} x shape {circle, square, triangle, star, heart} |
+| ToyPatterns | base2novel | 20 (10/10) | pattern {stripes, dots, checks, waves} x colour {red, green, blue, yellow, purple} |
+| ToyCounts | base2novel | 15 (8/7) | count {two, three, four} x shape (plural) {circles, squares, triangles, stars, hearts} |
+| ToyWorld | source (ImageNet's role) | 42 (21/21) | colour {red, green, blue, yellow, orange, purple} x shape {+ cross, moon} |
+| ToyWorldV2 | test only, source ToyWorld | 42 | same renderer, fresh images (ImageNet-V2's role) |
+| ToyWorldSketch | test only, source ToyWorld | 42 | outlines on paper (ImageNet-Sketch's role) |
+| ToyWorldClutter | test only, source ToyWorld | 42 | smaller objects, heavy clutter and noise (ImageNet-A's role) |
+
+Determinism: every image draws from its own `numpy` generator keyed by (seed, dataset, split,
+label, index), so the same seed writes identical images and byte-identical split files whatever
+subset is generated; a manifest (`synthetic_world.json`, written last) makes a rerun a no-op.
+
+CLI: `python -m perl_core.data.synthetic --root DIR [--seed 0] [--force]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+import zlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageChops, ImageDraw, ImageFilter
+
+from perl_core.data.registry import DatasetSpec, register
+
+# Bump whenever rendering, class order or split layout changes: a world on disk with another
+# version is regenerated instead of being silently reused.
+GENERATOR_VERSION = 1
+IMAGE_SIZE = 48  # = perl-tiny's vision image_size; images are stored at model resolution
+_SUPER = 2  # draw at 2x and box-downsample: anti-aliased edges at 48 px
+MANIFEST = "synthetic_world.json"
+IMAGE_DIR = "images"
+
+# Base RGB of each colour word; every image jitters the shade (see `_jitter_colour`).
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 35, 35),
+    "green": (35, 165, 55),
+    "blue": (40, 80, 220),
+    "yellow": (235, 215, 30),
+    "orange": (245, 135, 20),
+    "purple": (140, 50, 185),
+}
+SHAPES = ("circle", "square", "triangle", "star", "heart", "cross", "moon")
+PLURAL = {s: s + ("es" if s.endswith("s") else "s") for s in SHAPES}  # crosses
+PATTERNS = ("stripes", "dots", "checks", "waves")
+COUNTS = {"two": 2, "three": 3, "four": 4}
+STYLES = ("photo", "sketch", "clutter")
+
+DEFAULT_SIZES = {"train": 20, "val": 6, "test": 24}
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What one image shows. `kind` picks the renderer; unused fields stay None."""
+
+    kind: str  # "object" (one shape), "texture" (full-frame pattern), "count" (n equal shapes)
+    colour: str | None = None
+    shape: str | None = None
+    pattern: str | None = None
+    count: str | None = None  # a COUNTS word
+    style: str = "photo"  # "photo", "sketch" (outline on paper), "clutter" (busy background)
+
+    def words(self) -> dict[str, str]:
+        """The attribute words an exact caption of this scene uses (kind -> word)."""
+        if self.kind == "object":
+            return {"colour": self.colour, "shape": self.shape}
+        if self.kind == "texture":
+            return {"colour": self.colour, "pattern": self.pattern}
+        if self.kind == "count":
+            w = {"count": self.count, "shapes": PLURAL[self.shape]}
+            if self.colour is not None:
+                w["colour"] = self.colour
+            return w
+        raise ValueError(f"unknown scene kind {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class ToyDataset:
+    """Generation recipe of one benchmark (the registry holds the matching DatasetSpec)."""
+
+    name: str
+    dataset_dir: str
+    template: str
+    kind: str
+    rows: tuple[str, ...]  # first word of the grid (colour / pattern / count)
+    cols: tuple[str, ...]  # second word (shape / colour / shape)
+    style: str = "photo"
+    test_only: bool = False
+    source: str | None = None
+    sizes: dict = field(default_factory=lambda: dict(DEFAULT_SIZES), hash=False, compare=False)
+
+    @property
+    def split_file(self) -> str:
+        return f"split_zhou_{self.name}.json"
+
+    def cells(self) -> list[tuple[int, int]]:
+        """(row, col) per label. A checkerboard: parity-0 cells first (the base half, exactly
+        ceil(n/2) of them), then parity-1 cells, so each word lands in both halves."""
+        grid = [(i, j) for i in range(len(self.rows)) for j in range(len(self.cols))]
+        return [c for c in grid if sum(c) % 2 == 0] + [c for c in grid if sum(c) % 2 == 1]
+
+    def scene(self, label: int) -> Scene:
+        i, j = self.cells()[label]
+        r, c = self.rows[i], self.cols[j]
+        if self.kind == "object":
+            return Scene("object", colour=r, shape=c, style=self.style)
+        if self.kind == "texture":
+            return Scene("texture", pattern=r, colour=c, style=self.style)
+        if self.kind == "count":
+            return Scene("count", count=r, shape=c, style=self.style)
+        raise ValueError(f"unknown kind {self.kind!r}")
+
+    def classnames(self) -> list[str]:
+        return [classname(self.scene(y)) for y in range(len(self.cells()))]
+
+    def num_base(self) -> int:
+        return math.ceil(len(self.cells()) / 2)
+
+
+def classname(scene: Scene) -> str:
+    """The class name of a benchmark scene: the words CLIP was pretrained on, in caption order."""
+    if scene.kind == "object":
+        return f"{scene.colour} {scene.shape}"
+    if scene.kind == "texture":
+        return f"{scene.colour} {scene.pattern}"
+    if scene.kind == "count":
+        return f"{scene.count} {PLURAL[scene.shape]}"
+    raise ValueError(f"unknown scene kind {scene.kind!r}")
+
+
+_SHAPES5 = SHAPES[:5]
+_COL4 = ("red", "green", "blue", "yellow")
+# ToyWorld lists ToyShapes' colours and shapes first with the same checkerboard, so ToyShapes'
+# novel classes are also novel in ToyWorld.
+_WORLD = ToyDataset("ToyWorld", "toy_world", "a photo of a {}.", "object",
+                    tuple(COLOURS), SHAPES)
+DATASETS: tuple[ToyDataset, ...] = (
+    ToyDataset("ToyShapes", "toy_shapes", "a photo of a {}.", "object", _COL4, _SHAPES5),
+    ToyDataset("ToyPatterns", "toy_patterns", "a {} pattern.", "texture", PATTERNS,
+               ("red", "green", "blue", "yellow", "purple")),
+    ToyDataset("ToyCounts", "toy_counts", "a photo of {}.", "count", tuple(COUNTS), _SHAPES5),
+    _WORLD,
+    replace(_WORLD, name="ToyWorldV2", dataset_dir="toy_world_v2", test_only=True,
+            source="ToyWorld"),
+    replace(_WORLD, name="ToyWorldSketch", dataset_dir="toy_world_sketch", style="sketch",
+            test_only=True, source="ToyWorld"),
+    replace(_WORLD, name="ToyWorldClutter", dataset_dir="toy_world_clutter", style="clutter",
+            test_only=True, source="ToyWorld"),
+)
+BASE2NOVEL = ("ToyShapes", "ToyPatterns", "ToyCounts")
+_BY_NAME = {d.name: d for d in DATASETS}
+
+
+def toy_dataset(name: str) -> ToyDataset:
+    """The generation recipe of a synthetic dataset (canonical name or any registry alias)."""
+    from perl_core.data.registry import get_spec
+
+    canonical = name if name in _BY_NAME else get_spec(name).name
+    if canonical not in _BY_NAME:
+        raise KeyError(f"{name!r} is not a synthetic dataset; synthetic: {list(_BY_NAME)}")
+    return _BY_NAME[canonical]
+
+
+def held_out_scenes() -> dict[str, list[Scene]]:
+    """Compositions the tiny CLIP never sees in pretraining: the novel classes of every toy
+    base2novel benchmark (ToyShapes, ToyPatterns, ToyCounts). ToyShapes' novel classes are also
+    ToyWorld classes; ToyWorld's other classes were seen."""
+    out = {}
+    for name in BASE2NOVEL:
+        d = _BY_NAME[name]
+        out[name] = [d.scene(y) for y in range(d.num_base(), len(d.cells()))]
+    return out
+
+
+def is_held_out(scene: Scene) -> bool:
+    """True if `scene` shows a held-out composition (also inside a count scene: a held-out
+    colour-shape pair is never drawn at all)."""
+    held = held_out_scenes()
+    pairs_cs = {(s.colour, s.shape) for s in held["ToyShapes"]}
+    pairs_pc = {(s.pattern, s.colour) for s in held["ToyPatterns"]}
+    pairs_ns = {(s.count, s.shape) for s in held["ToyCounts"]}
+    if scene.kind == "object":
+        return (scene.colour, scene.shape) in pairs_cs
+    if scene.kind == "texture":
+        return (scene.pattern, scene.colour) in pairs_pc
+    if scene.kind == "count":
+        return (scene.count, scene.shape) in pairs_ns or (scene.colour, scene.shape) in pairs_cs
+    raise ValueError(f"unknown scene kind {scene.kind!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# rendering
+
+
+def _key(text: str) -> int:
+    # a stable 32-bit id (Python's hash() is salted per process)
+    return zlib.crc32(text.encode())
+
+
+def image_rng(seed: int, *parts: str | int) -> np.random.Generator:
+    """The generator of one image: keyed by its identity, not by generation order."""
+    return np.random.default_rng([int(seed)] + [p if isinstance(p, int) else _key(p)
+                                                for p in parts])
+
+
+def _shape_mask(shape: str, cx: float, cy: float, r: float, angle: float, rng: np.random.Generator,
+                size: int) -> Image.Image:
+    """An L-mode mask (255 inside) of one shape of radius r (pixels) centred at (cx, cy)."""
+    mask = Image.new("L", (size, size), 0)
+    d = ImageDraw.Draw(mask)
+    ca, sa = math.cos(angle), math.sin(angle)
+
+    def poly(points: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+        return [(cx + r * (x * ca - y * sa), cy + r * (x * sa + y * ca)) for x, y in points]
+
+    if shape == "circle":
+        a = rng.uniform(0.9, 1.1)  # slight ellipse, rotated like the others
+        d.polygon(poly((0.9 * a * math.cos(t), 0.9 / a * math.sin(t))
+                       for t in np.linspace(0, 2 * math.pi, 48, endpoint=False)), fill=255)
+    elif shape == "square":
+        h = 0.78
+        d.polygon(poly([(-h, -h), (h, -h), (h, h), (-h, h)]), fill=255)
+    elif shape == "triangle":
+        d.polygon(poly((math.sin(t), -math.cos(t) + 0.15)
+                       for t in (0, 2 * math.pi / 3, 4 * math.pi / 3)), fill=255)
+    elif shape == "star":
+        pts = []
+        for k in range(10):
+            t = k * math.pi / 5
+            rad = 1.0 if k % 2 == 0 else 0.45
+            pts.append((rad * math.sin(t), -rad * math.cos(t) + 0.05))
+        d.polygon(poly(pts), fill=255)
+    elif shape == "heart":
+        ts = np.linspace(0, 2 * math.pi, 48, endpoint=False)
+        xs = 16 * np.sin(ts) ** 3 / 17
+        ys = -(13 * np.cos(ts) - 5 * np.cos(2 * ts) - 2 * np.cos(3 * ts) - np.cos(4 * ts)) / 17
+        d.polygon(poly(zip(xs.tolist(), (ys + 0.1).tolist())), fill=255)
+    elif shape == "cross":
+        w, e = 0.32, 0.92
+        d.polygon(poly([(-w, -e), (w, -e), (w, -w), (e, -w), (e, w), (w, w), (w, e), (-w, e),
+                        (-w, w), (-e, w), (-e, -w), (-w, -w)]), fill=255)
+    elif shape == "moon":
+        circle = [(0.92 * math.cos(t), 0.92 * math.sin(t))
+                  for t in np.linspace(0, 2 * math.pi, 48, endpoint=False)]
+        d.polygon(poly(circle), fill=255)
+        d.polygon(poly((x * 0.85 + 0.5, y * 0.85 - 0.15) for x, y in circle), fill=0)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
+    return mask
+
+
+def _jitter_colour(name: str, rng: np.random.Generator) -> tuple[int, int, int]:
+    base = np.array(COLOURS[name], dtype=np.float64)
+    c = base * rng.uniform(0.8, 1.1) + rng.normal(0, 12, 3)
+    return tuple(int(v) for v in np.clip(c, 0, 255).round())
+
+
+def _background(rng: np.random.Generator, size: int, style: str) -> Image.Image:
+    """A smooth random grey-ish gradient (photo/clutter) or near-white paper (sketch)."""
+    if style == "sketch":
+        level = rng.uniform(215, 250)
+        coarse = level + rng.normal(0, 4, (3, 3, 1)) + rng.normal(0, 3, (1, 1, 3))
+    else:
+        level = rng.uniform(20, 235)
+        coarse = level + rng.normal(0, 18, (4, 4, 1)) + rng.normal(0, 10, (4, 4, 3))
+    small = Image.fromarray(np.clip(coarse, 0, 255).astype(np.uint8), "RGB")
+    return small.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def _clutter(img: Image.Image, rng: np.random.Generator, n_lines: int, n_blobs: int) -> None:
+    """Desaturated lines and blobs: busy, but never in a class colour at full saturation."""
+    size = img.size[0]
+    d = ImageDraw.Draw(img)
+
+    def dull() -> tuple[int, int, int]:
+        g = rng.uniform(40, 220)
+        c = 0.3 * rng.uniform(0, 255, 3) + 0.7 * g
+        return tuple(int(v) for v in c)
+
+    for _ in range(n_blobs):
+        x, y = rng.uniform(0, size, 2)
+        rx, ry = rng.uniform(0.05, 0.18, 2) * size
+        box = [x - rx, y - ry, x + rx, y + ry]
+        (d.ellipse if rng.random() < 0.5 else d.rectangle)(box, fill=dull())
+    for _ in range(n_lines):
+        x0, y0, x1, y1 = rng.uniform(-0.1, 1.1, 4) * size
+        d.line([(x0, y0), (x1, y1)], fill=dull(), width=int(rng.integers(2, 6)))
+
+
+def _texture_mask(pattern: str, rng: np.random.Generator, size: int) -> np.ndarray:
+    """A boolean full-frame pattern, rotated, with random period and phase."""
+    theta = rng.uniform(0, math.pi)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    u = xx * math.cos(theta) + yy * math.sin(theta)
+    v = -xx * math.sin(theta) + yy * math.cos(theta)
+    p = rng.uniform(0.11, 0.2) * size  # period: 5-10 px at 48 px
+    ph = rng.uniform(0, 1, 2)
+    if pattern == "stripes":
+        return np.mod(v / p + ph[0], 1.0) < rng.uniform(0.4, 0.6)
+    if pattern == "checks":
+        return (np.floor(u / p + ph[0]) + np.floor(v / p + ph[1])) % 2 == 0
+    if pattern == "dots":
+        du = np.mod(u / p + ph[0], 1.0) - 0.5
+        dv = np.mod(v / p + ph[1], 1.0) - 0.5
+        return du * du + dv * dv < rng.uniform(0.22, 0.32) ** 2
+    if pattern == "waves":
+        amp, lam = rng.uniform(0.3, 0.6) * p, rng.uniform(1.6, 3.0) * p
+        return np.mod((v + amp * np.sin(2 * math.pi * u / lam)) / p + ph[0], 1.0) < 0.45
+    raise ValueError(f"unknown pattern {pattern!r}; known: {PATTERNS}")
+
+
+def _place(rng: np.random.Generator, radii: Sequence[float], size: int) -> list[tuple[float, float]]:
+    """Non-overlapping centres (rejection sampling; deterministic for a given rng)."""
+    for _ in range(200):
+        centres: list[tuple[float, float]] = []
+        for r in radii:
+            for _ in range(100):
+                c = tuple(rng.uniform(r + 1, size - r - 1, 2))
+                if all(math.dist(c, o) > 1.1 * (r + ro) + 2 for o, ro in zip(centres, radii)):
+                    centres.append(c)
+                    break
+            else:
+                break
+        if len(centres) == len(radii):
+            return centres
+    raise RuntimeError(f"could not place {len(radii)} shapes of radii {radii} in {size} px")
+
+
+def render_scene(scene: Scene, rng: np.random.Generator, image_size: int = IMAGE_SIZE) -> Image.Image:
+    """Draw one random instance of `scene` (an RGB PIL image of image_size x image_size)."""
+    S = image_size * _SUPER
+    style = scene.style
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; known: {STYLES}")
+    img = _background(rng, S, style)
+    if style == "clutter":
+        _clutter(img, rng, n_lines=int(rng.integers(6, 12)), n_blobs=int(rng.integers(3, 7)))
+
+    if scene.kind == "texture":
+        fg = np.array(_jitter_colour(scene.colour, rng), dtype=np.uint8)
+        mask = _texture_mask(scene.pattern, rng, S)
+        if style == "sketch":  # only the pattern's edges
+            m = Image.fromarray(mask.astype(np.uint8) * 255, "L")
+            mask = np.asarray(ImageChops.subtract(m, m.filter(ImageFilter.MinFilter(3)))) > 0
+        arr = np.array(img)
+        arr[mask] = fg
+        img = Image.fromarray(arr, "RGB")
+    else:
+        if scene.kind == "object":
+            shapes = [scene.shape]
+            lo, hi = (0.17, 0.28) if style == "clutter" else (0.22, 0.40)
+            radii = [rng.uniform(lo, hi) * S]
+        elif scene.kind == "count":
+            n = COUNTS[scene.count]
+            shapes = [scene.shape] * n
+            radii = list(rng.uniform(0.09, 0.125, n) * S)
+        else:
+            raise ValueError(f"unknown scene kind {scene.kind!r}")
+        colour_name = scene.colour or str(rng.choice(list(COLOURS)))
+        colour = _jitter_colour(colour_name, rng)
+        centres = _place(rng, radii, S)
+        for shape, r, (cx, cy) in zip(shapes, radii, centres):
+            mask = _shape_mask(shape, cx, cy, r, rng.uniform(-0.5, 0.5), rng, S)
+            if style == "sketch":  # outline only: the mask minus its erosion
+                mask = ImageChops.subtract(mask, mask.filter(ImageFilter.MinFilter(5)))
+            img.paste(colour, mask=mask)
+        if style == "clutter":  # lines across the object too
+            _clutter(img, rng, n_lines=int(rng.integers(1, 3)), n_blobs=0)
+
+    img = img.resize((image_size, image_size), Image.Resampling.BOX)
+    sigma = {"photo": (3, 12), "sketch": (2, 5), "clutter": (15, 30)}[style]
+    arr = np.asarray(img, dtype=np.float64) + rng.normal(0, rng.uniform(*sigma),
+                                                         (image_size, image_size, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), "RGB")
+
+
+# ------------------------------------------------------------------------------------------------
+# writing the world
+
+
+def _class_dir(name: str) -> str:
+    return name.replace(" ", "_")
+
+
+def _sizes(d: ToyDataset, sizes: dict | None) -> dict[str, int]:
+    out = dict(d.sizes)
+    if sizes:
+        unknown = set(sizes) - set(SPLITS)
+        if unknown:
+            raise ValueError(f"sizes has unknown split(s) {sorted(unknown)}; splits: {SPLITS}")
+        out.update({k: int(v) for k, v in sizes.items()})
+    if d.test_only:
+        out["train"] = out["val"] = 0
+    return out
+
+
+def _write_dataset(d: ToyDataset, root: Path, seed: int, sizes: dict[str, int]) -> dict:
+    out_dir = root / d.dataset_dir
+    if out_dir.exists():  # our own folder: stale images of another version or seed must go
+        shutil.rmtree(out_dir)
+    img_root = out_dir / IMAGE_DIR
+    names = d.classnames()
+    split: dict[str, list] = {s: [] for s in SPLITS}
+    for label, cname in enumerate(names):
+        scene = d.scene(label)
+        cdir = img_root / _class_dir(cname)
+        cdir.mkdir(parents=True, exist_ok=True)
+        idx = 0
+        for s in SPLITS:
+            for k in range(sizes[s]):
+                rel = f"{_class_dir(cname)}/{idx:04d}.png"
+                img = render_scene(scene, image_rng(seed, d.name, s, label, k))
+                img.save(img_root / rel, format="PNG")
+                split[s].append([rel, label, cname])
+                idx += 1
+    # CoOp's files are not sorted by label (few-shot sampling walks them in file order)
+    for s in SPLITS:
+        order = image_rng(seed, d.name, "order", s).permutation(len(split[s]))
+        split[s] = [split[s][i] for i in order]
+    (out_dir / d.split_file).write_text(json.dumps(split))
+    return {"dataset_dir": d.dataset_dir, "classes": len(names), "num_base": d.num_base(),
+            **{s: len(split[s]) for s in SPLITS}}
+
+
+def split_path(root: str | Path, name: str) -> Path:
+    """Where the split file of synthetic dataset `name` lives under `root`."""
+    d = toy_dataset(name)
+    return Path(root) / d.dataset_dir / d.split_file
+
+
+def generate_world(root: str | Path, seed: int = 0, force: bool = False, *,
+                   datasets: Sequence[str] | None = None, sizes: dict | None = None,
+                   verbose: bool = False) -> dict:
+    """Write the synthetic benchmarks under `root` (CoOp layout) and return the manifest.
+
+    Cached: when `root/synthetic_world.json` records the same generator version, seed, datasets and
+    sizes (and the split files exist), nothing is written. `datasets` (default: all) and `sizes`
+    (per-split image count per class, e.g. {"test": 8}; default 20/6/24) make small worlds for
+    tests; the images they hold are the same as in the full world.
+    """
+    if not str(root):
+        raise ValueError("generate_world needs a root folder (got an empty path)")
+    root = Path(root)
+    wanted = [toy_dataset(n).name for n in datasets] if datasets else [d.name for d in DATASETS]
+    plan = {n: _sizes(_BY_NAME[n], sizes) for n in wanted}
+    manifest_path = root / MANIFEST
+    if manifest_path.is_file() and not force:
+        try:
+            old = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        same = (old.get("generator_version") == GENERATOR_VERSION and old.get("seed") == seed
+                and old.get("image_size") == IMAGE_SIZE and old.get("sizes") == plan
+                and all(split_path(root, n).is_file() for n in plan))
+        if same:
+            return {**old, "generated": False}
+        if verbose:
+            print(f"{manifest_path}: another version, seed or dataset set; regenerating")
+    root.mkdir(parents=True, exist_ok=True)
+    manifest_path.unlink(missing_ok=True)  # written last: a crash leaves no stale manifest
+    t0 = time.time()
+    info = {}
+    for n in wanted:
+        info[n] = _write_dataset(_BY_NAME[n], root, seed, plan[n])
+        if verbose:
+            print(f"  {n}: {info[n]}")
+    manifest = {"generator_version": GENERATOR_VERSION, "seed": seed, "image_size": IMAGE_SIZE,
+                "sizes": plan, "datasets": info,
+                "held_out": {k: [classname(s) for s in v] for k, v in held_out_scenes().items()}}
+    manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    if verbose:
+        print(f"wrote {sum(sum(v[s] for s in SPLITS) for v in info.values())} images in "
+              f"{time.time() - t0:.1f} s under {root}")
+    return {**manifest, "generated": True}
+
+
+def _register() -> None:
+    for d in DATASETS:
+        register(DatasetSpec(
+            name=d.name, dataset_dir=d.dataset_dir, image_dir=IMAGE_DIR, template=d.template,
+            loader="split_json", split_file=d.split_file, num_classes=len(d.cells()),
+            test_only=d.test_only, source=d.source, synthetic=True,
+            extra={"kind": d.kind, "style": d.style, "num_base": d.num_base(),
+                   "image_size": IMAGE_SIZE}))
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m perl_core.data.synthetic",
+                                 description="Generate the synthetic CoOp-format world.")
+    ap.add_argument("--root", required=True, help="data root to write the datasets under")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--force", action="store_true", help="regenerate even if cached")
+    ap.add_argument("--datasets", nargs="*", help=f"subset (default: all of {list(_BY_NAME)})")
+    args = ap.parse_args(argv)
+    m = generate_world(args.root, seed=args.seed, force=args.force, datasets=args.datasets,
+                       verbose=True)
+    if not m["generated"]:
+        print(f"{args.root}: up to date (generator v{GENERATOR_VERSION}, seed {args.seed}); "
+              f"--force to regenerate")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
