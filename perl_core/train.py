@@ -1,0 +1,762 @@
+"""Training and evaluation of PERL's thought projectors: `fit(cfg) -> TrainResult`, and the CLI.
+
+    result = fit(cfg, callbacks=[...], model=None, checkpoint=None)
+
+What `fit` does (PERL.md §2.5-2.6, §4; data_protocol.md §5-§9):
+
+1. Resolves the task from `cfg.protocol` (`resolve_task`):
+   - base2novel: few-shot over all classes (`fewshot_splits`, its own RNG), then the base half
+     for training; evaluates `base` (base test images among base classes) and `novel` (novel
+     test images among novel classes); `hm` and `hm_step{k}` from their accuracies.
+   - all: trains and evaluates on every class (`all/`).
+   - cross_dataset / domain_generalization: trains on every class of `cfg.dataset`, evaluates
+     the source (`all/`) and each of `cfg.eval_datasets` on its full test set with its own class
+     names (`<Target>/`); `target_avg` is the mean target accuracy. For domain_generalization an
+     empty `eval_datasets` means every registered test-only variant whose source is cfg.dataset.
+2. Seeds python/numpy/torch with cfg.seed and builds the model (projector init comes from the
+   seeded torch RNG), moved to cfg.device ("auto": cuda if available).
+3. Trains the projectors only: AdamW(lr, weight_decay), constant lr, batch_size, epochs, Dassl's
+   drop_last (when the train set has >= batch_size images). Per step: the image side runs every
+   step in one pass (v0 is the zero-shot embedding, no grad; vK the refined one), the text side
+   re-encodes all training classes with gradient (its frozen lower blocks are computed once, as
+   they do not change), and `perl_loss` is taken on step K only.
+4. Evaluates every evaluation set at every step 0..K (`perl_core.evaluate.evaluate`).
+
+Determinism and resume. The order of the training images comes from a dedicated generator
+(`torch.Generator().manual_seed(cfg.seed)`): each epoch draws a permutation and an augmentation
+seed from it. Each image's augmentation runs under its own seed (epoch seed + position in the
+epoch) in a forked RNG, so the augmented batch is a pure function of (seed, epoch, position):
+identical with any `num_workers` (an execution field, outside the config hash) and after a
+resume. A checkpoint holds the projector and AdamW state, the RNG states, the data generator's
+state at the start of the current epoch and the position (epoch, step within it); resuming
+regenerates the epoch's plan and skips the batches already done, which gives bitwise the same
+final weights on CPU as an uninterrupted run.
+
+CLI: `python -m perl_core.train --dataset NAME --data-root ROOT [--field value ...] [--out DIR]`;
+every TrainConfig field is a flag (`--inject-layer 7`, tuples as comma lists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import random
+import statistics
+import struct
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator, Sequence, get_type_hints
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from perl_core.checkpoint import Checkpoint, DirCheckpoint
+from perl_core.config import FIELD_NAMES, TrainConfig, literal_choices
+from perl_core.evaluate import autocast, class_text_tokens, evaluate, model_device
+from perl_core.factory import build_perl_from_config, resolve_device
+from perl_core.loss import perl_loss
+from perl_core.metrics import harmonic_mean
+from perl_core.model import PerlModel
+
+logger = logging.getLogger(__name__)
+
+PROJECTORS_FORMAT = "perl-projectors/1"
+CHECKPOINT_VERSION = 1
+
+
+# --- public types ------------------------------------------------------------------------------
+
+
+class Callback:
+    """Hooks into `fit`; every method is a no-op by default.
+
+    on_train_start(info): once, after the model and data are ready (info: parameter counts,
+        sizes, total steps, device, start step when resuming).
+    on_step_end(step, logs): after each optimizer step (and after its checkpoint, if any);
+        logs = the history record {"step", "epoch", "loss", "ce", "anchor", "lr"}.
+    on_epoch_end(epoch, logs): after each epoch (1-based), with the epoch's mean loss parts.
+    on_eval_end(metrics): once, with the final flat metrics.
+    """
+
+    def on_train_start(self, info: dict[str, Any]) -> None:
+        pass
+
+    def on_step_end(self, step: int, logs: dict[str, Any]) -> None:
+        pass
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any]) -> None:
+        pass
+
+    def on_eval_end(self, metrics: dict[str, float]) -> None:
+        pass
+
+
+@dataclass
+class TrainResult:
+    config: TrainConfig
+    metrics: dict[str, float]  # flat `<evalset>/<metric>` and top-level keys
+    history: list[dict[str, Any]]  # one record per optimizer step
+    projector_state: dict[str, torch.Tensor]  # CPU copies
+    per_class: dict[str, dict[str, float]]  # evalset -> classname -> final-step accuracy (%)
+    num_trainable_parameters: int
+    train_seconds: float
+    eval_seconds: float
+    epoch_history: list[dict[str, Any]] = field(default_factory=list)  # one record per epoch
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    name: str  # metric prefix: "base", "novel", "all" or a target dataset's canonical name
+    dataset: str  # dataset whose prompt template the class names use
+    items: list[Any]  # Datum
+    classnames: list[str]
+
+
+@dataclass(frozen=True)
+class Task:
+    dataset: str  # canonical name of the training dataset
+    train_items: list[Any]
+    train_classnames: list[str]
+    evalsets: list[EvalSet]
+    targets: list[str]  # evalset names averaged into target_avg
+
+
+# --- task resolution ---------------------------------------------------------------------------
+
+
+def _canonical(name: str) -> str:
+    from perl_core.data.registry import get_spec
+
+    return get_spec(name).name
+
+
+def dg_default_targets(source: str) -> list[str]:
+    """Registered test-only variants whose source is `source` (ImageNet -> V2, Sketch, A, R)."""
+    from perl_core.data.registry import get_spec, list_datasets
+
+    src = _canonical(source)
+    return [n for n in list_datasets() if get_spec(n).test_only and get_spec(n).source
+            and _canonical(get_spec(n).source) == src]
+
+
+def resolve_task(cfg: TrainConfig) -> Task:
+    """Load the splits and decide what to train on and what to evaluate (see module doc)."""
+    from perl_core.data.coop import load_splits
+    from perl_core.data.fewshot import fewshot_splits, subsample_classes
+
+    if not cfg.dataset:
+        raise ValueError("cfg.dataset is empty: name a registered dataset (e.g. 'ToyShapes')")
+    if not cfg.data_root:
+        raise ValueError(f"cfg.data_root is empty: where does {cfg.dataset!r} live?")
+    source = _canonical(cfg.dataset)
+    splits = load_splits(source, cfg.data_root)
+    fewshot = fewshot_splits(splits, cfg.shots, cfg.seed)
+    if cfg.protocol == "base2novel":
+        base = subsample_classes(fewshot, "base")
+        novel = subsample_classes(fewshot, "new")
+        return Task(source, list(base.train), list(base.classnames),
+                    [EvalSet("base", source, list(base.test), list(base.classnames)),
+                     EvalSet("novel", source, list(novel.test), list(novel.classnames))], [])
+    evalsets = [EvalSet("all", source, list(fewshot.test), list(fewshot.classnames))]
+    if cfg.protocol == "all":
+        if cfg.eval_datasets:
+            raise ValueError(f"protocol='all' evaluates the training dataset only; eval_datasets="
+                             f"{list(cfg.eval_datasets)} needs protocol cross_dataset or "
+                             f"domain_generalization")
+        return Task(source, list(fewshot.train), list(fewshot.classnames), evalsets, [])
+    if cfg.protocol not in ("cross_dataset", "domain_generalization"):
+        raise ValueError(f"protocol={cfg.protocol!r} is not one of ['base2novel', 'all', "
+                         f"'cross_dataset', 'domain_generalization']")
+    targets = list(cfg.eval_datasets)
+    if not targets and cfg.protocol == "domain_generalization":
+        targets = dg_default_targets(source)
+    if not targets:
+        raise ValueError(f"protocol={cfg.protocol!r} needs eval_datasets (the target datasets "
+                         f"evaluated with the {source}-trained projectors)")
+    names = []
+    for target in targets:
+        name = _canonical(target)
+        if name in names or name in ("base", "novel", "all"):
+            raise ValueError(f"eval_datasets lists {name!r} twice (or uses a reserved name)")
+        names.append(name)
+        t = load_splits(name, cfg.data_root)
+        if not t.test:
+            raise ValueError(f"target dataset {name!r} under {cfg.data_root} has no test split")
+        evalsets.append(EvalSet(name, name, list(t.test), list(t.classnames)))
+    return Task(source, list(fewshot.train), list(fewshot.classnames), evalsets, names)
+
+
+# --- data order and augmentation -----------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and every CUDA device) with `seed`."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_plan(generator: torch.Generator, n: int, batch_size: int
+               ) -> list[list[tuple[int, int]]]:
+    """One epoch's batches of (item index, augmentation seed), drawn from `generator`.
+
+    A random permutation (as Dassl's RandomSampler) cut into batches, the last one dropped when
+    short and n >= batch_size (Dassl's drop_last rule); seeds are the epoch's seed + position.
+    """
+    perm = torch.randperm(n, generator=generator).tolist()
+    aug_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    pairs = [(idx, aug_seed + pos) for pos, idx in enumerate(perm)]
+    batches = [pairs[i:i + batch_size] for i in range(0, n, batch_size)]
+    if n >= batch_size and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+class SeededItems(Dataset):
+    """Wraps an (image, label) dataset: item (index, seed) is loaded under torch seed `seed`.
+
+    The global torch RNG is forked, so the caller's RNG stream is left untouched and the random
+    crop/flip of an image depends only on its seed (not on the worker or the batch it lands in).
+    """
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            # CPU generator only: torch.manual_seed would also reset the CUDA generators, which
+            # fork_rng(devices=[]) does not restore
+            torch.default_generator.manual_seed(seed)
+            return self.base[index]
+
+
+class _ListBatchSampler(Sampler):
+    def __init__(self, batches: list[list[tuple[int, int]]]):
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+# --- checkpoint state ------------------------------------------------------------------------------
+
+
+def _rng_state(data_state: torch.Tensor) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                             "numpy": np.random.get_state(), "data": data_state}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> torch.Tensor:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available() and \
+            len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    return state["data"]
+
+
+@dataclass
+class _Progress:
+    """Where training stands: what a checkpoint must carry besides weights and RNGs."""
+
+    epoch: int = 0  # 0-based epoch in progress
+    step_in_epoch: int = 0  # batches of this epoch already done
+    global_step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    epoch_history: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+
+# --- fit -------------------------------------------------------------------------------------------
+
+
+def _want_progress(progress: bool | None) -> bool:
+    if progress is not None:
+        return progress
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+def _validate(cfg: TrainConfig, checkpoint_every: int) -> None:
+    for name, value, ok in (("batch_size", cfg.batch_size, cfg.batch_size >= 1),
+                            ("epochs", cfg.epochs, cfg.epochs >= 0),
+                            ("eval_batch_size", cfg.eval_batch_size, cfg.eval_batch_size >= 1),
+                            ("lr", cfg.lr, cfg.lr >= 0), ("num_workers", cfg.num_workers,
+                                                          cfg.num_workers >= 0),
+                            ("checkpoint_every", checkpoint_every, checkpoint_every >= 0)):
+        if not ok:
+            raise ValueError(f"{name}={value!r} is out of range")
+
+
+def _epoch_means(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    return {k: statistics.fmean(r[k] for r in records) for k in ("loss", "ce", "anchor")}
+
+
+def fit(cfg: TrainConfig, callbacks: Sequence[Callback] | None = None,
+        model: PerlModel | None = None, checkpoint: Checkpoint | None = None, *,
+        progress: bool | None = None, checkpoint_every: int = 0) -> TrainResult:
+    """Train PERL's projectors as described by `cfg`, evaluate, and return everything.
+
+    model: a prebuilt PerlModel to train in place (default: `build_perl_from_config(cfg)` after
+        seeding, so the same seed gives the same initial projectors).
+    checkpoint: an object with load() -> dict | None and save(state); a saved state is resumed
+        (its config hash must match cfg's), and state is saved every `checkpoint_every` optimizer
+        steps (0: never mid-epoch) and at the end of every epoch.
+    progress: a tqdm bar; None = only when stderr is a terminal.
+    Raises FloatingPointError on a non-finite loss (naming the step and the loss parts).
+    """
+    _validate(cfg, checkpoint_every)
+    callbacks = list(callbacks or [])
+    show = _want_progress(progress)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    task = resolve_task(cfg)
+    if not task.train_items and cfg.epochs > 0:
+        raise ValueError(f"{task.dataset}: the few-shot train set is empty (shots={cfg.shots})")
+    if model is None:
+        model = build_perl_from_config(cfg, device="cpu")
+    model.to(device)
+    counts = model.trainable_parameter_counts()
+    n_params = model.num_trainable_parameters()
+    logger.info("PERL %s on %s (%s): %s trainable parameters (vision %s, text %s), device %s",
+                cfg.variant, task.dataset, cfg.protocol, f"{n_params:,}", f"{counts['vision']:,}",
+                f"{counts['text']:,}", device)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) \
+        if params else None
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    state = _Progress()
+    resumed = checkpoint.load() if checkpoint is not None else None
+    if resumed is not None:
+        _restore(resumed, cfg, model, optimizer, state, data_gen)
+        logger.info("resumed from %s at epoch %d, step %d", checkpoint, state.epoch + 1,
+                    state.global_step)
+
+    n_train = len(task.train_items)
+    steps_per_epoch = (n_train // cfg.batch_size if n_train >= cfg.batch_size
+                       else (1 if n_train else 0))
+    total_steps = steps_per_epoch * cfg.epochs
+    info = {"num_trainable_parameters": n_params, "trainable_parameter_counts": counts,
+            "num_train": n_train, "num_classes": len(task.train_classnames),
+            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "device": str(device),
+            "start_step": state.global_step, "evalsets": [e.name for e in task.evalsets],
+            "config_hash": cfg.config_hash()}
+    for cb in callbacks:
+        cb.on_train_start(info)
+
+    if state.epoch < cfg.epochs and steps_per_epoch:
+        _train(cfg, task, model, optimizer, data_gen, state, device, callbacks, checkpoint,
+               checkpoint_every, total_steps, show)
+
+    t0 = time.perf_counter()
+    metrics, per_class = evaluate_task(model, task, cfg, progress=show)
+    if state.epoch_history:
+        last = state.epoch_history[-1]
+        metrics.update({f"train/{k}": last[k] for k in ("loss", "ce", "anchor")})
+    eval_seconds = time.perf_counter() - t0
+    for cb in callbacks:
+        cb.on_eval_end(metrics)
+    return TrainResult(config=cfg, metrics=metrics, history=state.history,
+                       projector_state={k: v.cpu() for k, v in
+                                        model.projector_state_dict().items()},
+                       per_class=per_class, num_trainable_parameters=n_params,
+                       train_seconds=state.train_seconds, eval_seconds=eval_seconds,
+                       epoch_history=state.epoch_history)
+
+
+def _train(cfg: TrainConfig, task: Task, model: PerlModel, optimizer: torch.optim.Optimizer | None,
+           data_gen: torch.Generator, state: _Progress, device: torch.device,
+           callbacks: list[Callback], checkpoint: Checkpoint | None, checkpoint_every: int,
+           total_steps: int, show: bool) -> None:
+    from perl_core.data.images import ImageListDataset
+    from perl_core.data.transforms import train_transform
+
+    dataset = SeededItems(ImageListDataset(task.train_items,
+                                           train_transform(model.image_size, cfg.aug_scale_min)))
+    tokens = class_text_tokens(model, task.train_classnames, task.dataset, cfg.template).to(device)
+    with torch.no_grad(), autocast(cfg, device):
+        # The lower text blocks are frozen and the prompts fixed: compute them once. Only the
+        # recurrent upper part (which the projectors feed) is re-run, with gradient, every step.
+        text_prefix = model.text_prefix(tokens)
+        fixed_text = None if "text" in model.projectors else \
+            model.text_from_prefix(text_prefix, tokens)  # text side not adapted: a constant
+
+    bar = None
+    if show:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=state.global_step, desc=f"train {task.dataset}",
+                   unit="step", dynamic_ncols=True)
+    t_start = time.perf_counter() - state.train_seconds
+    model.train()
+    try:
+        while state.epoch < cfg.epochs:
+            epoch_start_gen = data_gen.get_state()
+            batches = epoch_plan(data_gen, len(dataset), cfg.batch_size)
+            loader = DataLoader(
+                dataset, batch_sampler=_ListBatchSampler(batches[state.step_in_epoch:]),
+                num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                # the loader draws its workers' base seed from this generator; augmentation
+                # does not use it (SeededItems), it only keeps the global RNG untouched
+                generator=torch.Generator().manual_seed(cfg.seed))
+            for images, labels in loader:
+                record = _train_step(cfg, model, optimizer, images, labels, tokens, text_prefix,
+                                     fixed_text, device, state)
+                state.step_in_epoch += 1
+                state.global_step += 1
+                state.history.append(record)
+                state.train_seconds = time.perf_counter() - t_start
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+                if (checkpoint is not None and checkpoint_every
+                        and state.global_step % checkpoint_every == 0
+                        and state.step_in_epoch < len(batches)):  # epoch end saves below
+                    checkpoint.save(_snapshot(cfg, model, optimizer, state, epoch_start_gen))
+                for cb in callbacks:
+                    cb.on_step_end(state.global_step, record)
+            epoch_records = [r for r in state.history if r["epoch"] == state.epoch + 1]
+            summary = {"epoch": state.epoch + 1, "step": state.global_step,
+                       "seconds": time.perf_counter() - t_start,
+                       **_epoch_means(epoch_records)}
+            state.epoch_history.append(summary)
+            state.epoch += 1
+            state.step_in_epoch = 0
+            state.train_seconds = time.perf_counter() - t_start
+            logger.info("epoch %d/%d: loss %.4f (ce %.4f, anchor %.4f), %d steps, %.1f s",
+                        summary["epoch"], cfg.epochs, summary["loss"], summary["ce"],
+                        summary["anchor"], len(epoch_records), summary["seconds"])
+            if checkpoint is not None:
+                checkpoint.save(_snapshot(cfg, model, optimizer, state, data_gen.get_state()))
+            for cb in callbacks:
+                cb.on_epoch_end(summary["epoch"], summary)
+    finally:
+        if bar is not None:
+            bar.close()
+        model.eval()
+
+
+def _train_step(cfg: TrainConfig, model: PerlModel, optimizer: torch.optim.Optimizer | None,
+                images: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor,
+                text_prefix: torch.Tensor, fixed_text: torch.Tensor | None,
+                device: torch.device, state: _Progress) -> dict[str, Any]:
+    images = images.to(device, non_blocking=True)
+    labels = torch.as_tensor(labels).to(device, non_blocking=True)
+    with autocast(cfg, device):
+        image = model.image_from_prefix(model.image_prefix(images), all_steps=True)
+        v0, vk = image[0].detach(), image[-1]  # zero-shot (a constant) and step K
+        text = fixed_text if fixed_text is not None else \
+            model.text_from_prefix(text_prefix, tokens)
+        logits = model.logits(vk, text)
+    loss, parts = perl_loss(logits, labels, v0, vk, cfg.anchor_weight)
+    values = {"loss": float(loss.detach()), "ce": float(parts["ce"]),
+              "anchor": float(parts["anchor"])}
+    if not all(math.isfinite(v) for v in values.values()):
+        raise FloatingPointError(
+            f"non-finite training loss at step {state.global_step + 1} (epoch {state.epoch + 1}, "
+            f"batch {state.step_in_epoch + 1}): loss={values['loss']}, ce={values['ce']}, "
+            f"anchor={values['anchor']} (lr={cfg.lr}, precision={cfg.precision})")
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    lr = optimizer.param_groups[0]["lr"] if optimizer is not None else 0.0
+    return {"step": state.global_step + 1, "epoch": state.epoch + 1, **values, "lr": lr}
+
+
+def _snapshot(cfg: TrainConfig, model: PerlModel, optimizer: torch.optim.Optimizer | None,
+              state: _Progress, data_gen_state: torch.Tensor) -> dict[str, Any]:
+    """Everything needed to continue exactly; `data_gen_state` is the data generator's state at
+    the start of `state.epoch` (the epoch's plan is regenerated from it on resume)."""
+    return {
+        "version": CHECKPOINT_VERSION,
+        "config_hash": cfg.config_hash(),
+        "config": cfg.to_dict(),
+        "position": {"epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
+                     "global_step": state.global_step},
+        "projector": model.projector_state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "rng": _rng_state(data_gen_state),
+        "history": state.history,
+        "epoch_history": state.epoch_history,
+        "train_seconds": state.train_seconds,
+    }
+
+
+def _restore(saved: dict[str, Any], cfg: TrainConfig, model: PerlModel,
+             optimizer: torch.optim.Optimizer | None, state: _Progress,
+             data_gen: torch.Generator) -> None:
+    if saved.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"checkpoint version {saved.get('version')!r} is not "
+                         f"{CHECKPOINT_VERSION}; start afresh")
+    if saved.get("config_hash") != cfg.config_hash():
+        raise ValueError(f"the checkpoint belongs to another config (hash "
+                         f"{saved.get('config_hash')} != {cfg.config_hash()}); refusing to resume "
+                         f"({_config_diff(saved.get('config', {}), cfg)})")
+    model.load_projector_state_dict(saved["projector"])
+    if optimizer is not None and saved["optimizer"] is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+    data_gen.set_state(_set_rng_state(saved["rng"]))
+    pos = saved["position"]
+    state.epoch, state.step_in_epoch = int(pos["epoch"]), int(pos["step_in_epoch"])
+    state.global_step = int(pos["global_step"])
+    state.history = list(saved["history"])
+    state.epoch_history = list(saved["epoch_history"])
+    state.train_seconds = float(saved["train_seconds"])
+
+
+def _config_diff(saved: dict[str, Any], cfg: TrainConfig) -> str:
+    now = cfg.to_dict()
+    diff = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k]]
+    return "differs in " + ", ".join(diff) if diff else "unknown difference"
+
+
+# --- evaluation of a task ------------------------------------------------------------------------
+
+
+def evaluate_task(model: PerlModel, task: Task, cfg: TrainConfig, *, progress: bool = False
+                  ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Evaluate every evaluation set; returns (flat metrics, per-class accuracy per evalset)."""
+    metrics: dict[str, float] = {}
+    per_class: dict[str, dict[str, float]] = {}
+    for es in task.evalsets:
+        out = evaluate(model, es.items, es.classnames, es.dataset, cfg, progress=progress)
+        per_class[es.name] = out.pop("per_class")
+        metrics.update({f"{es.name}/{k}": float(v) for k, v in out.items()})
+    if "base/acc" in metrics and "novel/acc" in metrics:
+        metrics["hm"] = harmonic_mean(metrics["base/acc"], metrics["novel/acc"])
+        k = 0
+        while f"base/acc_step{k}" in metrics and f"novel/acc_step{k}" in metrics:
+            metrics[f"hm_step{k}"] = harmonic_mean(metrics[f"base/acc_step{k}"],
+                                                   metrics[f"novel/acc_step{k}"])
+            k += 1
+    if task.targets:
+        metrics["target_avg"] = statistics.fmean(metrics[f"{t}/acc"] for t in task.targets)
+    return metrics, per_class
+
+
+# --- projector files -------------------------------------------------------------------------------
+
+
+def _perl_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("perl-pipeline")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def save_projectors(path: str | Path, result: TrainResult) -> None:
+    """Write the projector weights as safetensors, with the config (JSON), its hash, the metrics
+    and the package version in the file's metadata. `path` may be an fsspec URL (s3://...)."""
+    import fsspec
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in result.projector_state.items()}
+    meta = {"format": PROJECTORS_FORMAT, "config": json.dumps(result.config.to_dict()),
+            "config_hash": result.config.config_hash(),
+            "metrics": json.dumps(result.metrics),
+            "num_trainable_parameters": str(result.num_trainable_parameters),
+            "perl_version": _perl_version()}
+    blob = save(tensors, metadata=meta)
+    with fsspec.open(str(path), "wb", auto_mkdir=True) as f:
+        f.write(blob)
+
+
+def read_projectors_metadata(blob: bytes, where: str) -> dict[str, str]:
+    """The `__metadata__` of a safetensors blob (its header is 8-byte length + JSON)."""
+    try:
+        (n,) = struct.unpack("<Q", blob[:8])
+        header = json.loads(blob[8:8 + n])
+    except (struct.error, ValueError) as e:
+        raise ValueError(f"{where} is not a safetensors file: {e}") from None
+    return header.get("__metadata__") or {}
+
+
+def load_projectors(path: str | Path) -> tuple[dict[str, torch.Tensor], TrainConfig]:
+    """Read a file written by `save_projectors` -> (projector state dict, its TrainConfig)."""
+    import fsspec
+    from safetensors.torch import load
+
+    with fsspec.open(str(path), "rb") as f:
+        blob = f.read()
+    meta = read_projectors_metadata(blob, str(path))
+    if meta.get("format") != PROJECTORS_FORMAT or "config" not in meta:
+        raise ValueError(f"{path} is not a PERL projector file (format {meta.get('format')!r}, "
+                         f"expected {PROJECTORS_FORMAT!r})")
+    return load(blob), TrainConfig.from_dict(json.loads(meta["config"]))
+
+
+# --- CLI -------------------------------------------------------------------------------------------
+
+
+def ensure_synthetic_data(cfg: TrainConfig) -> bool:
+    """Generate the synthetic world under cfg.data_root when a synthetic dataset of `cfg` is
+    missing there (cheap, and cached by the generator). Returns whether it generated."""
+    from perl_core.data.registry import get_spec
+
+    if not cfg.data_root or "://" in cfg.data_root:
+        return False
+    root = Path(cfg.data_root)
+    missing = []
+    for name in (cfg.dataset, *cfg.eval_datasets):
+        spec = get_spec(name)
+        if spec.synthetic and not (root / spec.dataset_dir / (spec.split_file or "")).is_file():
+            missing.append(spec.name)
+    if not missing:
+        return False
+    from perl_core.data.synthetic import generate_world
+
+    logger.info("synthetic dataset(s) %s missing under %s: generating the world", missing, root)
+    generate_world(root)
+    return True
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m perl_core.train",
+        description="Train PERL's thought projectors on one dataset and evaluate them. Every "
+                    "TrainConfig field is a flag (tuples as comma lists); defaults are the "
+                    "paper's.")
+    hints = get_type_hints(TrainConfig)
+    group = ap.add_argument_group("TrainConfig fields")
+    for f in fields(TrainConfig):
+        flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        hint = hints[f.name]
+        kind = ("comma list" if getattr(hint, "__origin__", None) is tuple
+                else getattr(hint, "__name__", "value"))
+        group.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS,
+                           choices=literal_choices(f.name),
+                           help=f"{kind} (default: {f.default!r})")
+    ap.add_argument("--config", help="JSON or YAML file of TrainConfig fields (flags override)")
+    ap.add_argument("--out", help="write projectors.safetensors, metrics.json, config.json, "
+                                  "per_class.json and history.json here")
+    ap.add_argument("--checkpoint-dir", help="save checkpoints here and resume from them")
+    ap.add_argument("--checkpoint-every", type=int, default=0,
+                    help="also checkpoint every N optimizer steps (default: epoch ends only)")
+    ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                    help="progress bar (default: when stderr is a terminal)")
+    ap.add_argument("--log-level", default="INFO")
+    return ap
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values: dict[str, Any] = {}
+    if args.config:
+        text = Path(args.config).read_text()
+        if args.config.endswith((".yaml", ".yml")):
+            import yaml
+
+            values.update(yaml.safe_load(text) or {})
+        else:
+            values.update(json.loads(text))
+    values.update({k: getattr(args, k) for k in FIELD_NAMES if hasattr(args, k)})
+    return TrainConfig.from_dict(values)
+
+
+def format_metrics(result: TrainResult) -> list[Any]:
+    """Two rich Tables: per evaluation set (accuracy at every step, confidence, Brier, KL, anchor
+    cos), and the top-level numbers (HM per step, target average, training loss)."""
+    from rich.table import Table
+
+    m = result.metrics
+    evalsets = list(result.per_class)
+    steps = sorted(int(k.rsplit("step", 1)[1]) for k in m
+                   if evalsets and k.startswith(f"{evalsets[0]}/acc_step"))
+    K = steps[-1] if steps else 0
+    table = Table(title=f"PERL {result.config.dataset} ({result.config.protocol}), "
+                        f"{result.num_trainable_parameters:,} trainable parameters")
+    for col in ("evalset", "n", *[f"acc@{k}" for k in steps], f"conf@0/{K}", f"Brier@0/{K}",
+                f"KL@{K}", "anchor cos"):
+        table.add_column(col, justify="left" if col == "evalset" else "right")
+    for e in evalsets:
+        def g(name: str, fmt: str = "{:.2f}") -> str:
+            v = m.get(f"{e}/{name}")
+            return "-" if v is None else fmt.format(v)
+
+        table.add_row(e, g("n", "{:.0f}"), *[g(f"acc_step{k}") for k in steps],
+                      f"{g('confidence_step0', '{:.1f}')}/{g(f'confidence_step{K}', '{:.1f}')}",
+                      f"{g('brier_step0', '{:.3f}')}/{g(f'brier_step{K}', '{:.3f}')}",
+                      g(f"kl_step{K}", "{:.4f}"), g("anchor_cos", "{:.4f}"))
+    top = {k: v for k, v in m.items() if "/" not in k or k.startswith("train/")}
+    summary = Table(show_header=False, box=None)
+    summary.add_column("metric")
+    summary.add_column("value", justify="right")
+    for k, v in top.items():
+        summary.add_row(k, f"{v:.4f}" if k.startswith("train/") else f"{v:.2f}")
+    return [table, summary]
+
+
+def write_outputs(out: str | Path, result: TrainResult) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_projectors(out / "projectors.safetensors", result)
+    (out / "metrics.json").write_text(json.dumps(result.metrics, indent=1, sort_keys=True))
+    (out / "config.json").write_text(json.dumps(result.config.to_dict(), indent=1))
+    (out / "per_class.json").write_text(json.dumps(result.per_class, indent=1))
+    (out / "history.json").write_text(json.dumps(
+        {"steps": result.history, "epochs": result.epoch_history,
+         "num_trainable_parameters": result.num_trainable_parameters,
+         "train_seconds": result.train_seconds, "eval_seconds": result.eval_seconds}, indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config_from_args(args)
+    except (ValueError, OSError) as e:
+        ap.error(str(e))
+    if not cfg.dataset or not cfg.data_root:
+        ap.error("--dataset and --data-root are required (or set them in --config)")
+    from rich.console import Console
+
+    # rich assumes 80 columns when stdout is not a terminal (logs, CI): too narrow for K=4
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    ensure_synthetic_data(cfg)
+    checkpoint = DirCheckpoint(args.checkpoint_dir) if args.checkpoint_dir else None
+
+    class _Announce(Callback):
+        def on_train_start(self, info: dict[str, Any]) -> None:
+            c = info["trainable_parameter_counts"]
+            console.print(f"trainable parameters: {info['num_trainable_parameters']:,} "
+                          f"(vision {c['vision']:,}, text {c['text']:,}); "
+                          f"{info['num_train']} training images, {info['num_classes']} classes, "
+                          f"{info['total_steps']} steps on {info['device']}")
+
+    result = fit(cfg, callbacks=[_Announce()], checkpoint=checkpoint, progress=args.progress,
+                 checkpoint_every=args.checkpoint_every)
+    for renderable in format_metrics(result):
+        console.print(renderable)
+    console.print(f"train {result.train_seconds:.1f} s, eval {result.eval_seconds:.1f} s")
+    if args.out:
+        write_outputs(args.out, result)
+        console.print(f"wrote {args.out}/projectors.safetensors, metrics.json, config.json")
+    return 0
+
+
+__all__ = ["fit", "evaluate", "evaluate_task", "resolve_task", "Callback", "TrainResult", "Task",
+           "EvalSet", "save_projectors", "load_projectors", "seed_everything", "epoch_plan",
+           "ensure_synthetic_data", "main"]
+
+if __name__ == "__main__":
+    raise SystemExit(main())
