@@ -107,7 +107,7 @@ class _Root:
                              f"{spec.dataset_dir!r}/)")
         fs, path = storage.open_fs(data_root, **storage_options)
         if not storage.is_url(data_root):
-            data_root = path  # absolute local path, without file://
+            path = data_root = os.path.normpath(path)  # absolute local path, without file://
         if not fs.isdir(path):
             raise FileNotFoundError(f"data root not found (or not a folder): {data_root}")
         top = cls(fs, str(data_root).rstrip("/") or "/", path.rstrip("/") or "/",
