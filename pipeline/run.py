@@ -1,0 +1,624 @@
+"""`python -m pipeline.run SWEEP.yaml`: the Ray Tune driver of one sweep.
+
+    python -m pipeline.run SWEEP.yaml [--dry-run] [--rerun] [--replay] [--max-concurrent N]
+                                      [--tracking-uri URI] [--ignore-code-version]
+
+1. Validate the YAML (`pipeline.spec`), expand the grid into cells, hash them.
+2. MLflow: get-or-create the experiment, mark orphaned RUNNING runs of earlier submissions
+   KILLED, replay trial records that are in storage but not in MLflow (outage recovery), then
+   look up which hashes already have a FINISHED run (same code version unless
+   --ignore-code-version): those cells are skipped (--rerun runs them again).
+   --dry-run stops here and prints the cells (name, hash, done/todo); --replay stops after the
+   replay.
+3. A parent run for this submission, then `ray.init()` (attaches to the cluster under
+   `ray job submit` / $RAY_ADDRESS, else starts a local Ray; never a hard-coded address).
+4. Grid phase: ONE Tuner with one `grid_search` over the explicit list of remaining cells, ordered
+   so that cells sharing (arch, pretrained, inject_layer, dataset) run back to back (backbone and
+   cache reuse). An interrupted identical submission is resumed with `Tuner.restore`.
+5. Search phase (if the YAML has `search`): a second Tuner with `OptunaSearch` over the space,
+   selecting on a validation metric; finished samples from earlier submissions are given to
+   Optuna as evaluated points instead of being re-run.
+6. A summary (finished / skipped / failed with reasons, where the runs are, the `mlflow ui`
+   command). The exit code is 1 when a cell failed, 2 for an invalid sweep file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Progress reports carry no search metric; Tune must not insist on it in every report.
+os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+
+from pipeline import tracking  # noqa: E402
+from pipeline.env import REPO, code_version, versions  # noqa: E402
+from pipeline.spec import (Cell, SpecError, SweepSpec, cells, group_order, load_spec,  # noqa: E402
+                           resolve_tracking_uri)
+
+# Environment every trial process gets when this driver starts or joins Ray itself.
+TRIAL_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
+             "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
+_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for the entrypoint
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.run",
+                                 description="Run a PERL sweep on Ray Tune, tracked in MLflow.")
+    ap.add_argument("sweep", help="sweep YAML (sweeps/*.yaml)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the cells (name, hash, done/todo) and totals; start no trial")
+    ap.add_argument("--rerun", action="store_true",
+                    help="run every cell again, even those with a FINISHED run")
+    ap.add_argument("--replay", action="store_true",
+                    help="only log storage records that MLflow lacks (after an MLflow outage)")
+    ap.add_argument("--max-concurrent", type=int, default=None, metavar="N",
+                    help="at most N trials at once (default: as many as resources allow)")
+    ap.add_argument("--tracking-uri", default=None,
+                    help="MLflow tracking URI (default: the YAML's, else $MLFLOW_TRACKING_URI, "
+                         "else sqlite under ./runs)")
+    ap.add_argument("--ignore-code-version", action="store_true",
+                    help="a FINISHED run of any code version counts as done (default: only runs "
+                         "of the current git commit)")
+    return ap
+
+
+@dataclass
+class Outcome:
+    """What happened to the cells of one submission (for the summary and the exit code)."""
+
+    done_before: list[Cell] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # finished meanwhile by another submission
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (cell, reason)
+    hpo_best: dict[str, Any] | None = None
+    replayed: int = 0
+    killed: int = 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        say("--max-concurrent must be >= 1")
+        return 2
+    try:
+        spec = load_spec(args.sweep)
+        uri = resolve_tracking_uri(spec, args.tracking_uri)
+    except SpecError as e:
+        say(str(e))
+        return 2
+    grid = group_order(cells(spec))
+    code = code_version()
+    match_code = None if args.ignore_code_version else code.fingerprint
+
+    if args.dry_run:
+        return dry_run(spec, grid, uri, match_code, args.rerun)
+
+    tracker = tracking.Tracker(uri)
+    exp_id = tracker.experiment_id(spec.experiment)
+    out = Outcome()
+    parent = tracker.start_parent(exp_id, spec.name, f"{spec.name} {time.strftime('%Y-%m-%d %H:%M')}"
+                                  + (" (replay)" if args.replay else ""),
+                                  {"sweep_file": os.path.abspath(args.sweep),
+                                   "code_sha": code.sha, "code_dirty": code.dirty,
+                                   "code_version": code.fingerprint, "num_cells": str(len(grid)), **versions()})
+    status, beat = "FAILED", _Heartbeat(tracker, parent)
+    beat.start()
+    try:
+        out.killed = len(tracker.kill_orphans(exp_id, spec.name, own_parent=parent))
+        out.replayed = len(tracking.replay(tracker, spec.storage, spec.experiment,
+                                           parent_run_id=parent, experiment_id=exp_id))
+        if out.killed or out.replayed:
+            say(f"recovered: {out.killed} orphaned RUNNING run(s) marked KILLED, "
+                f"{out.replayed} stored trial record(s) replayed into MLflow")
+        if args.replay:
+            status = "FINISHED"
+            say(f"replay done: {out.replayed} record(s) from {tracking.records_dir(spec.storage, spec.experiment)}")
+            return 0
+        finished = {} if args.rerun else tracker.finished_by_hash(exp_id, phase="final",
+                                                                  code_version=match_code)
+        todo = [c for c in grid if c.config_hash not in finished]
+        out.done_before = [c for c in grid if c.config_hash in finished]
+        say(f"sweep {spec.name}: {len(grid)} cells, {len(out.done_before)} already FINISHED, "
+            f"{len(todo)} to run; experiment {spec.experiment!r} at {tracking.redact_uri(uri)}")
+        context = trial_context(spec, uri, exp_id, parent, code, args)
+        context.update(grid_hashes=[c.config_hash for c in grid], match_code=match_code)
+        if todo or spec.search is not None:
+            prepare_data(todo, spec)
+            init_ray()
+            context["ray_job_id"] = ray_job_id()
+        if todo:
+            run_grid(spec, todo, context, args, out)
+            tracker.kill_orphans(exp_id, spec.name, own_parent=parent, only_children_of=parent)
+        if spec.search is not None:
+            run_search(spec, tracker, exp_id, context, args, out, match_code)
+        # trials that could not reach MLflow left records: log them now
+        out.replayed += len(tracking.replay(tracker, spec.storage, spec.experiment,
+                                            parent_run_id=parent, experiment_id=exp_id))
+        status = "FINISHED" if not out.failed else "FAILED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        beat.stop()
+        try:
+            tracker.set_tags(parent, {"num_finished": str(len(out.finished)),
+                                      "num_failed": str(len(out.failed)),
+                                      "num_skipped": str(len(out.done_before) + len(out.skipped))})
+            tracker.end(parent, status)
+        except Exception as e:  # the summary below still tells the user what happened
+            say(f"warning: could not close the parent run {parent}: {e}")
+    summary(spec, uri, out)
+    return 1 if out.failed else 0
+
+
+def trial_context(spec: SweepSpec, uri: str, exp_id: str, parent: str, code: Any,
+                  args: argparse.Namespace) -> dict[str, Any]:
+    """The read-only context every trial gets (tune.with_parameters); no secrets in it."""
+    return {"tracking_uri": uri, "experiment": spec.experiment, "experiment_id": exp_id,
+            "parent_run_id": parent, "sweep": spec.name, "sweep_file": os.path.abspath(args.sweep),
+            "storage": spec.storage, "code_sha": code.sha, "code_dirty": code.dirty,
+            "code_version": code.fingerprint,
+            "rerun": bool(args.rerun), "ignore_code_version": bool(args.ignore_code_version),
+            "phase": "final", "ray_job_id": ""}
+
+
+# --- dry run -------------------------------------------------------------------------------------
+
+
+def dry_run(spec: SweepSpec, grid: list[Cell], uri: str, match_code: str | None,
+            rerun: bool) -> int:
+    finished: dict[str, Any] = {}
+    if not rerun and _store_exists(uri):
+        tracker = tracking.Tracker(uri)
+        exp = tracker.client.get_experiment_by_name(spec.experiment)
+        if exp is not None:
+            finished = tracker.finished_by_hash(exp.experiment_id, phase="final",
+                                                code_version=match_code)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{spec.name}: {spec.source}")
+    for col in ("#", "cell", "config_hash", "state"):
+        table.add_column(col, justify="right" if col == "#" else "left")
+    for i, c in enumerate(grid, 1):
+        table.add_row(str(i), c.name, c.config_hash,
+                      "done" if c.config_hash in finished else "todo")
+    console = Console(width=max(120, Console().width))
+    console.print(table)
+    done = sum(c.config_hash in finished for c in grid)
+    say(f"total: {len(grid)} cells, {done} done, {len(grid) - done} todo"
+        + (f"; then an Optuna search of {spec.search.num_samples} samples on "
+           f"{spec.search.metric} ({spec.search.mode})" if spec.search else ""))
+    say(f"experiment {spec.experiment!r} at {tracking.redact_uri(uri)}; storage {spec.storage}; "
+        f"per trial {spec.resources.cpu:g} CPU, {spec.resources.gpu:g} GPU")
+    return 0
+
+
+def _store_exists(uri: str) -> bool:
+    """False for a SQLite file not created yet (a dry run must not create it)."""
+    if uri.startswith("sqlite:///"):
+        return os.path.exists(uri[len("sqlite:///"):])
+    return True
+
+
+def prepare_data(todo: list[Cell], spec: SweepSpec) -> None:
+    """Generate the synthetic world where a cell needs it and it is missing (local roots only;
+    once, on the driver, before trials start racing for it)."""
+    from perl_core.train import ensure_synthetic_data
+
+    configs = [c.config for c in todo] + ([spec.base_config()] if spec.search else [])
+    seen: set[tuple] = set()
+    for cfg in configs:
+        key = (cfg.data_root, cfg.dataset, cfg.eval_datasets)
+        if key not in seen:
+            seen.add(key)
+            if ensure_synthetic_data(cfg):
+                say(f"generated the synthetic world under {cfg.data_root}")
+
+
+# --- Ray ----------------------------------------------------------------------------------------
+
+
+def init_ray() -> None:
+    """Attach to the job's cluster / $RAY_ADDRESS / a local `ray start`, else start Ray here."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    injected = json.loads(os.environ.get(_JOB_CONFIG_ENV, "{}") or "{}")
+    job_env = (injected.get("runtime_env") or {}).get("env_vars") or {}
+    env = {k: v for k, v in TRIAL_ENV.items() if k not in job_env}  # conflicts are errors
+    if not injected:
+        # started outside `ray job submit`: trial workers find the code through PYTHONPATH
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get(
+            "PYTHONPATH", "")) if p)
+    ray.init(runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+
+
+def ray_job_id() -> str:
+    """The job submission id under `ray job submit`, else Ray's job id of this driver."""
+    injected = json.loads(os.environ.get(_JOB_CONFIG_ENV, "{}") or "{}")
+    sub = (injected.get("metadata") or {}).get("job_submission_id")
+    if sub:
+        return sub
+    import ray
+
+    return ray.get_runtime_context().get_job_id()
+
+
+def tune_storage(storage: str) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for RunConfig: local paths as they are; s3:// through
+    the same fsspec filesystem the records use (so a custom endpoint reaches Tune too)."""
+    path = f"{storage.rstrip('/')}/tune"
+    if "://" not in path:
+        return path, None
+    import pyarrow.fs
+
+    fs, bare = tracking._fs(path)
+    return bare, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _tuner(trainable: Any, name: str, spec: SweepSpec, param_space: dict[str, Any],
+           tune_config: Any, rerun: bool) -> Any:
+    """Restore an interrupted identical submission, else a fresh Tuner (old state removed)."""
+    from ray import tune
+
+    storage_path, fs = tune_storage(spec.storage)
+    path = f"{storage_path}/{name}"
+    exp_fs, exp_path = (fs, path) if fs is not None else (None, path)
+    done_marker = f"{path}/perl_phase_complete.json"
+    if not rerun and tune.Tuner.can_restore(path, storage_filesystem=fs) and \
+            not _exists(exp_fs, done_marker):
+        say(f"resuming the interrupted Tune experiment {name}")
+        try:
+            return tune.Tuner.restore(path, trainable, resume_unfinished=True,
+                                      restart_errored=True, storage_filesystem=fs), done_marker
+        except Exception as e:  # incompatible or corrupt state: start afresh
+            say(f"cannot restore {name} ({type(e).__name__}: {e}); starting afresh")
+    _remove(exp_fs, exp_path)
+    run_config = tune.RunConfig(
+        name=name, storage_path=storage_path, storage_filesystem=fs,
+        failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        callbacks=[progress_printer()], verbose=0)
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
+                      run_config=run_config), done_marker
+
+
+def _exists(fs: Any, path: str) -> bool:
+    if fs is None:
+        return os.path.exists(path)
+    import pyarrow.fs
+
+    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def _remove(fs: Any, path: str) -> None:
+    import shutil
+
+    if fs is None:
+        shutil.rmtree(path, ignore_errors=True)
+    elif _exists(fs, path):
+        fs.delete_dir(path)
+
+
+def _mark_complete(fs_path: str, spec: SweepSpec) -> None:
+    storage_path, fs = tune_storage(spec.storage)
+    data = json.dumps({"completed": time.time()}).encode()
+    if fs is None:
+        with open(fs_path, "wb") as f:
+            f.write(data)
+    else:
+        with fs.open_output_stream(fs_path) as f:
+            f.write(data)
+
+
+def _trainable(spec: SweepSpec, context: dict[str, Any]) -> Any:
+    from ray import tune
+
+    from pipeline.trainable import train_cell
+
+    return tune.with_resources(tune.with_parameters(train_cell, context=context),
+                               {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+
+
+def _trial_name(trial: Any) -> str:
+    cell = trial.config.get("cell")
+    return cell["name"] if isinstance(cell, dict) else f"hpo_{trial.trial_id}"
+
+
+def _trial_dirname(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"  # short and unique (cell names contain '/')
+
+
+# --- phases ---------------------------------------------------------------------------------------
+
+
+def run_grid(spec: SweepSpec, todo: list[Cell], context: dict[str, Any],
+             args: argparse.Namespace, out: Outcome) -> None:
+    from ray import tune
+
+    context = {**context, "phase": "final"}
+    cells_ = [{"name": c.name, "config": c.config.to_dict()} for c in todo]
+    # Named after the whole grid (not the remaining cells), so that an interrupted identical
+    # submission finds and restores this experiment.
+    name = (f"{tracking.experiment_slug(spec.experiment)}-final-"
+            f"{_digest(sorted(context['grid_hashes']), context['match_code'])}")
+    tuner, marker = _tuner(
+        _trainable(spec, context), name, spec, {"cell": tune.grid_search(cells_)},
+        tune.TuneConfig(max_concurrent_trials=args.max_concurrent, reuse_actors=True,
+                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname),
+        args.rerun)
+    say(f"grid phase: {len(todo)} trial(s), {spec.resources.cpu:g} CPU / "
+        f"{spec.resources.gpu:g} GPU each")
+    grid = tuner.fit()
+    _mark_complete(marker, spec)
+    collect(grid, out, context)
+
+
+def run_search(spec: SweepSpec, tracker: tracking.Tracker, exp_id: str,
+               context: dict[str, Any], args: argparse.Namespace, out: Outcome,
+               match_code: str | None) -> None:
+    """Optuna over spec.search.space on top of `fixed`; earlier samples count as evaluated."""
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    search = spec.search
+    assert search is not None
+    base = spec.base_config()
+    fields_ = list(search.space)
+    prior = [] if args.rerun else _prior_samples(tracker, exp_id, spec, base, fields_,
+                                                 search.metric, match_code)
+    remaining = max(0, search.num_samples - len(prior))
+    say(f"search phase: {len(prior)} earlier sample(s) of {search.num_samples}, {remaining} to run "
+        f"(Optuna TPE, seed {search.seed}, selecting on {search.metric}, {search.mode})")
+    best = None
+    if remaining:
+        from pipeline.spec import cell_name
+
+        ctx = {**context, "phase": "hpo", "base_config": base.to_dict(),
+               "search_fields": fields_, "base_name": cell_name(base)}
+        searcher = OptunaSearch(
+            space=_optuna_space(search), metric=search.metric, mode=search.mode,
+            seed=search.seed,
+            points_to_evaluate=[p for p, _ in prior] or None,
+            evaluated_rewards=[r for _, r in prior] or None)
+        concurrent = args.max_concurrent or search.max_concurrent
+        name = (f"{tracking.experiment_slug(spec.experiment)}-hpo-"
+                f"{_digest(base.config_hash(), search.model_dump(), len(prior))}")
+        tuner, marker = _tuner(
+            _trainable(spec, ctx), name, spec, {},
+            tune.TuneConfig(search_alg=searcher, num_samples=remaining,
+                            max_concurrent_trials=concurrent, reuse_actors=True,
+                            trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname),
+            args.rerun)
+        grid = tuner.fit()
+        _mark_complete(marker, spec)
+        collect(grid, out, ctx)
+        try:
+            r = grid.get_best_result(metric=search.metric, mode=search.mode, scope="last")
+            best = {"value": r.metrics.get(search.metric), "cell": r.metrics.get("cell"),
+                    **{k: r.config.get(k) for k in fields_}}
+        except Exception:  # no trial reported the metric
+            best = None
+    prior_best = _best_prior(prior, search.mode)
+    if prior_best is not None and (best is None or best["value"] is None or
+                                   _better(prior_best["value"], best["value"], search.mode)):
+        best = prior_best
+    out.hpo_best = best
+
+
+def _optuna_space(search: Any) -> dict[str, Any]:
+    import optuna.distributions as d
+
+    space = {}
+    for name, p in search.space.items():
+        if p.type == "loguniform":
+            space[name] = d.FloatDistribution(p.low, p.high, log=True)
+        elif p.type == "uniform":
+            space[name] = d.FloatDistribution(p.low, p.high)
+        elif p.type == "int":
+            space[name] = d.IntDistribution(int(p.low), int(p.high))  # inclusive bounds
+        else:
+            space[name] = d.CategoricalDistribution(list(p.values))
+    return space
+
+
+def _prior_samples(tracker: tracking.Tracker, exp_id: str, spec: SweepSpec, base: Any,
+                   fields_: list[str], metric: str, code: str | None) -> list[tuple[dict, float]]:
+    """(sample, metric) of FINISHED hpo-phase runs of this sweep on the same fixed settings."""
+    flt = f"attributes.status = 'FINISHED' and tags.phase = 'hpo' and tags.sweep = '{spec.name}'"
+    if code is not None:
+        flt += f" and tags.code_version = '{code}'"
+    from perl_core.config import TrainConfig
+
+    out = []
+    for r in tracker.search(exp_id, flt):
+        try:
+            cfg = TrainConfig.from_dict(dict(r.data.params))
+        except ValueError:
+            continue
+        if metric not in r.data.metrics:
+            continue
+        # the same experiment apart from the searched fields?
+        if cfg.replace(**{f: getattr(base, f) for f in fields_}).config_hash() != \
+                base.config_hash():
+            continue
+        sample = {f: getattr(cfg, f) for f in fields_}
+        if not _in_space(sample, spec.search):
+            continue
+        out.append((sample, float(r.data.metrics[metric])))
+    return out
+
+
+def _in_space(sample: dict[str, Any], search: Any) -> bool:
+    for name, p in search.space.items():
+        v = sample[name]
+        if p.type == "choice":
+            if v not in p.values:
+                return False
+        elif not p.low <= v <= p.high:
+            return False
+    return True
+
+
+def _better(a: float, b: float, mode: str) -> bool:
+    return a > b if mode == "max" else a < b
+
+
+def _best_prior(prior: list[tuple[dict, float]], mode: str) -> dict[str, Any] | None:
+    if not prior:
+        return None
+    sample, value = (max if mode == "max" else min)(prior, key=lambda p: p[1])
+    return {"value": value, "cell": "(earlier submission)", **sample}
+
+
+def collect(grid: Any, out: Outcome, context: dict[str, Any]) -> None:
+    """Sort a ResultGrid's trials into finished / skipped / failed (with the reason)."""
+    reasons = _mlflow_failures(context)
+    for r in grid:
+        cfg = r.config or {}
+        name = (cfg.get("cell") or {}).get("name") or (r.metrics or {}).get("cell") or \
+            f"hpo trial {(r.metrics or {}).get('trial_id', '?')}"
+        if r.error is not None:
+            reason = reasons.get(name) or _first_line(str(r.error))
+            out.failed.append((name, reason))
+        elif (r.metrics or {}).get("skipped"):
+            out.skipped.append(name)
+        elif (r.metrics or {}).get("done"):
+            out.finished.append(name)
+        else:
+            out.failed.append((name, "the trial ended without a result (stopped or lost)"))
+
+
+def _mlflow_failures(context: dict[str, Any]) -> dict[str, str]:
+    """cell -> status_detail of its latest FAILED run under this submission's parent."""
+    try:
+        tracker = tracking.Tracker(context["tracking_uri"])
+        runs = tracker.search(context["experiment_id"],
+                              f"tags.mlflow.parentRunId = '{context['parent_run_id']}' and "
+                              f"attributes.status = 'FAILED'")
+    except Exception:
+        return {}
+    out = {}
+    for r in sorted(runs, key=lambda r: r.info.start_time or 0):
+        cell = r.data.tags.get("cell")
+        if cell:
+            out[cell] = _first_line(r.data.tags.get("status_detail", ""))
+    return out
+
+
+def _first_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    # Tune wraps trial errors; the last "Error: ..." line is the cause
+    for ln in reversed(lines):
+        if "Error" in ln.split(":", 1)[0] or "Exception" in ln.split(":", 1)[0]:
+            return ln[:500]
+    return (lines[0] if lines else "unknown error")[:500]
+
+
+# --- progress and summary ---------------------------------------------------------------------------
+
+
+class _Heartbeat:
+    """Refreshes the parent run's heartbeat so later submissions can tell it is alive."""
+
+    def __init__(self, tracker: tracking.Tracker, run_id: str):
+        self.tracker, self.run_id, self._stop = tracker, run_id, threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="mlflow-heartbeat")
+
+    def _loop(self) -> None:
+        while not self._stop.wait(tracking.HEARTBEAT_S):
+            try:
+                self.tracker.heartbeat(self.run_id)
+            except Exception:  # a transient MLflow error must not kill the driver
+                pass
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _progress_printer_cls():
+    from ray import tune
+
+    class ProgressPrinter(tune.Callback):
+        """One line per finished/failed trial and a status line every 30 s."""
+
+        def __init__(self) -> None:
+            self.t0, self.last, self.done, self.failed = time.time(), 0.0, 0, 0
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            m = trial.last_result or {}
+            what = "skipped (already FINISHED)" if m.get("skipped") else \
+                ", ".join(f"{k} {m[k]:.2f}" for k in ("hm", "target_avg", "val/acc", "all/acc")
+                          if isinstance(m.get(k), (int, float)))
+            say(f"[{self.done + self.failed}/{len(trials)}] done   {_trial_name(trial)}"
+                f"{': ' + what if what else ''} ({time.time() - self.t0:.0f} s)")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.failed += 1
+            say(f"[{self.done + self.failed}/{len(trials)}] FAILED {_trial_name(trial)}")
+
+        def on_step_end(self, iteration, trials, **info):
+            if time.time() - self.last < 30:
+                return
+            self.last = time.time()
+            states: dict[str, int] = {}
+            for t in trials:
+                states[t.status] = states.get(t.status, 0) + 1
+            say("status: " + ", ".join(f"{v} {k.lower()}" for k, v in sorted(states.items()))
+                + f" ({time.time() - self.t0:.0f} s)")
+
+    return ProgressPrinter
+
+
+def progress_printer() -> Any:
+    return _progress_printer_cls()()  # the class is built lazily: ray is imported only when used
+
+
+def summary(spec: SweepSpec, uri: str, out: Outcome) -> None:
+    say("")
+    say(f"=== {spec.name}: {len(out.finished)} finished, "
+        f"{len(out.done_before) + len(out.skipped)} skipped (already FINISHED), "
+        f"{len(out.failed)} failed ===")
+    for name, reason in out.failed:
+        say(f"  FAILED {name}: {reason}")
+    if out.hpo_best:
+        best = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in out.hpo_best.items())
+        say(f"  best search sample: {best}")
+    say(f"runs: MLflow experiment {spec.experiment!r} at {tracking.redact_uri(uri)}")
+    say(f"records: {tracking.records_dir(spec.storage, spec.experiment)}")
+    if uri.startswith("sqlite:"):
+        say(f"browse: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    else:
+        say(f"browse: {tracking.redact_uri(uri)}")
+    say("tables: python -m pipeline.aggregate --experiment " + spec.experiment)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

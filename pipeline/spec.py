@@ -1,0 +1,710 @@
+"""Sweep YAML -> validated `SweepSpec` -> `TrainConfig` cells (+ an optional Optuna search phase).
+
+A sweep file names an MLflow experiment, the fixed settings, a grid (cartesian product) and
+optionally a search space for a second, Optuna-driven phase:
+
+    name: ablation_steps                 # the `sweep` tag; Tune experiment names derive from it
+    experiment: perl/ablation_steps      # MLflow experiment
+    fixed: {dataset: ..., data_root: ${PERL_DATA_ROOT}, ...}    # TrainConfig fields
+    grid: {num_steps: [1, 2, 3, 4, 5], seed: [1, 2, 3]}        # TrainConfig field -> values
+    search:                              # optional: Optuna phase on top of `fixed`
+      space: {lr: {type: loguniform, low: 1.0e-5, high: 1.0e-3}}
+      metric: val/acc                    # a validation metric, never a test metric
+      mode: max
+      num_samples: 16
+    resources: {cpu: 1, gpu: 0.25}       # per trial; fractional GPUs pack trials on one GPU
+    storage: ${PERL_RUNS_DIR:-runs}      # trial records + Tune state: local path or s3://
+    tracking_uri: ...                    # optional; else $MLFLOW_TRACKING_URI, else ./runs/mlflow.db
+    max_failures: 1                      # Tune FailureConfig: retries per trial
+
+Every key is a `TrainConfig` field (same name in YAML, config, MLflow param and table header).
+Mistakes raise `SpecError`, whose text names the file, the line, the key path and what is allowed.
+`${VAR}` / `${VAR:-default}` are substituted in `data_root`, `pretrained`, `storage` and
+`tracking_uri` only (so cluster YAMLs point at S3 through the environment); relative paths there
+are made absolute against the current directory, because Ray runs trials in another directory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
+
+from perl_core.config import EXECUTION_FIELDS, FIELD_NAMES, TrainConfig, literal_choices
+
+# Keys whose string values get ${VAR} substitution (and path absolutisation).
+ENV_KEYS = ("data_root", "pretrained", "storage", "tracking_uri")
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_HINTS = get_type_hints(TrainConfig)
+_NUMERIC = (int, float)
+PROTOCOL_ABBREV = {"base2novel": "b2n", "cross_dataset": "xd", "domain_generalization": "dg",
+                   "all": "all"}
+# Fields always shown in a cell name, in this order; every other field the grid varies follows.
+_NAME_FIELDS = ("protocol", "dataset", "shots", "seed", "inject_layer", "num_steps")
+TARGET_PROTOCOLS = ("cross_dataset", "domain_generalization")
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+class SpecError(ValueError):
+    """A sweep file is invalid; `problems` are (location, message) pairs, all of them at once."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]):
+        self.source, self.problems = source, problems
+        lines = [f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}" for loc, msg in problems]
+        head = f"invalid sweep file ({len(problems)} problems):\n  " if len(problems) > 1 else ""
+        super().__init__(head + "\n  ".join(lines))
+
+
+# --- the schema ---------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SearchParam(_Strict):
+    """One dimension of the Optuna space (Tune domains: loguniform/uniform/randint/choice)."""
+
+    type: Literal["loguniform", "uniform", "int", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "SearchParam":
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("type 'choice' needs a non-empty 'values' list")
+            if self.low is not None or self.high is not None:
+                raise ValueError("type 'choice' takes 'values', not 'low'/'high'")
+            if len({repr(v) for v in self.values}) != len(self.values):
+                raise ValueError(f"'values' has duplicates: {self.values}")
+            return self
+        if self.values is not None:
+            raise ValueError(f"type {self.type!r} takes 'low' and 'high', not 'values'")
+        if self.low is None or self.high is None:
+            raise ValueError(f"type {self.type!r} needs both 'low' and 'high'")
+        if self.low >= self.high:
+            raise ValueError(f"low={self.low:g} must be < high={self.high:g}")
+        if self.type == "loguniform" and self.low <= 0:
+            raise ValueError(f"type 'loguniform' needs low > 0 (got {self.low:g})")
+        if self.type == "int" and not (float(self.low).is_integer() and
+                                       float(self.high).is_integer()):
+            raise ValueError(f"type 'int' needs integer bounds (got {self.low:g}, {self.high:g})")
+        return self
+
+    def bounds(self) -> list[Any]:
+        """Values that must all be valid for the field (the ends of a range, or every choice)."""
+        if self.type == "choice":
+            return list(self.values or [])
+        if self.type == "int":
+            return [int(self.low), int(self.high)]
+        return [self.low, self.high]
+
+
+class SearchSpec(_Strict):
+    space: dict[str, SearchParam]
+    metric: str
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(16, gt=0)
+    seed: int = 0
+    max_concurrent: int | None = Field(None, gt=0)
+
+    @field_validator("space")
+    @classmethod
+    def _non_empty(cls, v: dict) -> dict:
+        if not v:
+            raise ValueError("the search space is empty: give at least one TrainConfig field")
+        return v
+
+    @field_validator("metric")
+    @classmethod
+    def _validation_metric(cls, v: str) -> str:
+        # Selecting hyper-parameters on a test split would leak the test set into the result.
+        if not v.startswith("val/"):
+            raise ValueError(f"metric {v!r} is not a validation metric: the search must select on "
+                             f"the few-shot validation split (e.g. 'val/acc'), never on test "
+                             f"metrics such as 'base/acc', 'novel/acc', 'hm' or 'target_avg'")
+        return v
+
+
+class Resources(_Strict):
+    cpu: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0)  # fractional: 0.25 packs four trials on one GPU
+
+
+class SweepSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    experiment: str = Field(min_length=1)
+    description: str = ""
+    fixed: dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, list[Any]] | None = None
+    search: SearchSpec | None = None
+    resources: Resources = Resources()
+    storage: str = "runs"
+    tracking_uri: str | None = None
+    max_failures: int = Field(0, ge=-1)  # -1: retry forever (Tune's convention)
+    _source: str = PrivateAttr("")  # the YAML file it was read from (not a YAML key)
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _not_file_store(cls, v: str | None) -> str | None:
+        if v is not None:
+            check_tracking_uri(v)
+        return v
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    def base_config(self) -> TrainConfig:
+        """The fixed settings over TrainConfig's defaults (the search phase's starting point)."""
+        return TrainConfig.from_dict(self.fixed)
+
+    @property
+    def varied_fields(self) -> tuple[str, ...]:
+        return tuple(k for k, v in (self.grid or {}).items() if len(v) > 1)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid point: its readable name, its config and the config hash that identifies it."""
+
+    name: str
+    config: TrainConfig
+    config_hash: str
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+
+def load_spec(path: str | os.PathLike, *, env: dict[str, str] | None = None,
+              cwd: str | os.PathLike | None = None) -> SweepSpec:
+    """Read, substitute, validate and fully check a sweep file (every cell is checked too)."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(source, [("", f"cannot read the sweep file: {e.strerror or e}")]) from None
+    return parse_spec(text, source=source, env=env, cwd=cwd)
+
+
+def parse_spec(text: str, *, source: str = "<string>", env: dict[str, str] | None = None,
+               cwd: str | os.PathLike | None = None) -> SweepSpec:
+    env = dict(os.environ) if env is None else env
+    cwd = Path(cwd or os.getcwd()).resolve()
+    raw, lines = _read_yaml(text, source)
+    problems: list[tuple[tuple, str]] = []
+    if not isinstance(raw, dict):
+        raise SpecError(source, [("line 1", "the sweep file must be a mapping (name:, "
+                                            "experiment:, fixed:, grid:, ...)")])
+    raw = _substitute(raw, env, cwd, problems)
+    where = _Locator(lines)
+    if problems:
+        raise SpecError(source, [(where(p), m) for p, m in problems])
+    try:
+        spec = SweepSpec.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(source, [(where(tuple(err["loc"])), _pydantic_message(err))
+                                 for err in e.errors()]) from None
+    spec._source = source
+    problems = _check_fields(spec) or _check_cells(spec)
+    if problems:
+        raise SpecError(source, [(where(p), m) for p, m in _dedupe(problems)])
+    return spec
+
+
+def _read_yaml(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
+    """Parse YAML and map each key path to its line (for messages); duplicate keys are errors."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        msg = f"YAML syntax error: {e.problem or e}" + (f" ({e.context})" if e.context else "")
+        raise SpecError(source, [(where, msg)]) from None
+    except yaml.YAMLError as e:
+        raise SpecError(source, [("", f"YAML error: {e}")]) from None
+    lines: dict[tuple, int] = {}
+    problems: list[tuple[tuple, str]] = []
+
+    def walk(n: Any, path: tuple) -> None:
+        if isinstance(n, yaml.MappingNode):
+            seen: set = set()
+            for k, v in n.value:
+                key = k.value
+                lines.setdefault(path + (key,), k.start_mark.line + 1)
+                if key in seen:
+                    problems.append((path + (key,), f"duplicate key {key!r} (line "
+                                                     f"{k.start_mark.line + 1})"))
+                seen.add(key)
+                walk(v, path + (key,))
+        elif isinstance(n, yaml.SequenceNode):
+            for i, v in enumerate(n.value):
+                lines[path + (i,)] = v.start_mark.line + 1
+                walk(v, path + (i,))
+
+    if node is not None:
+        walk(node, ())
+    if problems:
+        where = _Locator(lines)
+        raise SpecError(source, [(where(p), m) for p, m in problems])
+    return raw, lines
+
+
+class _Locator:
+    """Key path -> 'line N, a.b[2]' using the nearest known line of the path or a parent."""
+
+    def __init__(self, lines: dict[tuple, int]):
+        self.lines = lines
+
+    def __call__(self, path: tuple) -> str:
+        dotted = format_path(path)
+        for n in range(len(path), 0, -1):
+            if path[:n] in self.lines:
+                return f"line {self.lines[path[:n]]}, {dotted}"
+        return dotted
+
+
+def format_path(path: Iterable) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _substitute(raw: dict, env: dict[str, str], cwd: Path, problems: list) -> dict:
+    """${VAR} substitution + absolute paths for ENV_KEYS at the places they may appear."""
+    raw = dict(raw)
+
+    def sub(value: Any, path: tuple, key: str) -> Any:
+        if not isinstance(value, str):
+            return value
+
+        def repl(m: re.Match) -> str:
+            var, default = m.group(1), m.group(2)
+            if var in env and env[var] != "":
+                return env[var]
+            if default is not None:
+                return default
+            problems.append((path, f"environment variable {var} is not set (used in {key}; "
+                                   f"export it, or write ${{{var}:-default}})"))
+            return ""
+
+        value = _ENV_RE.sub(repl, value)
+        return _absolute(key, value, cwd)
+
+    for key in ("storage", "tracking_uri"):
+        if key in raw:
+            raw[key] = sub(raw[key], (key,), key)
+    for section in ("fixed", "grid"):
+        block = raw.get(section)
+        if not isinstance(block, dict):
+            continue
+        block = dict(block)
+        for key in ("data_root", "pretrained"):
+            if key not in block:
+                continue
+            if section == "grid" and isinstance(block[key], list):
+                block[key] = [sub(v, (section, key, i), key) for i, v in enumerate(block[key])]
+            else:
+                block[key] = sub(block[key], (section, key), key)
+        raw[section] = block
+    return raw
+
+
+def _is_url(s: str) -> bool:
+    return "://" in s
+
+
+def _absolute(key: str, value: str, cwd: Path) -> str:
+    """Relative local paths -> absolute (Ray changes a trial's cwd; the driver's cwd is meant)."""
+    if not value:
+        return value
+    if key == "tracking_uri":
+        if value.startswith("sqlite:///") and not value.startswith("sqlite:////"):
+            rel = value[len("sqlite:///"):]
+            if rel and rel != ":memory:":
+                return f"sqlite:///{(cwd / rel).resolve()}"
+        return value
+    if _is_url(value):
+        return value
+    if key == "pretrained" and not (("/" in value or os.sep in value) or
+                                    value.endswith(CHECKPOINT_SUFFIXES)):
+        return value  # an open_clip tag ("openai"), "embedded", ...
+    return str((cwd / Path(value).expanduser()).resolve())
+
+
+def _unknown_key(key: str, where: str, allowed: Iterable[str] | None = None) -> str:
+    msg = f"unknown key {key!r} in {where}"
+    return msg + (f"; allowed: {', '.join(sorted(allowed))}" if allowed is not None else "")
+
+
+def _pydantic_message(err: dict) -> str:
+    kind, loc, value = err["type"], err["loc"], err.get("input")
+    if kind == "extra_forbidden":
+        model = {(): SweepSpec, ("search",): SearchSpec, ("resources",): Resources}
+        parent = tuple(loc[:-1])
+        allowed = None
+        if parent in model:
+            allowed = list(model[parent].model_fields)
+        elif len(parent) == 3 and parent[:2] == ("search", "space"):
+            allowed = list(SearchParam.model_fields)
+        return _unknown_key(str(loc[-1]), format_path(parent) or "the sweep file", allowed)
+    if kind == "missing":
+        return f"required key {loc[-1]!r} is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    if kind not in ("value_error", "assertion_error") and value is not None:
+        msg += f" (got {value!r})"
+    return msg
+
+
+# --- TrainConfig-level checks ----------------------------------------------------------------------
+
+
+def coerce_field(name: str, value: Any) -> Any:
+    """One YAML value -> the TrainConfig field's type; ValueError says what is allowed."""
+    if name not in FIELD_NAMES:
+        raise KeyError(name)
+    hint = _HINTS[name]
+    origin = get_origin(hint)
+    choices = literal_choices(name)
+    if choices is not None:
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of {list(choices)}")
+        return value
+    if origin is tuple:
+        item_t = get_args(hint)[0]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"expected a list of {item_t.__name__} (got {value!r})")
+        return tuple(coerce_field_scalar(name, v, item_t) for v in value)
+    return coerce_field_scalar(name, value, hint)
+
+
+def coerce_field_scalar(name: str, value: Any, hint: type) -> Any:
+    # YAML writes 1e-4 as a *string* (YAML 1.1 floats need a dot), so numeric strings are parsed;
+    # booleans, lists and mappings are never silently turned into numbers or strings.
+    what = {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
+        hint, hint.__name__)
+    if isinstance(value, (list, dict)) or (isinstance(value, bool) and hint is not bool) or \
+            value is None:
+        raise ValueError(f"expected {what} (got {value!r})")
+    if hint is str:
+        if not isinstance(value, (str, int, float)):
+            raise ValueError(f"expected {what} (got {value!r})")
+        return str(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"expected {what} (got {value!r})")
+        return value
+    try:
+        if hint is int:
+            f = float(value)
+            if not f.is_integer():
+                raise ValueError
+            return int(f)
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected {what} (got {value!r})") from None
+
+
+def _check_fields(spec: SweepSpec) -> list[tuple[tuple, str]]:
+    """Keys are TrainConfig fields and values have the field's type; grid/search are sane."""
+    problems: list[tuple[tuple, str]] = []
+    allowed = ", ".join(FIELD_NAMES)
+
+    def check(path: tuple, name: str, value: Any) -> Any:
+        try:
+            return coerce_field(name, value)
+        except ValueError as e:
+            problems.append((path, f"{name}: {e}"))
+
+    for name, value in spec.fixed.items():
+        if name not in FIELD_NAMES:
+            problems.append((("fixed", name), f"unknown TrainConfig field {name!r}; allowed: "
+                                              f"{allowed}"))
+            continue
+        check(("fixed", name), name, value)
+    if spec.grid is not None and not spec.grid:
+        problems.append((("grid",), "the grid is empty: give at least one field with values, or "
+                                    "remove 'grid' to run the fixed settings once"))
+    for name, values in (spec.grid or {}).items():
+        path = ("grid", name)
+        if name not in FIELD_NAMES:
+            problems.append((path, f"unknown TrainConfig field {name!r}; allowed: {allowed}"))
+            continue
+        if name in spec.fixed:
+            problems.append((path, f"{name} is set in both 'fixed' and 'grid'; keep one"))
+        if not values:
+            problems.append((path, f"grid.{name} has no values (an empty list makes an empty "
+                                   f"sweep)"))
+        seen: dict[str, int] = {}
+        for i, v in enumerate(values):
+            c = check(path + (i,), name, v)
+            if c is None:
+                continue
+            if repr(c) in seen:
+                problems.append((path + (i,), f"duplicate value {v!r} in grid.{name} (also at "
+                                              f"index {seen[repr(c)]})"))
+            seen.setdefault(repr(c), i)
+    if spec.search is not None:
+        for name, param in spec.search.space.items():
+            path = ("search", "space", name)
+            if name not in FIELD_NAMES:
+                problems.append((path, f"unknown TrainConfig field {name!r}; allowed: {allowed}"))
+                continue
+            if name in EXECUTION_FIELDS:
+                problems.append((path, f"{name} does not change the result; it cannot be searched"))
+            if name in (spec.grid or {}):
+                problems.append((path, f"{name} is both in 'grid' and in 'search.space'"))
+            hint = _HINTS[name]
+            if param.type in ("loguniform", "uniform") and hint is not float:
+                problems.append((path, f"type {param.type!r} needs a float field; {name} is "
+                                       f"{getattr(hint, '__name__', hint)} (use 'int' or 'choice')"))
+            elif param.type == "int" and hint is not int:
+                problems.append((path, f"type 'int' needs an integer field; {name} is "
+                                       f"{getattr(hint, '__name__', hint)}"))
+            for i, v in enumerate(param.bounds() if param.type == "choice" else []):
+                check(path + ("values", i), name, v)
+    return problems
+
+
+# --- cell-level checks ------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def _tower_layers(arch: str) -> tuple[int, int] | None:
+    """(vision layers, text layers) of an open_clip arch (perl-tiny registered first)."""
+    import open_clip
+
+    from perl_core.factory import register_model_configs
+
+    register_model_configs()
+    cfg = open_clip.get_model_config(arch)
+    if cfg is None:
+        return None
+    return int(cfg["vision_cfg"]["layers"]), int(cfg["text_cfg"]["layers"])
+
+
+def _dataset_problem(name: str, *, training: bool) -> str | None:
+    from perl_core.data.registry import get_spec
+
+    try:
+        ds = get_spec(name)
+    except KeyError as e:
+        return str(e.args[0]) if e.args else f"unknown dataset {name!r}"
+    if training and ds.test_only:
+        return (f"{ds.name} has only a test split (an OOD variant of {ds.source}); train on "
+                f"{ds.source} and list {ds.name} in eval_datasets")
+    return None
+
+
+def check_config(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """Semantic problems of one cell as (field, message); [] when the config can run."""
+    out: list[tuple[str, str]] = []
+    if not cfg.dataset:
+        out.append(("dataset", "dataset is required (a registered dataset name)"))
+    else:
+        p = _dataset_problem(cfg.dataset, training=True)
+        if p:
+            out.append(("dataset", p))
+    for d in cfg.eval_datasets:
+        p = _dataset_problem(d, training=False)
+        if p:
+            out.append(("eval_datasets", p))
+    if cfg.protocol in TARGET_PROTOCOLS and not cfg.eval_datasets:
+        out.append(("eval_datasets", f"protocol {cfg.protocol!r} needs eval_datasets (the target "
+                                     f"datasets evaluated with the trained projectors)"))
+    if cfg.protocol not in TARGET_PROTOCOLS and cfg.eval_datasets:
+        out.append(("eval_datasets", f"eval_datasets is only used by protocols "
+                                     f"{list(TARGET_PROTOCOLS)}; protocol is {cfg.protocol!r}"))
+    for name, ok, rule in (
+            ("shots", cfg.shots > 0, "> 0"), ("num_steps", cfg.num_steps >= 0, ">= 0"),
+            ("rank", cfg.rank >= 1, ">= 1"), ("batch_size", cfg.batch_size >= 1, ">= 1"),
+            ("epochs", cfg.epochs >= 0, ">= 0"), ("lr", cfg.lr > 0, "> 0"),
+            ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+            ("anchor_weight", cfg.anchor_weight >= 0, ">= 0"),
+            ("aug_scale_min", 0 < cfg.aug_scale_min <= 1, "in (0, 1]"),
+            ("eval_batch_size", cfg.eval_batch_size >= 1, ">= 1"),
+            ("num_workers", cfg.num_workers >= 0, ">= 0"),
+            ("text_inject_layer", cfg.text_inject_layer >= -1, ">= -1 (-1: same as inject_layer)")):
+        if not ok:
+            out.append((name, f"{name}={getattr(cfg, name)!r} must be {rule}"))
+    if cfg.pretrained == "embedded" and cfg.arch != "perl-tiny":
+        out.append(("pretrained", f"pretrained 'embedded' is the perl-tiny checkpoint; set arch "
+                                  f"'perl-tiny' (got {cfg.arch!r})"))
+    layers = _tower_layers(cfg.arch)
+    if layers is None:
+        out.append(("arch", f"arch {cfg.arch!r} is not an open_clip model config (see "
+                            f"open_clip.list_models(); 'perl-tiny' for the embedded default)"))
+        return out
+    vision, text = layers
+    multi = cfg.variant in ("deep", "layer", "layerstep")
+    # early injects at 0 and multi-depth variants take inject_layers: inject_layer is unused there
+    single = not multi and cfg.variant != "early"
+    if single and not 0 <= cfg.inject_layer < vision:
+        out.append(("inject_layer", f"inject_layer={cfg.inject_layer} is outside the vision "
+                                    f"tower of {cfg.arch} (layers 0..{vision - 1})"))
+    elif single and not 0 <= cfg.effective_text_inject_layer < text:
+        field = "text_inject_layer" if cfg.text_inject_layer >= 0 else "inject_layer"
+        out.append((field, f"{field}={cfg.effective_text_inject_layer} is outside the text tower "
+                           f"of {cfg.arch} (layers 0..{text - 1})"))
+    if cfg.inject_layers:
+        if not multi:
+            out.append(("inject_layers", f"inject_layers only applies to the multi-depth variants "
+                                         f"deep/layer/layerstep (variant is {cfg.variant!r})"))
+        depth = min(vision, text)
+        bad = [d for d in cfg.inject_layers if not 0 <= d < depth]
+        if bad:
+            out.append(("inject_layers", f"inject_layers {bad} outside layers 0..{depth - 1} "
+                                         f"of {cfg.arch}"))
+        if list(cfg.inject_layers) != sorted(set(cfg.inject_layers)):
+            out.append(("inject_layers", f"inject_layers {list(cfg.inject_layers)} must be "
+                                         f"strictly increasing"))
+    return out
+
+
+def _field_origin(spec: SweepSpec, name: str, value: Any) -> tuple:
+    """Where a cell's field value came from, as a key path (for error messages)."""
+    grid = spec.grid or {}
+    if name in grid:
+        for i, v in enumerate(grid[name]):
+            try:
+                if coerce_field(name, v) == value:
+                    return ("grid", name, i)
+            except ValueError:
+                pass
+        return ("grid", name)
+    return ("fixed", name)
+
+
+def _check_cells(spec: SweepSpec) -> list[tuple[tuple, str]]:
+    problems: list[tuple[tuple, str]] = []
+    try:
+        configs = expand(spec)
+    except ValueError as e:  # only from fields that _check_fields already accepted: defensive
+        return [((), str(e))]
+    for cfg in configs:
+        for name, msg in check_config(cfg):
+            origin = _field_origin(spec, name, getattr(cfg, name))
+            suffix = "" if name in spec.fixed or name in (spec.grid or {}) else \
+                " (not set: TrainConfig default)"
+            problems.append((origin, msg + suffix))
+    seen: dict[str, str] = {}
+    for cfg in configs:
+        h = cfg.config_hash()
+        if h in seen:
+            problems.append((("grid",), f"two grid points are the same run (config hash {h}): "
+                                        f"{seen[h]}; vary a field that changes the result "
+                                        f"(execution fields {list(EXECUTION_FIELDS)} do not)"))
+            break
+        seen[h] = cell_name(cfg, spec.varied_fields)
+    if spec.search is not None:
+        base = spec.base_config()
+        for name, param in spec.search.space.items():
+            for i, v in enumerate(param.bounds()):
+                try:
+                    cfg = base.replace(**{name: coerce_field(name, v)})
+                except ValueError:
+                    continue
+                for field, msg in check_config(cfg):
+                    path = ("search", "space", name) + (("values", i) if param.type == "choice"
+                                                        else ())
+                    problems.append((path if field == name else _field_origin(spec, field, None),
+                                     msg))
+    return problems
+
+
+def _dedupe(problems: list) -> list:
+    seen, out = set(), []
+    for p in problems:
+        key = (tuple(p[0]), p[1])
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+# --- expansion ----------------------------------------------------------------------------------------
+
+
+def expand(spec: SweepSpec) -> list[TrainConfig]:
+    """The grid's cartesian product over the fixed settings, in YAML order (last key fastest)."""
+    base = {k: coerce_field(k, v) for k, v in spec.fixed.items()}
+    grid = spec.grid or {}
+    keys = list(grid)
+    values = [[coerce_field(k, v) for v in grid[k]] for k in keys]
+    return [TrainConfig(**{**base, **dict(zip(keys, combo))})
+            for combo in itertools.product(*values)]
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, tuple):
+        return "-".join(_fmt(x) for x in v) or "none"
+    return str(v)
+
+
+def cell_name(cfg: TrainConfig, varied: Iterable[str] = ()) -> str:
+    """Readable, unique within a sweep: `b2n/ToyShapes/16shot/seed1/J7/K4[/field=value...]`."""
+    parts = [PROTOCOL_ABBREV.get(cfg.protocol, cfg.protocol), cfg.dataset, f"{cfg.shots}shot",
+             f"seed{cfg.seed}", f"J{cfg.inject_layer}", f"K{cfg.num_steps}"]
+    parts += [f"{f}={_fmt(getattr(cfg, f))}" for f in varied
+              if f not in _NAME_FIELDS and f not in EXECUTION_FIELDS]
+    return "/".join(parts)
+
+
+def cells(spec: SweepSpec) -> list[Cell]:
+    """Every grid cell with name and hash (the grid phase's work list, before skipping)."""
+    varied = spec.varied_fields
+    return [Cell(cell_name(c, varied), c, c.config_hash()) for c in expand(spec)]
+
+
+def group_order(cells_: list[Cell]) -> list[Cell]:
+    """Cells sharing (arch, pretrained, inject_layer, dataset) run back to back, so a worker reuses
+    its loaded backbone and the frozen-prefix cache; stable within a group (YAML order)."""
+    first: dict[tuple, int] = {}
+    for i, c in enumerate(cells_):
+        first.setdefault(_group_key(c.config), i)
+    return sorted(cells_, key=lambda c: first[_group_key(c.config)])
+
+
+def _group_key(cfg: TrainConfig) -> tuple:
+    return (cfg.arch, cfg.pretrained, cfg.inject_layer, cfg.dataset)
+
+
+def resolve_tracking_uri(spec: SweepSpec, override: str | None = None,
+                         env: dict[str, str] | None = None, cwd: str | None = None) -> str:
+    """--tracking-uri, else the YAML's, else $MLFLOW_TRACKING_URI, else ./runs/mlflow.db (abs)."""
+    env = dict(os.environ) if env is None else env
+    base = Path(cwd or os.getcwd()).resolve()
+    uri = override or spec.tracking_uri or env.get("MLFLOW_TRACKING_URI") or \
+        f"sqlite:///{base / 'runs' / 'mlflow.db'}"
+    uri = _absolute("tracking_uri", uri, base)
+    try:
+        return check_tracking_uri(uri)
+    except ValueError as e:
+        raise SpecError(spec.source or "<cli>", [("tracking_uri", str(e))]) from None
+
+
+def check_tracking_uri(uri: str) -> str:
+    if uri.startswith("file:") or not (_is_url(uri) or uri.startswith(("sqlite:", "databricks"))):
+        raise ValueError(f"{uri!r}: MLflow's file store is gone in MLflow 3; use "
+                         f"sqlite:///ABS/PATH/mlflow.db or an http(s):// tracking server")
+    return uri
+
+
+__all__ = ["SweepSpec", "SearchSpec", "SearchParam", "Resources", "SpecError", "Cell",
+           "load_spec", "parse_spec", "expand", "cells", "cell_name", "group_order",
+           "check_config", "coerce_field", "resolve_tracking_uri", "format_path"]

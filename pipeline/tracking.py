@@ -1,0 +1,395 @@
+"""MLflow tracking of a sweep, and the storage record that makes MLflow replayable.
+
+Layout in MLflow (one name per concept: params are TrainConfig field names):
+- one experiment per sweep family (`perl/ablation_steps`), created on the driver before any trial
+  (creation races between workers are a known MLflow problem), with an absolute artifact location
+  next to a SQLite store (a server decides for itself);
+- one parent run per submission (tags `sweep`, `phase=sweep`, driver identity, heartbeat);
+- one child run per trial (`mlflow.parentRunId`), named after its cell
+  (`b2n/ToyShapes/16shot/seed1/J7/K4`), with params = every TrainConfig field, the tags in
+  `trial_tags`, final metrics at step 0, the per-step training curve under `train_step/*`, and
+  the artifacts `projectors/projectors.safetensors`, `config.json`, `per_class.json`,
+  `metrics.json`.
+
+The `TrialRecord` is the other copy of a trial's result: JSON + safetensors in the sweep's
+storage (local or s3), written by the trial *before* it talks to MLflow. `replay` turns records
+that MLflow lacks (an outage, a crash between the two writes) into FINISHED runs.
+
+Secrets never reach MLflow: params are TrainConfig fields (no credentials there), URIs are logged
+without user:password (`redact_uri`), and no environment variable is copied into a tag.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+from perl_core.config import TrainConfig
+
+PHASES = ("final", "hpo")  # "final": the grid phase (aggregate tables); "hpo": Optuna samples
+PARENT_PHASE = "sweep"  # the parent run of a submission
+HEARTBEAT_S = 30.0  # the driver refreshes its parent run's heartbeat tag this often
+STALE_S = 300.0  # a RUNNING parent without a heartbeat for this long is an orphan
+_BATCH = 900  # metrics per log_batch call (MLflow's REST limit is 1000)
+RECORD_FORMAT = "perl-trial-record/1"
+
+
+def redact_uri(uri: str) -> str:
+    """A URI without user:password (never print or tag credentials)."""
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+        return urlunsplit((parts.scheme, "***@" + host, parts.path, parts.query, parts.fragment))
+    return uri
+
+
+def config_params(cfg: TrainConfig) -> dict[str, str]:
+    """Every TrainConfig field as an MLflow param string (tuples as JSON lists)."""
+    return {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in cfg.to_dict().items()}
+
+
+def experiment_slug(name: str) -> str:
+    """A path-safe form of an experiment name (`perl/ablation_steps` -> `perl__ablation_steps`)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name.replace("/", "__"))
+
+
+# --- the storage record ----------------------------------------------------------------------------
+
+
+@dataclass
+class TrialRecord:
+    """Everything MLflow would hold about one finished trial, as plain JSON."""
+
+    record_id: str
+    experiment: str
+    run_name: str
+    config: dict[str, Any]  # TrainConfig.to_dict()
+    config_hash: str
+    metrics: dict[str, float]
+    history: list[dict[str, Any]]
+    per_class: dict[str, dict[str, float]]
+    num_trainable_parameters: int
+    tags: dict[str, str]  # the child run's tags (minus the parent link)
+    parent_run_id: str = ""
+    started_ms: int = 0
+    ended_ms: int = 0
+    format: str = RECORD_FORMAT
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def train_config(self) -> TrainConfig:
+        return TrainConfig.from_dict(self.config)
+
+    def stem(self) -> str:
+        return f"{self.config_hash}-{self.record_id}"
+
+
+def new_record_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def records_dir(storage: str, experiment: str) -> str:
+    return f"{storage.rstrip('/')}/records/{experiment_slug(experiment)}"
+
+
+def _fs(url: str):
+    """(filesystem, path) through the project's storage factory when present, else fsspec."""
+    try:
+        from perl_core.data.storage import open_fs  # one factory for s3fs/pyarrow (endpoints)
+    except ImportError:
+        open_fs = None
+    if open_fs is not None:
+        return open_fs(url)
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
+
+
+def write_record(storage: str, record: TrialRecord, projectors: bytes) -> str:
+    """Write `<stem>.safetensors` then `<stem>.json` (the JSON last: its presence means the pair
+    is complete). Returns the JSON's URL."""
+    base = records_dir(storage, record.experiment)
+    fs, root = _fs(base)
+    fs.makedirs(root, exist_ok=True)
+    with fs.open(f"{root}/{record.stem()}.safetensors", "wb") as f:
+        f.write(projectors)
+    tmp = f"{root}/.{record.stem()}.json.tmp"
+    with fs.open(tmp, "w") as f:
+        json.dump(asdict(record), f)
+    fs.mv(tmp, f"{root}/{record.stem()}.json")
+    return f"{base}/{record.stem()}.json"
+
+
+def iter_records(storage: str, experiment: str) -> Iterator[tuple[TrialRecord, str]]:
+    """(record, URL of its safetensors) for every complete record of the experiment."""
+    base = records_dir(storage, experiment)
+    fs, root = _fs(base)
+    if not fs.exists(root):
+        return
+    for path in sorted(fs.glob(f"{root}/*.json")):
+        with fs.open(path, "r") as f:
+            data = json.load(f)
+        if data.get("format") != RECORD_FORMAT:
+            continue
+        rec = TrialRecord(**data)
+        yield rec, f"{base}/{rec.stem()}.safetensors"
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = _fs(url)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+# --- MLflow --------------------------------------------------------------------------------------
+
+
+class Tracker:
+    """A thin MlflowClient wrapper with the sweep's conventions."""
+
+    def __init__(self, tracking_uri: str):
+        from mlflow import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+
+    # experiments -------------------------------------------------------------------------------
+    def default_artifact_location(self, experiment: str) -> str | None:
+        """Absolute artifact root beside a SQLite store (MLflow's default would be ./mlruns of
+        whichever process created the experiment); None lets a tracking server decide."""
+        if self.tracking_uri.startswith("sqlite:///"):
+            db = Path(self.tracking_uri[len("sqlite:///"):])
+            return (db.parent / "mlartifacts" / experiment_slug(experiment)).as_uri()
+        return None
+
+    def experiment_id(self, name: str, artifact_location: str | None = None) -> str:
+        """Get or create (race-safe: a concurrent creator wins and we read theirs back)."""
+        from mlflow.exceptions import MlflowException
+
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                raise RuntimeError(f"MLflow experiment {name!r} is deleted; restore it "
+                                   f"(`mlflow experiments restore --experiment-id "
+                                   f"{exp.experiment_id}`) or choose another name")
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(
+                name, artifact_location=artifact_location or self.default_artifact_location(name))
+        except MlflowException as e:
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise RuntimeError(f"cannot create MLflow experiment {name!r} at "
+                                   f"{redact_uri(self.tracking_uri)}: {e}") from e
+            return exp.experiment_id
+
+    # searching ---------------------------------------------------------------------------------
+    def search(self, experiment_id: str, filter_string: str = "") -> list:
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([experiment_id], filter_string=filter_string,
+                                           max_results=1000, page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def finished_by_hash(self, experiment_id: str, *, phase: str = "final",
+                         code_version: str | None = None) -> dict[str, Any]:
+        """config_hash -> the latest FINISHED run of that phase (same code_version unless None)."""
+        flt = f"attributes.status = 'FINISHED' and tags.phase = '{phase}'"
+        if code_version is not None:
+            flt += f" and tags.code_version = '{code_version}'"
+        out: dict[str, Any] = {}
+        for r in sorted(self.search(experiment_id, flt), key=lambda r: r.info.end_time or 0):
+            h = r.data.tags.get("config_hash")
+            if h:
+                out[h] = r
+        return out
+
+    def finished_run(self, experiment_id: str, config_hash: str, *, phase: str,
+                     code_version: str | None) -> Any | None:
+        flt = (f"attributes.status = 'FINISHED' and tags.config_hash = '{config_hash}' "
+               f"and tags.phase = '{phase}'")
+        if code_version is not None:
+            flt += f" and tags.code_version = '{code_version}'"
+        runs = self.client.search_runs([experiment_id], filter_string=flt, max_results=1,
+                                       order_by=["attributes.end_time DESC"])
+        return runs[0] if runs else None
+
+    # runs --------------------------------------------------------------------------------------
+    def start_parent(self, experiment_id: str, sweep: str, run_name: str,
+                     tags: dict[str, str]) -> str:
+        tags = {**tags, "sweep": sweep, "phase": PARENT_PHASE, "driver_host": socket.gethostname(),
+                "driver_pid": str(os.getpid()), "heartbeat": str(int(time.time()))}
+        return self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+
+    def heartbeat(self, run_id: str) -> None:
+        self.client.set_tag(run_id, "heartbeat", str(int(time.time())))
+
+    def start_trial(self, experiment_id: str, parent_run_id: str, run_name: str,
+                    cfg: TrainConfig, tags: dict[str, str], start_ms: int | None = None) -> str:
+        tags = dict(tags)
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(experiment_id, run_name=run_name, tags=tags,
+                                     start_time=start_ms)
+        from mlflow.entities import Param
+
+        params = [Param(k, v) for k, v in config_params(cfg).items()]
+        self.client.log_batch(run.info.run_id, params=params)
+        return run.info.run_id
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_result(self, run_id: str, record: TrialRecord, projectors: bytes) -> None:
+        """Final metrics (step 0), the training curve (`train_step/*`, step=N), artifacts."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, 0) for k, v in record.metrics.items()
+                   if _finite(v)]
+        metrics.append(Metric("num_trainable_parameters",
+                              float(record.num_trainable_parameters), now, 0))
+        for h in record.history:
+            step = int(h.get("step", 0))
+            metrics += [Metric(f"train_step/{k}", float(h[k]), now, step)
+                        for k in ("loss", "ce", "anchor") if k in h and _finite(h[k])]
+        for i in range(0, len(metrics), _BATCH):
+            self.client.log_batch(run_id, metrics=metrics[i:i + _BATCH])
+        with tempfile.TemporaryDirectory(prefix="perl-artifacts-") as tmp:
+            t = Path(tmp)
+            (t / "projectors").mkdir()
+            (t / "projectors" / "projectors.safetensors").write_bytes(projectors)
+            (t / "config.json").write_text(json.dumps(record.config, indent=1))
+            (t / "per_class.json").write_text(json.dumps(record.per_class, indent=1))
+            (t / "metrics.json").write_text(json.dumps(record.metrics, indent=1, sort_keys=True))
+            self.client.log_artifacts(run_id, str(t))
+        self.set_tags(run_id, {"num_trainable_parameters": str(record.num_trainable_parameters),
+                               "record_id": record.record_id})
+
+    def end(self, run_id: str, status: str = "FINISHED", detail: str | None = None,
+            end_ms: int | None = None) -> None:
+        if detail:
+            # tags hold at most 8000 characters; the head of a traceback is what matters
+            self.client.set_tag(run_id, "status_detail", detail[:4000])
+        self.client.set_terminated(run_id, status, end_time=end_ms)
+
+    # orphans -----------------------------------------------------------------------------------
+    def kill_orphans(self, experiment_id: str, sweep: str, *, own_parent: str | None = None,
+                     only_children_of: str | None = None) -> list[str]:
+        """Mark RUNNING runs of `sweep` whose driver is gone as KILLED; returns their ids.
+
+        A parent run is orphaned when its driver process is dead (same host: pid check) or its
+        heartbeat is older than STALE_S (any host). A child is orphaned when its parent is not a
+        live RUNNING parent (the trial died with, or after, its driver) - or, with
+        `only_children_of`, every RUNNING child of that (our own, finished) phase.
+        """
+        running = self.search(experiment_id, f"attributes.status = 'RUNNING' and "
+                                             f"tags.sweep = '{sweep}'")
+        parents = {r.info.run_id: r for r in running if r.data.tags.get("phase") == PARENT_PHASE}
+        live = {rid for rid, r in parents.items() if rid == own_parent or _driver_alive(r)}
+        killed = []
+        for r in running:
+            rid, tags = r.info.run_id, r.data.tags
+            if rid in live:
+                continue
+            if only_children_of is not None:
+                if tags.get("mlflow.parentRunId") != only_children_of:
+                    continue
+                why = "the trial process ended without closing its run (crash or kill)"
+            elif rid in parents:
+                why = "the driver of this submission is gone (killed or lost)"
+            elif tags.get("mlflow.parentRunId") in live:
+                continue
+            else:
+                why = "its submission's driver is gone (killed or lost)"
+            self.end(rid, "KILLED", f"marked KILLED by a later submission: {why}")
+            killed.append(rid)
+        return killed
+
+
+def _finite(v: Any) -> bool:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return False
+    return f == f and f not in (float("inf"), float("-inf"))
+
+
+def _driver_alive(run: Any) -> bool:
+    tags = run.data.tags
+    try:
+        beat = float(tags.get("heartbeat", "0"))
+    except ValueError:
+        beat = 0.0
+    if time.time() - beat > STALE_S:
+        return False
+    if tags.get("driver_host") == socket.gethostname():
+        try:
+            os.kill(int(tags.get("driver_pid", "0")), 0)
+        except (ProcessLookupError, ValueError):
+            return False
+        except PermissionError:  # exists, owned by another user
+            return True
+    return True
+
+
+def log_record(tracker: Tracker, experiment_id: str, record: TrialRecord, projectors: bytes,
+               parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None) -> str:
+    """Create a FINISHED child run from a storage record (the replay path)."""
+    cfg = record.train_config
+    tags = {**record.tags, **(extra_tags or {})}
+    run_id = tracker.start_trial(experiment_id, parent_run_id or record.parent_run_id,
+                                 record.run_name, cfg, tags, start_ms=record.started_ms or None)
+    tracker.log_result(run_id, record, projectors)
+    tracker.end(run_id, "FINISHED", end_ms=record.ended_ms or None)
+    return run_id
+
+
+def replay(tracker: Tracker, storage: str, experiment: str, *, parent_run_id: str | None = None,
+           experiment_id: str | None = None) -> list[str]:
+    """Log every storage record of `experiment` that MLflow lacks; returns the new run ids.
+
+    A record is present when a FINISHED run carries its `record_id`, or a FINISHED run of the
+    same (config_hash, code_version, phase) exists (no duplicate for an already-tracked result).
+    """
+    records = list(iter_records(storage, experiment))
+    if not records:
+        return []
+    exp_id = experiment_id or tracker.experiment_id(experiment)
+    done = tracker.search(exp_id, "attributes.status = 'FINISHED'")
+    known_ids = {r.data.tags.get("record_id") for r in done}
+    known_keys = {(r.data.tags.get("config_hash"), r.data.tags.get("code_version"),
+                   r.data.tags.get("phase")) for r in done}
+    new = []
+    for rec, weights_url in records:
+        key = (rec.config_hash, rec.tags.get("code_version"), rec.tags.get("phase"))
+        if rec.record_id in known_ids or key in known_keys:
+            continue
+        run_id = log_record(tracker, exp_id, rec, read_bytes(weights_url),
+                            parent_run_id=parent_run_id, extra_tags={"replayed": "true"})
+        known_ids.add(rec.record_id)
+        known_keys.add(key)
+        new.append(run_id)
+    return new
+
+
+def iter_children(tracker: Tracker, experiment_id: str, parent_run_id: str) -> Iterable:
+    return tracker.search(experiment_id, f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+
+__all__ = ["Tracker", "TrialRecord", "PHASES", "PARENT_PHASE", "config_params", "redact_uri",
+           "write_record", "iter_records", "read_bytes", "records_dir", "replay", "log_record",
+           "new_record_id", "experiment_slug", "iter_children", "HEARTBEAT_S"]
