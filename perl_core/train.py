@@ -13,8 +13,9 @@ What `fit` does (PERL.md §2.5-2.6, §4; data_protocol.md §5-§9):
      the source (`all/`) and each of `cfg.eval_datasets` on its full test set with its own class
      names (`<Target>/`); `target_avg` is the mean target accuracy. For domain_generalization an
      empty `eval_datasets` means every registered test-only variant whose source is cfg.dataset.
-2. Seeds python/numpy/torch with cfg.seed and builds the model (projector init comes from the
-   seeded torch RNG), moved to cfg.device ("auto": cuda if available).
+2. Builds the model (`build_model`: the projectors' init is drawn right after seeding with
+   cfg.seed), seeds python/numpy/torch again, and moves the model to cfg.device ("auto": cuda
+   if available).
 3. Trains the projectors only: AdamW(lr, weight_decay), constant lr, batch_size, epochs, Dassl's
    drop_last (when the train set has >= batch_size images). Per step: the image side runs every
    step in one pass (v0 is the zero-shot embedding, no grad; vK the refined one), the text side
@@ -59,7 +60,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from perl_core.checkpoint import Checkpoint, DirCheckpoint
 from perl_core.config import FIELD_NAMES, TrainConfig, literal_choices
 from perl_core.evaluate import autocast, class_text_tokens, evaluate, model_device
-from perl_core.factory import build_perl_from_config, resolve_device
+from perl_core.factory import create_clip, resolve_device
 from perl_core.loss import perl_loss
 from perl_core.metrics import harmonic_mean
 from perl_core.model import PerlModel
@@ -192,6 +193,28 @@ def resolve_task(cfg: TrainConfig) -> Task:
     return Task(source, list(fewshot.train), list(fewshot.classnames), evalsets, names)
 
 
+# --- model -------------------------------------------------------------------------------------
+
+
+def build_model(cfg: TrainConfig, clip: torch.nn.Module | None = None) -> PerlModel:
+    """The PerlModel `fit` trains, on the CPU: a frozen CLIP, then fresh projectors.
+
+    The RNGs are seeded with cfg.seed right before the projectors are made, so their initial
+    weights depend on the seed only, not on how the CLIP was obtained (built here from a seeded
+    RNG, or passed in, e.g. a backbone cached across trials).
+    """
+    if clip is None:
+        seed_everything(cfg.seed)  # random-init CLIPs (pretrained="") come from the seed too
+        clip = create_clip(cfg.arch, cfg.pretrained or None)
+    seed_everything(cfg.seed)
+    # the mapping of factory.build_perl_from_config, around an existing CLIP
+    return PerlModel(clip, inject_layer=cfg.inject_layer, num_steps=cfg.num_steps, rank=cfg.rank,
+                     modality=cfg.modality, variant=cfg.variant,
+                     inject_layers=cfg.inject_layers or None,
+                     text_inject_layer=None if cfg.text_inject_layer < 0 else
+                     cfg.text_inject_layer, text_placement=cfg.text_placement)
+
+
 # --- data order and augmentation -----------------------------------------------------------------
 
 
@@ -313,8 +336,8 @@ def fit(cfg: TrainConfig, callbacks: Sequence[Callback] | None = None,
         progress: bool | None = None, checkpoint_every: int = 0) -> TrainResult:
     """Train PERL's projectors as described by `cfg`, evaluate, and return everything.
 
-    model: a prebuilt PerlModel to train in place (default: `build_perl_from_config(cfg)` after
-        seeding, so the same seed gives the same initial projectors).
+    model: a prebuilt PerlModel to train in place (default: `build_model(cfg)`, whose initial
+        projectors depend on cfg.seed only).
     checkpoint: an object with load() -> dict | None and save(state); a saved state is resumed
         (its config hash must match cfg's), and state is saved every `checkpoint_every` optimizer
         steps (0: never mid-epoch) and at the end of every epoch.
@@ -324,13 +347,13 @@ def fit(cfg: TrainConfig, callbacks: Sequence[Callback] | None = None,
     _validate(cfg, checkpoint_every)
     callbacks = list(callbacks or [])
     show = _want_progress(progress)
-    seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
+    if model is None:
+        model = build_model(cfg)
+    seed_everything(cfg.seed)  # a given model was built by the caller; the RNGs restart anyway
     task = resolve_task(cfg)
     if not task.train_items and cfg.epochs > 0:
         raise ValueError(f"{task.dataset}: the few-shot train set is empty (shots={cfg.shots})")
-    if model is None:
-        model = build_perl_from_config(cfg, device="cpu")
     model.to(device)
     counts = model.trainable_parameter_counts()
     n_params = model.num_trainable_parameters()
@@ -754,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["fit", "evaluate", "evaluate_task", "resolve_task", "Callback", "TrainResult", "Task",
+__all__ = ["fit", "build_model", "evaluate", "evaluate_task", "resolve_task", "Callback", "TrainResult", "Task",
            "EvalSet", "save_projectors", "load_projectors", "seed_everything", "epoch_plan",
            "ensure_synthetic_data", "main"]
 

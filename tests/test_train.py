@@ -188,6 +188,20 @@ def test_same_seed_same_weights_other_seed_other_weights(cfg):
     assert not _equal_states(a.projector_state, c.projector_state)
 
 
+def test_projector_init_depends_on_the_seed_only(cfg):
+    from perl_core.factory import create_clip
+    from perl_core.train import build_model
+
+    torch.manual_seed(99)  # a backbone built elsewhere, from another RNG state
+    cached_clip = create_clip(cfg.arch, None)
+    a = build_model(cfg).projector_state_dict()
+    b = build_model(cfg, clip=cached_clip).projector_state_dict()
+    assert _equal_states(a, b)
+    # fit's default model is build_model(cfg): passing it explicitly changes nothing
+    assert _equal_states(fit(cfg).projector_state,
+                         fit(cfg, model=build_model(cfg)).projector_state)
+
+
 def test_num_workers_does_not_change_the_result(cfg):
     # num_workers is an execution field (outside the config hash): augmentation is seeded per
     # image, so worker processes must not change what is trained on.
