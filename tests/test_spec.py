@@ -1,0 +1,293 @@
+"""Sweep YAML schema: every shipped sweep validates and expands to the paper's cell counts; invalid
+files give one readable message naming the file, the line and the key path; hashes are stable."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from perl_core.config import TrainConfig
+from pipeline.spec import (SpecError, cell_name, cells, expand, group_order, load_spec,
+                           parse_spec, resolve_tracking_uri)
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEPS = REPO / "sweeps"
+DATASETS_11 = {"ImageNet", "Caltech101", "OxfordPets", "StanfordCars", "Flowers102", "Food101",
+               "FGVCAircraft", "SUN397", "DTD", "EuroSAT", "UCF101"}
+
+# sweep file -> (number of grid cells, the field(s) the paper varies besides dataset/seed)
+PAPER = {
+    "base2novel.yaml": (33, {}),
+    "cross_dataset.yaml": (3, {}),
+    "domain_generalization.yaml": (3, {}),
+    "ablation_steps.yaml": (165, {"num_steps": {1, 2, 3, 4, 5}}),
+    "ablation_layer.yaml": (198, {"inject_layer": {6, 7, 8, 9, 10, 11}}),
+    "ablation_modality.yaml": (99, {"modality": {"vision", "text", "both"}}),
+    "ablation_loop.yaml": (198, {"variant": {"shared", "step", "early", "deep", "layer",
+                                             "layerstep"}}),
+    "alignment.yaml": (198, {"anchor_weight": {0.0, 0.1, 0.3, 1.0, 3.0, 10.0}}),
+    "hpo.yaml": (3, {}),
+}
+TOY = {"smoke.yaml": 6, "toy/base2novel.yaml": 6, "toy/cross_dataset.yaml": 2,
+       "toy/domain_generalization.yaml": 2, "toy/ablation_steps.yaml": 5,
+       "toy/ablation_layer.yaml": 6, "toy/ablation_modality.yaml": 3,
+       "toy/ablation_loop.yaml": 6, "toy/alignment.yaml": 6, "toy/hpo.yaml": 1}
+PAPER_SETTINGS = {"arch": "ViT-B-16-quickgelu", "pretrained": "openai", "shots": 16,
+                  "inject_layer": 7, "num_steps": 4, "rank": 1, "anchor_weight": 1.0, "lr": 1e-4,
+                  "batch_size": 4, "epochs": 1}
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch, tmp_path):
+    monkeypatch.setenv("PERL_DATA_ROOT", "/data/coop")
+    for var in ("PERL_PRETRAINED", "PERL_RUNS_DIR", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)  # relative defaults resolve against the cwd, made absolute
+
+
+def test_every_sweep_file_is_covered():
+    shipped = {p.relative_to(SWEEPS).as_posix() for p in SWEEPS.rglob("*.yaml")}
+    assert shipped == set(PAPER) | set(TOY)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_sweeps_validate_with_paper_settings(name, tmp_path):
+    n_cells, varied = PAPER[name]
+    spec = load_spec(SWEEPS / name)
+    grid = cells(spec)
+    assert len(grid) == n_cells
+    assert len({c.config_hash for c in grid}) == n_cells
+    assert len({c.name for c in grid}) == n_cells
+    assert spec.name == name.removesuffix(".yaml")
+    assert spec.storage == str(tmp_path / "runs")
+    for c in grid:
+        cfg = c.config
+        assert cfg.data_root == "/data/coop" and cfg.seed in (1, 2, 3)
+        for field, value in PAPER_SETTINGS.items():
+            if field not in varied:
+                assert getattr(cfg, field) == value, (name, field)
+    for field, values in varied.items():
+        assert {getattr(c.config, field) for c in grid} == values
+    if spec.name in ("cross_dataset", "domain_generalization"):
+        assert {c.config.dataset for c in grid} == {"ImageNet"}
+        assert {c.config.protocol for c in grid} == {spec.name}
+        targets = grid[0].config.eval_datasets
+        assert len(targets) == (10 if spec.name == "cross_dataset" else 4)
+    elif spec.name != "hpo":
+        assert {c.config.dataset for c in grid} == DATASETS_11
+        assert {c.config.protocol for c in grid} == {"base2novel"}
+
+
+def test_hpo_sweep_searches_on_validation():
+    spec = load_spec(SWEEPS / "hpo.yaml")
+    assert spec.search is not None
+    assert set(spec.search.space) == {"lr", "anchor_weight", "weight_decay"}
+    assert spec.search.metric.startswith("val/")
+
+
+@pytest.mark.parametrize("name", sorted(TOY))
+def test_toy_sweeps_run_on_the_embedded_default(name, tmp_path, monkeypatch):
+    monkeypatch.delenv("PERL_DATA_ROOT")  # the toy world defaults to ./runs/world
+    spec = load_spec(SWEEPS / name)
+    grid = cells(spec)
+    assert len(grid) == TOY[name]
+    for c in grid:
+        assert (c.config.arch, c.config.pretrained) == ("perl-tiny", "embedded")
+        assert c.config.data_root == str(tmp_path / "runs" / "world")
+    assert spec.resources.gpu == 0
+
+
+def test_paper_data_root_must_be_set(monkeypatch):
+    monkeypatch.delenv("PERL_DATA_ROOT")
+    with pytest.raises(SpecError) as e:
+        load_spec(SWEEPS / "base2novel.yaml")
+    msg = str(e.value)
+    assert "base2novel.yaml" in msg and "fixed.data_root" in msg and "PERL_DATA_ROOT" in msg
+
+
+def test_env_substitution_and_absolute_paths(monkeypatch, tmp_path):
+    monkeypatch.setenv("BUCKET", "s3://bkt/coop")
+    text = textwrap.dedent("""\
+        name: t
+        experiment: e
+        fixed: {dataset: ToyShapes, arch: perl-tiny, pretrained: embedded}
+        grid:
+          data_root: ["${BUCKET}", "${NOT_SET:-rel/world}"]
+          seed: [1]
+        storage: ${NOT_SET:-out}
+        tracking_uri: sqlite:///db/mlflow.db
+    """)
+    with pytest.raises(SpecError, match="same run"):  # data_root does not change the result
+        parse_spec(text, source="t.yaml")
+    spec = parse_spec(text.replace("seed: [1]", "seed: [1, 2]").replace(
+        'data_root: ["${BUCKET}", "${NOT_SET:-rel/world}"]', 'data_root: ["${BUCKET}"]'),
+        source="t.yaml")
+    assert spec.storage == str(tmp_path / "out")
+    assert spec.tracking_uri == f"sqlite:///{tmp_path / 'db' / 'mlflow.db'}"
+    assert {c.data_root for c in expand(spec)} == {"s3://bkt/coop"}
+    spec = parse_spec("name: t\nexperiment: e\nfixed: {dataset: ToyShapes, data_root: "
+                      "'${NOT_SET:-rel/world}', pretrained: embedded, arch: perl-tiny}\n")
+    assert expand(spec)[0].data_root == str(tmp_path / "rel" / "world")
+
+
+def test_tracking_uri_resolution(monkeypatch, tmp_path):
+    spec = parse_spec("name: t\nexperiment: e\nfixed: {dataset: ToyShapes, arch: perl-tiny, "
+                      "pretrained: embedded}\n")
+    assert resolve_tracking_uri(spec) == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert resolve_tracking_uri(spec) == "http://127.0.0.1:5000"
+    assert resolve_tracking_uri(spec, "sqlite:///x.db") == f"sqlite:///{tmp_path / 'x.db'}"
+    with pytest.raises(SpecError, match="file store"):
+        resolve_tracking_uri(spec, "file:///tmp/mlruns")
+
+
+# --- invalid files --------------------------------------------------------------------------------
+
+BASE = """\
+name: bad
+experiment: perl/bad
+fixed:
+  dataset: ToyShapes
+  arch: perl-tiny
+  pretrained: embedded
+"""
+
+# (case, YAML text, fragments the message must contain: key path, what is allowed/wrong)
+INVALID = [
+    ("yaml_syntax", "name: bad\nexperiment: [perl\nfixed: {}\n",
+     ["line 3", "YAML syntax error"]),
+    ("unknown_top_key", BASE + "gird:\n  seed: [1, 2]\n",
+     ["line 7", "gird", "unknown key", "grid", "fixed"]),
+    ("unknown_field", BASE + "  num_step: 4\n",
+     ["line 7", "fixed.num_step", "unknown TrainConfig field", "num_steps"]),
+    ("wrong_type", BASE + "grid:\n  shots: [16, sixteen]\n",
+     ["line 8", "grid.shots[1]", "expected an integer", "sixteen"]),
+    ("wrong_type_bool", BASE + "  lr: true\n", ["fixed.lr", "expected a number"]),
+    ("unknown_dataset", BASE.replace("ToyShapes", "ToyShapez"),
+     ["line 4", "fixed.dataset", "unknown dataset 'ToyShapez'", "ToyShapes"]),
+    ("unknown_variant", BASE + "grid:\n  variant: [shared, fancy]\n",
+     ["grid.variant[1]", "'fancy' is not one of", "layerstep"]),
+    ("inject_layer_outside_depth", BASE + "grid:\n  inject_layer: [7, 12]\n",
+     ["line 8", "grid.inject_layer[1]", "inject_layer=12", "layers 0..11"]),
+    ("num_steps_negative", BASE + "  num_steps: -1\n",
+     ["line 7", "fixed.num_steps", ">= 0"]),
+    ("shots_zero", BASE + "  shots: 0\n", ["fixed.shots", "> 0"]),
+    ("duplicate_grid_values", BASE + "grid:\n  seed: [1, 2, 1]\n",
+     ["line 8", "grid.seed[2]", "duplicate value 1"]),
+    ("empty_grid", BASE + "grid: {}\n", ["line 7", "grid", "empty"]),
+    ("empty_grid_list", BASE + "grid:\n  seed: []\n", ["grid.seed", "no values"]),
+    ("empty_search_space", BASE + "search:\n  space: {}\n  metric: val/acc\n",
+     ["line 8", "search.space", "empty"]),
+    ("low_not_below_high", BASE + "search:\n  space:\n    lr: {type: loguniform, low: 1.0e-3, "
+                                  "high: 1.0e-4}\n  metric: val/acc\n",
+     ["line 9", "search.space.lr", "low=0.001 must be < high=0.0001"]),
+    ("test_metric_for_hpo", BASE + "search:\n  space:\n    lr: {type: loguniform, low: 1.0e-5, "
+                                   "high: 1.0e-3}\n  metric: novel/acc\n",
+     ["line 10", "search.metric", "not a validation metric", "val/acc"]),
+    ("search_type", BASE + "search:\n  space:\n    lr: {type: gaussian, low: 0, high: 1}\n"
+                           "  metric: val/acc\n",
+     ["search.space.lr.type", "loguniform", "choice"]),
+    ("duplicate_key", BASE + "  dataset: ToyCounts\n", ["fixed.dataset", "duplicate key"]),
+    ("grid_and_fixed", BASE + "grid:\n  dataset: [ToyShapes, ToyCounts]\n",
+     ["grid.dataset", "set in both 'fixed' and 'grid'"]),
+    ("test_only_training_set", BASE.replace("ToyShapes", "ToyWorldSketch"),
+     ["fixed.dataset", "only a test split", "eval_datasets"]),
+    ("targets_missing", BASE + "  protocol: cross_dataset\n",
+     ["fixed.eval_datasets", "needs eval_datasets"]),
+    ("resources_key", BASE + "resources: {cpu: 1, gpus: 1}\n",
+     ["resources.gpus", "unknown key", "gpu"]),
+    ("missing_name", BASE.replace("name: bad\n", ""), ["name", "required"]),
+    ("unset_env", BASE + "  data_root: ${SURELY_NOT_SET_VAR}\n",
+     ["fixed.data_root", "SURELY_NOT_SET_VAR is not set"]),
+    ("embedded_wrong_arch", BASE.replace("arch: perl-tiny", "arch: ViT-B-16-quickgelu"),
+     ["fixed.pretrained", "perl-tiny"]),
+]
+
+
+@pytest.mark.parametrize("case,text,fragments", INVALID, ids=[c[0] for c in INVALID])
+def test_invalid_sweep_files_name_file_and_key(case, text, fragments, tmp_path):
+    path = tmp_path / f"{case}.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError) as e:
+        load_spec(path)
+    msg = str(e.value)
+    assert str(path) in msg, msg
+    for fragment in fragments:
+        assert fragment in msg, f"{fragment!r} not in: {msg}"
+    assert "Traceback" not in msg and "pydantic" not in msg.lower()
+
+
+def test_all_problems_at_once(tmp_path):
+    path = tmp_path / "two.yaml"
+    path.write_text(BASE + "  num_steps: -2\n  shots: 0\n")
+    with pytest.raises(SpecError) as e:
+        load_spec(path)
+    assert len(e.value.problems) == 2
+    assert "2 problems" in str(e.value)
+
+
+def test_missing_file_is_a_spec_error(tmp_path):
+    with pytest.raises(SpecError, match="cannot read"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_cli_exit_code_2_on_invalid_file(tmp_path, capsys):
+    from pipeline.run import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(BASE + "  num_steps: -1\n")
+    assert main([str(path), "--dry-run"]) == 2
+    assert "fixed.num_steps" in capsys.readouterr().out
+
+
+# --- expansion, names, hashes -----------------------------------------------------------------------
+
+
+def test_expand_is_the_cartesian_product_in_yaml_order():
+    spec = parse_spec(BASE.replace("  dataset: ToyShapes\n", "") +
+                      "grid:\n  dataset: [ToyShapes, ToyCounts]\n  num_steps: [1, 2, 3]\n")
+    got = [(c.dataset, c.num_steps) for c in expand(spec)]
+    assert got == [(d, k) for d in ("ToyShapes", "ToyCounts") for k in (1, 2, 3)]
+
+
+def test_cell_names():
+    cfg = TrainConfig(dataset="ToyShapes", shots=16, seed=1, inject_layer=7, num_steps=4)
+    assert cell_name(cfg) == "b2n/ToyShapes/16shot/seed1/J7/K4"
+    assert cell_name(cfg.replace(modality="vision"), ["modality", "seed"]) == \
+        "b2n/ToyShapes/16shot/seed1/J7/K4/modality=vision"
+    assert cell_name(cfg.replace(protocol="cross_dataset", anchor_weight=0.1),
+                     ["anchor_weight"]) == "xd/ToyShapes/16shot/seed1/J7/K4/anchor_weight=0.1"
+
+
+def test_group_order_keeps_backbone_groups_together():
+    spec = parse_spec(BASE.replace("  dataset: ToyShapes\n", "") +
+                      "grid:\n  seed: [1, 2]\n  dataset: [ToyShapes, ToyCounts]\n")
+    ordered = group_order(cells(spec))
+    assert [c.config.dataset for c in ordered] == ["ToyShapes", "ToyShapes", "ToyCounts",
+                                                   "ToyCounts"]
+    assert [c.config.seed for c in ordered] == [1, 2, 1, 2]
+
+
+def test_config_hash_is_stable():
+    smoke = cells(load_spec(SWEEPS / "smoke.yaml"))
+    # pinned: a change here silently orphans every finished run (bump SCHEMA_VERSION on purpose)
+    assert (smoke[0].name, smoke[0].config_hash) == ("b2n/ToyShapes/16shot/seed1/J7/K2",
+                                                     "dcc835716867d195")
+    b2n = cells(load_spec(SWEEPS / "base2novel.yaml"))
+    assert (b2n[0].name, b2n[0].config_hash) == ("b2n/ImageNet/16shot/seed1/J7/K4",
+                                                 "efb1436d272590ab")
+    # key order, defaults spelled out, numeric spelling and execution fields do not matter
+    a = parse_spec("name: a\nexperiment: e\nfixed: {dataset: ToyShapes, arch: perl-tiny, "
+                   "pretrained: embedded, lr: 1e-4, data_root: /x, device: cpu}\n")
+    b = parse_spec("name: b\nexperiment: f\nfixed: {lr: 0.0001, pretrained: embedded, "
+                   "arch: perl-tiny, dataset: ToyShapes, shots: 16, data_root: /y}\n")
+    assert cells(a)[0].config_hash == cells(b)[0].config_hash
+    # ... while a result-changing field does
+    c = parse_spec("name: c\nexperiment: e\nfixed: {dataset: ToyShapes, arch: perl-tiny, "
+                   "pretrained: embedded, lr: 2e-4}\n")
+    assert cells(c)[0].config_hash != cells(a)[0].config_hash
+    # the shared cells of two sweeps are the same runs
+    loop = {c.config_hash for c in cells(load_spec(SWEEPS / "ablation_loop.yaml"))}
+    assert {c.config_hash for c in b2n} <= loop
