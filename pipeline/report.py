@@ -4,7 +4,8 @@ base64 data URIs, no scripts and no network access needed to read it.
 Every rebuilt table shows ours beside the paper's number with the difference coloured (green:
 ours better, red: worse, by the metric's direction), missing cells as `—` and failed cells as
 FAILED, and for each number the MLflow runs it came from. Run ids become links to the MLflow UI
-(`<ui>/#/experiments/<exp>/runs/<run>`) when `ui_url` is given or the tracking URI is http(s).
+(`<ui>/#/experiments/<exp>/runs/<run>?workflowType=machine_learning`) when `ui_url` is given or
+the tracking URI is http(s).
 """
 
 from __future__ import annotations
@@ -55,10 +56,16 @@ def ui_base(tracking_uri: str, ui_url: str | None) -> str | None:
     return urlunsplit((p.scheme, host, p.path.rstrip("/"), "", ""))
 
 
+# The MLflow 3 UI (checked on 3.17) shows a run inside its GenAI navigation (Traces, Judges,
+# Prompts; breadcrumb "Evaluations") unless the link selects the model-training workflow; a UI
+# without that switch ignores the query.
+UI_RUN_QUERY = "?workflowType=machine_learning"
+
+
 def run_link(run_id: str, exp_id: str | None, base: str | None) -> str:
     short = html.escape(run_id[:8])
     if base and exp_id:
-        href = f"{base}/#/experiments/{exp_id}/runs/{run_id}"
+        href = f"{base}/#/experiments/{exp_id}/runs/{run_id}{UI_RUN_QUERY}"
         return f'<a href="{html.escape(href)}" title="{html.escape(run_id)}">{short}</a>'
     return f'<span title="{html.escape(run_id)}">{short}</span>'
 
