@@ -3,7 +3,7 @@
 No CLIP weights or benchmark datasets can be downloaded in CI or on a laptop, yet the pipeline must
 run end to end with numbers that can move. This module draws a small world of coloured shapes,
 textures and counted objects (PIL + numpy only), writes it in exactly CoOp's layout
-(`<root>/<dataset_dir>/images/<class>/<n>.png` and `split_zhou_<Name>.json` with unsorted
+(`<root>/<dataset_dir>/images/<class>/<split>_<n>.png` and `split_zhou_<Name>.json` with unsorted
 `[relpath, label, classname]` lists), and registers every dataset (`synthetic=True`) so that
 `get_spec("ToyShapes")` and the real CoOp loader work on it unchanged.
 
@@ -51,7 +51,7 @@ from perl_core.data.registry import DatasetSpec, register
 
 # Bump whenever rendering, class order or split layout changes: a world on disk with another
 # version is regenerated instead of being silently reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 IMAGE_SIZE = 48  # = perl-tiny's vision image_size; images are stored at model resolution
 _SUPER = 2  # draw at 2x and box-downsample: anti-aliased edges at 48 px
 MANIFEST = "synthetic_world.json"
@@ -179,13 +179,12 @@ _BY_NAME = {d.name: d for d in DATASETS}
 
 
 def toy_dataset(name: str) -> ToyDataset:
-    """The generation recipe of a synthetic dataset (canonical name or any registry alias)."""
-    from perl_core.data.registry import get_spec
-
-    canonical = name if name in _BY_NAME else get_spec(name).name
-    if canonical not in _BY_NAME:
-        raise KeyError(f"{name!r} is not a synthetic dataset; synthetic: {list(_BY_NAME)}")
-    return _BY_NAME[canonical]
+    """The generation recipe of a synthetic dataset (case, "-" and "_" ignored, as in the registry)."""
+    key = name.lower().replace("-", "").replace("_", "")
+    for d in DATASETS:
+        if d.name.lower() == key:
+            return d
+    raise KeyError(f"{name!r} is not a synthetic dataset; synthetic: {list(_BY_NAME)}")
 
 
 def held_out_scenes() -> dict[str, list[Scene]]:
@@ -432,14 +431,14 @@ def _write_dataset(d: ToyDataset, root: Path, seed: int, sizes: dict[str, int]) 
         scene = d.scene(label)
         cdir = img_root / _class_dir(cname)
         cdir.mkdir(parents=True, exist_ok=True)
-        idx = 0
         for s in SPLITS:
             for k in range(sizes[s]):
-                rel = f"{_class_dir(cname)}/{idx:04d}.png"
+                # named by (split, index) like the image's RNG key, so a small world's files
+                # are exactly the full world's files of the same name
+                rel = f"{_class_dir(cname)}/{s}_{k:04d}.png"
                 img = render_scene(scene, image_rng(seed, d.name, s, label, k))
                 img.save(img_root / rel, format="PNG")
                 split[s].append([rel, label, cname])
-                idx += 1
     # CoOp's files are not sorted by label (few-shot sampling walks them in file order)
     for s in SPLITS:
         order = image_rng(seed, d.name, "order", s).permutation(len(split[s]))
