@@ -21,7 +21,8 @@ What `fit` does (PERL.md §2.5-2.6, §4; data_protocol.md §5-§9):
    step in one pass (v0 is the zero-shot embedding, no grad; vK the refined one), the text side
    re-encodes all training classes with gradient (its frozen lower blocks are computed once, as
    they do not change), and `perl_loss` is taken on step K only.
-4. Evaluates every evaluation set at every step 0..K (`perl_core.evaluate.evaluate`).
+4. Evaluates every evaluation set at every step 0..K (`perl_core.evaluate.evaluate`), and
+   reports `train/loss`, `train/ce`, `train/anchor` as the means over the last epoch.
 
 Determinism and resume. The order of the training images comes from a dedicated generator
 (`torch.Generator().manual_seed(cfg.seed)`): each epoch draws a permutation and an augmentation
