@@ -66,7 +66,7 @@ def dassl_reference(train, val, shots, seed):
 
 
 def made_up_splits(seed=0, n_classes=6, small_class=4, small_size=3):
-    """Interleaved labels (not contiguous, first appearance not sorted), one class smaller than k."""
+    """Interleaved labels (first appearance not sorted), one class smaller than k."""
     rng = random.Random(seed)
     counts = {y: rng.randint(10, 25) for y in range(n_classes)}
     counts[small_class] = small_size

@@ -87,7 +87,8 @@ def check_shots(splits: Splits, shots: int) -> None:
     if shots < 1:
         return
     counts = Counter(d.label for d in splits.train)
-    small = [(y, counts.get(y, 0)) for y in range(len(splits.classnames)) if counts.get(y, 0) < shots]
+    small = [(y, counts.get(y, 0)) for y in range(len(splits.classnames))
+             if counts.get(y, 0) < shots]
     if small:
         shown = ", ".join(f"{splits.classnames[y]!r} (label {y}: {n})" for y, n in small[:10])
         more = f" and {len(small) - 10} more" if len(small) > 10 else ""
