@@ -9,6 +9,9 @@ What `fit` does (PERL.md §2.5-2.6, §4; data_protocol.md §5-§9):
      for training; evaluates `base` (base test images among base classes) and `novel` (novel
      test images among novel classes); `hm` and `hm_step{k}` from their accuracies.
    - all: trains and evaluates on every class (`all/`).
+   - every protocol also evaluates the few-shot validation split of the training classes
+     (`val/`), which is what hyper-parameter search selects on (not for ImageNet, whose CoOp
+     val split is its test set).
    - cross_dataset / domain_generalization: trains on every class of `cfg.dataset`, evaluates
      the source (`all/`) and each of `cfg.eval_datasets` on its full test set with its own class
      names (`<Target>/`); `target_avg` is the mean target accuracy. For domain_generalization an
@@ -147,6 +150,18 @@ def dg_default_targets(source: str) -> list[str]:
             and _canonical(get_spec(n).source) == src]
 
 
+RESERVED_EVALSETS = ("base", "novel", "all", "val")
+
+
+def _val_set(train_splits: Any, source: str) -> list[EvalSet]:
+    """The few-shot validation split of the training classes, as evalset "val" (for model
+    selection: sweeps select on val/*, never on test). None where the dataset has no val split
+    or CoOp uses the test set as val (ImageNet): that would be selection on test."""
+    if not train_splits.val or getattr(train_splits, "val_is_test", False):
+        return []
+    return [EvalSet("val", source, list(train_splits.val), list(train_splits.classnames))]
+
+
 def resolve_task(cfg: TrainConfig) -> Task:
     """Load the splits and decide what to train on and what to evaluate (see module doc)."""
     from perl_core.data.coop import load_splits
@@ -164,8 +179,10 @@ def resolve_task(cfg: TrainConfig) -> Task:
         novel = subsample_classes(fewshot, "new")
         return Task(source, list(base.train), list(base.classnames),
                     [EvalSet("base", source, list(base.test), list(base.classnames)),
-                     EvalSet("novel", source, list(novel.test), list(novel.classnames))], [])
-    evalsets = [EvalSet("all", source, list(fewshot.test), list(fewshot.classnames))]
+                     EvalSet("novel", source, list(novel.test), list(novel.classnames)),
+                     *_val_set(base, source)], [])
+    evalsets = [EvalSet("all", source, list(fewshot.test), list(fewshot.classnames)),
+                *_val_set(fewshot, source)]
     if cfg.protocol == "all":
         if cfg.eval_datasets:
             raise ValueError(f"protocol='all' evaluates the training dataset only; eval_datasets="
@@ -184,7 +201,7 @@ def resolve_task(cfg: TrainConfig) -> Task:
     names = []
     for target in targets:
         name = _canonical(target)
-        if name in names or name in ("base", "novel", "all"):
+        if name in names or name in RESERVED_EVALSETS:
             raise ValueError(f"eval_datasets lists {name!r} twice (or uses a reserved name)")
         names.append(name)
         t = load_splits(name, cfg.data_root)

@@ -118,12 +118,13 @@ def test_epoch_plan_is_seeded_and_drops_last_like_dassl():
 
 def test_resolve_task_protocols(cfg):
     t = resolve_task(cfg)
-    assert [e.name for e in t.evalsets] == ["base", "novel"]
+    assert [e.name for e in t.evalsets] == ["base", "novel", "val"]
     assert len(t.train_classnames) == 10 and len(t.train_items) == 10 * cfg.shots
     assert t.evalsets[0].classnames == t.train_classnames
     assert not set(t.evalsets[1].classnames) & set(t.train_classnames)
     t = resolve_task(cfg.replace(protocol="all"))
-    assert [e.name for e in t.evalsets] == ["all"] and len(t.train_classnames) == 20
+    assert [e.name for e in t.evalsets] == ["all", "val"] and len(t.train_classnames) == 20
+    assert {d.label for d in t.evalsets[1].items} == set(range(20))  # val: the training classes
     t = resolve_task(cfg.replace(dataset="ToyWorld", protocol="domain_generalization"))
     assert t.targets == ["ToyWorldV2", "ToyWorldSketch", "ToyWorldClutter"]
     with pytest.raises(ValueError, match="needs eval_datasets"):
@@ -176,7 +177,9 @@ def test_fit_base2novel_metrics_history_and_callbacks(cfg):
     assert r.num_trainable_parameters == 5 * (64 + 32) + 2
     assert events[0] == ("start", steps, r.num_trainable_parameters)
     assert [e[0] for e in events] == ["start"] + ["step"] * steps + ["epoch", "eval"]
-    assert set(r.per_class) == {"base", "novel"} and len(r.per_class["base"]) == 10
+    assert set(r.per_class) == {"base", "novel", "val"} and len(r.per_class["base"]) == 10
+    # val/: the few-shot validation split (min(shots, 4) = 1 per base class, world has 1)
+    assert _metric_keys("val") <= m.keys() and m["val/n"] == 10
     assert all(v.device.type == "cpu" for v in r.projector_state.values())
 
 
