@@ -372,12 +372,20 @@ def _embedded_available() -> bool:
 @pytest.mark.skipif(not _embedded_available(), reason="perl_core/assets/perl-tiny.safetensors "
                                                       "not built yet")
 def test_pretrained_tiny_perl_beats_zero_shot(tmp_path_factory):
+    """16-shot PERL on the embedded tiny CLIP improves ToyShapes base accuracy over step 0.
+
+    With the paper's budget (lr 1e-4, one epoch = 40 steps of 4 images) the projectors of
+    perl-tiny barely move: the trained model scores like the untrained one (KL drift from step
+    0 ~0.004 nats, base 67.1 vs 67.5 untrained vs 69.2 zero-shot). Each Adam step changes the
+    logits far less than on ViT-B/16: the projector's W1 is a 64-wide instead of a 768-wide dot
+    product, and the logit scale is 17.8 instead of 100. lr 1e-2 compensates (base +4.2 / +4.2
+    / +2.1 points over zero-shot for seeds 1 / 2 / 3), so that is what this test trains with.
+    """
     from perl_core.data.synthetic import generate_world
 
     root = tmp_path_factory.mktemp("full_world")
     generate_world(root, datasets=["ToyShapes"])
     cfg = TrainConfig(dataset="ToyShapes", data_root=str(root), arch="perl-tiny",
-                      pretrained="embedded", shots=16, epochs=1, device="cpu")
-    r = fit(cfg)
-    m = r.metrics
-    assert m["base/acc"] > m["base/acc_step0"], m
+                      pretrained="embedded", shots=16, epochs=1, lr=1e-2, device="cpu")
+    m = fit(cfg).metrics
+    assert m["base/acc"] >= m["base/acc_step0"] + 1.0, m
