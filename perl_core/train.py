@@ -695,7 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also checkpoint every N optimizer steps (default: epoch ends only)")
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                     help="progress bar (default: when stderr is a terminal)")
-    ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--log-level", default="INFO", help="of perl_core's loggers (default INFO)")
     return ap
 
 
@@ -762,7 +762,11 @@ def write_outputs(out: str | Path, result: TrainResult) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    # our loggers at --log-level; third-party ones (open_clip logs every model build at INFO)
+    # only from WARNING up
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("perl_core", "__main__"):
+        logging.getLogger(name).setLevel(args.log_level.upper())
     try:
         cfg = config_from_args(args)
     except (ValueError, OSError) as e:
