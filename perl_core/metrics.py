@@ -151,8 +151,8 @@ def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor,
     return {name: 100.0 * float(k[c]) / int(n[c]) for c, name in enumerate(classnames) if n[c] > 0}
 
 
-def step_metrics(logits_steps: torch.Tensor, labels: torch.Tensor,
-                 v0: torch.Tensor | None = None, vk: torch.Tensor | None = None) -> dict[str, float]:
+def step_metrics(logits_steps: torch.Tensor, labels: torch.Tensor, v0: torch.Tensor | None = None,
+                 vk: torch.Tensor | None = None) -> dict[str, float]:
     """All per-step metrics of one evaluation set, unprefixed (see `StepMetricAccumulator`)."""
     acc = StepMetricAccumulator(num_classes=logits_steps.shape[-1])
     acc.update(logits_steps, labels, v0, vk)

@@ -44,7 +44,6 @@ every TrainConfig field is a flag (`--inject-layer 7`, tuples as comma lists).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
@@ -63,7 +62,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from perl_core.checkpoint import Checkpoint, DirCheckpoint
 from perl_core.config import FIELD_NAMES, TrainConfig, literal_choices
-from perl_core.evaluate import autocast, class_text_tokens, evaluate, model_device
+from perl_core.evaluate import autocast, class_text_tokens, evaluate
 from perl_core.factory import create_clip, resolve_device
 from perl_core.loss import perl_loss
 from perl_core.metrics import harmonic_mean
@@ -292,7 +291,7 @@ class _ListBatchSampler(Sampler):
         return len(self.batches)
 
 
-# --- checkpoint state ------------------------------------------------------------------------------
+# --- checkpoint state -----------------------------------------------------------------------------
 
 
 def _rng_state(data_state: torch.Tensor) -> dict[str, Any]:
@@ -325,7 +324,7 @@ class _Progress:
     train_seconds: float = 0.0
 
 
-# --- fit -------------------------------------------------------------------------------------------
+# --- fit ------------------------------------------------------------------------------------------
 
 
 def _want_progress(progress: bool | None) -> bool:
@@ -593,7 +592,7 @@ def evaluate_task(model: PerlModel, task: Task, cfg: TrainConfig, *, progress: b
     return metrics, per_class
 
 
-# --- projector files -------------------------------------------------------------------------------
+# --- projector files ------------------------------------------------------------------------------
 
 
 def _perl_version() -> str:
@@ -646,7 +645,7 @@ def load_projectors(path: str | Path) -> tuple[dict[str, torch.Tensor], TrainCon
     return load(blob), TrainConfig.from_dict(json.loads(meta["config"]))
 
 
-# --- CLI -------------------------------------------------------------------------------------------
+# --- CLI ------------------------------------------------------------------------------------------
 
 
 def ensure_synthetic_data(cfg: TrainConfig) -> bool:
@@ -799,9 +798,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["fit", "build_model", "evaluate", "evaluate_task", "resolve_task", "Callback", "TrainResult", "Task",
-           "EvalSet", "save_projectors", "load_projectors", "seed_everything", "epoch_plan",
-           "ensure_synthetic_data", "main"]
+__all__ = ["fit", "build_model", "evaluate", "evaluate_task", "resolve_task", "Callback",
+           "TrainResult", "Task", "EvalSet", "save_projectors", "load_projectors",
+           "seed_everything", "epoch_plan", "ensure_synthetic_data", "main"]
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -308,7 +308,7 @@ def test_zero_epochs_is_zero_shot(cfg):
     assert r.metrics["base/kl_step0"] == 0.0
 
 
-# --- files and CLI ---------------------------------------------------------------------------------
+# --- files and CLI --------------------------------------------------------------------------------
 
 
 def test_save_and_load_projectors(cfg, tmp_path):
@@ -360,7 +360,7 @@ def test_cli_tuple_field(cfg, tmp_path):
     assert c.eval_datasets == ("ToyShapes", "ToyWorldV2") and c.inject_layers == (1, 3)
 
 
-# --- the method, on the embedded pretrained tiny CLIP ------------------------------------------------
+# --- the method, on the embedded pretrained tiny CLIP ---------------------------------------------
 
 
 def _embedded_available() -> bool:
