@@ -94,7 +94,7 @@ def sample_scene(rng: np.random.Generator) -> syn.Scene:
     colours, shapes = list(syn.COLOURS), list(syn.SHAPES)
     while True:
         u = rng.random()
-        # counting is the slowest skill to learn, so count scenes get the largest share
+        # 35 % objects, 40 % counts (counting is the slowest skill to learn), 25 % textures
         if u < 0.35:
             style = str(rng.choice(["photo", "sketch", "clutter"], p=[0.76, 0.12, 0.12]))
             scene = syn.Scene("object", colour=str(rng.choice(colours)),
