@@ -1,40 +1,69 @@
-"""The MLflow UI shows what the pipeline tracks: a real `mlflow server`, headless chromium.
+"""The MLflow UI shows what the pipeline tracks: a real sweep, a real `mlflow server`, chromium.
 
-A real server runs on a SQLite store and a local artifact root (127.0.0.1, a free port). Runs are
-written through the pipeline's own tracking code (`pipeline.tracking.Tracker`, as
-`pipeline.run` / `pipeline.trainable` do: a parent run per submission, a child run per cell
-named by `pipeline.spec.cell_name`, params = every TrainConfig field, per-step metrics,
-`projectors/projectors.safetensors` written by `perl_core.train.save_projectors`), then chromium
-loads the experiment page and a child run page, and the DOM after the app's JavaScript ran must
-show the run names, params, a per-step metric and the artifact.
-
-SYNTHETIC FIXTURE: the metric values and projector weights are invented (no training happens
-here); the experiment is named `fixture/...`.
+A real tracking server runs on a SQLite store and a local artifact root (127.0.0.1, a free
+port). The real sweep runner (`python -m pipeline.run`, on a local Ray) trains one cell of a
+tiny sweep on the embedded default (tiny CLIP, synthetic world) and fails another one (DTD,
+whose data folder does not exist), logging to that server: a parent run, a FINISHED child with
+params, per-step metrics and `projectors/projectors.safetensors`, a FAILED child with its reason.
+`python -m pipeline.aggregate` then reads the runs over HTTP and writes `report.html`, whose run
+links point at the server. Headless chromium loads the experiment page, the runs table with
+params and metrics as columns, a run page reached through the report's link, its artifacts and
+the failed run. The DOM after the app's JavaScript ran must show the run names, the params, a
+per-step metric, the artifact and the failure reason. The screenshots are checked for content.
 """
 
 from __future__ import annotations
 
+import os
 import re
-import tempfile
+import subprocess
+import sys
 import time
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
-from perl_core.config import TrainConfig
-
 pytest.importorskip("mlflow")
+pytest.importorskip("ray")
 import browser  # noqa: E402  (tests/browser.py)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-EXPERIMENT = "fixture/ablation_steps"
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENT = "ui-test/ablation_steps"
 SWEEP = "ablation_steps"
-PARENT_NAME = "ablation_steps 2026-01-01 00:00"  # as pipeline.run names a submission
-STEPS = (2, 4)  # two finished cells (num_steps), plus one FAILED cell (num_steps=3)
-FAILED_DETAIL = "fixture: NaN loss at step 7"
+OK_CELL = "b2n/ToyShapes/4shot/seed1/J7/K2"
+FAILED_CELL = "b2n/DTD/4shot/seed1/J7/K2"  # no dtd/ under the synthetic world: FAILED
+FAILED_REASON = "dataset folder not found"
 ML = browser.ML_WORKFLOW  # the UI opens on its GenAI pages unless told "model training"
+
+SWEEP_YAML = """\
+name: {sweep}
+experiment: {experiment}
+fixed:
+  protocol: base2novel
+  arch: perl-tiny
+  pretrained: embedded
+  data_root: {world}
+  shots: 4
+  seed: 1
+  num_steps: 2
+grid:
+  dataset: [ToyShapes, DTD]
+resources: {{cpu: 1, gpu: 0}}
+storage: {storage}
+tracking_uri: {uri}
+max_failures: 0
+"""
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "DO_NOT_TRACK": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)  # a local Ray of its own, never a cluster the user points at
+    return env
 
 
 @pytest.fixture(scope="module")
@@ -47,75 +76,44 @@ def server(tmp_path_factory):
         yield {"url": url, "tmp": tmp, "start_s": time.monotonic() - t0}
 
 
-def _projectors_blob(cfg: TrainConfig, metrics: dict[str, float]) -> bytes:
-    """A projectors file exactly as a trial writes it (`save_projectors`), with the shapes of
-    ViT-B/16's projectors (vision width 768, text width 512: 3,841 + 2,561 parameters) and
-    random (synthetic) weights."""
-    import torch
+@pytest.fixture(scope="module")
+def runs(server):
+    from mlflow import MlflowClient
 
-    from perl_core.projector import ThoughtProjector
-    from perl_core.train import TrainResult, save_projectors
+    tmp = server["tmp"]
+    sweep = tmp / "ui_sweep.yaml"
+    sweep.write_text(SWEEP_YAML.format(sweep=SWEEP, experiment=EXPERIMENT, world=tmp / "world",
+                                       storage=tmp / "runs", uri=server["url"]))
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "pipeline.run", str(sweep)], cwd=REPO,
+                          env=_env(), capture_output=True, text=True, timeout=480)
+    sweep_s = time.monotonic() - t0
+    log = proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode == 1, f"expected exit code 1 (one cell fails), got {proc.returncode}:" \
+                                 f"\n{log}"
+    assert f"FAILED {FAILED_CELL}" in proc.stdout, log
 
-    torch.manual_seed(0)
-    state = {f"{name}.0.0.{k}": v for name, width in (("vision", 768), ("text", 512))
-             for k, v in ThoughtProjector(width).state_dict().items()}
-    result = TrainResult(config=cfg, metrics=metrics, history=[], projector_state=state,
-                         per_class={}, num_trainable_parameters=sum(v.numel()
-                                                                     for v in state.values()),
-                         train_seconds=0.0, eval_seconds=0.0)
-    with tempfile.TemporaryDirectory() as d:
-        save_projectors(Path(d) / "projectors.safetensors", result)
-        return (Path(d) / "projectors.safetensors").read_bytes()
-
-
-def _metrics(K: int) -> dict[str, float]:
-    b, n = 60.0 + K, 50.0 + K  # synthetic
-    m = {"base/acc": b, "novel/acc": n, "hm": 2 * b * n / (b + n)}
-    for k in range(K + 1):
-        for ev, acc in (("base", b), ("novel", n)):
-            m[f"{ev}/acc_step{k}"] = acc - (K - k)
-            m[f"{ev}/confidence_step{k}"] = 50.0 + 5 * k
-            m[f"{ev}/brier_step{k}"] = 0.6 - 0.05 * k
-            m[f"{ev}/kl_step{k}"] = 0.1 * k
-    return m
+    client = MlflowClient(server["url"])
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    assert exp is not None, log
+    by_name = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    parents = [r for r in by_name.values() if r.data.tags.get("phase") == "sweep"]
+    assert len(parents) == 1, sorted(by_name)
+    assert {OK_CELL, FAILED_CELL} <= set(by_name), sorted(by_name)
+    return {"exp_id": exp.experiment_id, "client": client, "parent": parents[0],
+            "ok": by_name[OK_CELL], "failed": by_name[FAILED_CELL], "sweep_s": sweep_s}
 
 
 @pytest.fixture(scope="module")
-def runs(server):
-    from pipeline import tracking
-    from pipeline.spec import cell_name
-
-    tracker = tracking.Tracker(server["url"])
-    exp_id = tracker.experiment_id(EXPERIMENT)
-    parent = tracker.start_parent(exp_id, SWEEP, PARENT_NAME, {"code_sha": "0" * 40})
-    base = TrainConfig(protocol="base2novel", dataset="ToyShapes", arch="perl-tiny",
-                       pretrained="embedded", seed=1)
-    children = {}
-    for K in STEPS:
-        cfg = base.replace(num_steps=K)
-        name = cell_name(cfg, ["num_steps"])
-        metrics = _metrics(K)
-        tags = {"config_hash": cfg.config_hash(), "code_sha": "0" * 40, "sweep": SWEEP,
-                "phase": "final", "dataset": cfg.dataset, "protocol": cfg.protocol, "cell": name}
-        record = tracking.TrialRecord(
-            record_id=tracking.new_record_id(), experiment=EXPERIMENT, run_name=name,
-            config=cfg.to_dict(), config_hash=cfg.config_hash(), metrics=metrics,
-            history=[{"step": i, "loss": 2.0 - 0.1 * i, "ce": 1.5 - 0.1 * i, "anchor": 0.5}
-                     for i in range(10)],
-            per_class={}, num_trainable_parameters=6402, tags=tags, parent_run_id=parent)
-        children[K] = (name, tracking.log_record(tracker, exp_id, record,
-                                                 _projectors_blob(cfg, metrics),
-                                                 parent_run_id=parent))
-    bad = base.replace(num_steps=3)
-    bad_name = cell_name(bad, ["num_steps"])
-    rid = tracker.start_trial(exp_id, parent, bad_name, bad,
-                              {"config_hash": bad.config_hash(), "sweep": SWEEP,
-                               "phase": "final", "dataset": bad.dataset,
-                               "protocol": bad.protocol, "cell": bad_name})
-    tracker.end(rid, "FAILED", FAILED_DETAIL)
-    tracker.end(parent, "FINISHED")
-    return {"exp_id": exp_id, "parent": parent, "children": children, "failed": (bad_name, rid),
-            "tracker": tracker}
+def report(server, runs, tmp_path_factory):
+    """`python -m pipeline.aggregate` over HTTP: its report links runs to this server's UI."""
+    out = tmp_path_factory.mktemp("aggregate")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.aggregate", "--tracking-uri", server["url"],
+         "--experiment", EXPERIMENT, "--out", str(out), "--no-log", "--quiet"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return (out / "report.html").read_text(encoding="utf-8")
 
 
 def _text(dom: str) -> str:
@@ -124,72 +122,75 @@ def _text(dom: str) -> str:
     return " ".join(re.sub(r"<[^>]+>", " ", dom).replace("&amp;", "&").split())
 
 
-def test_server_and_store(server, runs):
-    client = runs["tracker"].client
-    kids = client.search_runs([runs["exp_id"]],
-                              f"tags.mlflow.parentRunId = '{runs['parent']}'")
-    assert len(kids) == len(STEPS) + 1
-    _, rid = runs["children"][STEPS[0]]
-    names = {a.path for a in client.list_artifacts(rid, "projectors")}
-    assert names == {"projectors/projectors.safetensors"}
-    assert server["start_s"] < 120
+def test_pipeline_logged_to_the_server(server, runs):
+    ok, bad, parent = runs["ok"], runs["failed"], runs["parent"]
+    assert ok.info.status == "FINISHED" and bad.info.status == "FAILED"
+    for r in (ok, bad):
+        assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert r.data.tags["sweep"] == SWEEP and r.data.tags["phase"] == "final"
+    assert ok.data.params["inject_layer"] == "7" and ok.data.params["num_steps"] == "2"
+    assert {"base/acc", "novel/acc", "hm", "base/acc_step0", "base/acc_step2"} <= \
+        set(ok.data.metrics)
+    arts = {a.path for a in runs["client"].list_artifacts(ok.info.run_id, "projectors")}
+    assert arts == {"projectors/projectors.safetensors"}
+    assert FAILED_REASON in bad.data.tags["status_detail"]
+    assert server["start_s"] < 120 and runs["sweep_s"] < 480
 
 
 def test_experiment_page_lists_parent_and_child_runs(server, runs):
-    # Sorted by a param the runs table lists parent and children flat (by date it nests the
-    # children under a collapsed parent), so every run name is in the DOM.
+    # Sorted by a param, the runs table lists parent and children flat (sorted by date it nests
+    # the children under a collapsed parent), so every run name is in the DOM.
     url = (f"{server['url']}/#/experiments/{runs['exp_id']}/runs?{ML}"
-           f"&orderByKey={quote('params.`num_steps`')}&orderByAsc=true")
-    names = [PARENT_NAME] + [n for n, _ in runs["children"].values()] + [runs["failed"][0]]
-    dom = browser.wait_for_text(url, names, timeout=90)
+           f"&orderByKey={quote('params.`dataset`')}&orderByAsc=true")
+    names = [runs["parent"].info.run_name, OK_CELL, FAILED_CELL]
+    dom = browser.wait_for_text(url, names)
     text = _text(dom)
-    assert f"{len(names)} matching runs" in text
-    assert "ablation_steps" in text  # the experiment's name in the breadcrumb
+    assert "3 matching runs" in text
+    assert "ablation_steps" in text  # the experiment in the breadcrumb
 
 
-def test_experiment_page_with_columns_screenshot(server, runs, tmp_path):
-    """The shared view the guide describes: params and metrics as columns."""
+def test_runs_table_with_params_and_metrics_as_columns(server, runs, tmp_path):
     view = browser.runs_table_view(["dataset", "inject_layer", "num_steps"],
                                    ["base/acc", "novel/acc", "hm", "base/acc_step0"],
-                                   order_by="num_steps")
-    query = browser.share_view(runs["tracker"].client, runs["exp_id"], "perl-columns", view)
+                                   order_by="dataset")
+    query = browser.share_view(runs["client"], runs["exp_id"], "perl-columns", view)
     url = f"{server['url']}/#/experiments/{runs['exp_id']}/runs?{query}"
-    name2 = runs["children"][STEPS[0]][0]
-    dom = browser.wait_for_text(url, [name2, "inject_layer", "base/acc_step0", "Parameters",
-                                      "Metrics"], size=(1900, 560))
-    text = _text(dom)
-    assert "ToyShapes" in text  # a param value in its column
+    dom = browser.wait_for_text(url, [OK_CELL, "Parameters", "Metrics", "inject_layer",
+                                      "num_steps", "base/acc_step0"], size=(1900, 560))
+    assert "ToyShapes" in _text(dom)  # a param value in its column
     png = browser.screenshot(url, tmp_path / "mlflow-experiment.png", size=(1900, 560),
                              virtual_time_budget=15000)
     browser.assert_not_blank(png, min_colours=30)
 
 
-def test_child_run_page(server, runs, tmp_path):
-    from pipeline.report import run_link
-
-    name, rid = runs["children"][STEPS[-1]]
-    # the link the aggregate report puts on each number (no workflowType: a plain UI link)
-    href = re.search(r'href="([^"]+)"', run_link(rid, runs["exp_id"], server["url"])).group(1)
-    dom = browser.wait_for_text(href, [name, "inject_layer", f"base/acc_step{STEPS[-1]}",
-                                       PARENT_NAME, "config_hash"], size=(1600, 1000))
+def test_report_link_opens_the_run_page(server, runs, report, tmp_path):
+    rid = runs["ok"].info.run_id
+    hrefs = re.findall(r'href="([^"]*/runs/' + rid + r'[^"]*)"', report)
+    assert hrefs, "report.html has no link to the finished run"
+    href = hrefs[0].replace("&amp;", "&")
+    assert href.startswith(server["url"] + "/#/experiments/")
+    dom = browser.wait_for_text(href, [OK_CELL, "inject_layer", "base/acc_step2",
+                                       runs["parent"].info.run_name, "config_hash"],
+                                size=(1600, 1000))
     text = _text(dom)
     assert "Parent run" in text and "Finished" in text
-    assert "num_steps" in text and "anchor_weight" in text  # every TrainConfig field is a param
+    assert "anchor_weight" in text and "eval_datasets" in text  # every TrainConfig field
     png = browser.screenshot(href, tmp_path / "mlflow-run.png", size=(1600, 1000),
                              virtual_time_budget=15000)
     browser.assert_not_blank(png, min_colours=30)
 
 
-def test_child_run_artifacts(server, runs):
-    _, rid = runs["children"][STEPS[0]]
+def test_run_artifacts(server, runs):
+    rid = runs["ok"].info.run_id
     url = (f"{server['url']}/#/experiments/{runs['exp_id']}/runs/{rid}/artifacts/"
            f"projectors/projectors.safetensors?{ML}")
-    dom = browser.wait_for_text(url, ["projectors.safetensors", "config.json", "metrics.json"])
+    dom = browser.wait_for_text(url, ["projectors.safetensors", "config.json", "metrics.json",
+                                      "per_class.json"])
     assert "projectors/projectors.safetensors" in _text(dom)
 
 
 def test_failed_run_page_shows_the_reason(server, runs):
-    name, rid = runs["failed"]
+    rid = runs["failed"].info.run_id
     url = f"{server['url']}/#/experiments/{runs['exp_id']}/runs/{rid}?{ML}"
-    dom = browser.wait_for_text(url, [name, "Failed", "status_detail"])
-    assert FAILED_DETAIL in _text(dom)
+    dom = browser.wait_for_text(url, [FAILED_CELL, "Failed", "status_detail", FAILED_REASON])
+    assert "FileNotFoundError" in _text(dom)
