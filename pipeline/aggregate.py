@@ -70,6 +70,8 @@ MODALITY_METHOD = {"vision": "Vision only", "text": "Text only", "both": "PERL"}
 VARIANT_METHOD = {"early": "PERL-Early", "deep": "PERL-Deep", "shared": "PERL-Shared",
                   "step": "PERL-Step", "layer": "PERL-Layer", "layerstep": "PERL-LayerStep"}
 PARAM_COUNT_KEYS = ("num_trainable_parameters", "trainable_parameters", "num_trainable_params")
+# Evalsets of the training dataset itself (val = few-shot validation split): never transfer targets.
+NON_TARGET_EVALSETS = ("base", "novel", "all", "val")
 STEP_METRICS = (("acc", "accuracy (%)", 2, "higher"), ("confidence", "confidence", 2, "higher"),
                 ("brier", "Brier score", 4, "lower"), ("kl", "KL from step 0", 4, "none"))
 
@@ -780,7 +782,7 @@ def _target_names(pool: Pool, view: SweepView, source: str) -> list[str]:
                 pass
         for r in pool.finished_seeds(k).values():
             names += [m.split("/")[0] for m in r.metrics
-                      if m.endswith("/acc") and m.split("/")[0] not in ("base", "novel", "all")]
+                      if m.endswith("/acc") and m.split("/")[0] not in NON_TARGET_EVALSETS]
     names = [n for n in dict.fromkeys(names) if n != source]
     return dataset_order(names)
 

@@ -380,7 +380,8 @@ def test_cross_dataset_table_with_paper_reference():
                      eval_datasets=("Caltech101", "DTD"))
     # synthetic values
     tables = _build([("cross_dataset", xd.replace(seed=s),
-                      {"all/acc": src, "Caltech101/acc": c, "DTD/acc": d, "target_avg": (c + d) / 2})
+                      {"all/acc": src, "val/acc": 99.0, "Caltech101/acc": c, "DTD/acc": d,
+                       "target_avg": (c + d) / 2})
                      for s, src, c, d in ((1, 70.0, 94.0, 45.0), (2, 72.0, 96.0, 47.0))])
     t = [t for t in tables if t.name.startswith("table2_cross_dataset")][0]
     src = _row(t, "source: ImageNet").cells["m0"]
@@ -392,6 +393,8 @@ def test_cross_dataset_table_with_paper_reference():
     assert avg.mean == pytest.approx((69.5 + 71.5) / 2)
     assert avg.paper == pytest.approx(65.56) and avg.diff is None  # 2 of 10 targets: n/c
     assert (t.counts.expected, t.counts.found) == (2, 2)
+    # the few-shot validation split of the source is not a transfer target
+    assert not [r for r in t.rows if "val" in r.label]
 
 
 def test_modality_ablation_maps_to_table3_and_shows_unrun_rows():
