@@ -350,7 +350,8 @@ def _epoch_means(records: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 def fit(cfg: TrainConfig, callbacks: Sequence[Callback] | None = None,
         model: PerlModel | None = None, checkpoint: Checkpoint | None = None, *,
-        progress: bool | None = None, checkpoint_every: int = 0) -> TrainResult:
+        progress: bool | None = None, checkpoint_every: int = 0, cache: Any = None
+        ) -> TrainResult:
     """Train PERL's projectors as described by `cfg`, evaluate, and return everything.
 
     model: a prebuilt PerlModel to train in place (default: `build_model(cfg)`, whose initial
@@ -406,7 +407,7 @@ def fit(cfg: TrainConfig, callbacks: Sequence[Callback] | None = None,
                checkpoint_every, total_steps, show)
 
     t0 = time.perf_counter()
-    metrics, per_class = evaluate_task(model, task, cfg, progress=show)
+    metrics, per_class = evaluate_task(model, task, cfg, progress=show, cache=cache)
     if state.epoch_history:
         last = state.epoch_history[-1]
         metrics.update({f"train/{k}": last[k] for k in ("loss", "ce", "anchor")})
@@ -571,13 +572,23 @@ def _config_diff(saved: dict[str, Any], cfg: TrainConfig) -> str:
 # --- evaluation of a task ------------------------------------------------------------------------
 
 
-def evaluate_task(model: PerlModel, task: Task, cfg: TrainConfig, *, progress: bool = False
-                  ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """Evaluate every evaluation set; returns (flat metrics, per-class accuracy per evalset)."""
+def evaluate_task(model: PerlModel, task: Task, cfg: TrainConfig, *, progress: bool = False,
+                  cache: Any = None) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Evaluate every evaluation set; returns (flat metrics, per-class accuracy per evalset).
+
+    cache: an optional `perl_core.cache.FeatureCache`; the frozen image/text prefixes are then
+    read from it (computed and stored on a miss). Same numbers (exactly, with an fp32 cache).
+    """
     metrics: dict[str, float] = {}
     per_class: dict[str, dict[str, float]] = {}
     for es in task.evalsets:
-        out = evaluate(model, es.items, es.classnames, es.dataset, cfg, progress=progress)
+        if cache is not None:
+            from perl_core.cache import evaluate_cached
+
+            out = evaluate_cached(model, es.items, es.classnames, es.dataset, cfg, cache,
+                                  split=es.name)
+        else:
+            out = evaluate(model, es.items, es.classnames, es.dataset, cfg, progress=progress)
         per_class[es.name] = out.pop("per_class")
         metrics.update({f"{es.name}/{k}": float(v) for k, v in out.items()})
     if "base/acc" in metrics and "novel/acc" in metrics:
