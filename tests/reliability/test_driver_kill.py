@@ -1,0 +1,57 @@
+"""SIGKILL the `python -m pipeline.run` driver while trials run, then re-run the same command."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import time
+
+import pytest
+
+from .conftest import child_runs, cli, finish, runs, start_cli, sweep_yaml
+
+pytestmark = pytest.mark.reliability
+
+
+def test_driver_sigkill_then_rerun_finishes_each_cell_once(tmp_path, world, weights):
+    db = tmp_path / "mlflow.db"
+    y = sweep_yaml(tmp_path / "rel.yaml", world=world, weights=weights, storage=tmp_path / "runs",
+                   tracking=f"sqlite:///{db}", steps=(1, 2, 3))
+    log = tmp_path / "run1.log"
+    # --ignore-code-version: the shared working tree may be edited between the two submissions, which
+    # changes the code fingerprint (a deliberate re-train); this test is about resume only
+    p = start_cli([str(y), "--ignore-code-version"], log)
+    # wait until at least one trial run is RUNNING in MLflow, then kill the driver (only it)
+    deadline, running = time.time() + 240, []
+    while time.time() < deadline and p.poll() is None:
+        if db.exists():
+            try:
+                running = [r for r in child_runs(db) if r["status"] == "RUNNING"]
+            except Exception:  # the store is still being created
+                running = []
+            if running:
+                break
+        time.sleep(0.5)
+    assert running, f"no trial started before the driver exited:\n{log.read_text()}"
+    os.kill(p.pid, signal.SIGKILL)
+    assert finish(p, 60) == -signal.SIGKILL
+    before = child_runs(db)
+    assert any(r["status"] == "RUNNING" for r in before)  # left behind by the dead driver
+
+    rc, out = cli([str(y), "--ignore-code-version"], tmp_path / "run2.log")
+    assert rc == 0, out
+    after = child_runs(db)
+    finished = collections.Counter(r["tags"]["config_hash"] for r in after
+                                   if r["status"] == "FINISHED")
+    assert len(finished) == 6, (finished, out)          # 2 datasets x 3 num_steps
+    assert set(finished.values()) == {1}, finished     # no cell trained to completion twice
+    assert not [r for r in after if r["status"] == "RUNNING"], after
+    orphans = {r["id"] for r in before if r["status"] == "RUNNING"}
+    statuses = {r["id"]: r["status"] for r in after}
+    for rid in orphans:  # the runs the dead driver left RUNNING: KILLED, or finished by a trial
+        assert statuses[rid] in ("KILLED", "FINISHED"), (rid, statuses[rid])
+    assert any(statuses[rid] == "KILLED" for rid in orphans) or not orphans
+    # the parent run of the killed submission is KILLED too
+    parents = [r for r in runs(db) if r["tags"].get("phase") == "sweep"]
+    assert sorted(r["status"] for r in parents) == ["FINISHED", "KILLED"], parents
