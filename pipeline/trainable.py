@@ -18,7 +18,7 @@ module-level LRU of size 1 keyed by (arch, pretrained) - explicit, and only here
 the backbone skip rebuilding it; the driver orders cells so that such trials run back to back.
 Only named weights are cached: `pretrained=""` means a random init drawn from the trial's seed,
 which must not be shared. A fresh PerlModel (new projectors, seeded exactly as `fit` seeds them)
-wraps the cached CLIP for every trial.
+wraps the cached CLIP for every trial (`perl_core.train.build_model(cfg, clip=...)`).
 
 Trial code imports Tune APIs from `ray.tune` only (never `ray.train`).
 """
@@ -82,23 +82,13 @@ def _empty_cuda_cache() -> None:
 
 
 def build_model(cfg: TrainConfig) -> Any:
-    """The trial's PerlModel, its projectors initialised exactly as `fit` would (global RNG
-    seeded with cfg.seed first), on the cached backbone when the weights are named."""
-    from perl_core.factory import build_perl_from_config
-    from perl_core.model import PerlModel
-    from perl_core.train import seed_everything
+    """The trial's PerlModel via `perl_core.train.build_model` (projector init depends on the seed
+    only), around the cached backbone when the weights are named."""
+    from perl_core.train import build_model as build
 
     if not cfg.pretrained:  # random init drawn from the seed: never shared between trials
-        seed_everything(cfg.seed)
-        return build_perl_from_config(cfg, device="cpu")
-    clip = backbone(cfg.arch, cfg.pretrained)
-    seed_everything(cfg.seed)
-    # the same mapping as perl_core.factory.build_perl_from_config, around an existing CLIP
-    return PerlModel(clip, inject_layer=cfg.inject_layer, num_steps=cfg.num_steps, rank=cfg.rank,
-                     modality=cfg.modality, variant=cfg.variant,
-                     inject_layers=cfg.inject_layers or None,
-                     text_inject_layer=None if cfg.text_inject_layer < 0 else
-                     cfg.text_inject_layer, text_placement=cfg.text_placement)
+        return build(cfg)
+    return build(cfg, clip=backbone(cfg.arch, cfg.pretrained))
 
 
 def validation_metrics(model: Any, cfg: TrainConfig) -> dict[str, float]:

@@ -1,0 +1,349 @@
+"""`pipeline.run` end to end: a real local Ray (2 CPUs), the real `fit` (perl-tiny, a small synthetic
+world), MLflow on SQLite in tmp_path (and once behind a real `mlflow server`).
+
+- every cell becomes a FINISHED child run with params, tags, metrics and the projector artifact;
+- a re-submission skips every cell (and marks an orphaned RUNNING submission KILLED);
+- `--dry-run` prints the cells and totals without starting trials; `pipeline.status` agrees;
+- a broken cell is FAILED with its reason while the others finish (exit code 1);
+- `--replay` rebuilds the runs from the storage records in an empty MLflow store;
+- parallel trials logging to a real MLflow server lose no metric.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+REPO = Path(__file__).resolve().parents[1]
+CELLS = ["b2n/ToyShapes/2shot/seed1/J7/K1", "b2n/ToyShapes/2shot/seed1/J7/K2",
+         "b2n/ToyCounts/2shot/seed1/J7/K1", "b2n/ToyCounts/2shot/seed1/J7/K2"]
+
+
+# --- fixtures -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    from perl_core.data.synthetic import generate_world
+
+    root = tmp_path_factory.mktemp("world")
+    generate_world(root, datasets=["ToyShapes", "ToyCounts"],
+                   sizes={"train": 4, "val": 2, "test": 3})
+    return root
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """perl-tiny weights as a local checkpoint file: trials take the cached-backbone path."""
+    import torch
+    from safetensors.torch import save_file
+
+    from perl_core.factory import create_clip
+
+    torch.manual_seed(0)
+    clip = create_clip("perl-tiny", None)
+    path = tmp_path_factory.mktemp("weights") / "perl-tiny-test.safetensors"
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    # (Ray's default token auth stays on: workers inherit it from the raylet)
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
+    os.environ.update(env)
+    import ray
+
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False,
+             runtime_env={"env_vars": {**env, "PYTHONPATH": str(REPO)}})
+    yield ray
+    ray.shutdown()
+
+
+def sweep_yaml(path: Path, *, world: Path, weights: Path, storage: Path, tracking: str,
+               name: str = "tiny", datasets=("ToyShapes", "ToyCounts"), steps=(1, 2),
+               extra: str = "") -> Path:
+    path.write_text(f"""\
+name: {name}
+experiment: test/{name}
+fixed:
+  arch: perl-tiny
+  pretrained: {weights}
+  data_root: {world}
+  shots: 2
+  seed: 1
+  device: cpu
+  eval_batch_size: 64
+grid:
+  dataset: [{', '.join(datasets)}]
+  num_steps: [{', '.join(map(str, steps))}]
+resources: {{cpu: 1, gpu: 0}}
+storage: {storage}
+tracking_uri: {tracking}
+max_failures: 0
+{extra}""")
+    return path
+
+
+def children(uri: str, experiment: str) -> list:
+    from pipeline.tracking import PARENT_PHASE, Tracker
+
+    t = Tracker(uri)
+    exp = t.client.get_experiment_by_name(experiment)
+    return [r for r in t.search(exp.experiment_id) if r.data.tags.get("phase") != PARENT_PHASE]
+
+
+def run(argv: list[str], capsys) -> tuple[int, str]:
+    from pipeline.run import main
+
+    rc = main(argv)
+    return rc, capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, world, weights, ray_local):
+    """The tiny grid run once; shared by the tests that inspect or reuse its results."""
+    tmp = tmp_path_factory.mktemp("run")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    yaml_path = sweep_yaml(tmp / "tiny.yaml", world=world, weights=weights,
+                           storage=tmp / "runs", tracking=uri)
+    from pipeline.run import main
+
+    t0 = time.time()
+    rc = main([str(yaml_path)])
+    return {"tmp": tmp, "uri": uri, "yaml": yaml_path, "rc": rc, "seconds": time.time() - t0}
+
+
+# --- tests ---------------------------------------------------------------------------------------
+
+
+def test_dry_run_on_a_fresh_store_starts_nothing(tmp_path, world, weights, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    y = sweep_yaml(tmp_path / "tiny.yaml", world=world, weights=weights,
+                   storage=tmp_path / "runs", tracking=uri)
+    rc, out = run([str(y), "--dry-run"], capsys)
+    assert rc == 0
+    for name in CELLS:
+        assert name in out
+    assert out.count("todo") >= 4 and "total: 4 cells, 0 done, 4 todo" in out
+    assert not (tmp_path / "mlflow.db").exists()  # a dry run creates no store
+    assert not (tmp_path / "runs").exists()
+
+
+def test_every_cell_is_a_finished_child_run(first_run):
+    from perl_core.config import TrainConfig
+    from perl_core.train import load_projectors
+    from pipeline.spec import cells, load_spec
+    from pipeline.tracking import Tracker, config_params
+
+    assert first_run["rc"] == 0
+    uri = first_run["uri"]
+    runs = children(uri, "test/tiny")
+    assert sorted(r.info.run_name for r in runs) == sorted(CELLS)
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    parents = {r.data.tags["mlflow.parentRunId"] for r in runs}
+    assert len(parents) == 1
+    tracker = Tracker(uri)
+    parent = tracker.client.get_run(parents.pop())
+    assert parent.info.status == "FINISHED" and parent.data.tags["num_finished"] == "4"
+
+    expected = {c.name: c for c in cells(load_spec(first_run["yaml"]))}
+    for r in runs:
+        cell = expected[r.info.run_name]
+        cfg = cell.config
+        assert r.data.params == config_params(cfg)  # every TrainConfig field, same names
+        assert TrainConfig.from_dict(r.data.params) == cfg
+        tags = r.data.tags
+        assert tags["config_hash"] == cell.config_hash and tags["cell"] == cell.name
+        for key in ("code_sha", "code_dirty", "code_version", "ray_node_id", "trial_id",
+                    "ray_job_id", "version.torch", "version.open_clip", "version.ray",
+                    "version.mlflow", "num_trainable_parameters", "record_id"):
+            assert tags.get(key), key
+        assert (tags["sweep"], tags["phase"], tags["dataset"], tags["protocol"]) == \
+            ("tiny", "final", cfg.dataset, "base2novel")
+        m = r.data.metrics
+        for key in ("base/acc", "novel/acc", "hm", "base/acc_step0",
+                    f"base/acc_step{cfg.num_steps}", "val/acc", "train/loss",
+                    "num_trainable_parameters"):
+            assert key in m, key
+        assert m["num_trainable_parameters"] == float(tags["num_trainable_parameters"])
+        curve = tracker.client.get_metric_history(r.info.run_id, "train_step/loss")
+        assert len(curve) >= 1 and [p.step for p in curve] == list(range(1, len(curve) + 1))
+        arts = {a.path for a in tracker.client.list_artifacts(r.info.run_id)}
+        assert {"config.json", "metrics.json", "per_class.json", "projectors"} <= arts
+        local = tracker.client.download_artifacts(r.info.run_id, "projectors",
+                                                  str(first_run["tmp"] / "dl" / r.info.run_id))
+        state, saved_cfg = load_projectors(Path(local) / "projectors.safetensors")
+        assert saved_cfg.config_hash() == cell.config_hash and state
+    # the second copy of each result: one record (JSON + safetensors) per cell in storage
+    records = list((first_run["tmp"] / "runs" / "records" / "test__tiny").glob("*.json"))
+    assert len(records) == 4
+
+
+def test_rerun_skips_everything_and_kills_orphans(first_run, capsys):
+    from pipeline.tracking import Tracker
+
+    uri = first_run["uri"]
+    tracker = Tracker(uri)
+    exp_id = tracker.experiment_id("test/tiny")
+    # an earlier submission whose driver died: RUNNING parent (dead pid) with a RUNNING child
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan_parent = tracker.client.create_run(exp_id, tags={
+        "sweep": "tiny", "phase": "sweep", "driver_host": socket.gethostname(),
+        "driver_pid": str(dead.pid), "heartbeat": str(int(time.time()))}).info.run_id
+    orphan_child = tracker.client.create_run(exp_id, tags={
+        "sweep": "tiny", "phase": "final", "mlflow.parentRunId": orphan_parent}).info.run_id
+
+    t0 = time.time()
+    rc, out = run([str(first_run["yaml"])], capsys)
+    assert rc == 0
+    assert "4 cells, 4 already FINISHED, 0 to run" in out
+    assert "0 finished, 4 skipped" in out
+    assert time.time() - t0 < first_run["seconds"]
+    assert len([r for r in children(uri, "test/tiny") if r.info.status == "FINISHED"]) == 4
+    for rid in (orphan_parent, orphan_child):
+        run_ = tracker.client.get_run(rid)
+        assert run_.info.status == "KILLED" and "gone" in run_.data.tags["status_detail"]
+
+    rc, out = run([str(first_run["yaml"]), "--dry-run"], capsys)
+    assert rc == 0 and "total: 4 cells, 4 done, 0 todo" in out
+    from pipeline.status import main as status
+
+    assert status([str(first_run["yaml"])]) == 0
+    assert "4 done, 0 running, 0 failed, 0 left" in capsys.readouterr().out
+
+
+def test_replay_rebuilds_an_empty_store(first_run, capsys):
+    from pipeline.tracking import Tracker
+
+    uri = f"sqlite:///{first_run['tmp'] / 'empty.db'}"
+    rc, out = run([str(first_run["yaml"]), "--replay", "--tracking-uri", uri], capsys)
+    assert rc == 0 and "4 stored trial record(s) replayed" in out
+    replayed = {r.info.run_name: r for r in children(uri, "test/tiny")}
+    original = {r.info.run_name: r for r in children(first_run["uri"], "test/tiny")}
+    assert sorted(replayed) == sorted(CELLS)
+    tracker = Tracker(uri)
+    for name, r in replayed.items():
+        o = original[name]
+        assert r.info.status == "FINISHED" and r.data.tags["replayed"] == "true"
+        assert r.data.params == o.data.params
+        assert r.data.metrics == pytest.approx(o.data.metrics)
+        assert r.data.tags["config_hash"] == o.data.tags["config_hash"]
+        assert {a.path for a in tracker.client.list_artifacts(r.info.run_id)} >= {"projectors"}
+    # idempotent: a second replay adds nothing, and a run of the sweep finds every cell done
+    rc, out = run([str(first_run["yaml"]), "--replay", "--tracking-uri", uri], capsys)
+    assert rc == 0 and len(children(uri, "test/tiny")) == 4
+    rc, out = run([str(first_run["yaml"]), "--tracking-uri", uri], capsys)
+    assert rc == 0 and "4 already FINISHED, 0 to run" in out
+
+
+def test_a_broken_cell_fails_with_its_reason_and_the_rest_finish(tmp_path, world, weights,
+                                                                 ray_local, capsys):
+    # a data root where ToyCounts' split file is corrupt; ToyShapes is intact
+    broken = tmp_path / "broken_world"
+    broken.mkdir()
+    for entry in world.iterdir():
+        if entry.name != "toy_counts":
+            (broken / entry.name).symlink_to(entry)
+    (broken / "toy_counts").mkdir()
+    for entry in (world / "toy_counts").iterdir():
+        if entry.suffix != ".json":
+            (broken / "toy_counts" / entry.name).symlink_to(entry)
+        else:
+            (broken / "toy_counts" / entry.name).write_text("{ not json")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    y = sweep_yaml(tmp_path / "broken.yaml", world=broken, weights=weights,
+                   storage=tmp_path / "runs", tracking=uri, name="broken", steps=(1,))
+    rc, out = run([str(y)], capsys)
+    assert rc == 1, out
+    runs = {r.info.run_name: r for r in children(uri, "test/broken")}
+    ok, bad = runs["b2n/ToyShapes/2shot/seed1/J7/K1"], runs["b2n/ToyCounts/2shot/seed1/J7/K1"]
+    assert ok.info.status == "FINISHED"
+    assert bad.info.status == "FAILED"
+    detail = bad.data.tags["status_detail"]
+    assert "split_zhou_ToyCounts.json" in detail or "toy_counts" in detail, detail
+    assert "1 finished" in out and "1 failed" in out, out
+    assert "FAILED b2n/ToyCounts/2shot/seed1/J7/K1:" in out, out
+    from pipeline.status import main as status
+
+    # (any code version: perl_core may be edited while this test runs in a development tree)
+    status([str(y), "--ignore-code-version"])
+    s = capsys.readouterr().out
+    assert "1 done, 0 running, 1 failed, 0 left" in s and "b2n/ToyCounts" in s, s
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", (tmp_path / "server-artifacts").as_uri()],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("mlflow server did not start")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_parallel_trials_against_a_tracking_server_lose_no_metric(tmp_path, world, weights,
+                                                                   ray_local, mlflow_server,
+                                                                   capsys):
+    from pipeline.tracking import Tracker, iter_records
+
+    y = sweep_yaml(tmp_path / "server.yaml", world=world, weights=weights,
+                   storage=tmp_path / "runs", tracking=mlflow_server, name="server")
+    rc, out = run([str(y), "--max-concurrent", "2"], capsys)
+    assert rc == 0, out
+    runs = {r.data.tags["record_id"]: r for r in children(mlflow_server, "test/server")}
+    assert len(runs) == 4 and {r.info.status for r in runs.values()} == {"FINISHED"}
+    # trials overlapped in time (two at once on two CPUs)
+    spans = sorted((r.info.start_time, r.info.end_time) for r in runs.values())
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
+    client = Tracker(mlflow_server).client
+    records = list(iter_records(str(tmp_path / "runs"), "test/server"))
+    assert len(records) == 4
+    for rec, _ in records:
+        r = runs[rec.record_id]
+        for key, value in rec.metrics.items():
+            assert r.data.metrics[key] == pytest.approx(value), key
+        curve = client.get_metric_history(r.info.run_id, "train_step/loss")
+        assert len(curve) == len(rec.history)
+        assert [p.value for p in sorted(curve, key=lambda p: p.step)] == \
+            pytest.approx([h["loss"] for h in rec.history])
