@@ -30,7 +30,7 @@ PAPER = {
     "alignment.yaml": (198, {"anchor_weight": {0.0, 0.1, 0.3, 1.0, 3.0, 10.0}}),
     "hpo.yaml": (3, {}),
 }
-TOY = {"smoke.yaml": 6, "toy/base2novel.yaml": 9, "toy/cross_dataset.yaml": 2,
+TOY = {"smoke.yaml": 6, "toy/base2novel.yaml": 9, "toy/base2novel_long.yaml": 9, "toy/cross_dataset.yaml": 2,
        "toy/domain_generalization.yaml": 2, "toy/ablation_steps.yaml": 5,
        "toy/ablation_layer.yaml": 6, "toy/ablation_modality.yaml": 3,
        "toy/ablation_loop.yaml": 6, "toy/alignment.yaml": 6, "toy/hpo.yaml": 1}
