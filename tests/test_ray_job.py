@@ -1,0 +1,191 @@
+"""`ray job submit -- python -m pipeline.run SWEEP` against a real two-node Ray cluster.
+
+A head node (`ray start --head`, 1 CPU, dashboard/job server on 127.0.0.1) and a second node
+(`ray start --address=...`, 1 CPU) run on this machine, both with Ray token authentication ON
+(`RAY_AUTH_MODE=token` and one generated `RAY_AUTH_TOKEN` in the environment of both nodes and of
+the `ray job submit` client). The job uploads the repository as its working dir (without .venv,
+.git, runs, *.db) and runs a tiny sweep; trials must land on both nodes (two distinct
+`ray_node_id` tags) and every cell must be a FINISHED MLflow run.
+
+The nodes are started from this venv (its bin/ first on PATH), so the job's `python` is the venv's.
+Teardown stops exactly the nodes this test started (`ray start --block` processes, then any process
+of this cluster's own temp dirs, by pid) instead of a machine-wide `ray stop`, which would also
+kill other Ray clusters of the same user on a shared machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+# shared helpers and module-scoped fixtures (tests/ is on sys.path: pytest rootdir-less imports)
+from test_pipeline_run import CELLS, children, sweep_yaml, weights, world  # noqa: F401
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# gitignore syntax: anchor folders to the root ("data" alone would also drop perl_core/data/)
+EXCLUDES = ["/.venv", "/.git", "/runs", "/data", "*.db", "__pycache__", ".pytest_cache", "*.egg-info"]
+
+
+def _free_ports(n: int) -> list[int]:
+    with ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def _our_pids(marker: str) -> list[int]:
+    """Processes whose command line names this cluster's private temp dir."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+def _kill(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """Head + second node with token auth; yields (dashboard URL, env for clients)."""
+    (gcs, dash, client, agent_a, agent_b, grpc_a, grpc_b, rtenv_a, rtenv_b, metrics_a,
+     metrics_b) = _free_ports(11)
+    # One temp dir per node: nodes sharing one would share (and garbage-collect) the unpacked
+    # working dir under the job driver's feet. Short paths: Ray's unix sockets live there.
+    temp_dirs = [tempfile.mkdtemp(prefix="rayjob_", dir="/tmp") for _ in range(2)]
+    env = {**os.environ,
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    for var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "PERL_DATA_ROOT", "PERL_RUNS_DIR"):
+        env.pop(var, None)
+    common = ["--num-cpus=1", "--object-store-memory=100000000", "--block"]
+    logs = tmp_path / "ray-logs"
+    logs.mkdir()
+    procs = []
+
+    def start(args: list[str], log: str) -> None:
+        procs.append(subprocess.Popen([str(BIN / "ray"), "start", *args, *common], env=env,
+                                      stdout=open(logs / log, "w"), stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+
+    try:
+        start(["--head", f"--port={gcs}", "--include-dashboard=true",
+               "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+               f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_a}",
+               f"--dashboard-agent-grpc-port={grpc_a}", f"--runtime-env-agent-port={rtenv_a}",
+               f"--metrics-export-port={metrics_a}", f"--temp-dir={temp_dirs[0]}"], "head.log")
+        address = f"http://127.0.0.1:{dash}"
+        _wait_for_nodes(env, address, 1, procs, logs)
+        start([f"--address=127.0.0.1:{gcs}", f"--dashboard-agent-listen-port={agent_b}",
+               f"--dashboard-agent-grpc-port={grpc_b}", f"--runtime-env-agent-port={rtenv_b}",
+               f"--metrics-export-port={metrics_b}", f"--temp-dir={temp_dirs[1]}"], "worker.log")
+        _wait_for_nodes(env, address, 2, procs, logs)
+        yield address, env
+    finally:
+        for p in procs:  # `ray start --block` stops its node's processes on SIGTERM
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        deadline = time.time() + 5
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        for temp_dir in temp_dirs:
+            leftovers = _our_pids(temp_dir)
+            _kill(leftovers, signal.SIGTERM)
+            time.sleep(1 if leftovers else 0)
+            _kill(_our_pids(temp_dir), signal.SIGKILL)
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_for_nodes(env: dict, address: str, n: int, procs: list, logs: Path) -> None:
+    """Poll the job server's node list (authenticated) until n nodes are alive."""
+    code = ("import sys, json, urllib.request, os\n"
+            "req = urllib.request.Request(sys.argv[1] + '/nodes?view=summary', headers={"
+            "'Authorization': 'Bearer ' + os.environ['RAY_AUTH_TOKEN']})\n"
+            "d = json.load(urllib.request.urlopen(req, timeout=5))\n"
+            "print(sum(1 for x in d['data']['summary'] if x['raylet']['state'] == 'ALIVE'))")
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError("ray start exited:\n" + "\n".join(
+                f.read_text()[-3000:] for f in logs.iterdir()))
+        out = subprocess.run([sys.executable, "-c", code, address], env=env,
+                             capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.strip().isdigit() and int(out.stdout) >= n:
+            return
+        time.sleep(1)
+    raise RuntimeError(f"fewer than {n} Ray nodes alive after 120 s:\n" + "\n".join(
+        f.read_text()[-3000:] for f in logs.iterdir()))
+
+
+def _git(*args: str) -> str:
+    out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def test_ray_job_submit_runs_the_sweep_on_both_nodes(cluster, tmp_path, world, weights):
+    address, env = cluster
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = sweep_yaml(tmp_path / "job.yaml", world=world, weights=weights,
+                       storage=tmp_path / "runs", tracking=uri, name="job")
+    runtime_env = {"excludes": EXCLUDES,
+                   "env_vars": {"GIT_SHA": _git("rev-parse", "HEAD") or "unknown",
+                                "GIT_DIRTY": "true" if _git("status", "--porcelain") else "false"}}
+    t0 = time.time()
+    out = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
+         "--runtime-env-json", json.dumps(runtime_env), "--",
+         "python", "-m", "pipeline.run", str(sweep)],
+        env=env, capture_output=True, text=True, timeout=360)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-6000:]
+    assert "succeeded" in log.lower(), log[-3000:]
+    assert "=== job: 4 finished" in log, log[-3000:]
+    runs = children(uri, "test/job")
+    assert sorted(r.info.run_name for r in runs) == sorted(CELLS)
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    nodes = {r.data.tags["ray_node_id"] for r in runs}
+    assert len(nodes) == 2, nodes  # trials ran on both nodes
+    jobs = {r.data.tags["ray_job_id"] for r in runs}
+    assert len(jobs) == 1 and jobs.pop().startswith("raysubmit_")
+    assert {r.data.tags["code_sha"] for r in runs} == {runtime_env["env_vars"]["GIT_SHA"]}
+    # the job's python was the venv's (the cluster was started from it)
+    assert {r.data.tags["version.ray"] for r in runs} == {_ray_version()}
+    print(f"ray job submit: {time.time() - t0:.0f} s")
+
+
+def _ray_version() -> str:
+    import ray
+
+    return ray.__version__
