@@ -42,7 +42,7 @@ os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 from pipeline import tracking  # noqa: E402
 from pipeline.env import REPO, code_version, versions  # noqa: E402
 from pipeline.spec import (Cell, SpecError, SweepSpec, cells, group_order, load_spec,  # noqa: E402
-                           resolve_tracking_uri)
+                           preflight, resolve_tracking_uri)
 
 # Environment every trial process gets when this driver starts or joins Ray itself.
 TRIAL_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -103,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
         say(str(e))
         return 2
     grid = group_order(cells(spec))
+    if not args.dry_run and not args.replay:
+        try:
+            preflight(spec, [c.config for c in grid] +
+                      ([spec.base_config()] if spec.search else []))
+        except SpecError as e:
+            say(str(e))
+            return 2
     code = code_version()
     match_code = None if args.ignore_code_version else code.fingerprint
 

@@ -684,6 +684,37 @@ def _group_key(cfg: TrainConfig) -> tuple:
     return (cfg.arch, cfg.pretrained, cfg.inject_layer, cfg.dataset)
 
 
+def preflight(spec: SweepSpec, configs: Iterable[TrainConfig]) -> None:
+    """Checks of the machine, not the file (so `load_spec` stays usable anywhere): local
+    `pretrained` checkpoint files and local data roots of real (non-synthetic) datasets must
+    exist. Run by the driver before any trial starts; raises SpecError naming the key."""
+    from perl_core.data.registry import get_spec
+
+    problems: list[tuple[str, str]] = []
+    seen: set = set()
+    for cfg in configs:
+        p = cfg.pretrained
+        if p and not _is_url(p) and os.path.isabs(p) and (p, "pretrained") not in seen:
+            seen.add((p, "pretrained"))
+            if not os.path.isfile(p):
+                problems.append((format_path(_field_origin(spec, "pretrained", p)),
+                                 f"checkpoint file {p} does not exist"))
+        root = cfg.data_root
+        names = (cfg.dataset, *cfg.eval_datasets)
+        real = [n for n in names if not get_spec(n).synthetic]
+        if root and not _is_url(root) and real and (root, "data_root") not in seen:
+            seen.add((root, "data_root"))
+            if not os.path.isdir(root):
+                problems.append((format_path(_field_origin(spec, "data_root", root)),
+                                 f"data root {root} is not a directory (needed by {real})"))
+        if not root and (cfg.data_root, "empty") not in seen:
+            seen.add((cfg.data_root, "empty"))
+            problems.append(("fixed.data_root", "data_root is not set (where the datasets live: "
+                                                "a local folder or s3://...)"))
+    if problems:
+        raise SpecError(spec.source or "<sweep>", problems)
+
+
 def resolve_tracking_uri(spec: SweepSpec, override: str | None = None,
                          env: dict[str, str] | None = None, cwd: str | None = None) -> str:
     """--tracking-uri, else the YAML's, else $MLFLOW_TRACKING_URI, else ./runs/mlflow.db (abs)."""
@@ -707,4 +738,4 @@ def check_tracking_uri(uri: str) -> str:
 
 __all__ = ["SweepSpec", "SearchSpec", "SearchParam", "Resources", "SpecError", "Cell",
            "load_spec", "parse_spec", "expand", "cells", "cell_name", "group_order",
-           "check_config", "coerce_field", "resolve_tracking_uri", "format_path"]
+           "check_config", "coerce_field", "resolve_tracking_uri", "format_path", "preflight"]

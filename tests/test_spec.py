@@ -33,7 +33,8 @@ PAPER = {
 TOY = {"smoke.yaml": 6, "toy/base2novel.yaml": 9, "toy/base2novel_long.yaml": 9, "toy/cross_dataset.yaml": 2,
        "toy/domain_generalization.yaml": 2, "toy/ablation_steps.yaml": 5,
        "toy/ablation_layer.yaml": 6, "toy/ablation_modality.yaml": 3,
-       "toy/ablation_loop.yaml": 6, "toy/alignment.yaml": 6, "toy/hpo.yaml": 1}
+       "toy/ablation_loop.yaml": 6, "toy/alignment.yaml": 6, "toy/hpo.yaml": 1,
+       "toy/base2novel_long.yaml": 9}
 PAPER_SETTINGS = {"arch": "ViT-B-16-quickgelu", "pretrained": "openai", "shots": 16,
                   "inject_layer": 7, "num_steps": 4, "rank": 1, "anchor_weight": 1.0, "lr": 1e-4,
                   "batch_size": 4, "epochs": 1}
@@ -226,6 +227,25 @@ def test_all_problems_at_once(tmp_path):
         load_spec(path)
     assert len(e.value.problems) == 2
     assert "2 problems" in str(e.value)
+
+
+def test_preflight_checks_local_paths(tmp_path, capsys):
+    from pipeline.run import main
+    from pipeline.spec import preflight
+
+    path = tmp_path / "missing.yaml"
+    path.write_text(BASE.replace("pretrained: embedded", f"pretrained: {tmp_path}/nope.pt")
+                    .replace("arch: perl-tiny", "arch: ViT-B-16-quickgelu")
+                    .replace("ToyShapes", "Caltech101") + f"  data_root: {tmp_path}/coop\n")
+    spec = load_spec(path)  # the file itself is fine
+    with pytest.raises(SpecError) as e:
+        preflight(spec, expand(spec))
+    msg = str(e.value)
+    assert "fixed.pretrained" in msg and "nope.pt does not exist" in msg
+    assert "fixed.data_root" in msg and "coop is not a directory" in msg
+    assert main([str(path)]) == 2  # before any MLflow run or Ray start
+    assert "nope.pt" in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()
 
 
 def test_missing_file_is_a_spec_error(tmp_path):
