@@ -405,7 +405,7 @@ def run_search(spec: SweepSpec, tracker: tracking.Tracker, exp_id: str,
 
         ctx = {**context, "phase": "hpo", "base_config": base.to_dict(),
                "search_fields": fields_, "base_name": cell_name(base)}
-        searcher = OptunaSearch(
+        searcher = _final_only(OptunaSearch)(
             space=_optuna_space(search), metric=search.metric, mode=search.mode,
             seed=search.seed,
             points_to_evaluate=[p for p, _ in prior] or None,
@@ -433,6 +433,18 @@ def run_search(spec: SweepSpec, tracker: tracking.Tracker, exp_id: str,
                                    _better(prior_best["value"], best["value"], search.mode)):
         best = prior_best
     out.hpo_best = best
+
+
+def _final_only(searcher_cls: type) -> type:
+    """The searcher, told only of results that carry its metric: progress and checkpoint reports
+    (which have no validation number yet) would otherwise raise KeyError in OptunaSearch."""
+
+    class FinalOnly(searcher_cls):
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if self.metric in result:
+                super().on_trial_result(trial_id, result)
+
+    return FinalOnly
 
 
 def _optuna_space(search: Any) -> dict[str, Any]:
@@ -583,7 +595,8 @@ def _progress_printer_cls():
             what = "skipped (already FINISHED)" if m.get("skipped") else \
                 ", ".join(f"{k} {m[k]:.2f}" for k in ("hm", "target_avg", "val/acc", "all/acc")
                           if isinstance(m.get(k), (int, float)))
-            say(f"[{self.done + self.failed}/{len(trials)}] done   {_trial_name(trial)}"
+            say(f"[{self.done + self.failed}/{len(trials)}] done   "
+                f"{m.get('cell') or _trial_name(trial)}"
                 f"{': ' + what if what else ''} ({time.time() - self.t0:.0f} s)")
 
         def on_trial_error(self, iteration, trials, trial, **info):

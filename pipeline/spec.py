@@ -620,8 +620,14 @@ def _check_cells(spec: SweepSpec) -> list[tuple[tuple, str]]:
                 for field, msg in check_config(cfg):
                     path = ("search", "space", name) + (("values", i) if param.type == "choice"
                                                         else ())
-                    problems.append((path if field == name else _field_origin(spec, field, None),
-                                     msg))
+                    if field == name:
+                        problems.append((path, msg))
+                    elif field in (spec.grid or {}):
+                        problems.append((("search",), f"the search phase starts from 'fixed' "
+                                                      f"only, where {field} is missing or invalid "
+                                                      f"({msg}); set {field} in 'fixed'"))
+                    else:
+                        problems.append((("fixed", field), msg))
     return problems
 
 

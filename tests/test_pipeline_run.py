@@ -347,3 +347,39 @@ def test_parallel_trials_against_a_tracking_server_lose_no_metric(tmp_path, worl
         assert len(curve) == len(rec.history)
         assert [p.value for p in sorted(curve, key=lambda p: p.step)] == \
             pytest.approx([h["loss"] for h in rec.history])
+
+
+def test_search_phase_runs_optuna_on_the_validation_metric(tmp_path, world, weights, ray_local,
+                                                           capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    y = sweep_yaml(tmp_path / "hpo.yaml", world=world, weights=weights, storage=tmp_path / "runs",
+                   tracking=uri, name="hpo", datasets=("ToyShapes",), steps=(1,), extra="""\
+search:
+  space:
+    lr: {type: loguniform, low: 1.0e-4, high: 1.0e-1}
+    anchor_weight: {type: choice, values: [0.1, 1.0]}
+  metric: val/acc
+  mode: max
+  num_samples: 2
+  seed: 0
+  max_concurrent: 2
+""")
+    # the search phase starts from `fixed`: the dataset goes there, the grid keeps num_steps
+    y.write_text(y.read_text().replace("  dataset: [ToyShapes]\n", "").replace(
+        "  shots: 2\n", "  shots: 2\n  dataset: ToyShapes\n"))
+    rc, out = run([str(y)], capsys)
+    assert rc == 0, out
+    assert "best search sample: value=" in out
+    runs = children(uri, "test/hpo")
+    hpo = [r for r in runs if r.data.tags["phase"] == "hpo"]
+    assert len(hpo) == 2 and {r.info.status for r in hpo} == {"FINISHED"}
+    for r in hpo:
+        assert "val/acc" in r.data.metrics
+        assert 1e-4 <= float(r.data.params["lr"]) <= 1e-1
+        assert r.data.params["anchor_weight"] in ("0.1", "1.0")
+        assert "/hpo/lr=" in r.info.run_name
+    assert len({r.data.tags["config_hash"] for r in hpo}) == 2
+    # a re-submission counts the finished samples instead of drawing new ones
+    rc, out = run([str(y)], capsys)
+    assert rc == 0 and "2 earlier sample(s) of 2, 0 to run" in out
+    assert len(children(uri, "test/hpo")) == 3

@@ -197,6 +197,10 @@ INVALID = [
      ["fixed.dataset", "only a test split", "eval_datasets"]),
     ("targets_missing", BASE + "  protocol: cross_dataset\n",
      ["fixed.eval_datasets", "needs eval_datasets"]),
+    ("search_without_fixed_dataset",
+     BASE.replace("  dataset: ToyShapes\n", "") + "grid:\n  dataset: [ToyShapes]\nsearch:\n  space:"
+     "\n    lr: {type: loguniform, low: 1.0e-5, high: 1.0e-3}\n  metric: val/acc\n",
+     ["search", "starts from 'fixed' only", "set dataset in 'fixed'"]),
     ("resources_key", BASE + "resources: {cpu: 1, gpus: 1}\n",
      ["resources.gpus", "unknown key", "gpu"]),
     ("missing_name", BASE.replace("name: bad\n", ""), ["name", "required"]),
