@@ -296,7 +296,8 @@ def _tuner(trainable: Any, name: str, spec: SweepSpec, param_space: dict[str, An
     done_marker = f"{path}/perl_phase_complete.json"
     if not rerun and tune.Tuner.can_restore(path, storage_filesystem=fs) and \
             not _exists(exp_fs, done_marker):
-        say(f"resuming the interrupted Tune experiment {name}")
+        say(f"resuming the interrupted Tune experiment {name} (Tune may warn that it cannot "
+            f"fetch metrics of the trials that had not started: harmless)")
         try:
             return tune.Tuner.restore(path, trainable, resume_unfinished=True,
                                       restart_errored=True, storage_filesystem=fs), done_marker
@@ -515,10 +516,15 @@ def _best_prior(prior: list[tuple[dict, float]], mode: str) -> dict[str, Any] | 
 def collect(grid: Any, out: Outcome, context: dict[str, Any]) -> None:
     """Sort a ResultGrid's trials into finished / skipped / failed (with the reason)."""
     reasons = _mlflow_failures(context)
+    # a restored Tune experiment also lists trials that finished before the interruption; those
+    # cells were found FINISHED in MLflow at the start and are counted there already
+    counted = {c.name for c in out.done_before}
     for r in grid:
         cfg = r.config or {}
         name = (cfg.get("cell") or {}).get("name") or (r.metrics or {}).get("cell") or \
             f"hpo trial {(r.metrics or {}).get('trial_id', '?')}"
+        if name in counted:
+            continue
         if r.error is not None:
             reason = reasons.get(name) or _first_line(str(r.error))
             out.failed.append((name, reason))
