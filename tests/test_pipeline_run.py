@@ -74,7 +74,7 @@ def ray_local():
 
 def sweep_yaml(path: Path, *, world: Path, weights: Path, storage: Path, tracking: str,
                name: str = "tiny", datasets=("ToyShapes", "ToyCounts"), steps=(1, 2),
-               extra: str = "") -> Path:
+               epochs: int = 1, extra: str = "") -> Path:
     path.write_text(f"""\
 name: {name}
 experiment: test/{name}
@@ -83,6 +83,7 @@ fixed:
   pretrained: {weights}
   data_root: {world}
   shots: 2
+  epochs: {epochs}
   seed: 1
   device: cpu
   eval_batch_size: 64

@@ -158,7 +158,10 @@ def test_ray_job_submit_runs_the_sweep_on_both_nodes(cluster, tmp_path, world, w
     address, env = cluster
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sweep = sweep_yaml(tmp_path / "job.yaml", world=world, weights=weights,
-                       storage=tmp_path / "runs", tracking=uri, name="job")
+                       storage=tmp_path / "runs", tracking=uri, name="job",
+                       # trials long enough that the second node's worker is up before the head's
+                       # (reused) worker could take every trial
+                       epochs=8)
     runtime_env = {"excludes": EXCLUDES,
                    "env_vars": {"GIT_SHA": _git("rev-parse", "HEAD") or "unknown",
                                 "GIT_DIRTY": "true" if _git("status", "--porcelain") else "false"}}
