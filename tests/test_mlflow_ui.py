@@ -2,8 +2,9 @@
 
 A real tracking server runs on a SQLite store and a local artifact root (127.0.0.1, a free
 port). The real sweep runner (`python -m pipeline.run`, on a local Ray) trains one cell of a
-tiny sweep on the embedded default (tiny CLIP, synthetic world) and fails another one (DTD,
-whose data folder does not exist), logging to that server: a parent run, a FINISHED child with
+tiny sweep on the embedded default (tiny CLIP, synthetic world) and fails another one (lr 1e30:
+a non-finite loss, caught at run time; a missing data folder is now refused before any work),
+logging to that server: a parent run, a FINISHED child with
 params, per-step metrics and `projectors/projectors.safetensors`, a FAILED child with its reason.
 `python -m pipeline.aggregate` then reads the runs over HTTP and writes `report.html`, whose run
 links point at the server. Headless chromium loads the experiment page, the runs table with
@@ -33,9 +34,9 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "ui-test/ablation_steps"
 SWEEP = "ablation_steps"
-OK_CELL = "b2n/ToyShapes/4shot/seed1/J7/K2"
-FAILED_CELL = "b2n/DTD/4shot/seed1/J7/K2"  # no dtd/ under the synthetic world: FAILED
-FAILED_REASON = "dataset folder not found"
+OK_CELL = "b2n/ToyShapes/4shot/seed1/J7/K2/lr=0.01"
+FAILED_CELL = "b2n/ToyShapes/4shot/seed1/J7/K2/lr=1e+30"  # the loss overflows: FAILED
+FAILED_REASON = "non-finite training loss"
 ML = browser.ML_WORKFLOW  # the UI opens on its GenAI pages unless told "model training"
 
 SWEEP_YAML = """\
@@ -49,8 +50,9 @@ fixed:
   shots: 4
   seed: 1
   num_steps: 2
+  dataset: ToyShapes
 grid:
-  dataset: [ToyShapes, DTD]
+  lr: [1.0e-2, 1.0e+30]
 resources: {{cpu: 1, gpu: 0}}
 storage: {storage}
 tracking_uri: {uri}
@@ -193,4 +195,4 @@ def test_failed_run_page_shows_the_reason(server, runs):
     rid = runs["failed"].info.run_id
     url = f"{server['url']}/#/experiments/{runs['exp_id']}/runs/{rid}?{ML}"
     dom = browser.wait_for_text(url, [FAILED_CELL, "Failed", "status_detail", FAILED_REASON])
-    assert "FileNotFoundError" in _text(dom)
+    assert "FloatingPointError" in _text(dom)
