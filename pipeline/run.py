@@ -119,11 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     tracker = tracking.Tracker(uri)
     exp_id = tracker.experiment_id(spec.experiment)
     out = Outcome()
-    parent = tracker.start_parent(exp_id, spec.name, f"{spec.name} {time.strftime('%Y-%m-%d %H:%M')}"
-                                  + (" (replay)" if args.replay else ""),
-                                  {"sweep_file": os.path.abspath(args.sweep),
-                                   "code_sha": code.sha, "code_dirty": code.dirty,
-                                   "code_version": code.fingerprint, "num_cells": str(len(grid)), **versions()})
+    run_name = f"{spec.name} {time.strftime('%Y-%m-%d %H:%M')}" + (" (replay)" if args.replay
+                                                                   else "")
+    parent = tracker.start_parent(exp_id, spec.name, run_name, {
+        "sweep_file": os.path.abspath(args.sweep), "code_sha": code.sha,
+        "code_dirty": code.dirty, "code_version": code.fingerprint,
+        "num_cells": str(len(grid)), **versions()})
     status, beat = "FAILED", _Heartbeat(tracker, parent)
     beat.start()
     try:
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{out.replayed} stored trial record(s) replayed into MLflow")
         if args.replay:
             status = "FINISHED"
-            say(f"replay done: {out.replayed} record(s) from {tracking.records_dir(spec.storage, spec.experiment)}")
+            say(f"replay done: {out.replayed} record(s) from "
+                f"{tracking.records_dir(spec.storage, spec.experiment)}")
             return 0
         finished = {} if args.rerun else tracker.finished_by_hash(exp_id, phase="final",
                                                                   code_version=match_code)
@@ -562,7 +564,7 @@ def _first_line(text: str) -> str:
     return (lines[0] if lines else "unknown error")[:500]
 
 
-# --- progress and summary ---------------------------------------------------------------------------
+# --- progress and summary -------------------------------------------------------------------------
 
 
 class _Heartbeat:

@@ -14,7 +14,7 @@ optionally a search space for a second, Optuna-driven phase:
       num_samples: 16
     resources: {cpu: 1, gpu: 0.25}       # per trial; fractional GPUs pack trials on one GPU
     storage: ${PERL_RUNS_DIR:-runs}      # trial records + Tune state: local path or s3://
-    tracking_uri: ...                    # optional; else $MLFLOW_TRACKING_URI, else ./runs/mlflow.db
+    tracking_uri: ...                    # else $MLFLOW_TRACKING_URI, else ./runs/mlflow.db
     max_failures: 1                      # Tune FailureConfig: retries per trial
 
 Every key is a `TrainConfig` field (same name in YAML, config, MLflow param and table header).
@@ -369,7 +369,7 @@ def _pydantic_message(err: dict) -> str:
     return msg
 
 
-# --- TrainConfig-level checks ----------------------------------------------------------------------
+# --- TrainConfig-level checks ---------------------------------------------------------------------
 
 
 def coerce_field(name: str, value: Any) -> Any:
@@ -469,8 +469,9 @@ def _check_fields(spec: SweepSpec) -> list[tuple[tuple, str]]:
                 problems.append((path, f"{name} is both in 'grid' and in 'search.space'"))
             hint = _HINTS[name]
             if param.type in ("loguniform", "uniform") and hint is not float:
+                kind = getattr(hint, "__name__", hint)
                 problems.append((path, f"type {param.type!r} needs a float field; {name} is "
-                                       f"{getattr(hint, '__name__', hint)} (use 'int' or 'choice')"))
+                                       f"{kind} (use 'int' or 'choice')"))
             elif param.type == "int" and hint is not int:
                 problems.append((path, f"type 'int' needs an integer field; {name} is "
                                        f"{getattr(hint, '__name__', hint)}"))
@@ -479,7 +480,7 @@ def _check_fields(spec: SweepSpec) -> list[tuple[tuple, str]]:
     return problems
 
 
-# --- cell-level checks ------------------------------------------------------------------------------
+# --- cell-level checks ----------------------------------------------------------------------------
 
 
 @lru_cache(maxsize=None)
@@ -641,7 +642,7 @@ def _dedupe(problems: list) -> list:
     return out
 
 
-# --- expansion ----------------------------------------------------------------------------------------
+# --- expansion ------------------------------------------------------------------------------------
 
 
 def expand(spec: SweepSpec) -> list[TrainConfig]:
@@ -691,32 +692,19 @@ def _group_key(cfg: TrainConfig) -> tuple:
 
 
 def preflight(spec: SweepSpec, configs: Iterable[TrainConfig]) -> None:
-    """Checks of the machine, not the file (so `load_spec` stays usable anywhere): local
-    `pretrained` checkpoint files and local data roots of real (non-synthetic) datasets must
-    exist. Run by the driver before any trial starts; raises SpecError naming the key."""
-    from perl_core.data.registry import get_spec
-
+    """Checks of the machine, not the file (so `load_spec` stays usable anywhere), run by the
+    driver before any trial starts: a local `pretrained` checkpoint file must exist (every cell
+    using it would fail). Data roots are not checked here: a missing dataset fails its own cells
+    (FAILED with the reason) while the rest of the sweep goes on. Raises SpecError."""
     problems: list[tuple[str, str]] = []
-    seen: set = set()
+    seen: set[str] = set()
     for cfg in configs:
         p = cfg.pretrained
-        if p and not _is_url(p) and os.path.isabs(p) and (p, "pretrained") not in seen:
-            seen.add((p, "pretrained"))
+        if p and not _is_url(p) and os.path.isabs(p) and p not in seen:
+            seen.add(p)
             if not os.path.isfile(p):
                 problems.append((format_path(_field_origin(spec, "pretrained", p)),
                                  f"checkpoint file {p} does not exist"))
-        root = cfg.data_root
-        names = (cfg.dataset, *cfg.eval_datasets)
-        real = [n for n in names if not get_spec(n).synthetic]
-        if root and not _is_url(root) and real and (root, "data_root") not in seen:
-            seen.add((root, "data_root"))
-            if not os.path.isdir(root):
-                problems.append((format_path(_field_origin(spec, "data_root", root)),
-                                 f"data root {root} is not a directory (needed by {real})"))
-        if not root and (cfg.data_root, "empty") not in seen:
-            seen.add((cfg.data_root, "empty"))
-            problems.append(("fixed.data_root", "data_root is not set (where the datasets live: "
-                                                "a local folder or s3://...)"))
     if problems:
         raise SpecError(spec.source or "<sweep>", problems)
 

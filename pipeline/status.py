@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console()
     console.print(f"[bold]{spec.name}[/bold] ({spec.source}): experiment {spec.experiment!r} at "
-                  f"{tracking.redact_uri(uri)}" + ("" if exp else " [yellow](no runs yet)[/yellow]"))
+                  f"{tracking.redact_uri(uri)}"
+                  + ("" if exp else " [yellow](no runs yet)[/yellow]"))
     console.print(f"{len(grid)} cells: {counts['done']} done, {counts['running']} running, "
                   f"{counts['failed']} failed, {counts['left']} left")
     console.print(f"mean trial time {_fmt_s(mean)}; ETA {_fmt_s(eta)}"

@@ -61,7 +61,7 @@ def experiment_slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name.replace("/", "__"))
 
 
-# --- the storage record ----------------------------------------------------------------------------
+# --- the storage record ---------------------------------------------------------------------------
 
 
 @dataclass

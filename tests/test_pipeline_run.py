@@ -1,5 +1,5 @@
-"""`pipeline.run` end to end: a real local Ray (2 CPUs), the real `fit` (perl-tiny, a small synthetic
-world), MLflow on SQLite in tmp_path (and once behind a real `mlflow server`).
+"""`pipeline.run` end to end: a real local Ray (2 CPUs), the real `fit` (perl-tiny, a small
+synthetic world), MLflow on SQLite in tmp_path (and once behind a real `mlflow server`).
 
 - every cell becomes a FINISHED child run with params, tags, metrics and the projector artifact;
 - a re-submission skips every cell (and marks an orphaned RUNNING submission KILLED);

@@ -38,7 +38,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # gitignore syntax: anchor folders to the root ("data" alone would also drop perl_core/data/)
-EXCLUDES = ["/.venv", "/.git", "/runs", "/data", "*.db", "__pycache__", ".pytest_cache", "*.egg-info"]
+EXCLUDES = ["/.venv", "/.git", "/runs", "/data", "*.db", "__pycache__", ".pytest_cache",
+            "*.egg-info"]
 
 
 def _free_ports(n: int) -> list[int]:
