@@ -91,27 +91,6 @@ def build_model(cfg: TrainConfig) -> Any:
     return build(cfg, clip=backbone(cfg.arch, cfg.pretrained))
 
 
-def validation_metrics(model: Any, cfg: TrainConfig) -> dict[str, float]:
-    """`val/*` on the few-shot validation split (the training classes), for model selection.
-
-    Stop-gap while `fit` reports no validation metrics: the Optuna phase must select on
-    validation, never on test. Empty when the dataset has no validation split."""
-    from perl_core.data.coop import load_splits
-    from perl_core.data.fewshot import fewshot_splits, subsample_classes
-    from perl_core.data.registry import get_spec
-    from perl_core.evaluate import evaluate
-
-    name = get_spec(cfg.dataset).name
-    splits = fewshot_splits(load_splits(name, cfg.data_root), cfg.shots, cfg.seed)
-    if cfg.protocol == "base2novel":
-        splits = subsample_classes(splits, "base")
-    if not splits.val:
-        return {}
-    out = evaluate(model, list(splits.val), list(splits.classnames), name, cfg)
-    out.pop("per_class", None)
-    return {f"val/{k}": float(v) for k, v in out.items()}
-
-
 # --- Tune adapters --------------------------------------------------------------------------------
 
 
@@ -259,9 +238,7 @@ def train_cell(config: dict[str, Any], context: dict[str, Any] | None = None) ->
         result = fit(cfg, callbacks=[_progress_callback(name)], model=model,
                      checkpoint=TuneCheckpoint(), progress=False,
                      checkpoint_every=CHECKPOINT_EVERY)
-        metrics = dict(result.metrics)
-        if not any(k.startswith("val/") for k in metrics):
-            metrics.update(validation_metrics(model, cfg))
+        metrics = dict(result.metrics)  # val/* included: what the search phase selects on
         record = tracking.TrialRecord(
             record_id=tracking.new_record_id(), experiment=context["experiment"], run_name=name,
             config=cfg.to_dict(), config_hash=h, metrics=metrics, history=result.history,
@@ -300,4 +277,4 @@ def train_cell(config: dict[str, Any], context: dict[str, Any] | None = None) ->
 
 
 __all__ = ["train_cell", "backbone", "clear_backbone", "build_model", "trial_config",
-           "trial_tags", "TuneCheckpoint", "validation_metrics"]
+           "trial_tags", "TuneCheckpoint"]
