@@ -34,6 +34,20 @@ def _err(c: Cell) -> float:
     return 0.0 if c.std is None or math.isnan(c.std) else c.std
 
 
+def _plot_ours_and_paper(ax, pts, colour, label: str, paper_label: str,
+                         alpha: float = 1.0) -> None:
+    """Ours as points with seed error bars, the paper's values as a dashed line, one colour."""
+    ours = [(x, c) for x, c in pts if _ok(c)]
+    if ours:
+        ax.errorbar([x for x, _ in ours], [c.mean for _, c in ours],
+                    yerr=[_err(c) for _, c in ours], fmt="o-", color=colour, capsize=3,
+                    label=f"{label} (ours)")
+    paper = [(x, c.paper) for x, c in pts if c is not None and c.paper is not None]
+    if paper:
+        ax.plot([x for x, _ in paper], [v for _, v in paper], "s--", color=colour,
+                mfc="none", alpha=alpha, label=f"{label} ({paper_label})")
+
+
 def _title(t: Table, width: int = 90) -> str:
     return "\n".join(textwrap.wrap(t.title, width) + [t.counts.line()])
 
@@ -47,17 +61,9 @@ def _series(t: Table, keys: list[str] | None = None):
 def _curve_panel(ax, t: Table, cols, ylabel: str) -> None:
     failed_x = []
     for i, col in enumerate(cols):
-        colour = _COLOURS[i % len(_COLOURS)]
         pts = [(r.x, r.cells.get(col.key)) for r in t.rows if r.kind == "data"]
-        ours = [(x, c) for x, c in pts if _ok(c)]
-        if ours:
-            ax.errorbar([x for x, _ in ours], [c.mean for _, c in ours],
-                        yerr=[_err(c) for _, c in ours], fmt="o-", color=colour, capsize=3,
-                        label=f"{col.label} (ours)")
-        paper = [(x, c.paper) for x, c in pts if c is not None and c.paper is not None]
-        if paper:
-            ax.plot([x for x, _ in paper], [v for _, v in paper], "s--", color=colour,
-                    mfc="none", alpha=0.8, label=f"{col.label} (paper)")
+        _plot_ours_and_paper(ax, pts, _COLOURS[i % len(_COLOURS)], col.label, "paper",
+                             alpha=0.8)
         failed_x += [x for x, c in pts if c is not None and c.status == "failed"]
     if failed_x:
         lo = ax.get_ylim()[0]
@@ -133,17 +139,8 @@ def plot_dynamics(tables: list[Table], path: Path) -> Path:
     fig, axes = plt.subplots(1, len(tables), figsize=(4.2 * len(tables), 4), squeeze=False)
     for ax, t in zip(axes[0], tables):
         for i, col in enumerate(t.columns):
-            colour = _COLOURS[i % len(_COLOURS)]
             pts = [(r.x, r.cells.get(col.key)) for r in t.rows]
-            ours = [(x, c) for x, c in pts if _ok(c)]
-            if ours:
-                ax.errorbar([x for x, _ in ours], [c.mean for _, c in ours],
-                            yerr=[_err(c) for _, c in ours], fmt="o-", color=colour, capsize=3,
-                            label=f"{col.label} (ours)")
-            paper = [(x, c.paper) for x, c in pts if c is not None and c.paper is not None]
-            if paper:
-                ax.plot([x for x, _ in paper], [v for _, v in paper], "s--", color=colour,
-                        mfc="none", label=f"{col.label} (paper, ~)")
+            _plot_ours_and_paper(ax, pts, _COLOURS[i % len(_COLOURS)], col.label, "paper, ~")
         metric = t.title.split(" — ", 1)[-1].split(" at steps")[0]
         ax.set_title(metric, fontsize=9)
         ax.set_xlabel("step k (0 = zero-shot)")
