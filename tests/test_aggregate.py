@@ -1,6 +1,6 @@
 """pipeline.aggregate on a real MLflow SQLite store filled with hand-made runs.
 
-SYNTHETIC FIXTURE: every metric value below is invented for this test (round numbers chosen so
+SYNTHETIC FIXTURE (tests/fake_runs.py): every metric value is invented (round numbers chosen so
 that means, stds and HMs are easy to compute by hand). None of them is a result of PERL or of
 this project; real dataset names are used only to check that the paper's reference columns
 appear beside them.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import statistics
 
@@ -20,71 +19,12 @@ from perl_core.config import TrainConfig
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 
 from pipeline import aggregate as agg_mod  # noqa: E402
 from pipeline.tables import to_markdown  # noqa: E402
 
-
-def HM(b: float, n: float) -> float:
-    return 2 * b * n / (b + n)
-
-
-# base2novel: dataset -> seed -> (base acc, novel acc)   [synthetic values]
-B2N = {"Caltech101": {1: (90.0, 80.0), 2: (92.0, 84.0)},
-       "DTD": {1: (60.0, 50.0), 2: (64.0, 56.0)}}
-# ablation_steps on the toy world: num_steps -> seed -> (base, novel)   [synthetic values]
-STEPS = {1: {1: (50.0, 40.0), 2: (52.0, 44.0)},
-         2: {1: (55.0, 45.0), 2: (57.0, 47.0)}}
-STEP_FAILED = (3, 1)  # num_steps=3, seed 1: its only run FAILED
-
-
-def _params(cfg: TrainConfig) -> list[Param]:
-    # as the pipeline logs them: every TrainConfig field by name, as a string
-    return [Param(k, json.dumps(v) if isinstance(v, list) else str(v))
-            for k, v in cfg.to_dict().items()]
-
-
-class Store:
-    def __init__(self, uri: str, tmp_path):
-        self.client = MlflowClient(tracking_uri=uri)
-        self.tmp = tmp_path
-        self.t = 1_700_000_000_000  # fixed, increasing clock for end_time ordering
-
-    def experiment(self, name: str) -> str:
-        return self.client.create_experiment(
-            name, artifact_location=(self.tmp / "artifacts" / name.replace("/", "_")).as_uri())
-
-    def run(self, exp: str, sweep: str, cfg: TrainConfig | None, metrics: dict[str, float],
-            status: str = "FINISHED", phase: str = "final", parent: str | None = None,
-            detail: str = "") -> str:
-        tags = {"sweep": sweep, "phase": phase}
-        if cfg is not None:
-            tags.update(config_hash=cfg.config_hash(), dataset=cfg.dataset,
-                        protocol=cfg.protocol, code_sha="0" * 40)
-        if parent:
-            tags["mlflow.parentRunId"] = parent
-        if detail:
-            tags["status_detail"] = detail
-        self.t += 1000
-        r = self.client.create_run(exp, start_time=self.t, tags=tags)
-        rid = r.info.run_id
-        self.client.log_batch(rid, metrics=[Metric(k, v, self.t, 0) for k, v in metrics.items()],
-                              params=_params(cfg) if cfg is not None else [])
-        self.t += 1000
-        self.client.set_terminated(rid, status, end_time=self.t)
-        return rid
-
-
-def _b2n_metrics(b: float, n: float, K: int = 0) -> dict[str, float]:
-    m = {"base/acc": b, "novel/acc": n, "hm": HM(b, n)}
-    for k in range(K + 1):  # per-step values: step k adds k points (synthetic)
-        for ev, acc in (("base", b), ("novel", n)):
-            m[f"{ev}/acc_step{k}"] = acc - (K - k)
-            m[f"{ev}/confidence_step{k}"] = 50.0 + k
-            m[f"{ev}/brier_step{k}"] = 0.5 - 0.01 * k
-            m[f"{ev}/kl_step{k}"] = 0.1 * k
-    return m
+from fake_runs import B2N, HM, TOY, Store  # noqa: E402
+from fake_runs import b2n_metrics as _b2n_metrics, params_of as _params  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -101,24 +41,11 @@ def store(tmp_path_factory):
     ids["stale"] = s.run(e1, "base2novel", base.replace(dataset="Caltech101", seed=1),
                          _b2n_metrics(10.0, 10.0, K=2), parent=parent)
     ids["b2n"] = {}
-    for d, seeds in B2N.items():
-        for seed, (b, n) in seeds.items():
-            ids["b2n"][(d, seed)] = s.run(e1, "base2novel", base.replace(dataset=d, seed=seed),
-                                          _b2n_metrics(b, n, K=2), parent=parent)
-
+    s.b2n_sweep(e1, base, ids["b2n"], parent=parent)
     e2 = s.experiment("perl/ablation_steps")
-    parent2 = s.run(e2, "ablation_steps", None, {})
-    toy = TrainConfig(protocol="base2novel", dataset="ToyShapes", arch="perl-tiny",
-                      pretrained="embedded", shots=4)
-    for K, seeds in STEPS.items():
-        for seed, (b, n) in seeds.items():
-            s.run(e2, "ablation_steps", toy.replace(num_steps=K, seed=seed),
-                  _b2n_metrics(b, n), parent=parent2)
-    K, seed = STEP_FAILED
-    ids["failed"] = s.run(e2, "ablation_steps", toy.replace(num_steps=K, seed=seed), {},
-                          status="FAILED", parent=parent2, detail="NaN loss at step 7")
+    parent2 = s.steps_sweep(e2, ids, "NaN loss at step 7")
     # an HPO-phase run of a tabled cell: never part of the tables
-    s.run(e2, "ablation_steps", toy.replace(num_steps=1, seed=1, lr=3e-3),
+    s.run(e2, "ablation_steps", TOY.replace(num_steps=1, seed=1, lr=3e-3),
           _b2n_metrics(99.0, 99.0), phase="hpo", parent=parent2)
     # an unrelated experiment without sweep-tagged runs: not read by default
     other = s.client.create_experiment("scratch", artifact_location=(tmp / "a2").as_uri())

@@ -5,7 +5,7 @@ subprocess, and chromium opens the report through `file://`: the DOM it dumps mu
 rebuilt tables (headers, rows, numbers, the FAILED and missing markers) and the plots as data-URI
 images, and its screenshot must show content (not a blank or error page).
 
-SYNTHETIC FIXTURE: every metric value below is invented for this test (round numbers, easy to
+SYNTHETIC FIXTURE (tests/fake_runs.py): every metric value is invented (round numbers, easy to
 average by hand). None is a result of PERL or of this project. Real dataset names are used only
 so that the paper's reference columns appear beside them; the experiments are named `fixture/...`
 so that a screenshot of this report can never be mistaken for results.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 import subprocess
 import sys
@@ -27,69 +26,17 @@ import pytest
 from perl_core.config import TrainConfig
 
 pytest.importorskip("mlflow")
-from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric, Param  # noqa: E402
-
 import browser  # noqa: E402  (tests/browser.py)
+from fake_runs import Store  # noqa: E402
+
+# per-step curves steep enough to be seen in the screenshot
+STEEP = {"confidence_slope": 5.0, "brier0": 0.6, "brier_slope": 0.05}
 
 pytestmark = pytest.mark.browser
 
 REPO = Path(__file__).resolve().parents[1]
 
-# base2novel: dataset -> seed -> (base acc, novel acc), percent   [synthetic values]
-B2N = {"Caltech101": {1: (90.0, 80.0), 2: (92.0, 84.0)},
-       "DTD": {1: (60.0, 50.0), 2: (64.0, 56.0)}}
-# ablation_steps on the synthetic ToyShapes world: num_steps -> seed -> (base, novel)
-STEPS = {1: {1: (50.0, 40.0), 2: (52.0, 44.0)},
-         2: {1: (55.0, 45.0), 2: (57.0, 47.0)}}
-FAILED_CELL = (3, 1)  # num_steps=3 seed 1: its only run FAILED; num_steps=3 seed 2: never run
 FAILED_REASON = "fixture: NaN loss at step 7"
-
-
-def _metrics(b: float, n: float, K: int) -> dict[str, float]:
-    m = {"base/acc": b, "novel/acc": n, "hm": 2 * b * n / (b + n)}
-    for k in range(K + 1):  # per-step curves: step k is (K - k) points below the final value
-        for ev, acc in (("base", b), ("novel", n)):
-            m[f"{ev}/acc_step{k}"] = acc - (K - k)
-            m[f"{ev}/confidence_step{k}"] = 50.0 + 5 * k
-            m[f"{ev}/brier_step{k}"] = 0.6 - 0.05 * k
-            m[f"{ev}/kl_step{k}"] = 0.1 * k
-    return m
-
-
-class _Store:
-    """Runs as the pipeline logs them: params = every TrainConfig field (strings), tags
-    config_hash / sweep / phase / dataset / protocol, children of a parent submission run."""
-
-    def __init__(self, uri: str, root: Path):
-        self.client = MlflowClient(tracking_uri=uri)
-        self.root = root
-        self.t = 1_700_000_000_000
-
-    def experiment(self, name: str) -> str:
-        return self.client.create_experiment(
-            name, artifact_location=(self.root / "artifacts" / name.replace("/", "_")).as_uri())
-
-    def run(self, exp: str, sweep: str, cfg: TrainConfig | None, metrics: dict[str, float], *,
-            status: str = "FINISHED", parent: str | None = None, detail: str = "") -> str:
-        tags = {"sweep": sweep, "phase": "final"}
-        if cfg is not None:
-            tags.update(config_hash=cfg.config_hash(), dataset=cfg.dataset,
-                        protocol=cfg.protocol)
-        if parent:
-            tags["mlflow.parentRunId"] = parent
-        if detail:
-            tags["status_detail"] = detail
-        self.t += 1000
-        rid = self.client.create_run(exp, start_time=self.t, tags=tags).info.run_id
-        params = [] if cfg is None else [
-            Param(k, json.dumps(v) if isinstance(v, list) else str(v))
-            for k, v in cfg.to_dict().items()]
-        self.client.log_batch(rid, metrics=[Metric(k, v, self.t, 0) for k, v in metrics.items()],
-                              params=params)
-        self.t += 1000
-        self.client.set_terminated(rid, status, end_time=self.t)
-        return rid
 
 
 @pytest.fixture(scope="module")
@@ -97,28 +44,13 @@ def report(tmp_path_factory):
     browser.require_chromium()
     tmp = tmp_path_factory.mktemp("report")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    s = _Store(uri, tmp)
+    s = Store(uri, tmp)
     ids: dict = {}
 
     e1 = s.experiment("fixture/base2novel")
-    parent = s.run(e1, "base2novel", None, {})
-    b2n = TrainConfig(protocol="base2novel", num_steps=2)
-    for d, seeds in B2N.items():
-        for seed, (b, n) in seeds.items():
-            ids[(d, seed)] = s.run(e1, "base2novel", b2n.replace(dataset=d, seed=seed),
-                                   _metrics(b, n, K=2), parent=parent)
-
+    s.b2n_sweep(e1, TrainConfig(protocol="base2novel", num_steps=2), ids, **STEEP)
     e2 = s.experiment("fixture/ablation_steps")
-    parent2 = s.run(e2, "ablation_steps", None, {})
-    toy = TrainConfig(protocol="base2novel", dataset="ToyShapes", arch="perl-tiny",
-                      pretrained="embedded", shots=4)
-    for K, seeds in STEPS.items():
-        for seed, (b, n) in seeds.items():
-            s.run(e2, "ablation_steps", toy.replace(num_steps=K, seed=seed), _metrics(b, n, K),
-                  parent=parent2)
-    K, seed = FAILED_CELL
-    ids["failed"] = s.run(e2, "ablation_steps", toy.replace(num_steps=K, seed=seed), {},
-                          status="FAILED", parent=parent2, detail=FAILED_REASON)
+    s.steps_sweep(e2, ids, FAILED_REASON, per_step=True, **STEEP)
 
     out = tmp / "aggregate"
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}

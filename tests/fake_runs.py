@@ -1,0 +1,108 @@
+"""Hand-made MLflow runs shaped like the pipeline's, for the aggregate and report tests.
+
+SYNTHETIC FIXTURE: every metric value here is invented (round numbers, easy to average by hand).
+None is a result of PERL or of this project; real dataset names are used only so that the paper's
+reference columns appear beside them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+
+from perl_core.config import TrainConfig
+
+# base2novel: dataset -> seed -> (base acc, novel acc), percent
+B2N = {"Caltech101": {1: (90.0, 80.0), 2: (92.0, 84.0)},
+       "DTD": {1: (60.0, 50.0), 2: (64.0, 56.0)}}
+# ablation_steps on the synthetic ToyShapes world: num_steps -> seed -> (base, novel)
+STEPS = {1: {1: (50.0, 40.0), 2: (52.0, 44.0)},
+         2: {1: (55.0, 45.0), 2: (57.0, 47.0)}}
+# num_steps=3 seed 1: its only run FAILED; num_steps=3 seed 2: never run
+FAILED_CELL = (3, 1)
+# the ablation_steps cells' fixed settings
+TOY = TrainConfig(protocol="base2novel", dataset="ToyShapes", arch="perl-tiny",
+                  pretrained="embedded", shots=4)
+
+
+def HM(b: float, n: float) -> float:
+    return 2 * b * n / (b + n)
+
+
+def params_of(cfg: TrainConfig) -> list[Param]:
+    """As the pipeline logs them: every TrainConfig field by name, as a string."""
+    return [Param(k, json.dumps(v) if isinstance(v, list) else str(v))
+            for k, v in cfg.to_dict().items()]
+
+
+def b2n_metrics(b: float, n: float, K: int = 0, *, confidence_slope: float = 1.0,
+                brier0: float = 0.5, brier_slope: float = 0.01) -> dict[str, float]:
+    """Final base/novel/hm, and per-step curves: step k is (K - k) points below the final value."""
+    m = {"base/acc": b, "novel/acc": n, "hm": HM(b, n)}
+    for k in range(K + 1):
+        for ev, acc in (("base", b), ("novel", n)):
+            m[f"{ev}/acc_step{k}"] = acc - (K - k)
+            m[f"{ev}/confidence_step{k}"] = 50.0 + confidence_slope * k
+            m[f"{ev}/brier_step{k}"] = brier0 - brier_slope * k
+            m[f"{ev}/kl_step{k}"] = 0.1 * k
+    return m
+
+
+class Store:
+    """A real MLflow store filled the way the pipeline fills it: params = every TrainConfig
+    field, tags config_hash / sweep / phase / dataset / protocol, children of a parent run."""
+
+    def __init__(self, uri: str, root: Path):
+        self.client = MlflowClient(tracking_uri=uri)
+        self.root = Path(root)
+        self.t = 1_700_000_000_000  # fixed, increasing clock for end_time ordering
+
+    def experiment(self, name: str) -> str:
+        return self.client.create_experiment(
+            name, artifact_location=(self.root / "artifacts" / name.replace("/", "_")).as_uri())
+
+    def run(self, exp: str, sweep: str, cfg: TrainConfig | None, metrics: dict[str, float],
+            status: str = "FINISHED", phase: str = "final", parent: str | None = None,
+            detail: str = "") -> str:
+        tags = {"sweep": sweep, "phase": phase}
+        if cfg is not None:
+            tags.update(config_hash=cfg.config_hash(), dataset=cfg.dataset,
+                        protocol=cfg.protocol, code_sha="0" * 40)
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        if detail:
+            tags["status_detail"] = detail
+        self.t += 1000
+        rid = self.client.create_run(exp, start_time=self.t, tags=tags).info.run_id
+        self.client.log_batch(rid, metrics=[Metric(k, v, self.t, 0) for k, v in metrics.items()],
+                              params=params_of(cfg) if cfg is not None else [])
+        self.t += 1000
+        self.client.set_terminated(rid, status, end_time=self.t)
+        return rid
+
+    def b2n_sweep(self, exp: str, base: TrainConfig, ids: dict, parent: str | None = None,
+                  **metric_kw) -> str:
+        """B2N's runs (K=2) under `parent` (default: a fresh parent run); ids[(dataset, seed)] =
+        run id."""
+        parent = parent or self.run(exp, "base2novel", None, {})
+        for d, seeds in B2N.items():
+            for seed, (b, n) in seeds.items():
+                ids[(d, seed)] = self.run(exp, "base2novel", base.replace(dataset=d, seed=seed),
+                                          b2n_metrics(b, n, K=2, **metric_kw), parent=parent)
+        return parent
+
+    def steps_sweep(self, exp: str, ids: dict, detail: str, *, per_step: bool = False,
+                    **metric_kw) -> str:
+        """STEPS' runs and the FAILED_CELL (ids["failed"]) under a fresh parent run."""
+        parent = self.run(exp, "ablation_steps", None, {})
+        for K, seeds in STEPS.items():
+            for seed, (b, n) in seeds.items():
+                self.run(exp, "ablation_steps", TOY.replace(num_steps=K, seed=seed),
+                         b2n_metrics(b, n, K if per_step else 0, **metric_kw), parent=parent)
+        K, seed = FAILED_CELL
+        ids["failed"] = self.run(exp, "ablation_steps", TOY.replace(num_steps=K, seed=seed), {},
+                                 status="FAILED", parent=parent, detail=detail)
+        return parent
