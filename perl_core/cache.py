@@ -1,30 +1,41 @@
-"""FeatureCache: an explicit, fsspec-backed store of frozen-prefix features (safetensors blobs).
+"""FeatureCache: an explicit, fsspec-backed store of frozen features (safetensors blobs).
 
-What is cached: the outputs of the frozen lower blocks, which no projector touches:
-  (a) image prefixes S_v = blocks[:J](embed(x)) for evaluation batches, shared by every trial with
-      the same CLIP weights and J (all K, seeds, lr, anchor weights, variants with the same d0);
-  (b) text prefixes S_t of the class prompts.
-The zero-shot state h(0) is recomputed from S_v by `image_from_prefix(..., all_steps=True)`
-(it is the upper blocks without thoughts; cheap next to the prefix's J blocks).
+What is cached: what no projector touches, i.e. everything up to the recurrence:
+  - per image batch: S_v = blocks[:J](embed(x)) and the zero-shot state h(0) (the raw CLS row of
+    the upper blocks without thoughts; v0 = readout(h(0)));
+  - per chunk of class prompts: S_t and the text h(0) (raw EOS row).
+Entries are written for evaluation batches (test / val sets: shared by every trial with the same
+CLIP weights and J, whatever K, seed, lr, ...) and for training views: a training batch is a pure
+function of (items, per-item augmentation seed, transform) (`perl_core.train.SeededItems`), so
+trials that differ only in K, lr, anchor_weight or weight_decay read the same views. On a hit
+nothing is decoded: `cached_batches` sends only the missing batches through the DataLoader.
 
-Keys are sha256 over (model_fingerprint(clip), tower, inject depth d0, dataset, split,
-transform id, template, item-list hash, storage dtype). Nothing is cached implicitly: callers
-pass a FeatureCache object (`fit(..., cache=...)`, `evaluate_task(..., cache=...)`).
+Keys are sha256 over (kind, model fingerprint (sha256 of the CLIP state dict), inject depth d0,
+dataset, split, transform id, prompt template, the batch's items (path, label, augmentation
+seed), compute mode (device type, fp32 or autocast dtype), torch/torchvision versions, storage
+dtype). Nothing is cached implicitly: callers pass a FeatureCache object (`fit(..., cache=...)`,
+`evaluate_task(..., cache=...)`); the only state it keeps in memory is its hit/miss counters and
+a per-object memo of model fingerprints.
 
 Storage dtype: `dtype=torch.float16` (default) halves the space and changes results at the fp16
-rounding level; `dtype=torch.float32` stores the prefix bit-exactly (the cached path then gives
-exactly the uncached numbers in fp32). Writes go to a temporary name then are renamed; a blob
-that fails to parse or has the wrong shape/dtype is treated as a miss and recomputed. A size cap
-(`max_bytes`) evicts the oldest files by mtime (a hit touches the file: LRU-ish).
+rounding level; `dtype=torch.float32` stores fp32 and bf16 features bit-exactly (the cached path
+then gives exactly the uncached numbers). A blob is read back in the dtype it was computed in, and
+a miss returns the computed features rounded through the storage dtype too, so the trial that
+fills the cache and the trials that read it see the same inputs.
+Writes go to a temporary name then are renamed (concurrent writers of one key write the same
+bytes); a blob that fails to parse or has the wrong metadata is treated as a miss and recomputed.
+A size cap (`max_bytes`) evicts the oldest files by mtime (a hit touches the file: LRU-ish).
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
 import uuid
-from typing import Any, Callable, Sequence
+import weakref
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import fsspec
 import torch
@@ -33,27 +44,17 @@ from safetensors.torch import save as st_save
 
 logger = logging.getLogger(__name__)
 
-_FINGERPRINTS: "dict[int, tuple[Any, str]]" = {}
+Features = dict[str, torch.Tensor]  # {"prefix": S (N, L, D), "h0": h(0) (N, D)}
 
 
 def model_fingerprint(clip: torch.nn.Module) -> str:
-    """sha256 over the frozen CLIP state dict (names, shapes, dtypes, bytes).
-
-    Memoized per module object (weights are frozen; the memo is keyed by id and holds the module's
-    parameter version counters, so an in-place change is noticed).
-    """
-    versions = tuple(p._version for p in clip.parameters())
-    memo = _FINGERPRINTS.get(id(clip))
-    if memo is not None and memo[0] == versions:
-        return memo[1]
+    """sha256 over the frozen CLIP state dict (names, shapes, dtypes, bytes)."""
     h = hashlib.sha256()
     for name, t in sorted(clip.state_dict().items()):
         t = t.detach().cpu().contiguous().reshape(-1)
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    fp = h.hexdigest()
-    _FINGERPRINTS[id(clip)] = (versions, fp)
-    return fp
+    return h.hexdigest()
 
 
 def items_hash(items: Sequence[Any]) -> str:
@@ -64,26 +65,89 @@ def items_hash(items: Sequence[Any]) -> str:
     return h.hexdigest()
 
 
+def compute_id(device: torch.device) -> str:
+    """How features computed now on `device` are rounded: fp32 or the active autocast dtype.
+
+    Part of every key, so a bf16 trial never feeds an fp32 trial (and CPU/GPU kernels, whose
+    rounding differs, do not mix either).
+    """
+    dt = torch.device(device).type
+    if torch.is_autocast_enabled(dt):
+        return f"{dt}/autocast-{torch.get_autocast_dtype(dt)}"
+    return f"{dt}/fp32"
+
+
+def _env() -> str:
+    import PIL
+    import torchvision
+
+    return f"torch={torch.__version__},torchvision={torchvision.__version__},PIL={PIL.__version__}"
+
+
 class FeatureCache:
     def __init__(self, root_url: str, max_bytes: int = 8 << 30, dtype: torch.dtype = torch.float16,
                  storage_options: dict | None = None):
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"dtype={dtype} must be torch.float16, bfloat16 or float32")
         self.fs, self.root = fsspec.core.url_to_fs(root_url, **(storage_options or {}))
         self.root = self.root.rstrip("/")
         self.fs.makedirs(self.root, exist_ok=True)
         self.max_bytes = int(max_bytes)
         self.dtype = dtype
         self.hits = self.misses = self.corrupt = 0
+        self.counts: collections.Counter[str] = collections.Counter()  # "<kind>/hit|miss"
+        # model -> (parameter versions, fingerprint); weak keys: a freed model's id can be
+        # reused by another one with other weights
+        self._fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __repr__(self) -> str:
+        return f"FeatureCache({self.root!r}, dtype={self.dtype}, hits={self.hits}, " \
+               f"misses={self.misses})"
+
+    def fingerprint(self, clip: torch.nn.Module) -> str:
+        """`model_fingerprint(clip)`, memoized per module (an in-place change is noticed)."""
+        versions = tuple(p._version for p in clip.parameters())
+        memo = self._fingerprints.get(clip)
+        if memo is None or memo[0] != versions:
+            memo = (versions, model_fingerprint(clip))
+            self._fingerprints[clip] = memo
+        return memo[1]
+
+    def stats(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses, "corrupt": self.corrupt,
+                **dict(sorted(self.counts.items()))}
 
     # ---- keys --------------------------------------------------------------------------------
     def key(self, **parts: Any) -> str:
         parts = {**parts, "storage_dtype": str(self.dtype)}
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
+    def image_key(self, model: Any, *, dataset: str, split: str, transform: str,
+                  items: Sequence[Any]) -> str:
+        """Key of the image features of one batch (call inside the autocast context used to
+        compute them). `items`: Datum-like or strings (training views add their seed)."""
+        return self.key(kind="image", model=self.fingerprint(model.clip),
+                        d0=model.vision_depths[0], dataset=dataset, split=split,
+                        transform=transform, items=items_hash(items),
+                        compute=compute_id(_device(model)), env=_env())
+
+    def text_key(self, model: Any, tokens: torch.Tensor, *, dataset: str, template: str,
+                 classnames: Sequence[str]) -> str:
+        return self.key(kind="text", model=self.fingerprint(model.clip), d0=model.text_depths[0],
+                        dataset=dataset, template=template,
+                        classes=items_hash(list(classnames)),
+                        tokens=hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest(),
+                        compute=compute_id(_device(model)), env=f"torch={torch.__version__}")
+
     def _path(self, key: str) -> str:
         return f"{self.root}/{key[:2]}/{key}.safetensors"
 
     # ---- raw get/put -------------------------------------------------------------------------
-    def get(self, key: str) -> torch.Tensor | None:
+    def exists(self, key: str) -> bool:
+        return self.fs.exists(self._path(key))
+
+    def get(self, key: str) -> torch.Tensor | Features | None:
+        """The stored tensor (or dict of tensors, as put), on the CPU; None when absent/corrupt."""
         path = self._path(key)
         try:
             with self.fs.open(path, "rb") as f:
@@ -92,10 +156,13 @@ class FeatureCache:
             return None
         try:
             tensors = st_load(blob)
-            t = tensors["x"]
             meta = json.loads(blob[8:8 + int.from_bytes(blob[:8], "little")])["__metadata__"]
-            if meta.get("key") != key or list(t.shape) != json.loads(meta["shape"]):
+            shapes, dtypes = json.loads(meta["shapes"]), json.loads(meta["dtypes"])
+            if meta.get("key") != key or {k: list(t.shape) for k, t in tensors.items()} != shapes:
                 raise ValueError("metadata mismatch")
+            # back to the dtype it was computed in (what the uncached path would hand on)
+            tensors = {k: t.to(getattr(torch, dtypes[k].removeprefix("torch.")))
+                       for k, t in tensors.items()}
         except Exception as e:  # truncated / corrupt: a miss, and the bad file goes
             self.corrupt += 1
             logger.warning("feature cache: dropping unreadable blob %s (%s)", path, e)
@@ -105,11 +172,16 @@ class FeatureCache:
             self.fs.touch(path, truncate=False)  # LRU-ish: a hit refreshes the mtime
         except Exception:  # some filesystems (s3) cannot touch without truncating
             pass
-        return t
+        return tensors["x"] if meta.get("single") == "1" else tensors
 
-    def put(self, key: str, x: torch.Tensor) -> None:
-        x = x.detach().to("cpu", self.dtype).contiguous()
-        blob = st_save({"x": x}, metadata={"key": key, "shape": json.dumps(list(x.shape))})
+    def put(self, key: str, x: torch.Tensor | Features) -> None:
+        single = isinstance(x, torch.Tensor)
+        tensors = {"x": x} if single else dict(x)
+        dtypes = json.dumps({k: str(t.dtype) for k, t in tensors.items()})
+        tensors = {k: t.detach().to("cpu", self.dtype).contiguous() for k, t in tensors.items()}
+        blob = st_save(tensors, metadata={
+            "key": key, "single": "1" if single else "0", "dtypes": dtypes,
+            "shapes": json.dumps({k: list(t.shape) for k, t in tensors.items()})})
         path = self._path(key)
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
@@ -118,15 +190,29 @@ class FeatureCache:
         self.fs.mv(tmp, path)
         self.evict()
 
-    def get_or_compute(self, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def _rounded(self, x: torch.Tensor | Features) -> torch.Tensor | Features:
+        """What a later get() of x returns: rounded to the storage dtype, in x's dtype."""
+        if isinstance(x, torch.Tensor):
+            return x.detach().to(self.dtype).to(x.dtype)
+        return {k: t.detach().to(self.dtype).to(t.dtype) for k, t in x.items()}
+
+    def _count(self, kind: str, hit: bool) -> None:
+        if hit:
+            self.hits += 1
+        else:
+            self.misses += 1
+        self.counts[f"{kind}/{'hit' if hit else 'miss'}"] += 1
+
+    def get_or_compute(self, key: str, compute: Callable[[], torch.Tensor | Features],
+                       kind: str = "other") -> torch.Tensor | Features:
         t = self.get(key)
         if t is not None:
-            self.hits += 1
+            self._count(kind, True)
             return t
-        self.misses += 1
+        self._count(kind, False)
         x = compute()
         self.put(key, x)
-        return x.detach().to(self.dtype)
+        return self._rounded(x)
 
     # ---- size cap ----------------------------------------------------------------------------
     def _files(self) -> list[dict]:
@@ -165,32 +251,88 @@ class FeatureCache:
         except FileNotFoundError:
             pass
 
-    # ---- PERL prefixes -----------------------------------------------------------------------
-    def image_prefix(self, model: Any, images: torch.Tensor, *, dataset: str, split: str,
-                     transform: str, items: Sequence[Any]) -> torch.Tensor:
-        """S_v for `images` (the batch of `items`), from the cache or computed and stored."""
-        key = self.key(kind="image_prefix", model=model_fingerprint(model.clip),
-                       d0=model.vision_depths[0], dataset=dataset, split=split,
-                       transform=transform, items=items_hash(items))
-        return self.get_or_compute(key, lambda: model.image_prefix(images))
+    # ---- PERL features -----------------------------------------------------------------------
+    def image_features(self, model: Any, images: torch.Tensor, *, dataset: str, split: str,
+                       transform: str, items: Sequence[Any]) -> Features:
+        """{"prefix": S_v, "h0": h(0)} of `images` (the batch of `items`), cached."""
+        key = self.image_key(model, dataset=dataset, split=split, transform=transform,
+                             items=items)
+        return self.get_or_compute(key, lambda: image_features(model, images), "image")
 
-    def text_prefix(self, model: Any, tokens: torch.Tensor, *, dataset: str, template: str,
-                    classnames: Sequence[str]) -> torch.Tensor:
-        key = self.key(kind="text_prefix", model=model_fingerprint(model.clip),
-                       d0=model.text_depths[0], dataset=dataset, template=template,
-                       classes=items_hash(list(classnames)),
-                       tokens=hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest())
-        return self.get_or_compute(key, lambda: model.text_prefix(tokens))
+    def text_features(self, model: Any, tokens: torch.Tensor, *, dataset: str, template: str,
+                      classnames: Sequence[str]) -> Features:
+        """{"prefix": S_t, "h0": h(0)} of the prompts `tokens` (of `classnames`), cached."""
+        key = self.text_key(model, tokens, dataset=dataset, template=template,
+                            classnames=classnames)
+        return self.get_or_compute(key, lambda: text_features(model, tokens), "text")
+
+    def image_prefix(self, model: Any, images: torch.Tensor, **key: Any) -> torch.Tensor:
+        """S_v only (see image_features)."""
+        return self.image_features(model, images, **key)["prefix"]
+
+    def text_prefix(self, model: Any, tokens: torch.Tensor, **key: Any) -> torch.Tensor:
+        """S_t only (see text_features)."""
+        return self.text_features(model, tokens, **key)["prefix"]
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.clip.parameters()).device
+
+
+@torch.no_grad()
+def image_features(model: Any, images: torch.Tensor) -> Features:
+    """The frozen part of the image side: S_v and h(0), computed (no cache)."""
+    prefix = model.image_prefix(images)
+    return {"prefix": prefix, "h0": model.image_zero_shot_state(prefix)}
+
+
+@torch.no_grad()
+def text_features(model: Any, tokens: torch.Tensor) -> Features:
+    """The frozen part of the text side: S_t and h(0), computed (no cache)."""
+    prefix = model.text_prefix(tokens)
+    return {"prefix": prefix, "h0": model.text_zero_shot_state(prefix, tokens)}
+
+
+def to_device(features: Features, device: torch.device) -> Features:
+    return {k: t.to(device, non_blocking=True) for k, t in features.items()}
+
+
+def cached_batches(cache: FeatureCache, keys: Sequence[str],
+                   decode_misses: Callable[[list[int]], Iterable[Any]],
+                   decode_one: Callable[[int], Any],
+                   compute: Callable[[Any], Features], kind: str = "image"
+                   ) -> Iterator[Features]:
+    """Features of batch i = 0..len(keys)-1, in order: read from `cache`, or computed.
+
+    Only batches absent when this starts are decoded, all through one `decode_misses(indices)`
+    iterable (a DataLoader over those batches: workers and prefetch still apply); a blob that
+    vanishes or turns out corrupt afterwards is decoded in-process by `decode_one(i)`.
+    `compute(decoded_batch)` gives the features of a decoded batch (then stored).
+    """
+    present = [cache.exists(k) for k in keys]
+    missing = [i for i, p in enumerate(present) if not p]
+    decoded = iter(decode_misses(missing)) if missing else iter(())
+    for i, key in enumerate(keys):
+        feats = cache.get(key) if present[i] else None
+        if feats is not None:
+            cache._count(kind, True)
+            yield feats
+            continue
+        cache._count(kind, False)
+        feats = compute(next(decoded) if not present[i] else decode_one(i))
+        cache.put(key, feats)
+        yield cache._rounded(feats)
 
 
 @torch.no_grad()
 def evaluate_cached(model: Any, items: Sequence[Any], classnames: Sequence[str], dataset_name: str,
                     cfg: Any, cache: FeatureCache, *, split: str = "test") -> dict[str, Any]:
-    """`perl_core.evaluate.evaluate` with the frozen prefixes read from / written to `cache`.
+    """`perl_core.evaluate.evaluate` with the frozen features read from / written to `cache`.
 
-    Same metrics; with an fp32 cache the numbers equal the uncached path exactly.
+    Same metrics; with an fp32 cache the numbers equal the uncached path exactly. Image batches
+    whose features are cached are not decoded at all.
     """
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, default_collate
 
     from perl_core.data.images import ImageListDataset
     from perl_core.data.transforms import eval_transform
@@ -199,7 +341,11 @@ def evaluate_cached(model: Any, items: Sequence[Any], classnames: Sequence[str],
 
     if not items or not classnames:
         raise ValueError(f"{dataset_name}: nothing to evaluate")
-    items = list(items)
+    items, classnames = list(items), list(classnames)
+    bad = sorted({d.label for d in items if not 0 <= d.label < len(classnames)})
+    if bad:
+        raise ValueError(f"{dataset_name}: test labels {bad[:10]} are outside the "
+                         f"{len(classnames)} class names")
     device = model_device(model)
     was_training = model.training
     model.eval()
@@ -210,29 +356,46 @@ def evaluate_cached(model: Any, items: Sequence[Any], classnames: Sequence[str],
         for s in range(0, tokens.shape[0], bs):
             tk = tokens[s:s + bs].to(device)
             with autocast(cfg, device):
-                pre = cache.text_prefix(model, tk, dataset=dataset_name, template=cfg.template,
-                                        classnames=classnames[s:s + bs]).to(device)
-                chunks.append(model.text_from_prefix(pre, tk, all_steps=True).float())
+                f = to_device(cache.text_features(model, tk, dataset=dataset_name,
+                                                  template=cfg.template,
+                                                  classnames=classnames[s:s + bs]), device)
+                chunks.append(model.text_from_prefix(f["prefix"], tk, all_steps=True,
+                                                     h0=f["h0"]).float())
         text = torch.cat(chunks, dim=1)
         transform = eval_transform(model.image_size)
-        loader = DataLoader(ImageListDataset(items, transform), batch_size=bs, shuffle=False,
-                            num_workers=cfg.num_workers)
-        acc = StepMetricAccumulator(num_classes=len(classnames))
-        for b, (images, labels) in enumerate(loader):
-            batch_items = items[b * bs:(b + 1) * bs]
+        dataset = ImageListDataset(items, transform)
+        batches = [list(range(s, min(s + bs, len(items)))) for s in range(0, len(items), bs)]
+        with autocast(cfg, device):
+            keys = [cache.image_key(model, dataset=dataset_name, split=split,
+                                    transform=repr(transform), items=[items[j] for j in b])
+                    for b in batches]
+
+        def decode_misses(which: list[int]) -> DataLoader:
+            return DataLoader(dataset, batch_sampler=[batches[i] for i in which],
+                              num_workers=cfg.num_workers)
+
+        def compute(batch: Any) -> Features:
             with autocast(cfg, device):
-                pre = cache.image_prefix(model, images.to(device), dataset=dataset_name,
-                                         split=split, transform=repr(transform),
-                                         items=batch_items).to(device)
-                image = model.image_from_prefix(pre, all_steps=True)
+                return image_features(model, batch[0].to(device))
+
+        acc = StepMetricAccumulator(num_classes=len(classnames))
+        feats = cached_batches(cache, keys, decode_misses,
+                               lambda i: default_collate([dataset[j] for j in batches[i]]),
+                               compute)
+        for b, f in zip(batches, feats):
+            f = to_device(f, device)
+            with autocast(cfg, device):
+                image = model.image_from_prefix(f["prefix"], all_steps=True, h0=f["h0"])
             image = image.float()
             logits = model.logits(image, text)
-            acc.update(logits, torch.as_tensor(labels), image[0], image[-1])
+            labels = torch.tensor([items[j].label for j in b])
+            acc.update(logits, labels, image[0], image[-1])
         out: dict[str, Any] = dict(acc.compute())
-        out["per_class"] = acc.per_class(list(classnames))
+        out["per_class"] = acc.per_class(classnames)
     finally:
         model.train(was_training)
     return out
 
 
-__all__ = ["FeatureCache", "model_fingerprint", "items_hash", "evaluate_cached"]
+__all__ = ["FeatureCache", "model_fingerprint", "items_hash", "compute_id", "evaluate_cached",
+           "image_features", "text_features", "cached_batches", "to_device"]

@@ -169,11 +169,24 @@ def build_perl(arch: str = "ViT-B-16-quickgelu", pretrained: str | None = None,
     return model.to(resolve_device(device))
 
 
-def build_perl_from_config(cfg: TrainConfig, device: str | torch.device | None = None) -> PerlModel:
-    """build_perl with the TrainConfig's model fields; device defaults to cfg.device ("auto")."""
-    return build_perl(
-        arch=cfg.arch, pretrained=cfg.pretrained or None, inject_layer=cfg.inject_layer,
-        num_steps=cfg.num_steps, rank=cfg.rank, modality=cfg.modality, variant=cfg.variant,
-        inject_layers=cfg.inject_layers or None,
-        text_inject_layer=None if cfg.text_inject_layer < 0 else cfg.text_inject_layer,
-        text_placement=cfg.text_placement, device=cfg.device if device is None else device)
+def perl_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """The PerlModel arguments of a TrainConfig's model fields (one mapping for every builder)."""
+    return dict(inject_layer=cfg.inject_layer, num_steps=cfg.num_steps, rank=cfg.rank,
+                modality=cfg.modality, variant=cfg.variant,
+                inject_layers=cfg.inject_layers or None,
+                text_inject_layer=None if cfg.text_inject_layer < 0 else cfg.text_inject_layer,
+                text_placement=cfg.text_placement)
+
+
+def build_perl_from_config(cfg: TrainConfig, device: str | torch.device | None = None,
+                           clip: CLIP | None = None) -> PerlModel:
+    """build_perl with the TrainConfig's model fields; device defaults to cfg.device ("auto").
+
+    clip: an existing frozen CLIP to wrap (e.g. one backbone shared by many trials) instead of
+    building cfg.arch / cfg.pretrained; it is frozen and moved to `device` in place.
+    """
+    device = cfg.device if device is None else device
+    if clip is None:
+        return build_perl(arch=cfg.arch, pretrained=cfg.pretrained or None, device=device,
+                          **perl_kwargs(cfg))
+    return PerlModel(clip, **perl_kwargs(cfg)).to(resolve_device(device))

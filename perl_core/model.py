@@ -9,7 +9,8 @@ Per modality m (vision: CLS, text: EOS), with S = the frozen output of the lower
 
 R = blocks[J:] is re-run K+1 times, with gradient flowing through the frozen blocks to phi; the
 lower blocks run once, without gradient (`image_prefix` / `text_prefix`, the seam the feature
-cache uses). Pool always reads the original CLS/EOS row, never a thought token. The mechanics of
+cache uses; `image_zero_shot_state` / `text_zero_shot_state` give h(0), which the `*_from_prefix`
+methods accept back as `h0=` so a cached h(0) skips the zero-shot pass). Pool always reads the original CLS/EOS row, never a thought token. The mechanics of
 each tower (embedding, mask, insertion index, readout) live in `backbone.py`.
 
 Variants (Table 4) are parameters of this one model, resolved once in the constructor into a
@@ -207,10 +208,16 @@ class PerlModel(nn.Module):
         return steps
 
     def _from_prefix(self, name: str, prefix: torch.Tensor, read_idx: torch.Tensor,
-                     steps: int | None, all_steps: bool) -> torch.Tensor:
+                     steps: int | None, all_steps: bool, h0: torch.Tensor | None
+                     ) -> torch.Tensor:
         steps = self._check_steps(name, steps)
-        with torch.no_grad():  # h(0) does not depend on any projector: a constant
-            h = self._upper(name, prefix, read_idx, None)
+        if h0 is None:
+            h = self._zero_shot_state(name, prefix, read_idx)
+        elif h0.shape != (prefix.shape[0], prefix.shape[-1]):
+            raise ValueError(f"h0 has shape {tuple(h0.shape)}; expected (N, D) = "
+                             f"{(prefix.shape[0], prefix.shape[-1])} for this prefix")
+        else:
+            h = h0
         hs = [h]
         if name in self.projectors:
             n_depths = len(self.loops[name].depths)
@@ -225,20 +232,52 @@ class PerlModel(nn.Module):
         readout = self.towers[name].readout
         return readout(torch.stack(hs)) if all_steps else readout(hs[-1])
 
-    def image_from_prefix(self, prefix: torch.Tensor, steps: int | None = None,
-                          all_steps: bool = False) -> torch.Tensor:
-        """S_v -> (N, D) image embeddings after `steps` steps, or (steps+1, N, D) if all_steps."""
-        read_idx = torch.zeros(prefix.shape[0], dtype=torch.long, device=prefix.device)  # CLS
-        return self._from_prefix("vision", prefix, read_idx, steps, all_steps)
+    @torch.no_grad()
+    def _zero_shot_state(self, name: str, prefix: torch.Tensor, read_idx: torch.Tensor
+                         ) -> torch.Tensor:
+        # h(0) does not depend on any projector: a constant, computed without gradient
+        return self._upper(name, prefix, read_idx, None)
 
-    def text_from_prefix(self, prefix: torch.Tensor, tokens: torch.Tensor,
-                         steps: int | None = None, all_steps: bool = False) -> torch.Tensor:
-        """S_t and its tokens (for the EOS index) -> (C, D), or (steps+1, C, D) if all_steps."""
+    @staticmethod
+    def _cls_index(prefix: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(prefix.shape[0], dtype=torch.long, device=prefix.device)
+
+    def _eos_index(self, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.shape[0] != prefix.shape[0]:
             raise ValueError(f"tokens has {tokens.shape[0]} rows but the text prefix has "
                              f"{prefix.shape[0]}")
-        read_idx = self.towers["text"].read_index(tokens).to(prefix.device)
-        return self._from_prefix("text", prefix, read_idx, steps, all_steps)
+        return self.towers["text"].read_index(tokens).to(prefix.device)
+
+    def image_zero_shot_state(self, prefix: torch.Tensor) -> torch.Tensor:
+        """S_v -> h(0) (N, width): the raw CLS row of the upper blocks without thoughts, no grad.
+
+        Pass it back as `image_from_prefix(..., h0=h0)` to skip that pass (the feature cache
+        stores it next to S_v); readout(h(0)) is the zero-shot embedding v0.
+        """
+        return self._zero_shot_state("vision", prefix, self._cls_index(prefix))
+
+    def text_zero_shot_state(self, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """S_t and its tokens -> h(0) (C, width): the raw EOS row without thoughts, no grad."""
+        return self._zero_shot_state("text", prefix, self._eos_index(prefix, tokens))
+
+    def image_from_prefix(self, prefix: torch.Tensor, steps: int | None = None,
+                          all_steps: bool = False, h0: torch.Tensor | None = None
+                          ) -> torch.Tensor:
+        """S_v -> (N, D) image embeddings after `steps` steps, or (steps+1, N, D) if all_steps.
+
+        h0: `image_zero_shot_state(prefix)` when already known (same result, one pass fewer).
+        """
+        return self._from_prefix("vision", prefix, self._cls_index(prefix), steps, all_steps, h0)
+
+    def text_from_prefix(self, prefix: torch.Tensor, tokens: torch.Tensor,
+                         steps: int | None = None, all_steps: bool = False,
+                         h0: torch.Tensor | None = None) -> torch.Tensor:
+        """S_t and its tokens (for the EOS index) -> (C, D), or (steps+1, C, D) if all_steps.
+
+        h0: `text_zero_shot_state(prefix, tokens)` when already known.
+        """
+        return self._from_prefix("text", prefix, self._eos_index(prefix, tokens), steps,
+                                 all_steps, h0)
 
     def encode_image(self, images: torch.Tensor, steps: int | None = None) -> torch.Tensor:
         """(N, 3, H, W) -> (N, D) projected, not normalised; steps=0 is zero-shot CLIP."""

@@ -22,8 +22,10 @@ What `fit` does (PERL.md §2.5-2.6, §4; data_protocol.md §5-§9):
 3. Trains the projectors only: AdamW(lr, weight_decay), constant lr, batch_size, epochs, Dassl's
    drop_last (when the train set has >= batch_size images). Per step: the image side runs every
    step in one pass (v0 is the zero-shot embedding, no grad; vK the refined one), the text side
-   re-encodes all training classes with gradient (its frozen lower blocks are computed once, as
-   they do not change), and `perl_loss` is taken on step K only.
+   re-encodes all training classes with gradient (its frozen lower blocks and zero-shot state
+   are computed once, as they do not change), and `perl_loss` is taken on step K only. With
+   `cache=` (a FeatureCache) the frozen features of prompts, training views and evaluation
+   images are read from / written to it (see `fit`).
 4. Evaluates every evaluation set at every step 0..K (`perl_core.evaluate.evaluate`), and
    reports `train/loss`, `train/ce`, `train/anchor` as the means over the last epoch.
 
@@ -58,12 +60,12 @@ from typing import Any, Iterator, Sequence, get_type_hints
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from perl_core.checkpoint import Checkpoint, DirCheckpoint
 from perl_core.config import FIELD_NAMES, TrainConfig, literal_choices
 from perl_core.evaluate import autocast, class_text_tokens, evaluate
-from perl_core.factory import create_clip, resolve_device
+from perl_core.factory import build_perl_from_config, create_clip, resolve_device
 from perl_core.loss import perl_loss
 from perl_core.metrics import harmonic_mean
 from perl_core.model import PerlModel
@@ -214,22 +216,18 @@ def resolve_task(cfg: TrainConfig) -> Task:
 
 
 def build_model(cfg: TrainConfig, clip: torch.nn.Module | None = None) -> PerlModel:
-    """The PerlModel `fit` trains, on the CPU: a frozen CLIP, then fresh projectors.
+    """The PerlModel `fit` trains: a frozen CLIP, then fresh projectors (`fit` moves it).
 
     The RNGs are seeded with cfg.seed right before the projectors are made, so their initial
-    weights depend on the seed only, not on how the CLIP was obtained (built here from a seeded
-    RNG, or passed in, e.g. a backbone cached across trials).
+    weights depend on the seed only, not on how the CLIP was obtained (built here on the CPU
+    from a seeded RNG, or passed in, e.g. a backbone shared across trials, which stays on its
+    device).
     """
     if clip is None:
         seed_everything(cfg.seed)  # random-init CLIPs (pretrained="") come from the seed too
         clip = create_clip(cfg.arch, cfg.pretrained or None)
     seed_everything(cfg.seed)
-    # the mapping of factory.build_perl_from_config, around an existing CLIP
-    return PerlModel(clip, inject_layer=cfg.inject_layer, num_steps=cfg.num_steps, rank=cfg.rank,
-                     modality=cfg.modality, variant=cfg.variant,
-                     inject_layers=cfg.inject_layers or None,
-                     text_inject_layer=None if cfg.text_inject_layer < 0 else
-                     cfg.text_inject_layer, text_placement=cfg.text_placement)
+    return build_perl_from_config(cfg, device=next(clip.parameters()).device, clip=clip)
 
 
 # --- data order and augmentation -----------------------------------------------------------------
@@ -360,6 +358,12 @@ def fit(cfg: TrainConfig, callbacks: Sequence[Callback] | None = None,
         (its config hash must match cfg's), and state is saved every `checkpoint_every` optimizer
         steps (0: never mid-epoch) and at the end of every epoch.
     progress: a tqdm bar; None = only when stderr is a terminal.
+    cache: a `perl_core.cache.FeatureCache` shared by trials (same CLIP weights): the frozen
+        features (lower-block prefix and zero-shot state h(0)) of the class prompts, of every
+        training batch (the augmented view is a pure function of the data seed, so trials that
+        differ only in K, lr, anchor_weight, weight_decay read the same ones; a hit decodes no
+        image) and of the evaluation sets come from it. Same numbers as without it (bitwise
+        with an fp32 cache; at the storage rounding otherwise).
     Raises FloatingPointError on a non-finite loss (naming the step and the loss parts).
     """
     _validate(cfg, checkpoint_every)
@@ -404,7 +408,7 @@ def fit(cfg: TrainConfig, callbacks: Sequence[Callback] | None = None,
 
     if state.epoch < cfg.epochs and steps_per_epoch:
         _train(cfg, task, model, optimizer, data_gen, state, device, callbacks, checkpoint,
-               checkpoint_every, total_steps, show)
+               checkpoint_every, total_steps, show, cache)
 
     t0 = time.perf_counter()
     metrics, per_class = evaluate_task(model, task, cfg, progress=show, cache=cache)
@@ -425,19 +429,32 @@ def fit(cfg: TrainConfig, callbacks: Sequence[Callback] | None = None,
 def _train(cfg: TrainConfig, task: Task, model: PerlModel, optimizer: torch.optim.Optimizer | None,
            data_gen: torch.Generator, state: _Progress, device: torch.device,
            callbacks: list[Callback], checkpoint: Checkpoint | None, checkpoint_every: int,
-           total_steps: int, show: bool) -> None:
+           total_steps: int, show: bool, cache: Any) -> None:
+    from perl_core.cache import cached_batches, image_features, text_features, to_device
     from perl_core.data.images import ImageListDataset
     from perl_core.data.transforms import train_transform
 
-    dataset = SeededItems(ImageListDataset(task.train_items,
-                                           train_transform(model.image_size, cfg.aug_scale_min)))
+    transform = train_transform(model.image_size, cfg.aug_scale_min)
+    dataset = SeededItems(ImageListDataset(task.train_items, transform))
+    # a view is a pure function of (image, label, per-item seed, transform): SeededItems
+    view_transform = f"SeededItems({transform!r})"
     tokens = class_text_tokens(model, task.train_classnames, task.dataset, cfg.template).to(device)
     with torch.no_grad(), autocast(cfg, device):
-        # The lower text blocks are frozen and the prompts fixed: compute them once. Only the
-        # recurrent upper part (which the projectors feed) is re-run, with gradient, every step.
-        text_prefix = model.text_prefix(tokens)
+        # The lower text blocks and the zero-shot pass h(0) are frozen and the prompts fixed:
+        # compute them once. Only the recurrent steps (which the projectors feed) are re-run,
+        # with gradient, every step.
+        if cache is None:
+            text = text_features(model, tokens)
+        else:
+            text = to_device(cache.text_features(
+                model, tokens, dataset=task.dataset, template=cfg.template,
+                classnames=task.train_classnames), device)
         fixed_text = None if "text" in model.projectors else \
-            model.text_from_prefix(text_prefix, tokens)  # text side not adapted: a constant
+            model.text_from_prefix(text["prefix"], tokens, h0=text["h0"])  # not adapted
+
+    def compute(batch: Any) -> dict[str, torch.Tensor]:
+        with autocast(cfg, device):
+            return image_features(model, batch[0].to(device, non_blocking=True))
 
     bar = None
     if show:
@@ -451,15 +468,33 @@ def _train(cfg: TrainConfig, task: Task, model: PerlModel, optimizer: torch.opti
         while state.epoch < cfg.epochs:
             epoch_start_gen = data_gen.get_state()
             batches = epoch_plan(data_gen, len(dataset), cfg.batch_size)
-            loader = DataLoader(
-                dataset, batch_sampler=_ListBatchSampler(batches[state.step_in_epoch:]),
-                num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                # the loader draws its workers' base seed from this generator; augmentation
-                # does not use it (SeededItems), it only keeps the global RNG untouched
-                generator=torch.Generator().manual_seed(cfg.seed))
-            for images, labels in loader:
-                record = _train_step(cfg, model, optimizer, images, labels, tokens, text_prefix,
-                                     fixed_text, device, state)
+            todo = batches[state.step_in_epoch:]
+
+            def decode(which: Sequence[int], todo: list = todo) -> DataLoader:
+                return DataLoader(
+                    dataset, batch_sampler=_ListBatchSampler([todo[i] for i in which]),
+                    num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                    # the loader draws its workers' base seed from this generator; augmentation
+                    # does not use it (SeededItems), it only keeps the global RNG untouched
+                    generator=torch.Generator().manual_seed(cfg.seed))
+
+            if cache is None:
+                features: Iterator[dict[str, torch.Tensor]] = map(compute,
+                                                                  decode(range(len(todo))))
+            else:
+                with autocast(cfg, device):  # the compute mode is part of the key
+                    keys = [cache.image_key(
+                        model, dataset=task.dataset, split="train", transform=view_transform,
+                        items=[f"{task.train_items[i].impath}|{task.train_items[i].label}|"
+                               f"{seed}" for i, seed in b]) for b in todo]
+                # on a hit the batch is not decoded at all (labels come from the items)
+                features = cached_batches(
+                    cache, keys, decode,
+                    lambda i, todo=todo: default_collate([dataset[k] for k in todo[i]]), compute)
+            for batch, feats in zip(todo, features):
+                labels = torch.tensor([task.train_items[i].label for i, _ in batch])
+                record = _train_step(cfg, model, optimizer, to_device(feats, device), labels,
+                                     tokens, text, fixed_text, device, state)
                 state.step_in_epoch += 1
                 state.global_step += 1
                 state.history.append(record)
@@ -495,16 +530,16 @@ def _train(cfg: TrainConfig, task: Task, model: PerlModel, optimizer: torch.opti
 
 
 def _train_step(cfg: TrainConfig, model: PerlModel, optimizer: torch.optim.Optimizer | None,
-                images: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor,
-                text_prefix: torch.Tensor, fixed_text: torch.Tensor | None,
+                image_feats: dict[str, torch.Tensor], labels: torch.Tensor, tokens: torch.Tensor,
+                text_feats: dict[str, torch.Tensor], fixed_text: torch.Tensor | None,
                 device: torch.device, state: _Progress) -> dict[str, Any]:
-    images = images.to(device, non_blocking=True)
-    labels = torch.as_tensor(labels).to(device, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
     with autocast(cfg, device):
-        image = model.image_from_prefix(model.image_prefix(images), all_steps=True)
+        image = model.image_from_prefix(image_feats["prefix"], all_steps=True,
+                                        h0=image_feats["h0"])
         v0, vk = image[0].detach(), image[-1]  # zero-shot (a constant) and step K
         text = fixed_text if fixed_text is not None else \
-            model.text_from_prefix(text_prefix, tokens)
+            model.text_from_prefix(text_feats["prefix"], tokens, h0=text_feats["h0"])
         logits = model.logits(vk, text)
     loss, parts = perl_loss(logits, labels, v0, vk, cfg.anchor_weight)
     values = {"loss": float(loss.detach()), "ce": float(parts["ce"]),

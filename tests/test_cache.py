@@ -1,4 +1,6 @@
-"""FeatureCache: cached evaluation == uncached (fp32, exactly), keys, hits, size cap, corruption."""
+"""FeatureCache: cached == uncached (fp32, exactly) for evaluation and for a whole fit (training
+views + zero-shot states + text), hits across trials that differ in K / lr without decoding any
+image, resume with a cache, bf16 within tolerance, keys, size cap, corruption."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import torch
 
 from perl_core.cache import FeatureCache, model_fingerprint
 from perl_core.config import TrainConfig
-from perl_core.train import build_model, evaluate_task, resolve_task
+from perl_core.train import Callback, build_model, evaluate_task, fit, resolve_task
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +102,132 @@ def test_truncated_blob_is_recomputed(tmp_path):
     assert calls == [1] and torch.equal(y, x)
     assert torch.equal(cache.get("k"), x)
     assert not [f for f in os.listdir(os.path.dirname(p)) if ".tmp-" in f]
+
+
+# ---- the model seam: a given h(0) skips the zero-shot pass, same numbers ------------------------
+
+
+def test_zero_shot_state_seam(make_tiny_perl):
+    m = make_tiny_perl(seed=0)
+    imgs = torch.randn(3, 3, 32, 32)
+    tok = torch.zeros(2, 77, dtype=torch.long)
+    tok[:, 0], tok[0, 1:4], tok[1, 1:3] = 49406, torch.tensor([5, 6, 49407]), torch.tensor([7, 49407])
+    with torch.no_grad():
+        pre = m.image_prefix(imgs)
+        h0 = m.image_zero_shot_state(pre)
+        assert torch.equal(m.image_from_prefix(pre, all_steps=True, h0=h0),
+                           m.encode_image_all_steps(imgs))
+        tpre = m.text_prefix(tok)
+        th0 = m.text_zero_shot_state(tpre, tok)
+        assert torch.equal(m.text_from_prefix(tpre, tok, h0=th0), m.encode_text(tok))
+        # steps=0 needs h(0) only: the zero-shot embedding
+        assert torch.equal(m.image_from_prefix(pre, steps=0, h0=h0), m.encode_image(imgs, 0))
+    with pytest.raises(ValueError, match=r"h0 has shape \(2, 64\)"):
+        m.image_from_prefix(pre, h0=h0[:2])
+
+
+# ---- a whole fit through the cache ----------------------------------------------------------
+
+
+def _world(root, train=4):
+    from perl_core.data.synthetic import generate_world
+
+    generate_world(root, datasets=["ToyShapes"], sizes={"train": train, "val": 1, "test": 2})
+    return root
+
+
+@pytest.fixture
+def fit_cfg(tmp_path, tiny_arch):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # shared machine; tiny models do not gain from threads
+    yield TrainConfig(dataset="ToyShapes", data_root=str(_world(tmp_path / "w")), arch=tiny_arch,
+                      pretrained="", inject_layer=2, num_steps=2, shots=2, epochs=1,
+                      batch_size=4, lr=1e-3, device="cpu", eval_batch_size=16)
+    torch.set_num_threads(n)
+
+
+def _same(a, b):
+    assert a.projector_state.keys() == b.projector_state.keys()
+    for k in a.projector_state:
+        assert torch.equal(a.projector_state[k], b.projector_state[k]), k
+    assert a.metrics == b.metrics and a.history == b.history and a.per_class == b.per_class
+
+
+def test_fit_cached_equals_uncached_exactly_and_second_trial_decodes_nothing(fit_cfg, tmp_path):
+    other = fit_cfg.replace(num_steps=1, lr=5e-3, anchor_weight=0.5, weight_decay=0.01)
+    ref, ref_other = fit(fit_cfg), fit(other)
+    cache = FeatureCache(str(tmp_path / "c"), dtype=torch.float32)
+    first = fit(fit_cfg, cache=cache)
+    _same(first, ref)
+    steps = len(ref.history)
+    assert steps == 5  # 10 base classes x 2 shots, batch 4
+    assert cache.counts["image/miss"] > steps and "image/hit" not in cache.counts
+    # every image file gone: a hit must not decode, and every batch of this trial is a hit
+    pngs = list((tmp_path / "w").rglob("*.png"))
+    assert pngs
+    for p in pngs:
+        p.unlink()
+    before = dict(cache.counts)
+    got = fit(other, cache=cache)
+    _same(got, ref_other)
+    assert cache.counts["image/miss"] == before["image/miss"]
+    assert cache.counts["image/hit"] == before["image/miss"]  # 5 train views + eval batches
+    # prompts: the train classes (base, also read by the base and val evaluations) and novel
+    assert cache.counts["text/miss"] == before["text/miss"] == 2
+    assert cache.counts["text/hit"] == before["text/hit"] + 4
+    # another seed draws other views (and another few-shot set): those need the images
+    with pytest.raises(OSError, match="image not found"):
+        fit(fit_cfg.replace(seed=2), cache=cache)
+
+
+def test_train_view_key_follows_seed_and_augmentation(fit_cfg, tmp_path):
+    cache = FeatureCache(str(tmp_path / "c"), dtype=torch.float32)
+    fit(fit_cfg.replace(epochs=1), cache=cache)
+    n = cache.counts["image/miss"]
+    fit(fit_cfg.replace(aug_scale_min=0.5), cache=cache)  # other crops: 5 new train views
+    assert cache.counts["image/miss"] == n + 5
+    fit(fit_cfg.replace(epochs=2), cache=cache)  # epoch 1 is shared, epoch 2 draws new seeds
+    assert cache.counts["image/miss"] == n + 10
+
+
+class _Stop(Exception):
+    pass
+
+
+class _StopAt(Callback):
+    def on_step_end(self, step, logs):
+        if step == 3:
+            raise _Stop
+
+
+def test_resume_with_cache_is_bitwise_identical(fit_cfg, tmp_path):
+    from perl_core.checkpoint import DirCheckpoint
+
+    cfg = fit_cfg.replace(epochs=2)
+    whole = fit(cfg)
+    cache = FeatureCache(str(tmp_path / "c"), dtype=torch.float32)
+    ckpt = DirCheckpoint(tmp_path / "ck")
+    with pytest.raises(_Stop):
+        fit(cfg, callbacks=[_StopAt()], checkpoint=ckpt, checkpoint_every=2, cache=cache)
+    assert cache.counts["image/miss"] == 3 and ckpt.load()["position"]["global_step"] == 2
+    torch.manual_seed(123)
+    resumed = fit(cfg, checkpoint=ckpt, checkpoint_every=2, cache=cache)
+    _same(resumed, whole)
+    assert cache.counts["image/hit"] == 1  # step 3 was computed (and stored) before the stop
+
+
+def test_bf16_autocast_cached_close_to_uncached(fit_cfg, tmp_path):
+    cfg = fit_cfg.replace(precision="bf16")
+    ref = fit(cfg)
+    cache = FeatureCache(str(tmp_path / "c"))  # fp16 storage, the default
+    a = fit(cfg, cache=cache)
+    b = fit(cfg, cache=cache)  # all hits: the same inputs as the trial that filled the cache
+    _same(a, b)
+    for k, v in ref.projector_state.items():
+        assert torch.allclose(a.projector_state[k], v, rtol=0.05, atol=2e-3), k
+    assert abs(a.metrics["train/loss"] - ref.metrics["train/loss"]) < 0.02 * ref.metrics[
+        "train/loss"]
+    # zero-shot accuracy agrees up to bf16 ties on this handful of test images
+    assert abs(a.metrics["base/acc_step0"] - ref.metrics["base/acc_step0"]) <= 10.0
+    # an fp32 store holds bf16 features exactly, read back as bf16: bitwise the uncached run
+    _same(fit(cfg, cache=FeatureCache(str(tmp_path / "c32"), dtype=torch.float32)), ref)
