@@ -16,12 +16,14 @@ optionally a search space for a second, Optuna-driven phase:
     storage: ${PERL_RUNS_DIR:-runs}      # trial records + Tune state: local path or s3://
     tracking_uri: ...                    # else $MLFLOW_TRACKING_URI, else ./runs/mlflow.db
     max_failures: 1                      # Tune FailureConfig: retries per trial
+    cache: {enabled: true, url: null, max_gb: 20, dtype: float32}   # frozen-feature cache
 
 Every key is a `TrainConfig` field (same name in YAML, config, MLflow param and table header).
 Mistakes raise `SpecError`, whose text names the file, the line, the key path and what is allowed.
-`${VAR}` / `${VAR:-default}` are substituted in `data_root`, `pretrained`, `storage` and
-`tracking_uri` only (so cluster YAMLs point at S3 through the environment); relative paths there
-are made absolute against the current directory, because Ray runs trials in another directory.
+`${VAR}` / `${VAR:-default}` are substituted in `data_root`, `pretrained`, `storage`,
+`tracking_uri` and `cache.url` only (so cluster YAMLs point at S3 through the environment);
+relative paths there are made absolute against the current directory, because Ray runs trials in
+another directory.
 """
 
 from __future__ import annotations
@@ -141,6 +143,29 @@ class Resources(_Strict):
     gpu: float = Field(0.0, ge=0)  # fractional: 0.25 packs four trials on one GPU
 
 
+class CacheSpec(_Strict):
+    """The frozen-feature cache of the trials (`perl_core.cache.FeatureCache`), one per worker
+    process, passed to `fit(cache=...)`. It never changes which runs a sweep holds: it is outside
+    the config hash. `float32` (the default) stores features bit-exactly, so a cached trial gives
+    exactly the uncached numbers; `float16`/`bfloat16` halve the space and change results at that
+    rounding level (recorded as the `feature_cache_dtype` tag of every run)."""
+
+    enabled: bool = True
+    # None: node-local `<tempdir>/perl-feature-cache`, resolved on each node (fast, not shared
+    # between nodes); a shared path or s3://bucket/prefix shares it across nodes.
+    url: str | None = None
+    max_gb: float = Field(20.0, gt=0)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+    @field_validator("url")
+    @classmethod
+    def _non_empty(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("cache.url is empty: give a directory or s3:// URL, or leave it out "
+                             "for the node-local default")
+        return v
+
+
 class SweepSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     experiment: str = Field(min_length=1)
@@ -152,6 +177,7 @@ class SweepSpec(_Strict):
     storage: str = "runs"
     tracking_uri: str | None = None
     max_failures: int = Field(0, ge=-1)  # -1: retry forever (Tune's convention)
+    cache: CacheSpec = CacheSpec()
     _source: str = PrivateAttr("")  # the YAML file it was read from (not a YAML key)
 
     @field_validator("tracking_uri")
@@ -307,6 +333,9 @@ def _substitute(raw: dict, env: dict[str, str], cwd: Path, problems: list) -> di
     for key in ("storage", "tracking_uri"):
         if key in raw:
             raw[key] = sub(raw[key], (key,), key)
+    if isinstance(raw.get("cache"), dict) and isinstance(raw["cache"].get("url"), str):
+        raw["cache"] = {**raw["cache"], "url": sub(raw["cache"]["url"], ("cache", "url"),
+                                                   "cache.url")}
     for section in ("fixed", "grid"):
         block = raw.get(section)
         if not isinstance(block, dict):
@@ -353,7 +382,8 @@ def _unknown_key(key: str, where: str, allowed: Iterable[str] | None = None) -> 
 def _pydantic_message(err: dict) -> str:
     kind, loc, value = err["type"], err["loc"], err.get("input")
     if kind == "extra_forbidden":
-        model = {(): SweepSpec, ("search",): SearchSpec, ("resources",): Resources}
+        model = {(): SweepSpec, ("search",): SearchSpec, ("resources",): Resources,
+                 ("cache",): CacheSpec}
         parent = tuple(loc[:-1])
         allowed = None
         if parent in model:
@@ -679,16 +709,50 @@ def cells(spec: SweepSpec) -> list[Cell]:
 
 
 def group_order(cells_: list[Cell]) -> list[Cell]:
-    """Cells sharing (arch, pretrained, inject_layer, dataset) run back to back, so a worker reuses
-    its loaded backbone and the frozen-prefix cache; stable within a group (YAML order)."""
+    """The grid in the order that lets workers reuse what they hold, stable (YAML order) otherwise:
+
+    1. cells with the same backbone (arch, pretrained) run back to back (the worker's `_BACKBONE`);
+    2. within it, cells sharing the frozen evaluation features (`cache_group`: precision,
+       injection depths, dataset, protocol, targets) run back to back (the FeatureCache's test-set
+       prefixes and zero-shot states);
+    3. within that, cells sharing the training views (`train_view_key`: data seed, shots,
+       augmentation, batch size, epochs) run back to back (the cached training batches).
+    Tune creates the trials in the order of the `grid_search` list (tests/test_spec.py)."""
     first: dict[tuple, int] = {}
+
+    def rank(key: tuple, i: int) -> int:
+        return first.setdefault(key, i)
+
+    keys = []
     for i, c in enumerate(cells_):
-        first.setdefault(_group_key(c.config), i)
-    return sorted(cells_, key=lambda c: first[_group_key(c.config)])
+        b = backbone_key(c.config)
+        g = b + cache_group(c.config)
+        keys.append((rank(("b",) + b, i), rank(("g",) + g, i),
+                     rank(("v",) + g + train_view_key(c.config), i), i))
+    return [c for _, c in sorted(zip(keys, cells_), key=lambda kc: kc[0])]
 
 
-def _group_key(cfg: TrainConfig) -> tuple:
-    return (cfg.arch, cfg.pretrained, cfg.inject_layer, cfg.dataset)
+def backbone_key(cfg: TrainConfig) -> tuple:
+    """What the worker's backbone LRU is keyed by."""
+    return (cfg.arch, cfg.pretrained)
+
+
+def cache_group(cfg: TrainConfig) -> tuple:
+    """What the cached evaluation features of a cell depend on besides the backbone (see the
+    keys in `perl_core.cache`: compute precision, injection depth, dataset, split, items)."""
+    if cfg.variant in ("deep", "layer", "layerstep"):
+        depths: tuple = (cfg.variant, cfg.inject_layers)
+    elif cfg.variant == "early":
+        depths = (0, 0)
+    else:
+        depths = (cfg.inject_layer, cfg.effective_text_inject_layer)
+    return (cfg.precision, depths, cfg.dataset, cfg.protocol, cfg.eval_datasets, cfg.template)
+
+
+def train_view_key(cfg: TrainConfig) -> tuple:
+    """What a cell's training views depend on within its cache group (the few-shot sample and
+    the per-image augmentation seeds)."""
+    return (cfg.seed, cfg.shots, cfg.aug_scale_min, cfg.batch_size, cfg.epochs)
 
 
 def preflight(spec: SweepSpec, configs: Iterable[TrainConfig]) -> None:
@@ -730,6 +794,7 @@ def check_tracking_uri(uri: str) -> str:
     return uri
 
 
-__all__ = ["SweepSpec", "SearchSpec", "SearchParam", "Resources", "SpecError", "Cell",
+__all__ = ["SweepSpec", "SearchSpec", "SearchParam", "Resources", "CacheSpec", "SpecError", "Cell",
+           "backbone_key", "cache_group", "train_view_key",
            "load_spec", "parse_spec", "expand", "cells", "cell_name", "group_order",
            "check_config", "coerce_field", "resolve_tracking_uri", "format_path", "preflight"]

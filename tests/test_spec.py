@@ -316,3 +316,81 @@ def test_config_hash_is_stable():
     # the shared cells of two sweeps are the same runs
     loop = {c.config_hash for c in cells(load_spec(SWEEPS / "ablation_loop.yaml"))}
     assert {c.config_hash for c in b2n} <= loop
+
+
+# --- the feature-cache setting and the cell order -------------------------------------------------
+
+
+def test_cache_setting_defaults_and_values(monkeypatch, tmp_path):
+    spec = parse_spec(BASE)
+    assert spec.cache.model_dump() == {"enabled": True, "url": None, "max_gb": 20.0,
+                                       "dtype": "float32"}
+    monkeypatch.setenv("PERL_CACHE", "s3://bucket/feature-cache")
+    spec = parse_spec(BASE + "cache: {url: '${PERL_CACHE}', max_gb: 2.5, dtype: float16}\n")
+    assert (spec.cache.url, spec.cache.max_gb, spec.cache.dtype) == \
+        ("s3://bucket/feature-cache", 2.5, "float16")
+    # a relative local path is the submit directory's, like storage
+    spec = parse_spec(BASE + "cache: {url: cache/here, enabled: false}\n")
+    assert spec.cache.url == str(tmp_path / "cache" / "here") and spec.cache.enabled is False
+
+
+def test_cache_setting_is_outside_the_config_hash():
+    plain = cells(parse_spec(BASE))
+    cached = cells(parse_spec(BASE + "cache: {url: /x, dtype: float16, max_gb: 1}\n"))
+    assert [c.config_hash for c in plain] == [c.config_hash for c in cached]
+
+
+@pytest.mark.parametrize("text,fragments", [
+    ("cache: {size_gb: 3}\n", ["line 7", "cache.size_gb", "unknown key", "max_gb", "dtype"]),
+    ("cache: {dtype: int8}\n", ["cache.dtype", "float32", "float16"]),
+    ("cache: {max_gb: 0}\n", ["cache.max_gb", "greater than 0"]),
+    ("cache: {url: ''}\n", ["cache.url", "empty"]),
+    ("cache: {url: '${SURELY_NOT_SET_VAR}'}\n", ["cache.url", "SURELY_NOT_SET_VAR is not set"]),
+], ids=["unknown_key", "dtype", "max_gb", "empty_url", "unset_env"])
+def test_invalid_cache_setting_names_file_and_key(text, fragments, tmp_path):
+    path = tmp_path / "cache.yaml"
+    path.write_text(BASE + text)
+    with pytest.raises(SpecError) as e:
+        load_spec(path)
+    msg = str(e.value)
+    assert str(path) in msg
+    for fragment in fragments:
+        assert fragment in msg, f"{fragment!r} not in: {msg}"
+
+
+def test_group_order_backbone_then_cache_group_then_training_views(tmp_path):
+    (tmp_path / "a.safetensors").write_bytes(b"")
+    (tmp_path / "b.safetensors").write_bytes(b"")
+    # YAML order varies the backbone fastest: grouping must undo that
+    spec = parse_spec(BASE.replace("  dataset: ToyShapes\n", "").replace(
+        "  pretrained: embedded\n", "") + "grid:\n  dataset: [ToyShapes, ToyCounts]\n"
+        "  num_steps: [1, 2]\n  seed: [1, 2]\n  pretrained: [a.safetensors, b.safetensors]\n")
+    got = [(Path(c.config.pretrained).name, c.config.dataset, c.config.seed, c.config.num_steps)
+           for c in group_order(cells(spec))]
+    want = [(w, d, s, k) for w in ("a.safetensors", "b.safetensors")
+            for d in ("ToyShapes", "ToyCounts") for s in (1, 2) for k in (1, 2)]
+    assert got == want
+    assert sorted(map(str, got)) == sorted(map(str, [
+        (Path(c.config.pretrained).name, c.config.dataset, c.config.seed, c.config.num_steps)
+        for c in cells(spec)]))  # a permutation: nothing lost or duplicated
+
+
+def test_group_order_splits_what_the_feature_cache_keys_split():
+    from pipeline.spec import cache_group, train_view_key
+
+    base = TrainConfig(dataset="ToyShapes", arch="perl-tiny", pretrained="embedded")
+    same = [base.replace(num_steps=1), base.replace(lr=1e-3), base.replace(anchor_weight=0.1),
+            base.replace(weight_decay=0.1), base.replace(modality="vision"),
+            base.replace(variant="step"), base.replace(seed=2), base.replace(shots=4)]
+    for cfg in same:
+        assert cache_group(cfg) == cache_group(base), cfg
+    differ = [base.replace(inject_layer=6), base.replace(text_inject_layer=5),
+              base.replace(precision="bf16"), base.replace(protocol="all"),
+              base.replace(dataset="ToyCounts"), base.replace(template="coop"),
+              base.replace(variant="early"), base.replace(variant="deep")]
+    for cfg in differ:
+        assert cache_group(cfg) != cache_group(base), cfg
+    assert train_view_key(base.replace(num_steps=1, lr=1e-3)) == train_view_key(base)
+    for cfg in (base.replace(seed=2), base.replace(shots=4), base.replace(aug_scale_min=0.5),
+                base.replace(batch_size=8)):
+        assert train_view_key(cfg) != train_view_key(base)
