@@ -20,11 +20,25 @@ Only named weights are cached: `pretrained=""` means a random init drawn from th
 which must not be shared. A fresh PerlModel (new projectors, seeded exactly as `fit` seeds them)
 wraps the cached CLIP for every trial (`perl_core.train.build_model(cfg, clip=...)`).
 
+Feature cache: one `perl_core.cache.FeatureCache` per worker process (`_FEATURE_CACHE`, keyed by
+its settings), built from the sweep's `cache:` block (`pipeline.spec.CacheSpec`, in the context as
+`feature_cache`) and passed to `fit(cache=...)`, so the frozen test-set prefixes, zero-shot states
+and training views computed by one trial are read by the next ones on that node. Not used for
+`pretrained=""` (a random backbone per seed: nothing to share). Each child run gets the tags
+`feature_cache` (URL or "off") and `feature_cache_dtype`, and the metrics `feature_cache/hits`,
+`feature_cache/misses` and per kind (`feature_cache/image_hit`, ...) of this trial.
+
+Timing: every trial reports `timing/*` (seconds per phase: MLflow lookup, run creation, model,
+`fit` outside its train/eval time, record, MLflow logging) to Tune and, up to the record, to
+MLflow. With `$PERL_TRIAL_TIMINGS` set to a directory, each trial also appends its phase times
+and wall-clock entry/exit stamps there as one JSON line (`python -m pipeline.bench` reads them).
+
 Trial code imports Tune APIs from `ray.tune` only (never `ray.train`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -43,10 +57,19 @@ from pipeline.env import device_info, versions  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_EVERY = 500  # optimizer steps between mid-epoch Tune checkpoints (epoch ends always)
+# Optimizer steps between mid-epoch Tune checkpoints (epoch ends always); $PERL_CHECKPOINT_EVERY
+# overrides it (the worker-kill test lowers it; results do not depend on it).
+CHECKPOINT_EVERY = int(os.environ.get("PERL_CHECKPOINT_EVERY") or 500)
 REPORT_EVERY_S = 10.0  # progress reports to Tune at most this often (each is a driver round trip)
+# Test hook, off unless set: sleep this long after every optimizer step, so a fault-injection test
+# can kill a worker mid-training (tests/reliability/test_worker_kill.py). Timing only.
+STEP_DELAY_S = float(os.environ.get("PERL_TEST_STEP_DELAY_S") or 0)
 
 _BACKBONE: tuple[tuple[str, str], Any] | None = None  # ((arch, pretrained), frozen open_clip CLIP)
+_FEATURE_CACHE: tuple[tuple, Any] | None = None  # (settings, perl_core.cache.FeatureCache)
+_TRACKERS: dict[str, tracking.Tracker] = {}  # tracking URI -> Tracker (one client per process)
+TIMINGS_ENV = "PERL_TRIAL_TIMINGS"
+DEFAULT_CACHE_DIR = "perl-feature-cache"  # under the node's temp dir when cache.url is not set
 
 
 # --- model ----------------------------------------------------------------------------------------
@@ -91,11 +114,95 @@ def build_model(cfg: TrainConfig) -> Any:
     return build(cfg, clip=backbone(cfg.arch, cfg.pretrained))
 
 
+# --- feature cache --------------------------------------------------------------------------------
+
+
+def cache_settings(context: dict[str, Any]) -> dict[str, Any]:
+    """The sweep's `cache:` block (`pipeline.spec.CacheSpec` fields) for this trial: from the
+    context (`feature_cache`), else read from the sweep file (a driver that does not pass it),
+    else the defaults (with a warning)."""
+    from pipeline.spec import CacheSpec
+
+    settings = context.get("feature_cache")
+    if settings is None:
+        settings = _sweep_file_cache(context.get("sweep_file") or "")
+    return CacheSpec.model_validate(settings).model_dump()
+
+
+_SWEEP_FILE_CACHE: dict[tuple[str, float], dict[str, Any]] = {}
+
+
+def _sweep_file_cache(path: str) -> dict[str, Any]:
+    try:
+        key = (path, os.path.getmtime(path))
+    except OSError:
+        if path:
+            logger.warning("feature cache: the sweep file %s is not readable here and the driver "
+                           "passed no cache settings: using the defaults", path)
+        return {}
+    if key not in _SWEEP_FILE_CACHE:
+        from pipeline.spec import load_spec
+
+        _SWEEP_FILE_CACHE[key] = load_spec(path).cache.model_dump()
+    return _SWEEP_FILE_CACHE[key]
+
+
+def cache_url(settings: dict[str, Any]) -> str:
+    """cache.url, or the node-local default `<tempdir>/perl-feature-cache` (resolved here, on the
+    node that runs the trial)."""
+    return settings.get("url") or os.path.join(tempfile.gettempdir(), DEFAULT_CACHE_DIR)
+
+
+def feature_cache(settings: dict[str, Any], cfg: TrainConfig) -> Any:
+    """This process's FeatureCache for `settings` (built once, kept while the settings stay), or
+    None when the cache is off or the backbone is a per-seed random init (nothing to share)."""
+    global _FEATURE_CACHE
+    if not settings.get("enabled", True) or not cfg.pretrained:
+        return None
+    url = cache_url(settings)
+    key = (url, float(settings["max_gb"]), settings["dtype"])
+    if _FEATURE_CACHE is not None and _FEATURE_CACHE[0] == key:
+        return _FEATURE_CACHE[1]
+    import torch
+
+    from perl_core.cache import FeatureCache
+    from perl_core.data.storage import storage_options_for
+
+    cache = FeatureCache(url, max_bytes=int(key[1] * 2**30), dtype=getattr(torch, key[2]),
+                         storage_options=storage_options_for(url) if "://" in url else None)
+    _FEATURE_CACHE = (key, cache)
+    return cache
+
+
+def cache_tags(settings: dict[str, Any], cache: Any) -> dict[str, str]:
+    if cache is None:
+        why = "off" if not settings.get("enabled", True) else "off (random-init backbone)"
+        return {"feature_cache": why, "feature_cache_dtype": "none"}
+    return {"feature_cache": tracking.redact_uri(cache_url(settings)),
+            "feature_cache_dtype": settings["dtype"]}
+
+
+def cache_metrics(cache: Any, before: dict[str, int]) -> dict[str, float]:
+    """This trial's hits/misses (the counters are per process: the delta since `before`)."""
+    if cache is None:
+        return {}
+    now = {f"{kind}/{what}": 0 for kind in ("image", "text") for what in ("hit", "miss")}
+    now.update(cache.stats())
+    return {f"feature_cache/{k.replace('/', '_')}": float(v - before.get(k, 0))
+            for k, v in now.items()}
+
+
 # --- Tune adapters --------------------------------------------------------------------------------
 
 
 class TuneCheckpoint:
-    """`fit`'s checkpoint protocol (load/save) over Tune's checkpoints (uploaded to storage)."""
+    """`fit`'s checkpoint protocol (load/save) over Tune's checkpoints (uploaded to storage).
+    `resumed_step` is the optimizer step a retried trial resumed from (None: from scratch)."""
+
+    resumed_step: int | None = None
+
+    def __init__(self) -> None:
+        self.seconds = 0.0  # spent saving (persisting to storage): overhead, outside fit's timers
 
     def load(self) -> dict | None:
         from ray import tune
@@ -106,19 +213,26 @@ class TuneCheckpoint:
         if ckpt is None:
             return None
         with ckpt.as_directory() as d:
-            return DirCheckpoint(d).load()
+            state = DirCheckpoint(d).load()
+        if state is not None:
+            self.resumed_step = int(state.get("position", {}).get("global_step", 0))
+            logger.warning("resuming from the Tune checkpoint at optimizer step %d",
+                           self.resumed_step)
+        return state
 
     def save(self, state: dict) -> None:
         from ray import tune
 
         from perl_core.checkpoint import DirCheckpoint
 
+        t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="perl-ckpt-") as d:
             DirCheckpoint(d).save(state)
             pos = state.get("position", {})
             # report() persists the directory to the run's storage before returning
             tune.report({"checkpoint_step": float(pos.get("global_step", 0))},
                         checkpoint=tune.Checkpoint.from_directory(d))
+        self.seconds += time.perf_counter() - t0
 
 
 def _progress_callback(cell: str):
@@ -136,6 +250,8 @@ def _progress_callback(cell: str):
             self.total = int(info.get("total_steps") or 0)
 
         def on_step_end(self, step: int, logs: dict[str, Any]) -> None:
+            if STEP_DELAY_S:
+                time.sleep(STEP_DELAY_S)
             now = time.monotonic()
             if now - self.last < REPORT_EVERY_S and step < self.total:
                 return
@@ -190,8 +306,12 @@ def trial_tags(cfg: TrainConfig, name: str, context: dict[str, Any]) -> dict[str
 
 
 def _tracker(context: dict[str, Any]) -> tracking.Tracker | None:
+    """One Tracker (MlflowClient) per process and URI, reused by the trials of a worker."""
+    uri = context["tracking_uri"]
     try:
-        return tracking.Tracker(context["tracking_uri"])
+        if uri not in _TRACKERS:
+            _TRACKERS[uri] = tracking.Tracker(uri)
+        return _TRACKERS[uri]
     except Exception as e:  # MLflow unreachable: train anyway, the record is replayed later
         logger.warning("MLflow unavailable (%s): training without a run", e)
         return None
@@ -204,11 +324,13 @@ def train_cell(config: dict[str, Any], context: dict[str, Any] | None = None) ->
     from perl_core.train import fit, save_projectors
 
     assert context is not None, "train_cell needs its context (tune.with_parameters)"
+    clock = _Clock()
     name, cfg = trial_config(config, context)
     h = cfg.config_hash()
     phase = context["phase"]
     tracker = _tracker(context)
     code = None if context.get("ignore_code_version") else context["code_version"]
+    clock.lap("setup")
 
     if tracker is not None and not context.get("rerun"):
         try:
@@ -217,12 +339,16 @@ def train_cell(config: dict[str, Any], context: dict[str, Any] | None = None) ->
         except Exception as e:
             logger.warning("MLflow lookup failed (%s); training", e)
             done = None
+        clock.lap("mlflow_lookup")
         if done is not None:  # another submission finished it meanwhile: nothing to do
             tune.report({**done.data.metrics, "skipped": 1.0, "cell": name,
                          "mlflow_run_id": done.info.run_id})
             return
 
-    tags = trial_tags(cfg, name, context)
+    settings = cache_settings(context)
+    cache = feature_cache(settings, cfg)
+    tags = {**trial_tags(cfg, name, context), **cache_tags(settings, cache)}
+    clock.lap("tags")
     started_ms = int(time.time() * 1000)
     run_id = None
     if tracker is not None:
@@ -233,24 +359,37 @@ def train_cell(config: dict[str, Any], context: dict[str, Any] | None = None) ->
             logger.warning("cannot create the MLflow run (%s); the storage record will be "
                            "replayed into MLflow later", e)
             tracker = None
+    clock.lap("mlflow_start")
     try:
         model = build_model(cfg)
+        clock.lap("build_model")
+        before = cache.stats() if cache is not None else {}
+        ckpt = TuneCheckpoint()
         result = fit(cfg, callbacks=[_progress_callback(name)], model=model,
-                     checkpoint=TuneCheckpoint(), progress=False,
-                     checkpoint_every=CHECKPOINT_EVERY)
+                     checkpoint=ckpt, progress=False,
+                     checkpoint_every=CHECKPOINT_EVERY, cache=cache)
+        fit_s = clock.lap("fit")
+        clock.laps["fit_compute"] = result.train_seconds + result.eval_seconds
+        clock.laps["fit_checkpoint"] = ckpt.seconds
+        clock.laps["fit_other"] = fit_s - clock.laps["fit_compute"] - ckpt.seconds
+        del clock.laps["fit"]
         metrics = dict(result.metrics)  # val/* included: what the search phase selects on
+        metrics.update(cache_metrics(cache, before))
+        metrics.update(clock.metrics(totals=False))  # phases so far (MLflow: timed below)
         record = tracking.TrialRecord(
             record_id=tracking.new_record_id(), experiment=context["experiment"], run_name=name,
             config=cfg.to_dict(), config_hash=h, metrics=metrics, history=result.history,
             per_class=result.per_class, num_trainable_parameters=result.num_trainable_parameters,
             tags=tags, parent_run_id=context["parent_run_id"], started_ms=started_ms,
             ended_ms=int(time.time() * 1000),
-            extra={"train_seconds": result.train_seconds, "eval_seconds": result.eval_seconds})
+            extra={"train_seconds": result.train_seconds, "eval_seconds": result.eval_seconds,
+                   "resumed_from_step": ckpt.resumed_step})
         with tempfile.TemporaryDirectory(prefix="perl-proj-") as d:
             save_projectors(Path(d) / "projectors.safetensors", result)
             blob = (Path(d) / "projectors.safetensors").read_bytes()
         # the record first: from here on the result survives an MLflow outage
         tracking.write_record(context["storage"], record, blob)
+        clock.lap("record")
     except BaseException as e:
         if tracker is not None and run_id is not None:
             status = "FAILED" if isinstance(e, Exception) else "KILLED"
@@ -271,10 +410,53 @@ def train_cell(config: dict[str, Any], context: dict[str, Any] | None = None) ->
         except Exception as e:  # the record is safe in storage; replay will log it
             logger.warning("MLflow logging of %s failed (%s); record %s kept for replay", name,
                            e, record.stem())
-    tune.report({**{k: v for k, v in metrics.items() if tracking._finite(v)},
+    clock.lap("mlflow_log")
+    timing = clock.metrics()
+    clock.dump(name, {"train_seconds": result.train_seconds,
+                      "eval_seconds": result.eval_seconds, "mlflow_logged": logged})
+    tune.report({**{k: v for k, v in metrics.items() if tracking._finite(v)}, **timing,
                  "done": 1.0, "mlflow_logged": logged, "cell": name,
-                 "mlflow_run_id": run_id or "", "train_seconds": result.train_seconds})
+                 "mlflow_run_id": run_id or "", "train_seconds": result.train_seconds,
+                 "eval_seconds": result.eval_seconds})
+
+
+class _Clock:
+    """Phase times of one trial (seconds, perf_counter) and its wall-clock entry stamp."""
+
+    def __init__(self) -> None:
+        self.entry_unix = time.time()
+        self.t0 = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, phase: str) -> float:
+        now = time.perf_counter()
+        self.laps[phase] = self.laps.get(phase, 0.0) + now - self.last
+        self.last = now
+        return self.laps[phase]
+
+    def metrics(self, totals: bool = True) -> dict[str, float]:
+        out = {f"timing/{k}_s": v for k, v in self.laps.items()}
+        if totals:  # the whole trial (only in the final Tune report and the timings file)
+            wall = self.last - self.t0
+            out["timing/trial_wall_s"] = wall
+            out["timing/overhead_s"] = wall - self.laps.get("fit_compute", 0.0)
+        return out
+
+    def dump(self, cell: str, extra: dict[str, Any]) -> None:
+        """One JSON line in $PERL_TRIAL_TIMINGS/<pid>.jsonl (when set; for pipeline.bench)."""
+        where = os.environ.get(TIMINGS_ENV)
+        if not where:
+            return
+        line = {"cell": cell, "pid": os.getpid(), "entry_unix": self.entry_unix,
+                "exit_unix": time.time(), "phases": dict(self.laps), **extra}
+        try:
+            os.makedirs(where, exist_ok=True)
+            with open(os.path.join(where, f"{os.getpid()}.jsonl"), "a") as f:
+                f.write(json.dumps(line) + "\n")
+        except OSError as e:
+            logger.warning("cannot write trial timings to %s: %s", where, e)
 
 
 __all__ = ["train_cell", "backbone", "clear_backbone", "build_model", "trial_config",
-           "trial_tags", "TuneCheckpoint"]
+           "trial_tags", "TuneCheckpoint", "cache_settings", "feature_cache", "cache_tags",
+           "cache_metrics", "cache_url", "TIMINGS_ENV"]

@@ -1,0 +1,168 @@
+"""`python -m pipeline.bench` and the trainable's feature cache.
+
+- the bench runs a real sweep (local Ray, MLflow SQLite, perl-tiny on a synthetic world) and
+  prints every figure, positive and finite; the trials ran in `group_order`'s order (so Tune
+  keeps the order of the grid_search list); every child run carries the cache tags and metrics,
+  and the trials after the first of their group read the cache;
+- the real-trial time from a perl_core.bench JSON, and its errors;
+- the trainable's cache settings (context, else the sweep file) and the per-process cache.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from perl_core.config import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _finite_positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_bench_runs_a_real_sweep_and_reports_the_overhead(tmp_path):
+    work = tmp_path / "work"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0",
+           "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.bench", "--trials", "4", "--real-trial-s", "100",
+         "--workdir", str(work), "--json"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout)  # the JSON alone on stdout
+    assert res["trials"] == 4 and res["steady_state_trials"] >= 1
+    per = res["per_trial_overhead_s"]
+    for key in ("mean", "p90", "min", "max"):
+        assert _finite_positive(per[key]), per
+        assert _finite_positive(res["fit_compute_s"][key])
+    assert per["min"] <= per["mean"] <= per["max"] and per["p90"] <= per["max"]
+    for key in ("sweep_wall_s", "startup_s", "amortized_overhead_s"):
+        assert _finite_positive(res[key]), key
+    assert res["teardown_s"] >= 0
+    for phase, v in res["breakdown_mean_s"].items():
+        assert v is not None and math.isfinite(v) and v >= 0, phase
+    assert _finite_positive(res["breakdown_mean_s"]["mlflow_log"])
+    assert _finite_positive(res["breakdown_mean_s"]["mlflow_start"])
+    for part, v in res["startup_breakdown_s"].items():
+        assert _finite_positive(v), part
+    assert res["real_trial_s"] == 100.0
+    assert res["overhead_fraction_of_real_trial"]["mean"] == pytest.approx(per["mean"] / 100)
+    assert res["overhead_fraction_of_real_trial"]["p90"] == pytest.approx(per["p90"] / 100)
+    # Tune ran the trials in group_order's order (K-major YAML, seed-grouped order)
+    assert res["order_preserved"] is True
+    assert [r["cell"].split("/")[3:6:2] for r in res["trial_log"]] == \
+        [["seed1", "K1"], ["seed1", "K2"], ["seed2", "K1"], ["seed2", "K2"]]
+
+    # every child run: cache tags and this trial's hits/misses; timing metrics
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("bench/pipeline_overhead")
+    runs = client.search_runs([exp.experiment_id], "tags.phase = 'final'",
+                              order_by=["attributes.start_time ASC"])
+    assert len(runs) == 4
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["feature_cache"] == str(work / "cache")
+        assert r.data.tags["feature_cache_dtype"] == "float32"
+        assert "feature_cache_dtype" not in r.data.params  # params stay TrainConfig fields
+        m = r.data.metrics
+        assert m["feature_cache/hits"] + m["feature_cache/misses"] > 0
+        assert m["timing/fit_compute_s"] > 0 and "timing/mlflow_start_s" in m
+    assert runs[0].data.metrics["feature_cache/image_hit"] == 0  # cold cache
+    # the others read the test-set features the first one wrote
+    assert all(r.data.metrics["feature_cache/image_hit"] > 0 for r in runs[1:])
+
+
+def test_analyse_and_p90_on_known_rows():
+    from pipeline.bench import analyse, p90
+
+    assert p90([1.0]) == 1.0 and p90([0.0, 10.0]) == pytest.approx(9.0)
+    rows = [{"cell": f"c{i}", "pid": 7, "entry_unix": 100.0 + 10 * i, "exit_unix": 105.0 + 10 * i,
+             "train_seconds": 3.0, "eval_seconds": 1.0, "phases": {"mlflow_log": 0.5}}
+            for i in range(3)]
+    res = analyse(rows, t_start=90.0, t_end=126.0, concurrency=1)
+    assert res["startup_s"] == 10.0 and res["teardown_s"] == 1.0
+    assert res["in_trial_overhead_s"]["mean"] == pytest.approx(1.0)
+    # steady state: 1 s in the trial + the 5 s gap before it
+    assert res["per_trial_overhead_s"]["mean"] == pytest.approx(6.0)
+    assert res["breakdown_mean_s"]["scheduling"] == pytest.approx(5.0)
+    assert res["amortized_overhead_s"] == pytest.approx((36.0 - 12.0) / 3)
+
+
+def test_real_trial_from_a_perl_core_bench_file(tmp_path):
+    from pipeline.bench import main, real_trial_from_bench
+
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({
+        "arch": "ViT-B-16-quickgelu", "device": "cuda",
+        "perl_eval_img_per_s_cached": 500.0,
+        "train_step_s_by_classes": {"10": {"cached": 0.01, "uncached": 0.02},
+                                    "100": {"cached": 0.05, "uncached": 0.5}}}))
+    s, how = real_trial_from_bench(path, classes=100, shots=16, batch=4, epochs=1,
+                                   eval_images=2000)
+    assert s == pytest.approx(400 * 0.05 + 2000 / 500.0)
+    assert "400 steps" in how and "WARNING" not in how
+    with pytest.raises(ValueError, match=r"no entry for 50 classes .*'10', '100'"):
+        real_trial_from_bench(path, classes=50, shots=16, batch=4, epochs=1, eval_images=0)
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text(json.dumps({"arch": "perl-tiny", "train_step_s_by_classes": {
+        "10": {"cached": 0.1}}}))
+    assert "not ViT-B/16" in real_trial_from_bench(tiny, classes=10, shots=16, batch=4,
+                                                   epochs=1, eval_images=0)[1]
+    assert main(["--bench", str(tmp_path / "nope.json")]) == 2
+    assert main(["--trials", "3"]) == 2  # odd: refused before any work
+
+
+# --- the trainable's feature cache ----------------------------------------------------------------
+
+
+def test_cache_settings_from_context_else_sweep_file(tmp_path):
+    from pipeline.trainable import cache_settings
+
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("name: s\nexperiment: e\nfixed: {dataset: ToyShapes, arch: perl-tiny, "
+                     "pretrained: embedded}\ncache: {url: /somewhere, dtype: float16}\n")
+    from_file = cache_settings({"sweep_file": str(sweep)})
+    assert (from_file["url"], from_file["dtype"], from_file["enabled"]) == \
+        ("/somewhere", "float16", True)
+    given = cache_settings({"sweep_file": str(sweep), "feature_cache": {"enabled": False}})
+    assert given["enabled"] is False and given["url"] is None
+    assert cache_settings({"sweep_file": str(tmp_path / "gone.yaml")})["dtype"] == "float32"
+    with pytest.raises(ValueError, match="dtype"):
+        cache_settings({"feature_cache": {"dtype": "int8"}})
+
+
+def test_feature_cache_is_built_once_per_process_and_skipped_for_random_init(tmp_path):
+    import torch
+
+    from pipeline.trainable import cache_metrics, cache_tags, feature_cache
+
+    cfg = TrainConfig(dataset="ToyShapes", arch="perl-tiny", pretrained="embedded")
+    settings = {"enabled": True, "url": str(tmp_path / "c"), "max_gb": 1.0, "dtype": "float16"}
+    a = feature_cache(settings, cfg)
+    assert a is feature_cache(dict(settings), cfg.replace(seed=2))  # reused by the next trial
+    assert a.dtype == torch.float16 and a.max_bytes == 2**30
+    assert cache_tags(settings, a) == {"feature_cache": str(tmp_path / "c"),
+                                       "feature_cache_dtype": "float16"}
+    b = feature_cache({**settings, "dtype": "float32"}, cfg)
+    assert b is not a and b.dtype == torch.float32
+    assert feature_cache(settings, cfg.replace(pretrained="")) is None
+    assert feature_cache({**settings, "enabled": False}, cfg) is None
+    assert cache_tags({**settings, "enabled": False}, None)["feature_cache"] == "off"
+    before = b.stats()
+    b.get_or_compute(b.key(kind="t"), lambda: torch.ones(2), kind="image")
+    b.get_or_compute(b.key(kind="t"), lambda: torch.ones(2), kind="image")
+    m = cache_metrics(b, before)
+    assert (m["feature_cache/hits"], m["feature_cache/misses"]) == (1.0, 1.0)
+    assert (m["feature_cache/image_hit"], m["feature_cache/image_miss"]) == (1.0, 1.0)
