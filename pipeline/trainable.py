@@ -67,7 +67,6 @@ STEP_DELAY_S = float(os.environ.get("PERL_TEST_STEP_DELAY_S") or 0)
 
 _BACKBONE: tuple[tuple[str, str], Any] | None = None  # ((arch, pretrained), frozen open_clip CLIP)
 _FEATURE_CACHE: tuple[tuple, Any] | None = None  # (settings, perl_core.cache.FeatureCache)
-_TRACKERS: dict[str, tracking.Tracker] = {}  # tracking URI -> Tracker (one client per process)
 TIMINGS_ENV = "PERL_TRIAL_TIMINGS"
 DEFAULT_CACHE_DIR = "perl-feature-cache"  # under the node's temp dir when cache.url is not set
 
@@ -306,12 +305,9 @@ def trial_tags(cfg: TrainConfig, name: str, context: dict[str, Any]) -> dict[str
 
 
 def _tracker(context: dict[str, Any]) -> tracking.Tracker | None:
-    """One Tracker (MlflowClient) per process and URI, reused by the trials of a worker."""
-    uri = context["tracking_uri"]
+    # a new client per trial costs < 1 ms once mlflow is imported (pipeline.bench: `setup`)
     try:
-        if uri not in _TRACKERS:
-            _TRACKERS[uri] = tracking.Tracker(uri)
-        return _TRACKERS[uri]
+        return tracking.Tracker(context["tracking_uri"])
     except Exception as e:  # MLflow unreachable: train anyway, the record is replayed later
         logger.warning("MLflow unavailable (%s): training without a run", e)
         return None
