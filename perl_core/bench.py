@@ -1,12 +1,16 @@
-"""Throughput benchmark: plain CLIP vs PERL evaluation (uncached / prefix-cached), training steps
-with and without the hoisted text prefix, achieved FLOP rate vs a dense matmul, and a small
-sweep run naively vs with a shared backbone + FeatureCache.
+"""Throughput benchmark: plain CLIP vs PERL evaluation (uncached / from the FeatureCache), training
+steps with and without cached frozen features, achieved FLOP rate vs a dense matmul, and a small
+ablation_steps-like sweep run naively vs with one backbone + one FeatureCache.
 
-    python -m perl_core.bench [--arch ViT-B-16-quickgelu] [--quick] [--json]
+    python -m perl_core.bench [--arch ViT-B-16-quickgelu] [--pretrained TAG] [--quick] [--json]
+                              [--threads N]
 
 Runs on CUDA with bf16 autocast when a GPU is present, else fp32 on the CPU. `--quick` uses the
-`perl-tiny` arch (ViT-B/16 block structure, 48 px, random init) and small sizes. Numbers are what
-this machine measured in this run; nothing is extrapolated.
+`perl-tiny` arch (ViT-B/16 block structure, 48 px) with its embedded weights for the throughput
+and sweep stages, and ViT-B/16 (random init) for the FLOP-rate stage. Every comparison is
+interleaved (A B A B ... rounds, medians or ratios of sums) so that a load change on a shared
+machine hits both sides alike. Numbers are what this machine measured in this run; nothing is
+extrapolated.
 """
 
 from __future__ import annotations
@@ -14,16 +18,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import resource
+import os
+import re
 import shutil
+import statistics
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, Callable, Sequence
 
 import torch
 
-from perl_core.cache import FeatureCache
+from perl_core.cache import FeatureCache, image_features, text_features
 from perl_core.factory import create_clip
 from perl_core.model import PerlModel
 
@@ -43,18 +50,20 @@ def _ac(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _time(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 1) -> float:
-    """Median seconds per call."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+def _interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, reps: int,
+                 warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each fn, timed in rounds (a b c a b c ...): a load change on a
+    shared machine lands on every contender instead of on whichever ran last."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(warmup + reps):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 # ---- analytic FLOPs ----------------------------------------------------------------------------
@@ -84,166 +93,296 @@ def vision_flops(model: PerlModel, steps: int | None = None) -> tuple[float, flo
     return plain, perl
 
 
-def machine_matmul_gflops(device: torch.device, n: int = 1024, reps: int = 5) -> float:
+def _matmul(device: torch.device, n: int) -> Callable[[], Any]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    s = _time(lambda: a @ b, device, reps)
+    return lambda: a @ b
+
+
+def machine_matmul_gflops(device: torch.device, n: int = 1024, reps: int = 5) -> float:
+    s = _interleaved({"mm": _matmul(device, n)}, device, reps)["mm"]
     return 2.0 * n ** 3 / s / 1e9
 
 
 # ---- memory ------------------------------------------------------------------------------------
-def _mem_start(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        return 0.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+class PeakMemory:
+    """Peak memory of one trial, in MB.
 
+    CUDA: `torch.cuda.max_memory_allocated` after a reset (tensors only, the usual figure).
+    CPU: the process's peak resident set size during the trial. Linux keeps a high-water mark
+    (VmHWM) that `/proc/self/clear_refs` ("5") resets, so each trial gets its own peak, exact and
+    free of sampling; where that is not allowed a thread samples VmRSS every 2 ms. `delta_mb` is
+    the peak above the RSS at the trial's start (what the trial added; freed memory that the
+    allocator keeps resident is counted by the trials that reuse it, not again).
+    """
 
-def _mem_peak_mb(device: torch.device, start: float) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    # RSS high-water mark delta (monotonic: 0 when the trial stayed under an earlier peak)
-    return max(0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 - start)
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.method = "cuda.max_memory_allocated" if device.type == "cuda" else "unavailable"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sampled = 0.0
+
+    @staticmethod
+    def _status(field: str) -> float | None:
+        try:
+            with open("/proc/self/status") as f:
+                m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+        except OSError:
+            return None
+        return int(m.group(1)) / 1024.0 if m else None
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated() / 2 ** 20
+            return self
+        self.start = self._status("VmRSS") or 0.0
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.method = "VmHWM reset per trial"
+        except OSError:
+            if self._status("VmRSS") is not None:
+                self.method = "VmRSS sampled every 2 ms"
+                self._sampled = self.start
+                self._thread = threading.Thread(target=self._sample, daemon=True)
+                self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self._sampled = max(self._sampled, self._status("VmRSS") or 0.0)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated() / 2 ** 20
+        elif self.method.startswith("VmHWM"):
+            self.peak = self._status("VmHWM") or 0.0
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak = self._sampled
+        else:
+            self.peak = 0.0
+        self.delta = max(0.0, self.peak - self.start)
 
 
 # ---- pieces ------------------------------------------------------------------------------------
-def _eval_rates(model: PerlModel, device: torch.device, batch: int, reps: int,
-                cache_dir: str) -> dict[str, float]:
+def _images(model: PerlModel, batch: int, device: torch.device) -> torch.Tensor:
     size = model.image_size
     hw = (size, size) if isinstance(size, int) else size
-    images = torch.randn(batch, 3, *hw, device=device)
-    clip = model.clip
-    with torch.no_grad():
-        with _ac(device):
-            t_plain = _time(lambda: clip.encode_image(images), device, reps)
-            t_perl = _time(lambda: model.encode_image_all_steps(images), device, reps)
-            cache = FeatureCache(cache_dir, dtype=torch.float16 if device.type == "cuda"
-                                 else torch.float32)
-            key = dict(dataset="bench", split="test", transform="randn", items=list(range(batch)))
-            cache.image_prefix(model, images, **key)  # miss: computed and stored
+    return torch.randn(batch, 3, *hw, device=device)
 
-            def cached() -> torch.Tensor:
-                pre = cache.image_prefix(model, images, **key).to(device)
-                return model.image_from_prefix(pre, all_steps=True)
-            t_cached = _time(cached, device, reps)
-    return {"plain_clip_img_per_s": batch / t_plain, "perl_eval_img_per_s_uncached": batch / t_perl,
-            "perl_eval_img_per_s_cached": batch / t_cached, "_t_perl": t_perl}
+
+def _eval_rates(model: PerlModel, device: torch.device, batch: int, reps: int,
+                cache_dir: str) -> dict[str, float]:
+    """img/s of plain CLIP, PERL eval uncached, PERL eval from a FeatureCache hit (S_v and h(0)
+    read from disk, only the K thought passes run), timed in interleaved rounds."""
+    images = _images(model, batch, device)
+    clip = model.clip
+    cache = FeatureCache(cache_dir, dtype=torch.float16 if device.type == "cuda"
+                         else torch.float32)
+    key = dict(dataset="bench", split="test", transform="randn", items=list(range(batch)))
+
+    def cached() -> torch.Tensor:
+        f = cache.image_features(model, images, **key)
+        return model.image_from_prefix(f["prefix"].to(device), all_steps=True,
+                                       h0=f["h0"].to(device))
+
+    with torch.no_grad(), _ac(device):
+        cache.image_features(model, images, **key)  # the miss: computed and stored
+        t = _interleaved({"plain": lambda: clip.encode_image(images),
+                          "perl": lambda: model.encode_image_all_steps(images),
+                          "cached": cached}, device, reps)
+    return {"plain_clip_img_per_s": batch / t["plain"],
+            "perl_eval_img_per_s_uncached": batch / t["perl"],
+            "perl_eval_img_per_s_cached": batch / t["cached"]}
+
+
+def _roofline(arch: str, pretrained: str, device: torch.device, batch: int, reps: int,
+              matmul_n: int) -> dict[str, Any]:
+    """Achieved GFLOP/s of the PERL eval forward (J=7, K=4) at `arch` size vs a dense matmul,
+    timed in interleaved rounds."""
+    torch.manual_seed(0)
+    clip = create_clip(arch, pretrained or None)
+    depth = len(clip.visual.transformer.resblocks)
+    model = PerlModel(clip, inject_layer=min(7, depth - 1), num_steps=4).to(device).eval()
+    images = _images(model, batch, device)
+    with torch.no_grad(), _ac(device):
+        t = _interleaved({"perl": lambda: model.encode_image_all_steps(images),
+                          "matmul": _matmul(device, matmul_n)}, device, reps)
+    plain_f, perl_f = vision_flops(model)
+    achieved = perl_f * batch / t["perl"] / 1e9
+    mm = 2.0 * matmul_n ** 3 / t["matmul"] / 1e9
+    return {"roofline_arch": arch, "analytic_gflop_per_img_plain": plain_f / 1e9,
+            "analytic_gflop_per_img_perl_eval": perl_f / 1e9, "achieved_gflops": achieved,
+            "machine_matmul_gflops": mm, "roofline_fraction": achieved / mm}
 
 
 def _train_steps(model: PerlModel, device: torch.device, classes: Sequence[int], batch: int,
-                 reps: int) -> dict[str, dict[str, float]]:
-    """Seconds per optimizer step (batch images, C classes): text prefix hoisted vs recomputed."""
-    size = model.image_size
-    hw = (size, size) if isinstance(size, int) else size
+                 reps: int, cache_dir: str) -> dict[str, dict[str, float]]:
+    """Seconds per optimizer step (batch images, C classes).
+
+    cached: as `fit(cache=...)` runs it: the text S_t and h(0) of the C prompts read from the
+    FeatureCache once (per trial), the image S_v and h(0) of the batch read from it every step
+    (a training-view hit); only the K thought passes run, with gradient. uncached: every frozen
+    feature is computed inside the step. Interleaved rounds.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    images = torch.randn(batch, 3, *hw, device=device)
+    images = _images(model, batch, device)
     labels = torch.randint(0, min(classes), (batch,), device=device)
+    cache = FeatureCache(cache_dir, dtype=torch.float16 if device.type == "cuda"
+                         else torch.float32)
+    key = dict(dataset="bench", split="train", transform="randn", items=list(range(batch)))
     out: dict[str, dict[str, float]] = {}
     model.train()
     for c in classes:
         tokens = model.tokenize([f"a photo of a class {i}." for i in range(c)]).to(device)
-        with _ac(device):
-            hoisted = model.text_prefix(tokens)
+        names = [str(i) for i in range(c)]
 
-        def step(recompute: bool) -> None:
+        with _ac(device):
+            cache.text_features(model, tokens, dataset="bench", template="t", classnames=names)
+            hoisted = {k: v.to(device) for k, v in cache.text_features(
+                model, tokens, dataset="bench", template="t", classnames=names).items()}
+
+        def step(use_cache: bool) -> None:
             with _ac(device):
-                s_t = model.text_prefix(tokens) if recompute else hoisted
-                s_v = model.image_prefix(images)
-                img = model.image_from_prefix(s_v, all_steps=True)
-                txt = model.text_from_prefix(s_t, tokens, all_steps=True)
-                logits = model.logits(img.float(), txt.float())  # (K+1, N, C)
-                loss = torch.nn.functional.cross_entropy(logits[-1], labels)
+                if use_cache:
+                    tf = hoisted
+                    vf = {k: v.to(device) for k, v in
+                          cache.image_features(model, images, **key).items()}
+                else:
+                    tf, vf = text_features(model, tokens), image_features(model, images)
+                img = model.image_from_prefix(vf["prefix"], all_steps=True, h0=vf["h0"])
+                txt = model.text_from_prefix(tf["prefix"], tokens, h0=tf["h0"])
+                logits = model.logits(img[-1].float(), txt.float())
+                loss = torch.nn.functional.cross_entropy(logits, labels) + \
+                    (1 - torch.nn.functional.cosine_similarity(img[0].float(), img[-1].float(),
+                                                               dim=-1).mean())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        out[str(c)] = {"cached": _time(lambda: step(False), device, reps),
-                       "uncached": _time(lambda: step(True), device, reps)}
+        t = _interleaved({"cached": lambda: step(True), "uncached": lambda: step(False)},
+                         device, reps)
+        out[str(c)] = {**t, "speedup": t["uncached"] / t["cached"]}
     model.eval()
     return out
 
 
 def _sweep(arch: str, pretrained: str, root: str, datasets: Sequence[str], ks: Sequence[int],
-           seeds: Sequence[int], device: torch.device, cache_dir: str
-           ) -> tuple[float, float, list[dict[str, Any]]]:
-    """(naive seconds, optimized seconds, per-trial records) for the same trials and data."""
+           seeds: Sequence[int], device: torch.device, cache_dir: str, shots: int
+           ) -> dict[str, Any]:
+    """The same trials run naive (fp32, backbone rebuilt per trial, no cache) and optimized (one
+    backbone, one FeatureCache; bf16 autocast on CUDA), alternating naive/optimized trial by trial
+    (ABBA order), so a load change lands on both. Returns sums, their ratio and per-trial records.
+    """
     from perl_core.config import TrainConfig
     from perl_core.train import build_model, fit
 
-    precision = "bf16" if device.type == "cuda" else "fp32"
-    base = dict(data_root=root, arch=arch, pretrained=pretrained, inject_layer=7, shots=2,
-                epochs=1, batch_size=4, lr=1e-3, device=str(device), eval_batch_size=64)
-    trials = [(d, k, s) for d in datasets for k in ks for s in seeds]
+    base = dict(data_root=root, arch=arch, pretrained=pretrained, inject_layer=7, shots=shots,
+                epochs=1, batch_size=4, lr=1e-2, device=str(device), eval_batch_size=64)
+    cuda = device.type == "cuda"
+    cache = FeatureCache(cache_dir, dtype=torch.float16 if cuda else torch.float32)
+    clip: list[torch.nn.Module] = []  # the optimized side's one backbone, built in its 1st trial
     records: list[dict[str, Any]] = []
+    same: list[bool] = []
 
-    t0 = time.perf_counter()
-    for d, k, s in trials:  # naive: fp32, backbone rebuilt per trial, no cache
-        cfg = TrainConfig(dataset=d, num_steps=k, seed=s, **{**base, "precision": "fp32"})
-        m0 = _mem_start(device)
-        fit(cfg, progress=False)
-        records.append({"mode": "naive", "dataset": d, "K": k, "seed": s,
-                        "peak_memory_mb": _mem_peak_mb(device, m0)})
-    naive = time.perf_counter() - t0
+    def naive(cfg: TrainConfig) -> Any:
+        return fit(cfg.replace(precision="fp32"), progress=False)
 
-    t0 = time.perf_counter()
-    clip = None
-    cache = FeatureCache(cache_dir, dtype=torch.float16 if device.type == "cuda" else torch.float32)
-    for d, k, s in trials:  # optimized: one backbone, shared FeatureCache
-        cfg = TrainConfig(dataset=d, num_steps=k, seed=s, precision=precision, **base)
-        m0 = _mem_start(device)
-        if clip is None:
-            clip = build_model(cfg).clip
-        fit(cfg, model=build_model(cfg, clip=clip), progress=False, cache=cache)
-        records.append({"mode": "optimized", "dataset": d, "K": k, "seed": s,
-                        "peak_memory_mb": _mem_peak_mb(device, m0)})
-    optimized = time.perf_counter() - t0
-    return naive, optimized, records
+    def optimized(cfg: TrainConfig) -> Any:
+        cfg = cfg.replace(precision="bf16" if cuda else "fp32")
+        if not clip:
+            clip.append(build_model(cfg).clip.to(device))
+        return fit(cfg, model=build_model(cfg, clip=clip[0]), progress=False, cache=cache)
+
+    trials = [(d, s, k) for d in datasets for s in seeds for k in ks]
+    for i, (d, s, k) in enumerate(trials):
+        cfg = TrainConfig(dataset=d, num_steps=k, seed=s, **base)
+        order = [("naive", naive), ("optimized", optimized)]
+        results = {}
+        for mode, run_trial in order if i % 2 == 0 else order[::-1]:
+            hits = cache.hits
+            with PeakMemory(device) as mem:
+                t0 = time.perf_counter()
+                results[mode] = run_trial(cfg)
+                seconds = time.perf_counter() - t0
+            records.append({"mode": mode, "dataset": d, "K": k, "seed": s, "seconds": seconds,
+                            "peak_memory_mb": mem.peak, "peak_memory_delta_mb": mem.delta,
+                            "memory_method": mem.method, "cache_hits": cache.hits - hits})
+        a, b = results["naive"], results["optimized"]
+        same.append(a.metrics == b.metrics and all(
+            torch.equal(a.projector_state[n], b.projector_state[n]) for n in a.projector_state))
+    total = {m: sum(r["seconds"] for r in records if r["mode"] == m)
+             for m in ("naive", "optimized")}
+    return {"sweep_trials": len(trials), "sweep_naive_s": total["naive"],
+            "sweep_optimized_s": total["optimized"],
+            "sweep_speedup_vs_naive": total["naive"] / total["optimized"],
+            "sweep_results_identical": all(same) if not cuda else None,
+            "sweep_cache": cache.stats(), "peak_memory_mb": records}
 
 
 def run(arch: str = "ViT-B-16-quickgelu", pretrained: str = "", *, quick: bool = False,
-        batch: int = 16, reps: int = 3, classes: Sequence[int] = (10, 100, 1000),
-        sweep_ks: Sequence[int] = (1, 2, 4), sweep_seeds: Sequence[int] = (1, 2),
-        sweep_datasets: Sequence[str] = ("ToyShapes", "ToyWorld"),
-        world_sizes: dict | None = None, matmul_n: int = 1024) -> dict[str, Any]:
+        batch: int = 16, reps: int = 5, classes: Sequence[int] = (10, 100, 1000),
+        train_reps: int | None = None, sweep_ks: Sequence[int] = (1, 2, 3, 4),
+        sweep_seeds: Sequence[int] = (1, 2),
+        sweep_datasets: Sequence[str] = ("ToyShapes", "ToyPatterns"), sweep_shots: int = 16,
+        world_sizes: dict | None = None, matmul_n: int = 1024,
+        roofline_arch: str | None = "ViT-B-16-quickgelu", roofline_batch: int = 2
+        ) -> dict[str, Any]:
+    """Every stage; `quick` = perl-tiny with its embedded weights for throughput and sweep.
+    roofline_arch: the arch of the FLOP-rate stage (None: the bench arch)."""
     from perl_core.data.synthetic import generate_world
 
     device = _device()
     if quick:
-        arch = "perl-tiny"
+        arch, pretrained = "perl-tiny", pretrained or "embedded"
     torch.manual_seed(0)
     clip = create_clip(arch, pretrained or None)
     model = PerlModel(clip, inject_layer=7 if len(clip.visual.transformer.resblocks) > 7 else 2,
                       num_steps=4).to(device).eval()
     tmp = tempfile.mkdtemp(prefix="perl-bench-")
+    started = time.perf_counter()
     try:
-        res: dict[str, Any] = {"device": str(device), "arch": arch,
+        res: dict[str, Any] = {"device": str(device), "arch": arch, "pretrained": pretrained,
                                "precision": "bf16" if device.type == "cuda" else "fp32",
-                               "torch_threads": torch.get_num_threads(), "batch": batch}
-        rates = _eval_rates(model, device, batch, reps, f"{tmp}/eval-cache")
-        t_perl = rates.pop("_t_perl")
-        res.update(rates)
-        plain_f, perl_f = vision_flops(model)
-        res["analytic_gflop_per_img_plain"] = plain_f / 1e9
-        res["analytic_gflop_per_img_perl_eval"] = perl_f / 1e9
-        res["achieved_gflops"] = perl_f * batch / t_perl / 1e9
-        res["machine_matmul_gflops"] = machine_matmul_gflops(device, matmul_n)
-        res["roofline_fraction"] = res["achieved_gflops"] / res["machine_matmul_gflops"]
-        res["train_step_s_by_classes"] = _train_steps(model, device, classes, 4, reps)
+                               "torch_threads": torch.get_num_threads(), "batch": batch,
+                               "load_avg_start": _loadavg()}
+        res.update(_eval_rates(model, device, batch, reps, f"{tmp}/eval-cache"))
+        res.update(_roofline(roofline_arch or arch, "" if roofline_arch else pretrained, device,
+                             roofline_batch if roofline_arch else batch, max(2, reps // 2),
+                             matmul_n))
+        res["train_step_s_by_classes"] = _train_steps(model, device, classes, 4,
+                                                      train_reps or max(2, reps // 2),
+                                                      f"{tmp}/train-cache")
         del model
+        if not pretrained:  # random init: one fixed file, so naive rebuilds the same weights
+            from safetensors.torch import save_file
+
+            pretrained = f"{tmp}/random-init.safetensors"
+            torch.manual_seed(0)
+            save_file({k: v.contiguous() for k, v in create_clip(arch).state_dict().items()},
+                      pretrained)
         world = f"{tmp}/world"
         generate_world(world, datasets=list(sweep_datasets),
-                       sizes=world_sizes or {"train": 2, "val": 1, "test": 4})
-        naive, opt, records = _sweep(arch, pretrained, world, sweep_datasets, sweep_ks,
-                                     sweep_seeds, device, f"{tmp}/sweep-cache")
-        res["sweep_trials"] = len(records) // 2
-        res["sweep_naive_s"] = naive
-        res["sweep_optimized_s"] = opt
-        res["sweep_speedup_vs_naive"] = naive / opt
-        res["peak_memory_mb"] = records
+                       sizes=world_sizes or {"train": sweep_shots, "val": 4, "test": 8})
+        res.update(_sweep(arch, pretrained, world, sweep_datasets, sweep_ks, sweep_seeds,
+                          device, f"{tmp}/sweep-cache", sweep_shots))
+        res["load_avg_end"] = _loadavg()
+        res["bench_seconds"] = time.perf_counter() - started
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return res
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _table(res: dict[str, Any]) -> None:
@@ -257,26 +396,38 @@ def _table(res: dict[str, Any]) -> None:
         if k == "train_step_s_by_classes":
             for c, d in v.items():
                 t.add_row(f"train step s, {c} classes (cached / uncached)",
-                          f"{d['cached']:.4f} / {d['uncached']:.4f}")
+                          f"{d['cached']:.4f} / {d['uncached']:.4f} ({d['speedup']:.2f}x)")
         elif k == "peak_memory_mb":
             for mode in ("naive", "optimized"):
-                t.add_row(f"peak memory MB per trial, {mode} (max)",
-                          f"{max(r['peak_memory_mb'] for r in v if r['mode'] == mode):.1f}")
+                peaks = [r["peak_memory_mb"] for r in v if r["mode"] == mode]
+                t.add_row(f"peak memory MB per trial, {mode} (min / max)",
+                          f"{min(peaks):.1f} / {max(peaks):.1f}")
+        elif k == "sweep_cache":
+            t.add_row(k, ", ".join(f"{a} {b}" for a, b in v.items()))
         else:
             t.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
-    Console(file=sys.stderr).print(t)
+    Console(file=sys.stderr, width=120).print(t)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="ViT-B-16-quickgelu")
-    p.add_argument("--pretrained", default="", help="open_clip tag (default: random init)")
+    p.add_argument("--pretrained", default="", help="open_clip tag or file (default: random "
+                                                    "init; --quick: perl-tiny's embedded weights)")
     p.add_argument("--quick", action="store_true", help="perl-tiny arch, small sizes")
     p.add_argument("--json", action="store_true", help="print a JSON object on stdout")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (default: torch's choice). On a loaded machine 1 "
+                        "avoids OpenMP threads spinning against other processes, which can "
+                        "make small ops 10-30x slower")
     a = p.parse_args(argv)
+    if a.threads < 0:
+        p.error(f"--threads={a.threads} must be >= 0")
+    if a.threads:
+        torch.set_num_threads(a.threads)
     import logging
     logging.basicConfig(level=logging.WARNING)
-    res = run(a.arch, a.pretrained, quick=a.quick)
+    res = run(a.arch, a.pretrained, quick=a.quick, reps=5 if a.quick else 7)
     _table(res)
     if a.json:
         print(json.dumps(res, indent=1))

@@ -111,7 +111,8 @@ def test_zero_shot_state_seam(make_tiny_perl):
     m = make_tiny_perl(seed=0)
     imgs = torch.randn(3, 3, 32, 32)
     tok = torch.zeros(2, 77, dtype=torch.long)
-    tok[:, 0], tok[0, 1:4], tok[1, 1:3] = 49406, torch.tensor([5, 6, 49407]), torch.tensor([7, 49407])
+    tok[:, 0] = 49406  # BOS, then a few tokens and EOS (the largest id) at different places
+    tok[0, 1:4], tok[1, 1:3] = torch.tensor([5, 6, 49407]), torch.tensor([7, 49407])
     with torch.no_grad():
         pre = m.image_prefix(imgs)
         h0 = m.image_zero_shot_state(pre)
