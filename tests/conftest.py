@@ -5,6 +5,10 @@
   code that builds from a TrainConfig (`TrainConfig(arch=tiny_arch, pretrained="", ...)`).
 - `make_tiny_perl(seed=0, **build_perl_kwargs)`: a PerlModel on the tiny CLIP, J=2, K=2 by
   default; the same seed gives the same frozen CLIP whatever the variant.
+- `world` (session): a small synthetic CoOp world (ToyShapes, ToyCounts; 4 train / 2 val / 3 test
+  images per class) for sweeps; `weights` (session): perl-tiny weights (seed 0) as a local
+  `.safetensors` checkpoint, so trials take the cached-backbone path. Used by the pipeline,
+  Ray job and reliability tests (one copy).
 """
 
 from __future__ import annotations
@@ -43,3 +47,27 @@ def make_tiny_perl(tiny_clip_cfg):
         return build_perl(model_cfg=tiny_clip_cfg, **kwargs)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> Path:
+    from perl_core.data.synthetic import generate_world
+
+    root = tmp_path_factory.mktemp("world")
+    generate_world(root, datasets=["ToyShapes", "ToyCounts"],
+                   sizes={"train": 4, "val": 2, "test": 3})
+    return root
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory) -> Path:
+    """perl-tiny weights as a local checkpoint file: trials take the cached-backbone path."""
+    from safetensors.torch import save_file
+
+    from perl_core.factory import create_clip
+
+    torch.manual_seed(0)
+    clip = create_clip("perl-tiny", None)
+    path = tmp_path_factory.mktemp("weights") / "perl-tiny-test.safetensors"
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(path))
+    return path

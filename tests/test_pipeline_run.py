@@ -33,29 +33,7 @@ CELLS = ["b2n/ToyShapes/2shot/seed1/J7/K1", "b2n/ToyShapes/2shot/seed1/J7/K2",
 # --- fixtures -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    from perl_core.data.synthetic import generate_world
-
-    root = tmp_path_factory.mktemp("world")
-    generate_world(root, datasets=["ToyShapes", "ToyCounts"],
-                   sizes={"train": 4, "val": 2, "test": 3})
-    return root
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    """perl-tiny weights as a local checkpoint file: trials take the cached-backbone path."""
-    import torch
-    from safetensors.torch import save_file
-
-    from perl_core.factory import create_clip
-
-    torch.manual_seed(0)
-    clip = create_clip("perl-tiny", None)
-    path = tmp_path_factory.mktemp("weights") / "perl-tiny-test.safetensors"
-    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(path))
-    return path
+# `world` and `weights` (session fixtures) come from tests/conftest.py.
 
 
 @pytest.fixture(scope="module")

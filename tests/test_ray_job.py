@@ -30,8 +30,9 @@ from pathlib import Path
 
 import pytest
 
-# shared helpers and module-scoped fixtures (tests/ is on sys.path: pytest rootdir-less imports)
-from test_pipeline_run import CELLS, children, sweep_yaml, weights, world  # noqa: F401
+# shared helpers (tests/ is on sys.path: pytest rootdir-less imports); the `world` and `weights`
+# fixtures come from tests/conftest.py
+from test_pipeline_run import CELLS, children, sweep_yaml  # noqa: F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 

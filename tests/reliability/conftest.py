@@ -1,6 +1,6 @@
-"""Fixtures for the fault-injection suite: a tiny synthetic world, perl-tiny weights on disk, a
-sweep YAML writer, and `cli()` which runs `python -m pipeline.run` as a real subprocess (its own
-local Ray, a real MLflow SQLite store)."""
+"""Helpers for the fault-injection suite (the `world` and `weights` fixtures are in
+tests/conftest.py): a sweep YAML writer, and `cli()` which runs `python -m pipeline.run` as a
+real subprocess (its own local Ray, a real MLflow SQLite store)."""
 
 from __future__ import annotations
 
@@ -16,50 +16,33 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="session")
-def world(tmp_path_factory) -> Path:
-    from perl_core.data.synthetic import generate_world
-
-    root = tmp_path_factory.mktemp("rel-world")
-    generate_world(root, datasets=["ToyShapes", "ToyCounts"], sizes={"train": 4, "val": 2, "test": 3})
-    return root
+# `world` and `weights` (session fixtures) come from tests/conftest.py.
 
 
-@pytest.fixture(scope="session")
-def weights(tmp_path_factory) -> Path:
-    import torch
-    from safetensors.torch import save_file
-
-    from perl_core.factory import create_clip
-
-    torch.manual_seed(0)
-    clip = create_clip("perl-tiny", None)
-    path = tmp_path_factory.mktemp("rel-weights") / "perl-tiny-test.safetensors"
-    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(path))
-    return path
-
-
-def sweep_yaml(path: Path, *, world: Path, weights: Path, storage: Path, tracking: str,
-               name: str = "rel", steps=(1, 2), lr: str | None = None, extra: str = "") -> Path:
+def sweep_yaml(path: Path, *, world: Path, weights: Path, storage: Path | str, tracking: str,
+               name: str = "rel", steps=(1, 2), lr: str | None = None, extra: str = "",
+               experiment: str | None = None, seeds=None, cpu: float = 1,
+               max_failures: int = 0, fixed: str = "") -> Path:
     lr_line = f"  lr: {lr}\n" if lr else ""
+    seed_fixed = "" if seeds else "  seed: 1\n"
+    seed_grid = f"  seed: [{', '.join(map(str, seeds))}]\n" if seeds else ""
     path.write_text(f"""\
 name: {name}
-experiment: rel/{name}
+experiment: {experiment or f"rel/{name}"}
 fixed:
   arch: perl-tiny
   pretrained: {weights}
   data_root: {world}
   shots: 2
-  seed: 1
-  device: cpu
+{seed_fixed}  device: cpu
   eval_batch_size: 64
-{lr_line}grid:
+{lr_line}{fixed}grid:
   dataset: [ToyShapes, ToyCounts]
   num_steps: [{', '.join(map(str, steps))}]
-resources: {{cpu: 1, gpu: 0}}
+{seed_grid}resources: {{cpu: {cpu}, gpu: 0}}
 storage: {storage}
 tracking_uri: {tracking}
-max_failures: 0
+max_failures: {max_failures}
 {extra}""")
     return path
 
@@ -104,13 +87,15 @@ def runs(db: Path) -> list[dict]:
     """Every MLflow run in the SQLite store, with its tags, straight from the DB."""
     con = sqlite3.connect(db)
     try:
-        rows = con.execute("select run_uuid, status from runs").fetchall()
+        rows = con.execute("select r.run_uuid, r.status, e.name from runs r join experiments e "
+                           "on r.experiment_id = e.experiment_id").fetchall()
         out = []
-        for rid, status in rows:
+        for rid, status, experiment in rows:
             tags = dict(con.execute("select key, value from tags where run_uuid=?", (rid,)))
             metrics = dict(con.execute(
                 "select key, value from latest_metrics where run_uuid=?", (rid,)))
-            out.append({"id": rid, "status": status, "tags": tags, "metrics": metrics})
+            out.append({"id": rid, "status": status, "tags": tags, "metrics": metrics,
+                        "experiment": experiment})
         return out
     finally:
         con.close()
@@ -118,3 +103,89 @@ def runs(db: Path) -> list[dict]:
 
 def child_runs(db: Path) -> list[dict]:
     return [r for r in runs(db) if r["tags"].get("phase") != "sweep" and "config_hash" in r["tags"]]
+
+
+# --- a real `mlflow server` that a test can kill and restart (same port, same backend) ----------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 with a SQLite backend and proxied artifacts (clients upload
+    over HTTP, so an outage stops artifacts too). `kill()` SIGKILLs its process group; `start()`
+    brings it back on the same port and backend. `db` is readable directly with sqlite3."""
+
+    def __init__(self, tmp: Path):
+        self.tmp, self.port = tmp, free_port()
+        self.db, self.artifacts = tmp / "server.db", tmp / "server-artifacts"
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.log = tmp / "server.log"
+
+    def start(self, timeout: float = 120) -> "MlflowServer":
+        import time
+        import urllib.request
+
+        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        with open(self.log, "a") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
+                 "--port", str(self.port), "--workers", "1",
+                 "--backend-store-uri", f"sqlite:///{self.db}",
+                 "--artifacts-destination", self.artifacts.as_uri()],
+                env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=self.tmp, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"mlflow server exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"mlflow server not healthy:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.3)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(30)
+            self.proc = None
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    server = MlflowServer(tmp_path).start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def aggregate_tables(uri: str, experiment: str, out: Path) -> dict[str, str]:
+    """`pipeline.aggregate` (its `main`, in this process: one import of pandas/matplotlib for
+    all calls) over one experiment; {file name: text} of its tables, Markdown and CSV, with run
+    ids and the experiment's name masked (runs.csv and report.html hold times: left out)."""
+    import re
+
+    from pipeline.aggregate import main
+
+    assert main(["--experiment", experiment, "--tracking-uri", uri, "--out", str(out),
+                 "--no-log", "--quiet"]) == 0
+    run_id = re.compile(r"\b[0-9a-f]{32}\b")  # the tables list the run ids behind a number
+    return {f.name: run_id.sub("<run>", f.read_text()).replace(experiment, "<experiment>")
+            for f in sorted(out.iterdir())
+            if f.suffix in (".md", ".csv") and f.name != "runs.csv"}
