@@ -332,9 +332,10 @@ def train_cell(config: dict[str, Any], context: dict[str, Any] | None = None) ->
         try:
             done = tracker.finished_run(context["experiment_id"], h, phase=phase,
                                           code_version=code)
-        except Exception as e:
-            logger.warning("MLflow lookup failed (%s); training", e)
-            done = None
+        except Exception as e:  # unreachable: do not wait for it a second time below
+            logger.warning("MLflow lookup failed (%s); training without a run, the storage "
+                           "record will be replayed into MLflow later", e)
+            done, tracker = None, None
         clock.lap("mlflow_lookup")
         if done is not None:  # another submission finished it meanwhile: nothing to do
             tune.report({**done.data.metrics, "skipped": 1.0, "cell": name,
