@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ignore-code-version", action="store_true",
                     help="a FINISHED run of any code version counts as done (default: only runs "
                          "of the current git commit)")
+    ap.add_argument("--bench", default=None, metavar="BENCH.json",
+                    help="with --dry-run: estimate the GPU time of the cells to run from this "
+                         "`python -m perl_core.bench --json` file (made on the target GPU)")
+    ap.add_argument("--trial-overhead-s", type=float, default=None, metavar="S",
+                    help="with --bench: seconds of per-trial overhead (default: the bench "
+                         "file's trial_overhead_s, else measured on this sweep's finished runs)")
     return ap
 
 
@@ -114,7 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     match_code = None if args.ignore_code_version else code.fingerprint
 
     if args.dry_run:
-        return dry_run(spec, grid, uri, match_code, args.rerun)
+        return dry_run(spec, grid, uri, match_code, args.rerun, args.bench,
+                       args.trial_overhead_s)
+    if args.bench or args.trial_overhead_s is not None:
+        say("--bench and --trial-overhead-s go with --dry-run (they estimate, they run nothing)")
+        return 2
 
     tracker = tracking.Tracker(uri)
     exp_id = tracker.experiment_id(spec.experiment)
@@ -191,7 +201,20 @@ def trial_context(spec: SweepSpec, uri: str, exp_id: str, parent: str, code: Any
 
 
 def dry_run(spec: SweepSpec, grid: list[Cell], uri: str, match_code: str | None,
-            rerun: bool) -> int:
+            rerun: bool, bench_file: str | None = None,
+            overhead_s: float | None = None) -> int:
+    from pipeline import estimate
+
+    bench = None
+    if overhead_s is not None and overhead_s < 0:
+        say(f"--trial-overhead-s must be >= 0, got {overhead_s:g}")
+        return 2
+    if bench_file:
+        try:
+            bench = estimate.load_bench(bench_file)
+        except estimate.EstimateError as e:
+            say(str(e))
+            return 2
     finished: dict[str, Any] = {}
     if not rerun and _store_exists(uri):
         tracker = tracking.Tracker(uri)
@@ -216,7 +239,27 @@ def dry_run(spec: SweepSpec, grid: list[Cell], uri: str, match_code: str | None,
            f"{spec.search.metric} ({spec.search.mode})" if spec.search else ""))
     say(f"experiment {spec.experiment!r} at {tracking.redact_uri(uri)}; storage {spec.storage}; "
         f"per trial {spec.resources.cpu:g} CPU, {spec.resources.gpu:g} GPU")
+    todo = [(c.name, c.config) for c in grid if c.config_hash not in finished]
+    if spec.search is not None:  # the samples' searched fields are unknown: the fixed settings
+        todo += [(f"search sample {i + 1}", spec.base_config(), "search (fixed settings)")
+                 for i in range(spec.search.num_samples)]
+    overhead_from = "--trial-overhead-s"
+    if bench is not None and overhead_s is None and bench.trial_overhead_s is None:
+        overhead_s, n = estimate.measured_overhead(finished.values())
+        overhead_from = f"mean timing/overhead_s of {n} finished run(s) of this sweep"
+    try:
+        est = estimate.estimate(todo, bench, cache_enabled=_cache_enabled(spec),
+                                overhead_s=overhead_s, overhead_from=overhead_from)
+    except estimate.EstimateError as e:
+        say(f"{spec.source}: {e}")
+        return 2
+    estimate.report(est, say, arch=[c.config.arch for c in grid])
     return 0
+
+
+def _cache_enabled(spec: SweepSpec) -> bool:
+    cache = getattr(spec, "cache", None)  # the sweep's `cache:` block (feature cache, default on)
+    return bool(getattr(cache, "enabled", True))
 
 
 def _store_exists(uri: str) -> bool:

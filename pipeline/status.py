@@ -7,6 +7,9 @@ Per grid cell, its latest run decides: done (FINISHED, for the current code vers
 KILLED, or finished for another code version only). Prints the counts, the failures, the mean
 trial time of the finished runs and an ETA (remaining cells x mean time / trials running now,
 or / 1 when nothing runs), and for a sweep with a search phase the samples done and the best one.
+With `--bench BENCH.json` (a `python -m perl_core.bench --json` file from the target GPU) it also
+prints the GPU time of the cells not done yet, from the same estimator as `pipeline.run --dry-run
+--bench` (`pipeline.estimate`).
 """
 
 from __future__ import annotations
@@ -88,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tracking-uri", default=None)
     ap.add_argument("--ignore-code-version", action="store_true")
     ap.add_argument("--cells", action="store_true", help="list every cell with its state")
+    ap.add_argument("--bench", default=None, metavar="BENCH.json",
+                    help="also estimate the GPU time of the cells left from this "
+                         "`python -m perl_core.bench --json` file")
     args = ap.parse_args(argv)
     try:
         spec = load_spec(args.sweep)
@@ -125,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[red]failures:[/red]")
         for s in failed:
             console.print(f"  {s.name}: {s.detail}")
+    if args.bench:
+        rc = _bench_estimate(spec, grid, states, final, args.bench, console)
+        if rc:
+            return rc
     if args.cells:
         table = Table()
         for col in ("cell", "config_hash", "state", "detail"):
@@ -143,6 +153,38 @@ def main(argv: list[str] | None = None) -> int:
             line += (f"; best {spec.search.metric} = "
                      f"{best.data.metrics[spec.search.metric]:.4g} ({params})")
         console.print(line)
+    return 0
+
+
+def _bench_estimate(spec, grid: list, states: list[CellStatus], runs: list, bench_file: str,
+                    console) -> int:
+    """GPU time of the cells not done, from the bench file (pipeline.estimate); 2 on a bad file."""
+    from pipeline import estimate
+
+    try:
+        bench = estimate.load_bench(bench_file)
+        finished = [r for r in runs if r.info.status == "FINISHED"]
+        overhead, n = (None, 0) if bench.trial_overhead_s is not None else \
+            estimate.measured_overhead(finished)
+        from pipeline.spec import group_order  # the order the driver runs them in
+
+        left = [(c.name, c.config) for c in group_order(
+            [c for c, s in zip(grid, states) if s.state != "done"])]
+        est = estimate.estimate(left, bench, cache_enabled=bool(getattr(
+            getattr(spec, "cache", None), "enabled", True)), overhead_s=overhead,
+            overhead_from=f"mean timing/overhead_s of {n} finished run(s)")
+    except estimate.EstimateError as e:
+        console.print(str(e), markup=False, highlight=False)
+        return 2
+    running = sum(s.state == "running" for s in states)
+    console.print(f"bench estimate of the {len(left)} cell(s) not done: "
+                  f"{est.seconds / 3600:.3g} GPU-h ({est.seconds:,.0f} s; device {bench.device}, "
+                  f"arch {bench.arch}, from {bench_file}); "
+                  f"ETA {_fmt_s(est.seconds / max(1, running))}"
+                  + (f" with {running} trials in parallel" if running else ""),
+                  markup=False, highlight=False)
+    for w in est.warnings:
+        console.print(f"  warning: {w}", markup=False, highlight=False)
     return 0
 
 

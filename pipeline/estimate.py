@@ -1,0 +1,469 @@
+"""The GPU time of a sweep, from its workload and the figures of `python -m perl_core.bench --json`.
+
+    python -m pipeline.run SWEEP.yaml --dry-run [--bench BENCH.json] [--trial-overhead-s S]
+    python -m pipeline.status SWEEP.yaml --bench BENCH.json
+
+Per cell (`cell_workload`): training steps = `fit`'s count (train images = shots x training
+classes, the base half for base2novel; `train images // batch_size` per epoch, 1 when fewer
+images than a batch; x epochs) and the images evaluated (every test image of the source, the
+few-shot validation split of the training classes except for ImageNet, and the full test set of
+every `eval_datasets` target). The sizes come from the data (the split file under `data_root`,
+sampled exactly as `fit` samples it) when it is there, else from `COOP_SIZES` (the CoOp
+benchmarks' class counts and test-set sizes).
+
+Per cell, with a bench file (`estimate`):
+
+    seconds = steps x step_s(training classes) + eval images / eval rate + overhead
+
+- step_s: the bench's `train_step_s_by_classes` (s per batch-4 step at 10/100/1000 classes),
+  interpolated linearly in log(class count), clamped at the measured ends; scaled by
+  batch_size / 4 (the image side is linear in the batch; an approximation);
+- eval rate: `perl_eval_img_per_s_uncached` (steps 0..K in one forward);
+- cached figures (`..._cached`) are used where the sweep's feature cache (`cache:`, on by
+  default) would hit: every cell after the first of its cache group (same backbone and frozen
+  features, `pipeline.spec.cache_group`) evaluates from the cache, and every cell after the first
+  of its training-view group (`train_view_key`) trains from cached views. This assumes one node
+  shares one cache; on several nodes each node pays its own first miss;
+- FLOPs scaling: the bench measures its arch at J=7, K=4 (`perl_core.bench.run`). A cell with
+  another arch, J or K is scaled by the analytic vision FLOPs (`perl_core.bench.vision_flops`)
+  of the full PERL forward (uncached) or of the K thought passes only (cached); a different arch
+  is warned about (memory-bound small models do not scale with FLOPs);
+- overhead: per trial, from `--trial-overhead-s`, else the bench file's `trial_overhead_s`,
+  else the mean `timing/overhead_s` of this sweep's finished runs in MLflow, else 0 (said so).
+
+Not in the bench figures (so not in the estimate): image decoding and data loading, which can
+dominate on a fast GPU with slow storage; the text side of evaluation (once per trial). The
+estimate is GPU-seconds of one trial running alone; trials that share a GPU (`gpu: 0.25`) split
+its throughput, so the GPU-hours stay about the same and the wall-clock is GPU-hours / GPUs.
+No number here is invented: without a bench file only the workload is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from itertools import pairwise
+from types import SimpleNamespace
+from typing import Any
+
+from perl_core.config import TrainConfig
+
+# Classes and test images of the CoOp benchmarks, from /work/shared/notes/data_protocol.md §1.2
+# ("Class counts and split sizes"): counted from the real split_zhou_*.json files for Caltech101,
+# OxfordPets, StanfordCars, Flowers102, DTD, EuroSAT and UCF101 (tests/test_dry_run_estimate.py
+# re-counts them from /work/shared/data/coop_real/splits when present); the CoOp paper's sizes for
+# ImageNet (val = test, 50,000), Food101, FGVCAircraft and SUN397; the dataset authors' published
+# sizes for ImageNetV2 (10,000), ImageNetSketch (50,889), ImageNetA (7,500) and ImageNetR
+# (30,000). Class counts match `perl_core.data.benchmarks`.
+COOP_SIZES: dict[str, tuple[int, int]] = {  # canonical name -> (classes, test images)
+    "ImageNet": (1000, 50_000),
+    "Caltech101": (100, 2_465),
+    "OxfordPets": (37, 3_669),
+    "StanfordCars": (196, 8_041),
+    "Flowers102": (102, 2_463),
+    "Food101": (101, 30_300),
+    "FGVCAircraft": (100, 3_333),
+    "SUN397": (397, 19_850),
+    "DTD": (47, 1_692),
+    "EuroSAT": (10, 8_100),
+    "UCF101": (101, 3_783),
+    "ImageNetV2": (1000, 10_000),
+    "ImageNetSketch": (1000, 50_889),
+    "ImageNetA": (200, 7_500),
+    "ImageNetR": (200, 30_000),
+}
+VAL_IS_TEST = ("ImageNet",)  # CoOp's ImageNet val split is its test set: `fit` evaluates no val
+BENCH_BATCH = 4  # perl_core.bench.run times training steps at batch 4
+BENCH_J, BENCH_K = 7, 4  # perl_core.bench.run: PerlModel(inject_layer=7 (2 if <= 7 blocks), K=4)
+REQUIRED_KEYS = ("device", "arch", "perl_eval_img_per_s_uncached", "perl_eval_img_per_s_cached",
+                 "train_step_s_by_classes")
+
+
+class EstimateError(ValueError):
+    """A bench file or dataset size problem; the message names the file, key and value."""
+
+
+# --- the bench file ------------------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    path: str
+    device: str
+    arch: str
+    eval_uncached: float  # images/s
+    eval_cached: float
+    steps: dict[int, tuple[float, float]]  # classes -> (cached s, uncached s) per batch-4 step
+    inject_layer: int
+    num_steps: int
+    precision: str = ""
+    trial_overhead_s: float | None = None
+
+    def step_s(self, classes: int, cached: bool) -> float:
+        """Seconds per batch-4 step at `classes` classes: linear in log(classes) between the
+        measured counts, clamped at the ends."""
+        pts = sorted(self.steps)
+        i = 0 if cached else 1
+        c = max(1, classes)
+        if c <= pts[0]:
+            return self.steps[pts[0]][i]
+        if c >= pts[-1]:
+            return self.steps[pts[-1]][i]
+        for lo, hi in pairwise(pts):
+            if lo <= c <= hi:
+                t = (math.log(c) - math.log(lo)) / (math.log(hi) - math.log(lo))
+                return self.steps[lo][i] + t * (self.steps[hi][i] - self.steps[lo][i])
+        raise AssertionError("unreachable")
+
+
+def _positive(path: str, key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value) or value <= 0:
+        raise EstimateError(f"{path}: key {key!r} must be a positive number of seconds or "
+                            f"images/s, got {value!r}")
+    return float(value)
+
+
+def load_bench(path: str) -> Bench:
+    """Read and check a `python -m perl_core.bench --json` file; EstimateError names the file and
+    the key (and value) at fault."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise EstimateError(f"{path}: cannot read the bench file ({e.strerror or e}); make it on "
+                            f"the target GPU with `python -m perl_core.bench --arch ARCH --json "
+                            f"> {os.path.basename(path)}`") from None
+    try:
+        res = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise EstimateError(f"{path}: not JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                            f"expected the output of `python -m perl_core.bench --json`") from None
+    if not isinstance(res, dict):
+        raise EstimateError(f"{path}: expected a JSON object (perl_core.bench --json), got "
+                            f"{type(res).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in res]
+    if missing:
+        raise EstimateError(f"{path}: missing key(s) {missing}; a `python -m perl_core.bench "
+                            f"--json` file has {list(REQUIRED_KEYS)}")
+    for k in ("device", "arch"):
+        if not isinstance(res[k], str) or not res[k]:
+            raise EstimateError(f"{path}: key {k!r} must be a non-empty string, got {res[k]!r}")
+    by_classes = res["train_step_s_by_classes"]
+    if not isinstance(by_classes, dict) or not by_classes:
+        raise EstimateError(f"{path}: key 'train_step_s_by_classes' must map class counts to "
+                            f"{{'cached': s, 'uncached': s}}, got {by_classes!r}")
+    steps: dict[int, tuple[float, float]] = {}
+    for c, d in by_classes.items():
+        where = f"train_step_s_by_classes.{c}"
+        try:
+            n = int(c)
+        except (TypeError, ValueError):
+            raise EstimateError(f"{path}: key {where!r}: {c!r} is not a class count") from None
+        if n < 1:
+            raise EstimateError(f"{path}: key {where!r}: the class count must be >= 1")
+        if not isinstance(d, dict):
+            raise EstimateError(f"{path}: key {where!r} must be {{'cached': s, 'uncached': s}}, "
+                                f"got {d!r}")
+        for kind in ("cached", "uncached"):
+            if kind not in d:
+                raise EstimateError(f"{path}: key '{where}.{kind}' is missing")
+        steps[n] = (_positive(path, f"{where}.cached", d["cached"]),
+                    _positive(path, f"{where}.uncached", d["uncached"]))
+    layers = _vision_cfg(res["arch"], path, "arch").get("layers", 12)
+    overhead = res.get("trial_overhead_s")
+    return Bench(
+        path=path, device=res["device"], arch=res["arch"],
+        eval_uncached=_positive(path, "perl_eval_img_per_s_uncached",
+                                res["perl_eval_img_per_s_uncached"]),
+        eval_cached=_positive(path, "perl_eval_img_per_s_cached",
+                              res["perl_eval_img_per_s_cached"]),
+        steps=steps,
+        inject_layer=int(res.get("inject_layer", BENCH_J if layers > BENCH_J else 2)),
+        num_steps=int(res.get("num_steps", BENCH_K)),
+        precision=str(res.get("precision", "")),
+        trial_overhead_s=None if overhead is None else
+        (0.0 if overhead == 0 else _positive(path, "trial_overhead_s", overhead)))
+
+
+# --- analytic FLOPs -------------------------------------------------------------------------------
+
+
+def _vision_cfg(arch: str, path: str = "", key: str = "arch") -> dict[str, Any]:
+    import open_clip
+
+    from perl_core.factory import register_model_configs
+
+    register_model_configs()
+    cfg = open_clip.get_model_config(arch)
+    if not cfg or "vision_cfg" not in cfg:
+        where = f"{path}: key {key!r}: " if path else ""
+        raise EstimateError(f"{where}unknown open_clip arch {arch!r} (no model config)")
+    return cfg["vision_cfg"]
+
+
+def flops(arch: str, inject_layer: int, num_steps: int) -> tuple[float, float]:
+    """(full PERL eval forward, the K thought passes only) vision FLOPs per image, from
+    `perl_core.bench.vision_flops` on the arch's open_clip config (no model is built)."""
+    from perl_core.bench import vision_flops
+
+    v = _vision_cfg(arch)
+    width, layers, patch = int(v["width"]), int(v["layers"]), int(v["patch_size"])
+    mlp = int(width * float(v.get("mlp_ratio", 4.0)))
+    size = v["image_size"]
+    block = SimpleNamespace(mlp=SimpleNamespace(c_fc=SimpleNamespace(in_features=width,
+                                                                     out_features=mlp)))
+    visual = SimpleNamespace(transformer=SimpleNamespace(resblocks=[block] * layers),
+                             conv1=SimpleNamespace(kernel_size=(patch, patch)))
+    stub = SimpleNamespace(clip=SimpleNamespace(visual=visual), image_size=size,
+                           vision_depths=(inject_layer,), num_steps=num_steps)
+    _, full = vision_flops(stub, steps=num_steps)
+    _, zero = vision_flops(stub, steps=0)
+    return full, full - zero
+
+
+# --- workload -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    train_images: int
+    train_classes: int
+    steps: int
+    eval_images: int
+    source: str  # "data" or "table" (where the sizes came from)
+
+
+class _Sizes:
+    """Split sizes per (dataset, data_root, shots, seed, protocol), memoised."""
+
+    def __init__(self) -> None:
+        self._splits: dict[tuple[str, str], Any] = {}
+
+    def splits(self, name: str, root: str) -> Any | None:
+        """The dataset's Splits from `root` when its split file is there (split_json loaders:
+        one small JSON; folder-scanning loaders such as ImageNet's are left to the table: listing
+        a million images is not worth an estimate)."""
+        from perl_core.data import storage
+        from perl_core.data.registry import get_spec
+
+        if not root:
+            return None
+        key = (name, root)
+        if key not in self._splits:
+            spec = get_spec(name)
+            found = None
+            if spec.loader == "split_json" and spec.split_file:
+                url = storage.join(root, spec.dataset_dir, spec.split_file)
+                try:
+                    present = storage.exists(url)
+                except Exception:  # unreachable storage: fall back to the table
+                    present = False
+                if present:
+                    from perl_core.data.coop import load_splits
+
+                    found = load_splits(spec, root)
+            self._splits[key] = found
+        return self._splits[key]
+
+
+def _table(name: str) -> tuple[int, int]:
+    if name not in COOP_SIZES:
+        raise EstimateError(f"dataset {name!r}: its split file is not under data_root and it is "
+                            f"not one of the CoOp benchmarks whose sizes are known "
+                            f"({', '.join(COOP_SIZES)}); generate or mount the data first")
+    return COOP_SIZES[name]
+
+
+def cell_workload(cfg: TrainConfig, sizes: _Sizes | None = None) -> Workload:
+    """Training steps and evaluated images of one cell, as `fit` would run it."""
+    from perl_core.data.fewshot import fewshot_splits, subsample_classes
+    from perl_core.train import _canonical, dg_default_targets
+
+    sizes = sizes or _Sizes()
+    name = _canonical(cfg.dataset)
+    splits = sizes.splits(name, cfg.data_root)
+    if splits is not None:
+        few = fewshot_splits(splits, cfg.shots, cfg.seed)
+        if cfg.protocol == "base2novel":
+            base, novel = subsample_classes(few, "base"), subsample_classes(few, "new")
+            train, classes = len(base.train), len(base.classnames)
+            evals = len(base.test) + len(novel.test) + (0 if base.val_is_test else len(base.val))
+        else:
+            train, classes = len(few.train), len(few.classnames)
+            evals = len(few.test) + (0 if few.val_is_test else len(few.val))
+        source = "data"
+    else:
+        n, test = _table(name)
+        classes = math.ceil(n / 2) if cfg.protocol == "base2novel" else n
+        train = cfg.shots * classes  # every class has >= shots train images (data_protocol.md)
+        evals = test + (0 if name in VAL_IS_TEST else min(cfg.shots, 4) * classes)
+        source = "table"
+    if cfg.protocol in ("cross_dataset", "domain_generalization"):
+        targets = list(cfg.eval_datasets) or (dg_default_targets(name) if
+                                              cfg.protocol == "domain_generalization" else [])
+        for t in targets:
+            tname = _canonical(t)
+            ts = sizes.splits(tname, cfg.data_root)
+            if ts is not None:
+                evals += len(ts.test)
+            else:
+                evals += _table(tname)[1]
+                source = "table" if source == "table" else "data+table"
+    per_epoch = train // cfg.batch_size if train >= cfg.batch_size else (1 if train else 0)
+    return Workload(train, classes, per_epoch * cfg.epochs, evals, source)
+
+
+# --- the estimate ---------------------------------------------------------------------------------
+
+
+@dataclass
+class CellEstimate:
+    name: str
+    group: str
+    work: Workload
+    train_s: float = 0.0
+    eval_s: float = 0.0
+    overhead_s: float = 0.0
+    eval_cached: bool = False
+    train_cached: bool = False
+
+    @property
+    def seconds(self) -> float:
+        return self.train_s + self.eval_s + self.overhead_s
+
+
+@dataclass
+class Estimate:
+    cells: list[CellEstimate] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    bench: Bench | None = None
+    overhead_s: float = 0.0
+    overhead_from: str = ""
+
+    @property
+    def seconds(self) -> float:
+        return sum(c.seconds for c in self.cells)
+
+    def by_group(self) -> dict[str, list[CellEstimate]]:
+        out: dict[str, list[CellEstimate]] = {}
+        for c in self.cells:
+            out.setdefault(c.group, []).append(c)
+        return out
+
+
+def _cache_keys(cfg: TrainConfig) -> tuple[tuple, tuple]:
+    """(eval-feature group, training-view group) of the feature cache (pipeline.spec)."""
+    from pipeline import spec as sp
+
+    b = (cfg.arch, cfg.pretrained)
+    group = b + sp.cache_group(cfg) if hasattr(sp, "cache_group") else \
+        b + (cfg.inject_layer, cfg.dataset)
+    view = group + sp.train_view_key(cfg) if hasattr(sp, "train_view_key") else \
+        group + (cfg.seed, cfg.shots)
+    return group, view
+
+
+def estimate(named: Iterable[tuple], bench: Bench | None, *,
+             cache_enabled: bool = True, overhead_s: float | None = None,
+             overhead_from: str = "", sizes: _Sizes | None = None) -> Estimate:
+    """The estimate of `named` cells, (name, config) or (name, config, group) in run order (the
+    group defaults to the dataset). Without a bench file only the workload is filled in."""
+    sizes = sizes or _Sizes()
+    est = Estimate(bench=bench)
+    if bench is not None:
+        if overhead_s is None and bench.trial_overhead_s is not None:
+            overhead_s, overhead_from = bench.trial_overhead_s, f"{bench.path} (trial_overhead_s)"
+        est.overhead_s = overhead_s or 0.0
+        est.overhead_from = overhead_from if overhead_s is not None else \
+            "not counted (no --trial-overhead-s, no trial_overhead_s in the bench file and no " \
+            "finished run of this sweep to measure it from)"
+        ref = flops(bench.arch, bench.inject_layer, bench.num_steps)
+    seen_eval: set[tuple] = set()
+    seen_view: set[tuple] = set()
+    scaled: set[tuple] = set()
+    for item in named:
+        name, cfg = item[0], item[1]
+        work = cell_workload(cfg, sizes)
+        c = CellEstimate(name, item[2] if len(item) > 2 else cfg.dataset, work)
+        est.cells.append(c)
+        if bench is None:
+            continue
+        group, view = _cache_keys(cfg)
+        c.eval_cached = cache_enabled and bool(cfg.pretrained) and group in seen_eval
+        c.train_cached = cache_enabled and bool(cfg.pretrained) and view in seen_view
+        seen_eval.add(group)
+        seen_view.add(view)
+        full, thought = flops(cfg.arch, cfg.inject_layer, cfg.num_steps)
+        r_full, r_thought = full / ref[0], thought / ref[1]
+        key = (cfg.arch, cfg.inject_layer, cfg.num_steps)
+        if key != (bench.arch, bench.inject_layer, bench.num_steps) and key not in scaled:
+            scaled.add(key)
+            what = "arch" if cfg.arch != bench.arch else "J/K"
+            est.warnings.append(
+                f"{what} differs from the bench ({cfg.arch}, J={cfg.inject_layer}, "
+                f"K={cfg.num_steps} vs {bench.arch}, J={bench.inject_layer}, "
+                f"K={bench.num_steps}): times scaled by the analytic vision FLOPs "
+                f"(x{r_full:.3g} full forward, x{r_thought:.3g} thought passes)"
+                + ("; FLOPs do not carry across archs well, bench the sweep's arch"
+                   if what == "arch" else ""))
+        step = bench.step_s(work.train_classes, c.train_cached) * cfg.batch_size / BENCH_BATCH
+        c.train_s = work.steps * step * (r_thought if c.train_cached else r_full)
+        rate = bench.eval_cached if c.eval_cached else bench.eval_uncached
+        c.eval_s = work.eval_images / rate * (r_thought if c.eval_cached else r_full)
+        c.overhead_s = est.overhead_s
+    return est
+
+
+def measured_overhead(runs: Iterable[Any]) -> tuple[float | None, int]:
+    """Mean `timing/overhead_s` of finished MLflow runs (the trainable logs it), and how many."""
+    vals = [float(r.data.metrics["timing/overhead_s"]) for r in runs
+            if "timing/overhead_s" in r.data.metrics]
+    return (sum(vals) / len(vals), len(vals)) if vals else (None, 0)
+
+
+def _h(seconds: float) -> str:
+    return f"{seconds / 3600:.3g} GPU-h"
+
+
+def report(est: Estimate, say: Any, *, arch: Iterable[str] = ()) -> None:
+    """Print the per-group and total workload (and GPU time with a bench file)."""
+    groups = est.by_group()
+    tot_steps = sum(c.work.steps for c in est.cells)
+    tot_imgs = sum(c.work.eval_images for c in est.cells)
+    sources = sorted({c.work.source for c in est.cells})
+    say(f"workload of {len(est.cells)} cell(s) to run: {tot_steps:,} training steps, "
+        f"{tot_imgs:,} images evaluated (sizes from: {', '.join(sources) or '-'}; "
+        f"'table' = CoOp benchmark sizes, pipeline/estimate.py)")
+    for g, cs in groups.items():
+        line = (f"  {g}: {len(cs)} cell(s), {sum(c.work.steps for c in cs):,} steps, "
+                f"{sum(c.work.eval_images for c in cs):,} images")
+        if est.bench is not None:
+            line += f", {_h(sum(c.seconds for c in cs))}"
+        say(line)
+    b = est.bench
+    if b is None:
+        archs = sorted(set(arch)) or ["ARCH"]
+        say("GPU time: no bench figures given. Run `python -m perl_core.bench --arch "
+            f"{archs[0]} --json > bench.json` on the target GPU, then "
+            "`--dry-run --bench bench.json`")
+        return
+    train = sum(c.train_s for c in est.cells)
+    evals = sum(c.eval_s for c in est.cells)
+    over = sum(c.overhead_s for c in est.cells)
+    say(f"estimated GPU time: {_h(est.seconds)} ({est.seconds:,.0f} s: train {train:,.0f} s, "
+        f"eval {evals:,.0f} s, overhead {over:,.0f} s) from {b.path}: device {b.device}, arch "
+        f"{b.arch}{', ' + b.precision if b.precision else ''}, bench J={b.inject_layer} "
+        f"K={b.num_steps}")
+    say(f"  per-trial overhead: {est.overhead_s:g} s, {est.overhead_from}")
+    say("  compute only: image decoding / data loading are not in the bench figures; GPU-h of "
+        "trials run alone (trials sharing a GPU split it; wall-clock ~ GPU-h / GPUs)")
+    for w in est.warnings:
+        say(f"  warning: {w}")
+
+
+__all__ = ["COOP_SIZES", "Bench", "EstimateError", "load_bench", "flops", "cell_workload",
+           "Workload", "estimate", "Estimate", "CellEstimate", "report", "measured_overhead"]
