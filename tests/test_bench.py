@@ -1,5 +1,5 @@
 """The bench's quickest path on tiny sizes: the JSON keys exist and the values are positive, the
-naive and optimized sweeps give the same results (fp32 CPU), and the optimized one hits its cache."""
+naive and optimized sweeps give the same results (fp32 CPU), the optimized one hits its cache."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ def test_bench_quick_tiny_sizes():
     assert [r["mode"] for r in records] == ["naive", "optimized", "optimized", "naive"]
     assert all(r["peak_memory_mb"] > 0 for r in records)
     assert res["sweep_trials"] == 2 and res["sweep_results_identical"] is True
+    assert res["sweep_train_speedup"] > 0 and res["sweep_eval_speedup"] > 0
     # the K=2 trial reads what the K=1 trial stored: prompts, training views, test images
     opt = [r for r in records if r["mode"] == "optimized"]
     assert opt[0]["cache_hits"] < opt[1]["cache_hits"]
