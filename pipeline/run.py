@@ -19,7 +19,10 @@
    selecting on a validation metric; finished samples from earlier submissions are given to
    Optuna as evaluated points instead of being re-run.
 6. A summary (finished / skipped / failed with reasons, where the runs are, the `mlflow ui`
-   command). The exit code is 1 when a cell failed, 2 for an invalid sweep file.
+   command). The exit code is 1 when a cell failed, 2 for an invalid sweep file or a tracking
+   store that cannot be reached at the start, 3 when every cell finished but MLflow went away
+   during the sweep: the results are safe in the storage records and the next run of the sweep
+   (or `--replay`) logs them.
 """
 
 from __future__ import annotations
@@ -95,6 +98,8 @@ class Outcome:
     hpo_best: dict[str, Any] | None = None
     replayed: int = 0
     killed: int = 0
+    unlogged: list[str] = field(default_factory=list)  # finished, MLflow unreachable: record only
+    tracking_error: str = ""  # set when the final replay could not reach MLflow
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     tracker = tracking.Tracker(uri)
-    exp_id = tracker.experiment_id(spec.experiment)
+    try:
+        tracker.check()
+        exp_id = tracker.experiment_id(spec.experiment)
+    except (tracking.TrackingUnavailable, RuntimeError) as e:
+        say(f"{spec.source}: {e}")
+        return 2
     out = Outcome()
     run_name = f"{spec.name} {time.strftime('%Y-%m-%d %H:%M')}" + (" (replay)" if args.replay
                                                                    else "")
@@ -139,8 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     beat.start()
     try:
         out.killed = len(tracker.kill_orphans(exp_id, spec.name, own_parent=parent))
+        incomplete: list[str] = []
         out.replayed = len(tracking.replay(tracker, spec.storage, spec.experiment,
-                                           parent_run_id=parent, experiment_id=exp_id))
+                                           parent_run_id=parent, experiment_id=exp_id,
+                                           skipped=incomplete))
+        for why in incomplete:  # never logged as a result
+            say(f"warning: incomplete trial record skipped: {why}")
         if out.killed or out.replayed:
             say(f"recovered: {out.killed} orphaned RUNNING run(s) marked KILLED, "
                 f"{out.replayed} stored trial record(s) replayed into MLflow")
@@ -163,12 +177,21 @@ def main(argv: list[str] | None = None) -> int:
             context["ray_job_id"] = ray_job_id()
         if todo:
             run_grid(spec, todo, context, args, out)
-            tracker.kill_orphans(exp_id, spec.name, own_parent=parent, only_children_of=parent)
+            try:
+                tracker.kill_orphans(exp_id, spec.name, own_parent=parent,
+                                     only_children_of=parent)
+            except Exception as e:  # MLflow down: the next submission marks them
+                say(f"warning: could not mark this submission's unfinished runs KILLED: "
+                    f"{tracking._short_error(e)}")
         if spec.search is not None:
             run_search(spec, tracker, exp_id, context, args, out, match_code)
         # trials that could not reach MLflow left records: log them now
-        out.replayed += len(tracking.replay(tracker, spec.storage, spec.experiment,
-                                            parent_run_id=parent, experiment_id=exp_id))
+        try:
+            out.replayed += len(tracking.replay(tracker, spec.storage, spec.experiment,
+                                                parent_run_id=parent, experiment_id=exp_id))
+            out.unlogged = []
+        except Exception as e:
+            out.tracking_error = f"{type(e).__name__}: {tracking._short_error(e)}"
         status = "FINISHED" if not out.failed else "FAILED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -183,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # the summary below still tells the user what happened
             say(f"warning: could not close the parent run {parent}: {e}")
     summary(spec, uri, out)
-    return 1 if out.failed else 0
+    return 1 if out.failed else (3 if out.tracking_error else 0)
 
 
 def trial_context(spec: SweepSpec, uri: str, exp_id: str, parent: str, code: Any,
@@ -577,6 +600,8 @@ def collect(grid: Any, out: Outcome, context: dict[str, Any]) -> None:
             out.skipped.append(name)
         elif (r.metrics or {}).get("done"):
             out.finished.append(name)
+            if (r.metrics or {}).get("mlflow_logged") == 0.0:
+                out.unlogged.append(name)
         else:
             out.failed.append((name, "the trial ended without a result (stopped or lost)"))
 
@@ -684,6 +709,12 @@ def summary(spec: SweepSpec, uri: str, out: Outcome) -> None:
         say(f"  best search sample: {best}")
     say(f"runs: MLflow experiment {spec.experiment!r} at {tracking.redact_uri(uri)}")
     say(f"records: {tracking.records_dir(spec.storage, spec.experiment)}")
+    if out.tracking_error:
+        say(f"  MLFLOW UNREACHABLE at the end of the sweep ({out.tracking_error}): "
+            f"{len(out.unlogged)} finished cell(s) of this submission are only in the storage "
+            f"records above (config, metrics, weights). Nothing is lost: the next "
+            f"`python -m pipeline.run {spec.source}` logs them automatically, or run "
+            f"`python -m pipeline.run {spec.source} --replay` once the server is back.")
     if uri.startswith("sqlite:"):
         say(f"browse: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
     else:

@@ -15,6 +15,16 @@ The `TrialRecord` is the other copy of a trial's result: JSON + safetensors in t
 storage (local or s3), written by the trial *before* it talks to MLflow. `replay` turns records
 that MLflow lacks (an outage, a crash between the two writes) into FINISHED runs.
 
+Outages: against an HTTP tracking server every call is bounded (`HTTP_DEFAULTS`: 3 retries with
+a 1 s backoff factor and a 30 s timeout per request, about 10 s before a call gives up on a server
+that is down, instead of MLflow's ~4 minutes); the user's own `MLFLOW_HTTP_REQUEST_*` values win.
+A trial that cannot reach MLflow trains anyway and leaves its record for `replay`.
+
+Records: the JSON carries the sha256 and size of its safetensors, written in the order blob ->
+read back and verify -> JSON (temporary name, then renamed). A JSON present means the pair is
+complete; `iter_records` re-checks the blob and skips (and names) a record whose blob is missing
+or differs, so a partial write is never replayed as a result.
+
 Secrets never reach MLflow: params are TrainConfig fields (no credentials there), URIs are logged
 without user:password (`redact_uri`), and no environment variable is copied into a tag.
 """
@@ -40,6 +50,18 @@ HEARTBEAT_S = 30.0  # the driver refreshes its parent run's heartbeat tag this o
 STALE_S = 300.0  # a RUNNING parent without a heartbeat for this long is an orphan
 _BATCH = 900  # metrics per log_batch call (MLflow's REST limit is 1000)
 RECORD_FORMAT = "perl-trial-record/1"
+# Bounded MLflow HTTP calls (set only where the user has not): a tracking server that is down
+# costs a trial ~10 s per call, not minutes; the record in storage covers the outage.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server (or store) cannot be reached; the message names the redacted URI."""
+
+
+class RecordError(RuntimeError):
+    """A storage record could not be written or verified; the message names the URL."""
 
 
 def redact_uri(uri: str) -> str:
@@ -114,22 +136,57 @@ def _fs(url: str):
 
 
 def write_record(storage: str, record: TrialRecord, projectors: bytes) -> str:
-    """Write `<stem>.safetensors` then `<stem>.json` (the JSON last: its presence means the pair
-    is complete). Returns the JSON's URL."""
+    """Write `<stem>.safetensors`, read it back and check its sha256, then write `<stem>.json`
+    under a temporary name and rename it (the JSON last: its presence means the pair is
+    complete). Returns the JSON's URL. Raises RecordError naming the URL on any storage failure
+    (s3fs has already retried transient errors by then)."""
+    import hashlib
+
     base = records_dir(storage, record.experiment)
-    fs, root = _fs(base)
-    fs.makedirs(root, exist_ok=True)
-    with fs.open(f"{root}/{record.stem()}.safetensors", "wb") as f:
-        f.write(projectors)
-    tmp = f"{root}/.{record.stem()}.json.tmp"
-    with fs.open(tmp, "w") as f:
-        json.dump(asdict(record), f)
-    fs.mv(tmp, f"{root}/{record.stem()}.json")
-    return f"{base}/{record.stem()}.json"
+    digest = hashlib.sha256(projectors).hexdigest()
+    record.extra = {**record.extra, "projectors_sha256": digest,
+                    "projectors_bytes": len(projectors)}
+    blob_url, json_url = f"{base}/{record.stem()}.safetensors", f"{base}/{record.stem()}.json"
+    step, t0 = "open", time.monotonic()
+    try:
+        fs, root = _fs(base)
+        step = "create the folder"
+        fs.makedirs(root, exist_ok=True)
+        blob, final = f"{root}/{record.stem()}.safetensors", f"{root}/{record.stem()}.json"
+        step = "write the weights"
+        with fs.open(blob, "wb") as f:
+            f.write(projectors)
+        step = "verify the weights"
+        if hasattr(fs, "invalidate_cache"):
+            fs.invalidate_cache(root)
+        with fs.open(blob, "rb") as f:
+            back = f.read()
+        if hashlib.sha256(back).hexdigest() != digest:
+            raise RecordError(f"{blob_url}: read back {len(back)} bytes that differ from the "
+                              f"{len(projectors)} written; the record is not marked complete")
+        step = "write the record"
+        tmp = f"{root}/.{record.stem()}.json.tmp"
+        with fs.open(tmp, "w") as f:
+            json.dump(asdict(record), f)
+        step = "mark the record complete"
+        fs.mv(tmp, final)
+    except RecordError:
+        raise
+    except Exception as e:
+        raise RecordError(f"cannot {step} of trial record {json_url} after "
+                          f"{time.monotonic() - t0:.0f} s of retries ({type(e).__name__}: {e}); "
+                          f"the record is not marked complete") from e
+    return json_url
 
 
-def iter_records(storage: str, experiment: str) -> Iterator[tuple[TrialRecord, str]]:
-    """(record, URL of its safetensors) for every complete record of the experiment."""
+def iter_records(storage: str, experiment: str, *,
+                 problems: list[str] | None = None) -> Iterator[tuple[TrialRecord, str]]:
+    """(record, URL of its safetensors) for every complete record of the experiment. A JSON whose
+    safetensors is missing or does not match its recorded sha256 is skipped; its reason is
+    appended to `problems` when given (else logged)."""
+    import hashlib
+    import logging
+
     base = records_dir(storage, experiment)
     fs, root = _fs(base)
     if not fs.exists(root):
@@ -140,7 +197,22 @@ def iter_records(storage: str, experiment: str) -> Iterator[tuple[TrialRecord, s
         if data.get("format") != RECORD_FORMAT:
             continue
         rec = TrialRecord(**data)
-        yield rec, f"{base}/{rec.stem()}.safetensors"
+        url = f"{base}/{rec.stem()}.safetensors"
+        want = rec.extra.get("projectors_sha256")
+        if want:
+            try:
+                with fs.open(f"{root}/{rec.stem()}.safetensors", "rb") as f:
+                    ok = hashlib.sha256(f.read()).hexdigest() == want
+            except FileNotFoundError:
+                ok = False
+            if not ok:
+                why = f"{url}: missing or not the blob its record {rec.stem()}.json describes"
+                if problems is not None:
+                    problems.append(why)
+                else:
+                    logging.getLogger(__name__).warning("skipping an incomplete record: %s", why)
+                continue
+        yield rec, url
 
 
 def read_bytes(url: str) -> bytes:
@@ -158,8 +230,21 @@ class Tracker:
     def __init__(self, tracking_uri: str):
         from mlflow import MlflowClient
 
+        if tracking_uri.startswith(("http://", "https://")):
+            for k, v in HTTP_DEFAULTS.items():
+                os.environ.setdefault(k, v)
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
+
+    def check(self) -> None:
+        """Raise TrackingUnavailable (naming the redacted URI) when the store does not answer."""
+        try:
+            self.client.search_experiments(max_results=1)
+        except Exception as e:
+            raise TrackingUnavailable(
+                f"MLflow tracking at {redact_uri(self.tracking_uri)} is unreachable "
+                f"({type(e).__name__}: {_short_error(e)}); start the server or fix tracking_uri "
+                f"(--tracking-uri, the sweep's tracking_uri:, $MLFLOW_TRACKING_URI)") from None
 
     # experiments -------------------------------------------------------------------------------
     def default_artifact_location(self, experiment: str) -> str | None:
@@ -320,6 +405,12 @@ class Tracker:
         return killed
 
 
+def _short_error(e: BaseException) -> str:
+    """The first line of an exception, without MLflow's long retry chains."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return text[:300]
+
+
 def _finite(v: Any) -> bool:
     try:
         f = float(v)
@@ -359,13 +450,15 @@ def log_record(tracker: Tracker, experiment_id: str, record: TrialRecord, projec
 
 
 def replay(tracker: Tracker, storage: str, experiment: str, *, parent_run_id: str | None = None,
-           experiment_id: str | None = None) -> list[str]:
+           experiment_id: str | None = None, skipped: list[str] | None = None) -> list[str]:
     """Log every storage record of `experiment` that MLflow lacks; returns the new run ids.
 
     A record is present when a FINISHED run carries its `record_id`, or a FINISHED run of the
     same (config_hash, code_version, phase) exists (no duplicate for an already-tracked result).
+    Incomplete records (blob missing or not matching its sha256) are never logged; their reasons
+    go to `skipped` when given.
     """
-    records = list(iter_records(storage, experiment))
+    records = list(iter_records(storage, experiment, problems=skipped))
     if not records:
         return []
     exp_id = experiment_id or tracker.experiment_id(experiment)
@@ -390,6 +483,6 @@ def iter_children(tracker: Tracker, experiment_id: str, parent_run_id: str) -> I
     return tracker.search(experiment_id, f"tags.mlflow.parentRunId = '{parent_run_id}'")
 
 
-__all__ = ["Tracker", "TrialRecord", "PHASES", "PARENT_PHASE", "config_params", "redact_uri",
+__all__ = ["Tracker", "TrialRecord", "TrackingUnavailable", "RecordError", "HTTP_DEFAULTS", "PHASES", "PARENT_PHASE", "config_params", "redact_uri",
            "write_record", "iter_records", "read_bytes", "records_dir", "replay", "log_record",
            "new_record_id", "experiment_slug", "iter_children", "HEARTBEAT_S"]
