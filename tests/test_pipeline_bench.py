@@ -166,3 +166,21 @@ def test_feature_cache_is_built_once_per_process_and_skipped_for_random_init(tmp
     m = cache_metrics(b, before)
     assert (m["feature_cache/hits"], m["feature_cache/misses"]) == (1.0, 1.0)
     assert (m["feature_cache/image_hit"], m["feature_cache/image_miss"]) == (1.0, 1.0)
+
+
+def test_cache_block_read_from_the_sweep_file_alone(tmp_path, monkeypatch):
+    """The worker reads only `cache:` (the rest may name variables this node lacks)."""
+    from pipeline.trainable import cache_settings
+
+    monkeypatch.delenv("SURELY_NOT_SET_DATA", raising=False)
+    monkeypatch.setenv("PERL_TEST_CACHE_DIR", str(tmp_path / "fc"))
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("name: s\nexperiment: e\nfixed:\n  dataset: ToyShapes\n  data_root: "
+                     "${SURELY_NOT_SET_DATA}\ncache: {url: '${PERL_TEST_CACHE_DIR}', "
+                     "max_gb: 64}\n")
+    got = cache_settings({"sweep_file": str(sweep)})
+    assert (got["url"], got["max_gb"]) == (str(tmp_path / "fc"), 64.0)
+    relative = tmp_path / "r.yaml"
+    relative.write_text("name: r\nexperiment: e\ncache: {url: rel/dir, max_gb: 3}\n")
+    got = cache_settings({"sweep_file": str(relative)})
+    assert (got["url"], got["max_gb"]) == (None, 3.0)  # default location, the rest kept
