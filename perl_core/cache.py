@@ -24,7 +24,9 @@ a miss returns the computed features rounded through the storage dtype too, so t
 fills the cache and the trials that read it see the same inputs.
 Writes go to a temporary name then are renamed (concurrent writers of one key write the same
 bytes); a blob that fails to parse or has the wrong metadata is treated as a miss and recomputed.
-A size cap (`max_bytes`) evicts the oldest files by mtime (a hit touches the file: LRU-ish).
+A size cap (`max_bytes`) evicts the oldest files by mtime (a hit touches the file: LRU-ish); it is
+enforced when this object's running total passes it and on every 64th write (a rescan that also
+sees what other processes wrote), so the store can overshoot by what others wrote meanwhile.
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ def _env() -> str:
 
 
 class FeatureCache:
+    RESCAN_EVERY = 64  # writes between two listings of the store (for the size cap)
+
     def __init__(self, root_url: str, max_bytes: int = 8 << 30, dtype: torch.dtype = torch.float16,
                  storage_options: dict | None = None):
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -96,6 +100,8 @@ class FeatureCache:
         self.dtype = dtype
         self.hits = self.misses = self.corrupt = 0
         self.counts: collections.Counter[str] = collections.Counter()  # "<kind>/hit|miss"
+        self._bytes: int | None = None  # store size at the last scan + what this object wrote
+        self._writes = 0
         # model -> (parameter versions, fingerprint); weak keys: a freed model's id can be
         # reused by another one with other weights
         self._fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -188,7 +194,14 @@ class FeatureCache:
         with self.fs.open(tmp, "wb") as f:
             f.write(blob)
         self.fs.mv(tmp, path)
-        self.evict()
+        # listing the whole store on every write is quadratic in the number of blobs: keep a
+        # running total and rescan (other processes write too) every RESCAN_EVERY writes
+        self._writes += 1
+        if self._bytes is not None:
+            self._bytes += len(blob)
+        if self._bytes is None or self._bytes > self.max_bytes or \
+                self._writes % self.RESCAN_EVERY == 0:
+            self.evict()
 
     def _rounded(self, x: torch.Tensor | Features) -> torch.Tensor | Features:
         """What a later get() of x returns: rounded to the storage dtype, in x's dtype."""
@@ -229,6 +242,7 @@ class FeatureCache:
         """Remove the oldest blobs (by mtime) until the total is within max_bytes."""
         files = self._files()
         total = sum(int(i.get("size") or 0) for i in files)
+        self._bytes = total
         if total <= self.max_bytes:
             return 0
 
@@ -243,6 +257,7 @@ class FeatureCache:
             self._rm(i["name"])
             total -= int(i.get("size") or 0)
             removed += 1
+        self._bytes = total
         return removed
 
     def _rm(self, path: str) -> None:

@@ -89,6 +89,22 @@ def test_size_cap_evicts_oldest(tmp_path):
     assert cache.get("k3") is not None and cache.size_bytes() <= cache.max_bytes
 
 
+def test_size_cap_holds_on_put_without_listing_every_write(tmp_path, monkeypatch):
+    cache = FeatureCache(str(tmp_path), dtype=torch.float32)
+    cache.put("k0", torch.zeros(1000))
+    one = cache.size_bytes()
+    cache.max_bytes = int(2.5 * one)
+    scans = []
+    real = cache._files
+    monkeypatch.setattr(cache, "_files", lambda: scans.append(1) or real())
+    for i in range(1, 6):
+        cache.put(f"k{i}", torch.zeros(1000))
+        assert cache.size_bytes() <= cache.max_bytes
+    # scans: 5 by the assert above, 4 evictions (from the 3rd blob on), not one per write more
+    assert len(scans) == 5 + 4
+    assert cache.get("k5") is not None and cache.get("k0") is None
+
+
 def test_truncated_blob_is_recomputed(tmp_path):
     cache = FeatureCache(str(tmp_path), dtype=torch.float32)
     x = torch.arange(100.0)
