@@ -757,9 +757,18 @@ def train_view_key(cfg: TrainConfig) -> tuple:
 
 def preflight(spec: SweepSpec, configs: Iterable[TrainConfig]) -> None:
     """Checks of the machine, not the file (so `load_spec` stays usable anywhere), run by the
-    driver before any trial starts: a local `pretrained` checkpoint file must exist (every cell
-    using it would fail). Data roots are not checked here: a missing dataset fails its own cells
-    (FAILED with the reason) while the rest of the sweep goes on. Raises SpecError."""
+    driver before any trial starts. Raises SpecError naming the key:
+
+    - a local `pretrained` checkpoint file must exist (every cell using it would fail);
+    - `storage` must be writable (a probe file is written and removed; folders it had to create
+      are removed again): every trial writes its record and Tune state there;
+    - `shots` must not exceed the training images of any training class, for datasets with a
+      CoOp split file that can be read here (only that JSON is read; Dassl would silently take
+      the smaller class).
+
+    Data roots are not required here: a missing or broken dataset fails its own cells (FAILED
+    with the reason) while the rest of the sweep goes on."""
+    configs = list(configs)
     problems: list[tuple[str, str]] = []
     seen: set[str] = set()
     for cfg in configs:
@@ -769,8 +778,86 @@ def preflight(spec: SweepSpec, configs: Iterable[TrainConfig]) -> None:
             if not os.path.isfile(p):
                 problems.append((format_path(_field_origin(spec, "pretrained", p)),
                                  f"checkpoint file {p} does not exist"))
+    problem = _storage_problem(spec.storage)
+    if problem:
+        problems.append(("storage", problem))
+    checked: set[tuple] = set()
+    for cfg in configs:
+        key = (cfg.dataset, cfg.data_root, cfg.shots, cfg.protocol)
+        if key in checked:
+            continue
+        checked.add(key)
+        msg = _shots_problem(cfg)
+        if msg:
+            problems.append((format_path(_field_origin(spec, "shots", cfg.shots)), msg))
     if problems:
         raise SpecError(spec.source or "<sweep>", problems)
+
+
+def _storage_problem(storage: str) -> str | None:
+    """Why `storage` cannot take files, or None (write and remove a probe file)."""
+    import uuid
+
+    probe = f".perl-write-probe-{uuid.uuid4().hex[:8]}"
+    if not _is_url(storage):
+        created: list[str] = []
+        try:
+            path = os.path.abspath(storage)
+            missing, head = [], path
+            while not os.path.exists(head):
+                missing.append(head)
+                head = os.path.dirname(head)
+            for d in reversed(missing):
+                os.mkdir(d)
+                created.append(d)
+            with open(os.path.join(path, probe), "wb") as f:
+                f.write(b"ok")
+            os.remove(os.path.join(path, probe))
+        except OSError as e:
+            return (f"storage {storage} is not writable ({e.strerror or e}); every trial writes "
+                    f"its record and Tune state there: choose a writable folder or s3:// URL")
+        finally:
+            for d in reversed(created):
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    pass
+        return None
+    try:
+        from perl_core.data.storage import open_fs
+
+        fs, root = open_fs(storage)
+        fs.pipe_file(f"{root.rstrip('/')}/{probe}", b"ok")
+        fs.rm_file(f"{root.rstrip('/')}/{probe}")
+    except Exception as e:
+        return (f"storage {storage} is not writable ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:300] if str(e) else ''}); every trial writes its "
+                f"record and Tune state there")
+    return None
+
+
+def _shots_problem(cfg: TrainConfig) -> str | None:
+    """shots > the training images of a training class (split-file datasets only)."""
+    from perl_core.data.registry import get_spec
+
+    try:
+        ds = get_spec(cfg.dataset)
+        if not ds.split_file or not cfg.data_root or cfg.shots < 1:
+            return None
+        from perl_core.data.coop import load_splits
+        from perl_core.data.fewshot import check_shots, subsample_classes
+
+        splits = load_splits(ds, cfg.data_root)  # the split JSON only, no image is opened
+        if cfg.protocol == "base2novel":
+            splits = subsample_classes(splits, "base")
+    except Exception:  # missing or broken data: that cell fails with its own reason
+        return None
+    try:
+        check_shots(splits, cfg.shots)
+    except ValueError as e:
+        return (f"{e} (under {cfg.data_root}); lower shots or use a dataset with enough "
+                f"images")
+    return None
 
 
 def resolve_tracking_uri(spec: SweepSpec, override: str | None = None,
