@@ -205,6 +205,21 @@ def test_projector_init_depends_on_the_seed_only(cfg):
                          fit(cfg, model=build_model(cfg)).projector_state)
 
 
+def test_build_model_wraps_a_given_clip_with_the_config_mapping(cfg):
+    from perl_core import build_perl_from_config
+    from perl_core.factory import create_clip
+    from perl_core.train import build_model
+
+    clip = create_clip(cfg.arch, None)
+    c = cfg.replace(variant="layer", inject_layers=(1, 3), modality="vision", num_steps=3)
+    a = build_model(c, clip=clip)
+    b = build_perl_from_config(c, device="cpu", clip=clip)
+    assert a.clip is clip and b.clip is clip  # shared, not copied
+    assert a.vision_depths == b.vision_depths == (1, 3) and a.num_steps == 3
+    assert a.trainable_parameter_counts() == b.trainable_parameter_counts()
+    assert a.trainable_parameter_counts()["text"] == 0
+
+
 def test_num_workers_does_not_change_the_result(cfg):
     # num_workers is an execution field (outside the config hash): augmentation is seeded per
     # image, so worker processes must not change what is trained on.
