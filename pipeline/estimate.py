@@ -18,6 +18,8 @@ Per cell, with a bench file (`estimate`):
 - step_s: the bench's `train_step_s_by_classes` (s per batch-4 step at 10/100/1000 classes),
   interpolated linearly in log(class count), clamped at the measured ends; scaled by
   batch_size / 4 (the image side is linear in the batch; an approximation);
+  the bench's uncached step recomputes the frozen text prefix every step, which `fit` does once
+  per trial, so uncached training is an upper bound;
 - eval rate: `perl_eval_img_per_s_uncached` (steps 0..K in one forward);
 - cached figures (`..._cached`) are used where the sweep's feature cache (`cache:`, on by
   default) would hit: every cell after the first of its cache group (same backbone and frozen

@@ -11,6 +11,10 @@ What the cluster recipe uses (cluster/mlflow/README.md), on one machine:
   synthetic world uploaded to the bucket), then again (skips every cell), then
   `python -m pipeline.aggregate` writes the tables.
 
+The CLI runs from a snapshot of `perl_core/` and `pipeline/` taken at the start, so that edits of
+the working tree during the test (a shared development tree) cannot change the code version
+between the run and the re-run.
+
 Checked: every cell is exactly one FINISHED child run; its safetensors weights are objects in the
 bucket and load (`load_projectors`) with the cell's config hash; the trial records (JSON +
 safetensors) and Tune's state are in the bucket; the re-run skips everything; the aggregate
@@ -20,6 +24,7 @@ tables exist; the dummy secret appears in no output, param or tag.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -82,7 +87,10 @@ def setup(tmp_path_factory, s3_endpoint, world, weights):
         if f.is_file():
             client.upload_file(str(f), bucket, f"world/{f.relative_to(world).as_posix()}")
 
-    env = _clean_env(s3_endpoint)
+    code = tmp / "code"  # the snapshot the CLI runs (and its Ray workers import)
+    for pkg in ("perl_core", "pipeline"):
+        shutil.copytree(REPO / pkg, code / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**_clean_env(s3_endpoint), "PYTHONPATH": str(code)}
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     server_env = {**env, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
@@ -127,7 +135,7 @@ tracking_uri: {url}
 max_failures: 0
 """)
         yield {"tmp": tmp, "bucket": bucket, "client": client, "env": env, "url": url,
-               "sweep": sweep, "endpoint": s3_endpoint}
+               "sweep": sweep, "endpoint": s3_endpoint, "code": code}
     finally:
         proc.terminate()
         try:
@@ -139,7 +147,7 @@ max_failures: 0
 
 def _cli(module: str, args: list[str], setup: dict, timeout: float = 240) -> tuple[int, str]:
     p = subprocess.run([sys.executable, "-m", module, *args], check=False, env=setup["env"],
-                       cwd=setup["tmp"],
+                       cwd=setup["code"],
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                        timeout=timeout)
     return p.returncode, p.stdout
@@ -178,6 +186,11 @@ def test_every_cell_is_one_finished_run_with_its_weights_in_the_bucket(setup, fi
     runs = _children(setup["url"])
     assert sorted(r.info.run_name for r in runs) == sorted(CELLS)  # exactly one run per cell
     assert {r.info.status for r in runs} == {"FINISHED"}
+    from pipeline.env import code_fingerprint
+
+    # the trials ran the snapshot (and recorded its code version)
+    assert {r.data.tags["code_version"] for r in runs} == \
+        {code_fingerprint(setup["code"] / "perl_core")}
 
     expected = {c.name: c for c in cells(load_spec(setup["sweep"], env=setup["env"]))}
     client, bucket = setup["client"], setup["bucket"]
@@ -188,9 +201,11 @@ def test_every_cell_is_one_finished_run_with_its_weights_in_the_bucket(setup, fi
         assert r.data.tags["config_hash"] == cell.config_hash
         assert r.data.params["data_root"] == f"s3://{bucket}/world"
         # the server proxies the artifacts to the bucket: the object is there, under the run id
-        key = [k for k in all_keys if f"/{r.info.run_id}/artifacts/projectors/"
-               "projectors.safetensors" in k]
-        assert len(key) == 1, (r.info.run_id, all_keys)
+        want = (f"mlartifacts/{r.info.experiment_id}/{r.info.run_id}/artifacts/projectors/"
+                "projectors.safetensors")
+        key = [k for k in all_keys if k.endswith(f"/{r.info.run_id}/artifacts/projectors/"
+                                                 "projectors.safetensors")]
+        assert key == [want], (r.info.run_id, all_keys)
         blob = client.get_object(Bucket=bucket, Key=key[0])["Body"].read()
         path = setup["tmp"] / f"{r.info.run_id}.safetensors"
         path.write_bytes(blob)
@@ -207,7 +222,26 @@ def test_every_cell_is_one_finished_run_with_its_weights_in_the_bucket(setup, fi
         assert SECRET not in repr(r.data.params) + repr(r.data.tags)
 
 
-def test_trial_records_and_tune_state_are_in_the_bucket(setup, first_run):
+@pytest.fixture
+def s3_env(setup, monkeypatch):
+    """This process reads the bucket as the trials do: the same AWS_* variables (undone after)."""
+    import s3fs
+
+    for k in [k for k in os.environ if k.startswith(("AWS_", "FSSPEC_S3"))]:
+        monkeypatch.delenv(k)
+    for k, v in setup["env"].items():
+        if k.startswith("AWS_"):
+            monkeypatch.setenv(k, v)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_trial_records_and_tune_state_are_in_the_bucket(setup, first_run, s3_env, tmp_path,
+                                                        capsys):
+    from pipeline.estimate import cell_workload
+    from pipeline.run import main as run
+    from pipeline.spec import cells, load_spec
     from pipeline.tracking import iter_records
 
     assert first_run["rc"] == 0, first_run["out"]
@@ -217,14 +251,20 @@ def test_trial_records_and_tune_state_are_in_the_bucket(setup, first_run):
     assert not [k for k in keys if k.endswith(".tmp")], keys
     assert _keys(setup, "runs/tune/"), "no Tune state under storage/tune"
     # the project's own reader finds both records through the same environment
-    os.environ.update({k: v for k, v in setup["env"].items() if k.startswith("AWS_")})
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
     records = list(iter_records(f"s3://{setup['bucket']}/runs", EXPERIMENT))
     assert sorted(r.run_name for r, _ in records) == sorted(CELLS)
     runs = {r.data.tags["record_id"]: r for r in _children(setup["url"])}
     assert {r.record_id for r, _ in records} == set(runs)
+    # outage recovery from the bucket: --replay rebuilds both runs in an empty store
+    empty = f"sqlite:///{tmp_path / 'empty.db'}"
+    assert run([str(setup["sweep"]), "--replay", "--tracking-uri", empty]) == 0
+    assert "2 stored trial record(s) replayed" in capsys.readouterr().out
+    replayed = _children(empty)
+    assert sorted(r.info.run_name for r in replayed) == sorted(CELLS)
+    assert {r.data.tags["replayed"] for r in replayed} == {"true"}
+    # the dry-run estimate reads the split sizes from the s3 data root
+    cfg = cells(load_spec(setup["sweep"], env=setup["env"]))[0].config
+    assert cell_workload(cfg).source == "data"
 
 
 def test_rerun_skips_every_cell_and_aggregate_writes_tables(setup, first_run, capsys):
