@@ -173,8 +173,8 @@ def _read_cache_block(path: str) -> dict[str, Any]:
 
         url = _ENV_RE.sub(sub, url)
         if missing or not ("://" in url or os.path.isabs(os.path.expanduser(url))):
-            logger.warning("feature cache: cache.url %r of %s cannot be resolved on this node (%s): "
-                           "using the node-local default", block["url"], path,
+            logger.warning("feature cache: cache.url %r of %s cannot be resolved on this node "
+                           "(%s): using the node-local default", block["url"], path,
                            f"unset: {missing}" if missing else "a relative path")
             block.pop("url")
         else:
