@@ -35,6 +35,7 @@ def test_bench_quick_tiny_sizes():
     assert all(r["peak_memory_mb"] > 0 for r in records)
     assert res["sweep_trials"] == 2 and res["sweep_results_identical"] is True
     assert res["sweep_train_speedup"] > 0 and res["sweep_eval_speedup"] > 0
+    assert res["sweep_speedup_median_trial"] > 0
     # the K=2 trial reads what the K=1 trial stored: prompts, training views, test images
     opt = [r for r in records if r["mode"] == "optimized"]
     assert opt[0]["cache_hits"] < opt[1]["cache_hits"]
