@@ -379,8 +379,16 @@ def train_cell(config: dict[str, Any], context: dict[str, Any] | None = None) ->
             return
 
     settings = cache_settings(context)
-    cache = feature_cache(settings, cfg)
-    tags = {**trial_tags(cfg, name, context), **cache_tags(settings, cache)}
+    try:
+        cache = feature_cache(settings, cfg)
+        cache_tag = cache_tags(settings, cache)
+    except Exception as e:  # an unusable cache location costs speed, not the trial
+        logger.warning("feature cache at %s unavailable (%s): running uncached",
+                       tracking.redact_uri(cache_url(settings)), e)
+        cache = None
+        cache_tag = {"feature_cache": f"off (unavailable: {type(e).__name__})",
+                     "feature_cache_dtype": "none"}
+    tags = {**trial_tags(cfg, name, context), **cache_tag}
     clock.lap("tags")
     started_ms = int(time.time() * 1000)
     run_id = None

@@ -184,3 +184,15 @@ def test_cache_block_read_from_the_sweep_file_alone(tmp_path, monkeypatch):
     relative.write_text("name: r\nexperiment: e\ncache: {url: rel/dir, max_gb: 3}\n")
     got = cache_settings({"sweep_file": str(relative)})
     assert (got["url"], got["max_gb"]) == (None, 3.0)  # default location, the rest kept
+
+
+def test_an_unusable_cache_location_raises_in_feature_cache(tmp_path):
+    """feature_cache() raises on a location it cannot create (train_cell then runs uncached)."""
+    from pipeline.trainable import feature_cache
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    cfg = TrainConfig(dataset="ToyShapes", arch="perl-tiny", pretrained="embedded")
+    with pytest.raises(OSError):
+        feature_cache({"enabled": True, "url": str(blocker / "cache"), "max_gb": 1.0,
+                       "dtype": "float32"}, cfg)
