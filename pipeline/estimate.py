@@ -274,9 +274,8 @@ class _Sizes:
 
 def _table(name: str) -> tuple[int, int]:
     if name not in COOP_SIZES:
-        raise EstimateError(f"dataset {name!r}: its split file is not under data_root and it is "
-                            f"not one of the CoOp benchmarks whose sizes are known "
-                            f"({', '.join(COOP_SIZES)}); generate or mount the data first")
+        raise EstimateError(f"dataset {name!r} has no split file under data_root and is not a "
+                            f"CoOp benchmark of known size")
     return COOP_SIZES[name]
 
 
@@ -342,6 +341,7 @@ class CellEstimate:
 class Estimate:
     cells: list[CellEstimate] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    unknown: list[tuple[str, str]] = field(default_factory=list)  # (cell, why): not counted
     bench: Bench | None = None
     overhead_s: float = 0.0
     overhead_from: str = ""
@@ -389,7 +389,11 @@ def estimate(named: Iterable[tuple], bench: Bench | None, *,
     scaled: set[tuple] = set()
     for item in named:
         name, cfg = item[0], item[1]
-        work = cell_workload(cfg, sizes)
+        try:
+            work = cell_workload(cfg, sizes)
+        except EstimateError as e:  # sizes unknown (data not there yet): said, not guessed
+            est.unknown.append((name, str(e)))
+            continue
         c = CellEstimate(name, item[2] if len(item) > 2 else cfg.dataset, work)
         est.cells.append(c)
         if bench is None:
@@ -440,6 +444,10 @@ def report(est: Estimate, say: Any, *, arch: Iterable[str] = ()) -> None:
     say(f"workload of {len(est.cells)} cell(s) to run: {tot_steps:,} training steps, "
         f"{tot_imgs:,} images evaluated (sizes from: {', '.join(sources) or '-'}; "
         f"'table' = CoOp benchmark sizes, pipeline/estimate.py)")
+    if est.unknown:
+        reasons = sorted({why for _, why in est.unknown})
+        say(f"  {len(est.unknown)} cell(s) not counted, sizes unknown: " + "; ".join(reasons)
+            + " (generate or mount the data, then dry-run again)")
     for g, cs in groups.items():
         line = (f"  {g}: {len(cs)} cell(s), {sum(c.work.steps for c in cs):,} steps, "
                 f"{sum(c.work.eval_images for c in cs):,} images")
@@ -456,8 +464,11 @@ def report(est: Estimate, say: Any, *, arch: Iterable[str] = ()) -> None:
     train = sum(c.train_s for c in est.cells)
     evals = sum(c.eval_s for c in est.cells)
     over = sum(c.overhead_s for c in est.cells)
-    say(f"estimated GPU time: {_h(est.seconds)} ({est.seconds:,.0f} s: train {train:,.0f} s, "
-        f"eval {evals:,.0f} s, overhead {over:,.0f} s) from {b.path}: device {b.device}, arch "
+    partial = f" for {len(est.cells)} of {len(est.cells) + len(est.unknown)} cells" \
+        if est.unknown else ""
+    say(f"estimated GPU time{partial}: {_h(est.seconds)} ({est.seconds:,.0f} s: train "
+        f"{train:,.0f} s, eval {evals:,.0f} s, overhead {over:,.0f} s) from {b.path}: device "
+        f"{b.device}, arch "
         f"{b.arch}{', ' + b.precision if b.precision else ''}, bench J={b.inject_layer} "
         f"K={b.num_steps}")
     say(f"  per-trial overhead: {est.overhead_s:g} s, {est.overhead_from}")

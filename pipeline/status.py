@@ -177,12 +177,16 @@ def _bench_estimate(spec, grid: list, states: list[CellStatus], runs: list, benc
         console.print(str(e), markup=False, highlight=False)
         return 2
     running = sum(s.state == "running" for s in states)
-    console.print(f"bench estimate of the {len(left)} cell(s) not done: "
+    console.print(f"bench estimate of the {len(est.cells)} cell(s) not done: "
                   f"{est.seconds / 3600:.3g} GPU-h ({est.seconds:,.0f} s; device {bench.device}, "
                   f"arch {bench.arch}, from {bench_file}); "
                   f"ETA {_fmt_s(est.seconds / max(1, running))}"
                   + (f" with {running} trials in parallel" if running else ""),
                   markup=False, highlight=False)
+    if est.unknown:
+        console.print(f"  {len(est.unknown)} cell(s) not counted: "
+                      + "; ".join(sorted({why for _, why in est.unknown})),
+                      markup=False, highlight=False)
     for w in est.warnings:
         console.print(f"  warning: {w}", markup=False, highlight=False)
     return 0

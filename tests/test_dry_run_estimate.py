@@ -149,8 +149,18 @@ def test_table_sizes_protocols_and_log_class_interpolation(tmp_path):
     est = E.estimate([("x", xd)], bench, overhead_s=0.0)
     assert est.cells[0].train_s == pytest.approx(4000 * 8.0)
 
-    with pytest.raises(E.EstimateError, match="ToyShapes.*not one of the CoOp benchmarks"):
+    with pytest.raises(E.EstimateError, match="'ToyShapes' has no split file under data_root "
+                                              "and is not a CoOp benchmark of known size"):
         E.cell_workload(TrainConfig(dataset="ToyShapes", data_root=absent))
+    # in an estimate, such a cell is named and left out of the totals (never guessed)
+    est = E.estimate([("t", TrainConfig(dataset="ToyShapes", data_root=absent)), ("c", b2n)],
+                     bench, overhead_s=0.0)
+    assert [c.name for c in est.cells] == ["c"] and [n for n, _ in est.unknown] == ["t"]
+    lines: list[str] = []
+    E.report(est, lines.append)
+    text = "\n".join(lines)
+    assert "1 cell(s) not counted, sizes unknown: dataset 'ToyShapes'" in text
+    assert "estimated GPU time for 1 of 2 cells" in text
 
 
 def test_other_k_or_arch_is_scaled_by_the_analytic_flops_and_warned(tmp_path, shapes_world):
