@@ -75,18 +75,14 @@ def _clean_env(endpoint: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, s3_endpoint, world, weights):
+def setup(tmp_path_factory, s3_endpoint, request):
     """A bucket holding the ToyShapes world, an MLflow server whose artifacts go to the bucket,
-    and the sweep file."""
+    and the sweep file. The server starts first: it comes up while the world is generated."""
     tmp = tmp_path_factory.mktemp("s3pipe")
     bucket = f"perl-{uuid.uuid4().hex[:10]}"
     client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
                           aws_access_key_id="testing", aws_secret_access_key=SECRET)
     client.create_bucket(Bucket=bucket)
-    for f in sorted((world / "toy_shapes").rglob("*")):
-        if f.is_file():
-            client.upload_file(str(f), bucket, f"world/{f.relative_to(world).as_posix()}")
-
     code = tmp / "code"  # the snapshot the CLI runs (and its Ray workers import)
     for pkg in ("perl_core", "pipeline"):
         shutil.copytree(REPO / pkg, code / pkg, ignore=shutil.ignore_patterns("__pycache__"))
@@ -94,13 +90,17 @@ def setup(tmp_path_factory, s3_endpoint, world, weights):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     server_env = {**env, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
-    log = open(tmp / "mlflow-server.log", "wb")
+    log = open(tmp / "mlflow-server.log", "wb")  # noqa: SIM115 (closed in the finally below)
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
          "--artifacts-destination", f"s3://{bucket}/mlartifacts", "--serve-artifacts"],
         env=server_env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
     try:
+        world, weights = request.getfixturevalue("world"), request.getfixturevalue("weights")
+        for f in sorted((world / "toy_shapes").rglob("*")):
+            if f.is_file():
+                client.upload_file(str(f), bucket, f"world/{f.relative_to(world).as_posix()}")
         deadline = time.time() + 120
         while True:
             try:
@@ -269,10 +269,10 @@ def test_trial_records_and_tune_state_are_in_the_bucket(setup, first_run, s3_env
 
 def test_rerun_skips_every_cell_and_aggregate_writes_tables(setup, first_run, capsys):
     assert first_run["rc"] == 0, first_run["out"]
-    rc, out = _cli("pipeline.run", [str(setup["sweep"])], setup)
-    assert rc == 0, out
-    assert "2 cells, 2 already FINISHED, 0 to run" in out, out
-    assert "0 finished, 2 skipped" in out, out
+    rc, rerun_out = _cli("pipeline.run", [str(setup["sweep"])], setup)
+    assert rc == 0, rerun_out
+    assert "2 cells, 2 already FINISHED, 0 to run" in rerun_out, rerun_out
+    assert "0 finished, 2 skipped" in rerun_out, rerun_out
     assert len(_children(setup["url"])) == 2  # nothing new was run
     records = _keys(setup, "runs/records/test__s3/")
     assert len([k for k in records if k.endswith(".json")]) == 2
@@ -291,5 +291,5 @@ def test_rerun_skips_every_cell_and_aggregate_writes_tables(setup, first_run, ca
     assert (agg / "report.html").is_file()
     text = "\n".join(p.read_text() for p in agg.glob("*.md"))
     assert "ToyShapes" in text, text[:2000]
-    for output in (first_run["out"], out):
+    for output in (first_run["out"], rerun_out, out):
         assert SECRET not in output
