@@ -255,6 +255,18 @@ def test_trial_records_and_tune_state_are_in_the_bucket(setup, first_run, s3_env
     assert sorted(r.run_name for r, _ in records) == sorted(CELLS)
     runs = {r.data.tags["record_id"]: r for r in _children(setup["url"])}
     assert {r.record_id for r, _ in records} == set(runs)
+    # Tune's experiment in the bucket is one that a resubmission could restore (the phase is
+    # marked complete, so an identical submission does not)
+    from ray import tune
+
+    from pipeline.run import _exists, tune_storage
+
+    storage_path, fs = tune_storage(f"s3://{setup['bucket']}/runs")
+    names = {k.split("/")[2] for k in _keys(setup, "runs/tune/")}
+    assert len(names) == 1, names
+    path = f"{storage_path}/{names.pop()}"
+    assert tune.Tuner.can_restore(path, storage_filesystem=fs)
+    assert _exists(fs, f"{path}/perl_phase_complete.json")
     # outage recovery from the bucket: --replay rebuilds both runs in an empty store
     empty = f"sqlite:///{tmp_path / 'empty.db'}"
     assert run([str(setup["sweep"]), "--replay", "--tracking-uri", empty]) == 0
@@ -276,6 +288,11 @@ def test_rerun_skips_every_cell_and_aggregate_writes_tables(setup, first_run, ca
     assert len(_children(setup["url"])) == 2  # nothing new was run
     records = _keys(setup, "runs/records/test__s3/")
     assert len([k for k in records if k.endswith(".json")]) == 2
+    from pipeline.status import main as status
+
+    capsys.readouterr()
+    assert status([str(setup["sweep"]), "--ignore-code-version"]) == 0
+    assert "2 cells: 2 done, 0 running, 0 failed, 0 left" in capsys.readouterr().out
 
     # `python -m pipeline.aggregate` in this process (the same main; saves a second start-up)
     from pipeline.aggregate import main as aggregate
