@@ -358,15 +358,12 @@ class Estimate:
 
 
 def _cache_keys(cfg: TrainConfig) -> tuple[tuple, tuple]:
-    """(eval-feature group, training-view group) of the feature cache (pipeline.spec)."""
-    from pipeline import spec as sp
+    """(eval-feature group, training-view group) of the feature cache, as the driver orders the
+    cells (`pipeline.spec.group_order`)."""
+    from pipeline.spec import backbone_key, cache_group, train_view_key
 
-    b = (cfg.arch, cfg.pretrained)
-    group = b + sp.cache_group(cfg) if hasattr(sp, "cache_group") else \
-        b + (cfg.inject_layer, cfg.dataset)
-    view = group + sp.train_view_key(cfg) if hasattr(sp, "train_view_key") else \
-        group + (cfg.seed, cfg.shots)
-    return group, view
+    group = backbone_key(cfg) + cache_group(cfg)
+    return group, group + train_view_key(cfg)
 
 
 def estimate(named: Iterable[tuple], bench: Bench | None, *,
