@@ -214,7 +214,8 @@ def trial_context(spec: SweepSpec, uri: str, exp_id: str, parent: str, code: Any
     """The read-only context every trial gets (tune.with_parameters); no secrets in it."""
     return {"tracking_uri": uri, "experiment": spec.experiment, "experiment_id": exp_id,
             "parent_run_id": parent, "sweep": spec.name, "sweep_file": os.path.abspath(args.sweep),
-            "storage": spec.storage, "code_sha": code.sha, "code_dirty": code.dirty,
+            "storage": spec.storage, "feature_cache": spec.cache.model_dump(),
+            "code_sha": code.sha, "code_dirty": code.dirty,
             "code_version": code.fingerprint,
             "rerun": bool(args.rerun), "ignore_code_version": bool(args.ignore_code_version),
             "phase": "final", "ray_job_id": ""}
