@@ -152,6 +152,14 @@ class FeatureCache:
     def exists(self, key: str) -> bool:
         return self.fs.exists(self._path(key))
 
+    def exists_many(self, keys: Sequence[str]) -> list[bool]:
+        """exists() of each key; one listing of the store instead of a request per key when
+        there are many (an epoch of ImageNet batches on s3 would be thousands of HEADs)."""
+        if len(keys) <= 32:
+            return [self.exists(k) for k in keys]
+        names = {self.fs._strip_protocol(i["name"]).rstrip("/") for i in self._files()}
+        return [self.fs._strip_protocol(self._path(k)) in names for k in keys]
+
     def get(self, key: str) -> torch.Tensor | Features | None:
         """The stored tensor (or dict of tensors, as put), on the CPU; None when absent/corrupt."""
         path = self._path(key)
@@ -324,7 +332,7 @@ def cached_batches(cache: FeatureCache, keys: Sequence[str],
     vanishes or turns out corrupt afterwards is decoded in-process by `decode_one(i)`.
     `compute(decoded_batch)` gives the features of a decoded batch (then stored).
     """
-    present = [cache.exists(k) for k in keys]
+    present = cache.exists_many(keys)
     missing = [i for i, p in enumerate(present) if not p]
     decoded = iter(decode_misses(missing)) if missing else iter(())
     for i, key in enumerate(keys):

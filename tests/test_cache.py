@@ -248,3 +248,16 @@ def test_bf16_autocast_cached_close_to_uncached(fit_cfg, tmp_path):
     assert abs(a.metrics["base/acc_step0"] - ref.metrics["base/acc_step0"]) <= 10.0
     # an fp32 store holds bf16 features exactly, read back as bf16: bitwise the uncached run
     _same(fit(cfg, cache=FeatureCache(str(tmp_path / "c32"), dtype=torch.float32)), ref)
+
+
+def test_exists_many_lists_once_for_many_keys(tmp_path):
+    cache = FeatureCache(str(tmp_path), dtype=torch.float32)
+    keys = [f"k{i}" for i in range(40)]
+    for k in keys[::3]:
+        cache.put(k, torch.zeros(2))
+    expected = [i % 3 == 0 for i in range(40)]
+    assert cache.exists_many(keys) == expected
+    assert cache.exists_many(keys[:5]) == expected[:5]
+    mem = FeatureCache("memory://perl-cache-test", dtype=torch.float32)  # a non-local fs too
+    mem.put("k1", torch.zeros(2))
+    assert mem.exists_many(keys) == [k == "k1" for k in keys]
