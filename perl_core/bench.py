@@ -68,7 +68,7 @@ def _interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, reps: 
 
 # ---- analytic FLOPs ----------------------------------------------------------------------------
 def _block_flops(n: int, d: int, mlp: int) -> float:
-    """Multiply-adds x2 of one pre-LN transformer block on n tokens (qkv+out proj, MLP, attention)."""
+    """2 x multiply-adds of one pre-LN transformer block on n tokens (qkv+out proj, MLP, attn)."""
     return 2.0 * n * (4 * d * d + 2 * d * mlp) + 4.0 * n * n * d
 
 

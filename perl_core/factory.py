@@ -1,4 +1,4 @@
-"""build_perl: an open_clip CLIP (random, tag, local file or embedded), frozen, wrapped in PerlModel.
+"""build_perl: an open_clip CLIP (random, tag, local file or embedded), frozen, in a PerlModel.
 
 `pretrained` is one of
 - None / "": random init, no download (plumbing tests, CI);
@@ -60,7 +60,8 @@ def _check_cfg(cfg: dict[str, Any], what: str) -> None:
         raise ValueError(f"{what} builds a CustomTextCLIP/CoCa; PERL supports the plain open_clip "
                          f"CLIP (text tower on the CLIP object) only")
     if "timm_model_name" in cfg.get("vision_cfg", {}):
-        raise ValueError(f"{what} has a timm vision tower; PERL needs open_clip's VisionTransformer")
+        raise ValueError(f"{what} has a timm vision tower; PERL needs open_clip's "
+                         f"VisionTransformer")
 
 
 def _model_config(arch: str, model_cfg: dict[str, Any] | None) -> dict[str, Any]:
@@ -142,7 +143,8 @@ def create_clip(arch: str = "ViT-B-16-quickgelu", pretrained: str | None = None,
         warnings.warn(
             f"checkpoint {path} is loaded into {what}, which uses nn.GELU. OpenAI CLIP weights "
             f"were trained with QuickGELU and lose accuracy silently under GELU: use a "
-            f"'-quickgelu' arch for them. Ignore this only if the checkpoint was trained with GELU.",
+            f"'-quickgelu' arch for them. Ignore this only if the checkpoint was trained with "
+            f"GELU.",
             UserWarning, stacklevel=3)
     return clip
 

@@ -52,7 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from perl_core.backbone import TextPlacement, TextTower, VisionTower, check_clip, check_depth, run_blocks
+from perl_core.backbone import (TextPlacement, TextTower, VisionTower, check_clip, check_depth,
+                                run_blocks)
 from perl_core.projector import ThoughtProjector
 
 Variant = Literal["shared", "step", "early", "deep", "layer", "layerstep"]
