@@ -65,7 +65,8 @@ def _views(scale_min: float) -> T.Compose:
 
 def test_crop_changes_toycounts_labels_flip_does_not():
     d = syn.toy_dataset("ToyCounts")
-    images = [(syn.COUNTS[d.scene(y).count], syn.render_scene(d.scene(y), syn.image_rng(0, "t", y, k)))
+    images = [(syn.COUNTS[d.scene(y).count],
+               syn.render_scene(d.scene(y), syn.image_rng(0, "t", y, k)))
               for y in range(len(d.cells())) for k in range(2)]
     exact = sum(count_objects(img) == n for n, img in images)
     assert exact >= 0.9 * len(images)  # the counter reads the clean images right
