@@ -76,7 +76,8 @@ def test_crop_changes_toycounts_labels_flip_does_not():
         views = [(count_objects(img), count_objects(_views(scale_min)(img)))
                  for _, img in images for _ in range(3)]
         changed[scale_min] = sum(a != b for a, b in views) / len(views)
-    # measured: 0.54 of the 0.08-crops show another number of objects (0.14 at scale 0.5)
+    # measured here: 0.43 of the 0.08-crops show another number of objects (0.11 at scale
+    # 0.5); 0.54 (0.14) on 60 images x 5 crops
     assert changed[0.08] > 0.3, changed
     assert changed[1.0] == 0.0, changed  # scale_min 1: the whole image, at most flipped
 
