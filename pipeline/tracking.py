@@ -320,17 +320,27 @@ class Tracker:
     def heartbeat(self, run_id: str) -> None:
         self.client.set_tag(run_id, "heartbeat", str(int(time.time())))
 
+    # Tags a child run is created with; the others (config_hash among them) come with the params
+    # in one log_batch, which MLflow's SQL store writes params first, tags last.
+    _CREATE_TAGS = ("mlflow.parentRunId", "sweep", "phase", "cell")
+
     def start_trial(self, experiment_id: str, parent_run_id: str, run_name: str,
                     cfg: TrainConfig, tags: dict[str, str], start_ms: int | None = None) -> str:
+        """A RUNNING child run with every param and tag. If MLflow goes away between creating
+        the run and logging its params, the run is a shell without `config_hash` (which readers
+        such as pipeline.aggregate skip) that the next submission marks KILLED; never a trial
+        run with tags but no params."""
         tags = dict(tags)
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(experiment_id, run_name=run_name, tags=tags,
+        first = {k: v for k, v in tags.items() if k in self._CREATE_TAGS}
+        run = self.client.create_run(experiment_id, run_name=run_name, tags=first,
                                      start_time=start_ms)
-        from mlflow.entities import Param
+        from mlflow.entities import Param, RunTag
 
         params = [Param(k, v) for k, v in config_params(cfg).items()]
-        self.client.log_batch(run.info.run_id, params=params)
+        rest = [RunTag(k, str(v)) for k, v in tags.items() if k not in first]
+        self.client.log_batch(run.info.run_id, params=params, tags=rest)
         return run.info.run_id
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
