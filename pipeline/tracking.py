@@ -493,6 +493,7 @@ def iter_children(tracker: Tracker, experiment_id: str, parent_run_id: str) -> I
     return tracker.search(experiment_id, f"tags.mlflow.parentRunId = '{parent_run_id}'")
 
 
-__all__ = ["Tracker", "TrialRecord", "TrackingUnavailable", "RecordError", "HTTP_DEFAULTS", "PHASES", "PARENT_PHASE", "config_params", "redact_uri",
-           "write_record", "iter_records", "read_bytes", "records_dir", "replay", "log_record",
-           "new_record_id", "experiment_slug", "iter_children", "HEARTBEAT_S"]
+__all__ = ["Tracker", "TrialRecord", "TrackingUnavailable", "RecordError", "HTTP_DEFAULTS",
+           "PHASES", "PARENT_PHASE", "config_params", "redact_uri", "write_record",
+           "iter_records", "read_bytes", "records_dir", "replay", "log_record", "new_record_id",
+           "experiment_slug", "iter_children", "HEARTBEAT_S"]

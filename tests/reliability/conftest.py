@@ -77,7 +77,8 @@ def kill_group(p: subprocess.Popen) -> None:
         pass
 
 
-def cli(args: list[str], log: Path, env: dict | None = None, timeout: float = 400) -> tuple[int, str]:
+def cli(args: list[str], log: Path, env: dict | None = None,
+        timeout: float = 400) -> tuple[int, str]:
     p = start_cli(args, log, env)
     rc = finish(p, timeout)
     return rc, log.read_text(errors="replace")
