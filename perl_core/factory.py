@@ -17,6 +17,7 @@ tell whose weights a file holds, and open_clip itself says nothing in that case)
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -77,12 +78,28 @@ def _model_config(arch: str, model_cfg: dict[str, Any] | None) -> dict[str, Any]
     return cfg
 
 
-def _random_clip(arch: str, model_cfg: dict[str, Any] | None) -> CLIP:
+class _DropRandomInitNotice(logging.Filter):
+    """open_clip logs "No pretrained weights loaded ... initialized randomly" for every
+    pretrained=None build; when our own checkpoint load follows, that line is false."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+
+def _random_clip(arch: str, model_cfg: dict[str, Any] | None, weights_follow: bool = False
+                 ) -> CLIP:
     cfg = _model_config(arch, model_cfg)
     if model_cfg is not None:
         cfg.pop("custom_text", None)
         return CLIP(**cfg)
-    return open_clip.create_model(arch, pretrained=None, device="cpu")
+    if not weights_follow:
+        return open_clip.create_model(arch, pretrained=None, device="cpu")
+    root, notice = logging.getLogger(), _DropRandomInitNotice()
+    root.addFilter(notice)
+    try:
+        return open_clip.create_model(arch, pretrained=None, device="cpu")
+    finally:
+        root.removeFilter(notice)
 
 
 def _load_file(clip: CLIP, path: Path, what: str) -> None:
@@ -112,7 +129,7 @@ def create_clip(arch: str = "ViT-B-16-quickgelu", pretrained: str | None = None,
         if not EMBEDDED_WEIGHTS.is_file():
             raise FileNotFoundError(f"embedded weights {EMBEDDED_WEIGHTS} not found (they ship "
                                     f"with the package under perl_core/assets/)")
-        clip = _random_clip(arch, None)
+        clip = _random_clip(arch, None, weights_follow=True)
         _load_file(clip, EMBEDDED_WEIGHTS, what)
         return clip
 
@@ -137,7 +154,7 @@ def create_clip(arch: str = "ViT-B-16-quickgelu", pretrained: str | None = None,
         tags = open_clip.list_pretrained_tags_by_model(arch) if model_cfg is None else []
         raise ValueError(f"pretrained={pretrained!r} is neither an open_clip tag for {what} "
                          f"(known: {tags}) nor an existing checkpoint file")
-    clip = _random_clip(arch, model_cfg)
+    clip = _random_clip(arch, model_cfg, weights_follow=True)
     _load_file(clip, path, what)
     if not uses_quick_gelu(clip):
         warnings.warn(
