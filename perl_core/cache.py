@@ -3,7 +3,8 @@
 What is cached: what no projector touches, i.e. everything up to the recurrence:
   - per image batch: S_v = blocks[:J](embed(x)) and the zero-shot state h(0) (the raw CLS row of
     the upper blocks without thoughts; v0 = readout(h(0)));
-  - per chunk of class prompts: S_t and the text h(0) (raw EOS row).
+  - per chunk of class prompts: S_t (cut after the chunk's last EOS: `PerlModel.text_prefix`;
+    the key hashes the full (C, ctx) tokens, which fix that cut) and the text h(0) (raw EOS row).
 Entries are written for evaluation batches (test / val sets: shared by every trial with the same
 CLIP weights and J, whatever K, seed, lr, ...) and for training views: a training batch is a pure
 function of (items, per-item augmentation seed, transform) (`perl_core.train.SeededItems`), so
@@ -143,6 +144,9 @@ class FeatureCache:
                         dataset=dataset, template=template,
                         classes=items_hash(list(classnames)),
                         tokens=hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest(),
+                        # S_t is cut after the prompts' last EOS (PerlModel.text_prefix); blobs
+                        # of full-context prefixes (before the cut) are not read back as such
+                        text_prefix="eos-truncated",
                         compute=compute_id(_device(model)), env=f"torch={torch.__version__}")
 
     def _path(self, key: str) -> str:

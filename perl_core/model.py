@@ -9,7 +9,9 @@ Per modality m (vision: CLS, text: EOS), with S = the frozen output of the lower
 
 R = blocks[J:] is re-run K+1 times, with gradient flowing through the frozen blocks to phi; the
 lower blocks run once, without gradient (`image_prefix` / `text_prefix`, the seam the feature
-cache uses; `image_zero_shot_state` / `text_zero_shot_state` give h(0), which the `*_from_prefix`
+cache uses; `text_prefix` cuts the prompts after the batch's last EOS, as the causal text tower
+never carries the later positions to an EOS readout, so the text side costs O(prompt length),
+not O(context length); `image_zero_shot_state` / `text_zero_shot_state` give h(0), which the `*_from_prefix`
 methods accept back as `h0=` so a cached h(0) skips the zero-shot pass). Pool always reads the
 original CLS/EOS row, never a thought token. The mechanics of each tower (embedding, mask,
 insertion index, readout) live in `backbone.py`.
@@ -160,18 +162,38 @@ class PerlModel(nn.Module):
 
     # ---- frozen prefix (lower blocks, once, no grad) -----------------------------------------
     @torch.no_grad()
-    def _prefix(self, name: str, x: torch.Tensor) -> torch.Tensor:
+    def _prefix(self, name: str, x: torch.Tensor, length: int | None = None) -> torch.Tensor:
         tower = self.towers[name]
         s = tower.embed(x)
+        if length is not None:  # embedding is per position: slicing it = embedding the slice
+            s = s[:, :length]
         return run_blocks(tower.blocks[:self.loops[name].depths[0]], s, tower.mask(s.shape[1], s))
 
     def image_prefix(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> S_v (N, 1+P, D_v): the embeddings through blocks[:J], no grad."""
         return self._prefix("vision", images)
 
-    def text_prefix(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(C, ctx) -> S_t (C, ctx, D_t): the embeddings through blocks[:J], no grad."""
-        return self._prefix("text", tokens)
+    def text_length(self, tokens: torch.Tensor) -> int:
+        """L_eff = 1 + the last EOS index of the (C, ctx) prompts: the positions a readout sees.
+
+        The text tower is causal and every step reads the EOS row, so the positions after the
+        last EOS of the batch cannot reach any readout, at any step (thought tokens sit before
+        EOS). A prompt cut by the tokenizer has its EOS at ctx - 1: then L_eff = ctx (no cut).
+        """
+        if tokens.ndim != 2 or tokens.shape[0] == 0:
+            return tokens.shape[-1]
+        return int(self.towers["text"].read_index(tokens).max()) + 1
+
+    def text_prefix(self, tokens: torch.Tensor, truncate: bool = True) -> torch.Tensor:
+        """(C, ctx) -> S_t (C, L_eff, D_t): the embeddings through blocks[:J], no grad.
+
+        The sequence is cut after the batch's last EOS (`text_length`), so the lower blocks and
+        every recurrent pass over this prefix cost O(L_eff), not O(ctx); the result is the
+        untruncated one up to float rounding (exact in arithmetic). `truncate=False` keeps all
+        ctx positions (the reference the tests compare against). `text_from_prefix` and
+        `text_zero_shot_state` take the prefix with the original (C, ctx) tokens.
+        """
+        return self._prefix("text", tokens, self.text_length(tokens) if truncate else None)
 
     # ---- the recurrence ----------------------------------------------------------------------
     def _upper(self, name: str, prefix: torch.Tensor, read_idx: torch.Tensor,
@@ -248,6 +270,12 @@ class PerlModel(nn.Module):
         if tokens.shape[0] != prefix.shape[0]:
             raise ValueError(f"tokens has {tokens.shape[0]} rows but the text prefix has "
                              f"{prefix.shape[0]}")
+        # a prefix cut after the last EOS (text_prefix) or any longer one up to ctx is exact;
+        # a shorter one would lose an EOS row (a prefix of other prompts)
+        n, ctx = self.text_length(tokens), self.context_length
+        if not n <= prefix.shape[1] <= ctx:
+            raise ValueError(f"the text prefix has {prefix.shape[1]} positions; these tokens "
+                             f"need {n} to {ctx} (their last EOS is at {n - 1})")
         return self.towers["text"].read_index(tokens).to(prefix.device)
 
     def image_zero_shot_state(self, prefix: torch.Tensor) -> torch.Tensor:
@@ -276,6 +304,8 @@ class PerlModel(nn.Module):
                          h0: torch.Tensor | None = None) -> torch.Tensor:
         """S_t and its tokens (for the EOS index) -> (C, D), or (steps+1, C, D) if all_steps.
 
+        prefix: `text_prefix(tokens)` (C, L_eff, D), or rows of a prefix of a superset of the
+        prompts (longer than their own L_eff: still exact); tokens: the original (C, ctx).
         h0: `text_zero_shot_state(prefix, tokens)` when already known.
         """
         return self._from_prefix("text", prefix, self._eos_index(prefix, tokens), steps,
@@ -286,7 +316,10 @@ class PerlModel(nn.Module):
         return self.image_from_prefix(self.image_prefix(images), steps)
 
     def encode_text(self, tokens: torch.Tensor, steps: int | None = None) -> torch.Tensor:
-        """(C, ctx) -> (C, D) projected, not normalised; steps=0 is zero-shot CLIP."""
+        """(C, ctx) -> (C, D) projected, not normalised; steps=0 is zero-shot CLIP.
+
+        Runs on the truncated prefix (`text_prefix`): cost O(last EOS index), not O(ctx).
+        """
         return self.text_from_prefix(self.text_prefix(tokens), tokens, steps)
 
     def encode_image_all_steps(self, images: torch.Tensor) -> torch.Tensor:

@@ -336,7 +336,7 @@ def test_text_inject_layer_may_differ(make_tiny_perl, images, tokens):
     model = make_tiny_perl(inject_layer=1, text_inject_layer=3)
     assert model.vision_depths == (1,) and model.text_depths == (3,)
     assert _fp32_close(model.encode_text(tokens, 0), model.clip.encode_text(tokens))
-    assert model.text_prefix(tokens).shape == (3, 77, 32)
+    assert model.text_prefix(tokens).shape == (3, 8, 32)  # cut after the last EOS
 
 
 # ---- errors -----------------------------------------------------------------------------------
