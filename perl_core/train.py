@@ -166,7 +166,7 @@ def _val_set(train_splits: Any, source: str) -> list[EvalSet]:
 def resolve_task(cfg: TrainConfig) -> Task:
     """Load the splits and decide what to train on and what to evaluate (see module doc)."""
     from perl_core.data.coop import load_splits
-    from perl_core.data.fewshot import fewshot_splits, subsample_classes
+    from perl_core.data.fewshot import check_shots, fewshot_splits, subsample_classes
 
     if not cfg.dataset:
         raise ValueError("cfg.dataset is empty: name a registered dataset (e.g. 'ToyShapes')")
@@ -174,6 +174,10 @@ def resolve_task(cfg: TrainConfig) -> Task:
         raise ValueError(f"cfg.data_root is empty: where does {cfg.dataset!r} live?")
     source = _canonical(cfg.dataset)
     splits = load_splits(source, cfg.data_root)
+    try:
+        check_shots(splits, cfg.shots)
+    except ValueError as e:  # Dassl takes such a class whole; say so (the pipeline refuses it)
+        logger.warning("%s; those classes are trained on all their images (Dassl's behaviour)", e)
     fewshot = fewshot_splits(splits, cfg.shots, cfg.seed)
     if cfg.protocol == "base2novel":
         base = subsample_classes(fewshot, "base")

@@ -133,6 +133,18 @@ def test_resolve_task_protocols(cfg):
         resolve_task(cfg.replace(data_root=""))
 
 
+def test_resolve_task_warns_when_shots_exceed_a_class(cfg, caplog):
+    """Dassl takes a too-small class whole; a direct run says so (the pipeline refuses it)."""
+    with caplog.at_level("WARNING", logger="perl_core.train"):
+        t = resolve_task(cfg.replace(shots=6))  # the world has 4 training images per class
+    assert len(t.train_items) == 10 * 4
+    assert "shots=6 but 20 class(es) have fewer training images" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="perl_core.train"):
+        resolve_task(cfg)
+    assert "fewer training images" not in caplog.text
+
+
 # --- fit -----------------------------------------------------------------------------------------
 
 
