@@ -290,6 +290,10 @@ def sweep_name(tag: Any) -> str:
     return s
 
 
+NOT_A_TRIAL = "not a trial run (no config_hash)"
+NO_PARAMS = "no params logged (a run cut off before logging them)"
+
+
 def resolve(df: pd.DataFrame) -> tuple[Pool, pd.DataFrame]:
     """Dedupe by config_hash: the latest FINISHED run wins; a hash with no FINISHED run is FAILED
     if any run failed, else incomplete. Returns the pool and `df` with a `resolution` column."""
@@ -297,7 +301,13 @@ def resolve(df: pd.DataFrame) -> tuple[Pool, pd.DataFrame]:
     df = df.copy()
     df["resolution"] = pd.Series(["ignored"] * len(df), index=df.index, dtype="str")
     trial = df["tags.config_hash"].notna() & (df["tags.config_hash"].astype("str") != "")
-    df.loc[~trial, "resolution"] = "not a trial run (no config_hash)"
+    df.loc[~trial, "resolution"] = NOT_A_TRIAL
+    # a run created but cut off (e.g. an MLflow outage) before its params were logged: it cannot
+    # be placed in any table; its cell is still covered by its replayed or re-run twin
+    no_params = trial & (df["params.dataset"].isna() if "params.dataset" in df
+                         else pd.Series(True, index=df.index))
+    df.loc[no_params, "resolution"] = NO_PARAMS
+    trial &= ~no_params
     hpo = trial & (df["tags.phase"].astype("str") == "hpo")
     df.loc[hpo, "resolution"] = "hpo phase (not in tables)"
     sel = df[trial & ~hpo].sort_values(["end_time", "start_time"], kind="stable")
@@ -475,8 +485,7 @@ def dataset_order(names: Iterable[str]) -> list[str]:
 def sweep_views(df: pd.DataFrame) -> list[SweepView]:
     """One view per (experiment, sweep tag, protocol). Split by experiment too, so that e.g. a
     toy-world and a real-data submission of the same sweep file are never averaged together."""
-    trial = df[(df["resolution"] != "not a trial run (no config_hash)")
-               & (df["resolution"] != "hpo phase (not in tables)")]
+    trial = df[~df["resolution"].isin([NOT_A_TRIAL, NO_PARAMS, "hpo phase (not in tables)"])]
     views = []
     sweeps = trial["tags.sweep"].map(sweep_name)
     groups = sorted({(e, sw) for e, sw in zip(trial["experiment_id"], sweeps)},

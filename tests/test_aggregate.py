@@ -263,6 +263,26 @@ def test_unknown_experiment_and_missing_store(result, tmp_path):
                       "--out", str(tmp_path)])
 
 
+def test_run_without_params_is_set_aside(tmp_path):
+    """A run cut off between its creation and its params (an MLflow outage) has a config_hash
+    but no params: it is listed as such, never tabled, and does not stop the aggregate."""
+    s = Store(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path)
+    exp = s.experiment("perl/base2novel")
+    ids: dict = {}
+    parent = s.b2n_sweep(exp, TrainConfig(protocol="base2novel", num_steps=2), ids)
+    cut = TrainConfig(protocol="base2novel", num_steps=2, dataset="DTD", seed=1)
+    orphan = s.client.create_run(exp, tags={"sweep": "base2novel", "phase": "final",
+                                            "config_hash": cut.config_hash(),
+                                            "mlflow.parentRunId": parent}).info.run_id
+    s.client.set_terminated(orphan, "FAILED")
+    agg = agg_mod.aggregate(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    res = dict(zip(agg.runs["run_id"], agg.runs["resolution"]))
+    assert res[orphan] == agg_mod.NO_PARAMS
+    assert res[ids[("DTD", 1)]] == "used"
+    dtd = _row(_table(agg, "table1_5_base2novel__base2novel"), "DTD")
+    assert orphan not in dtd.cells["base"].run_ids and dtd.cells["base"].n == 2
+
+
 def test_empty_store_writes_an_empty_report(tmp_path):
     uri = f"sqlite:///{tmp_path / 'empty.db'}"
     MlflowClient(tracking_uri=uri).search_experiments()  # creates the schema
