@@ -53,7 +53,10 @@ RECORD_FORMAT = "perl-trial-record/1"
 # Bounded MLflow HTTP calls (set only where the user has not): a tracking server that is down
 # costs a trial ~10 s per call, not minutes; the record in storage covers the outage.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+                 # set_terminated would fetch the run again only to print "View run ... at:" into
+                 # every trial's log; the driver's summary says where the runs are
+                 "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
 
 class TrackingUnavailable(RuntimeError):
