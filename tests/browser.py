@@ -21,18 +21,16 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+
+from servers import MlflowServer, free_port  # noqa: F401  (tests/servers.py; re-exported)
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable",
               "chrome", "headless_shell")
@@ -183,59 +181,19 @@ def img_sources(dom: str) -> list[str]:
     return p.images
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def mlflow_server(backend_store_uri: str, artifact_root: Path | str, *, log: Path | str,
                   port: int | None = None, timeout: float = 120, workers: int = 1):
-    """`mlflow server` on 127.0.0.1:<free port>; yields its URL once /health answers.
-
-    The server runs in its own process group (it forks workers), which is terminated on exit
-    (SIGTERM, then SIGKILL after 5 s). Telemetry is off; $MLFLOW_TRACKING_URI is not passed on."""
-    port = port or free_port()
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log = Path(log)
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri,
-             "--default-artifact-root", str(artifact_root), "--host", "127.0.0.1",
-             "--port", str(port), "--workers", str(workers)],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            cwd=log.parent, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    """`mlflow server` on 127.0.0.1:<free port> (`servers.MlflowServer`, artifacts written by
+    the clients to `artifact_root`); yields its URL once /health answers, always ends it."""
+    server = MlflowServer(Path(log).parent, backend=backend_store_uri,
+                          artifacts=str(artifact_root), proxied=False, log=log, port=port,
+                          workers=workers)
+    server.start(timeout)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"mlflow server exited with {proc.returncode}:\n"
-                                     f"{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"mlflow server not healthy after {timeout:.0f} s:\n"
-                                     f"{log.read_text()[-3000:]}")
-            time.sleep(0.3)
-        yield url
+        yield server.url
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(3)
-            except subprocess.TimeoutExpired:
-                pass
-        with contextlib.suppress(ProcessLookupError):  # workers that outlived the main process
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(10)
+        server.stop()
 
 
 # The MLflow 3 UI opens experiments on its GenAI pages unless the URL selects model training.

@@ -71,3 +71,24 @@ def weights(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "perl-tiny-test.safetensors"
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """A real S3 API on 127.0.0.1: moto's ThreadedMotoServer (buckets: make your own)."""
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (shared 2-core machines: two OpenMP threads per process
+    under load run ~30x slower; tiny models do not gain from threads)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -10,12 +10,8 @@ from perl_core.bench import PeakMemory, run
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # shared 2-core machines: two OpenMP threads per process under load are ~30x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):  # tests/conftest.py
     yield
-    torch.set_num_threads(n)
 
 KEYS = ["plain_clip_img_per_s", "perl_eval_img_per_s_uncached", "perl_eval_img_per_s_cached",
         "achieved_gflops", "machine_matmul_gflops", "roofline_fraction", "sweep_speedup_vs_naive"]

@@ -11,17 +11,16 @@ synthetic world), MLflow on SQLite in tmp_path (and once behind a real `mlflow s
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from servers import MlflowServer  # tests/servers.py
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -264,41 +263,10 @@ def test_a_broken_cell_fails_with_its_reason_and_the_rest_finish(tmp_path, world
     assert "1 done, 0 running, 1 failed, 0 left" in s and "b2n/ToyCounts" in s, s
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", (tmp_path / "server-artifacts").as_uri()],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("mlflow server did not start")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with MlflowServer(tmp_path) as server:
+        yield server.url
 
 
 def test_parallel_trials_against_a_tracking_server_lose_no_metric(tmp_path, world, weights,

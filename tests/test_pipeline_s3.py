@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
+
+from servers import MlflowServer  # tests/servers.py
 
 moto_server = pytest.importorskip("moto.server")
 boto3 = pytest.importorskip("boto3")
@@ -44,21 +44,6 @@ REPO = Path(__file__).resolve().parents[1]
 SECRET = "dummy-s3-secret-never-logged"
 CELLS = ["b2n/ToyShapes/2shot/seed1/J7/K1", "b2n/ToyShapes/2shot/seed1/J7/K2"]
 EXPERIMENT = "test/s3"
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _clean_env(endpoint: str) -> dict[str, str]:
@@ -87,32 +72,16 @@ def setup(tmp_path_factory, s3_endpoint, request):
     for pkg in ("perl_core", "pipeline"):
         shutil.copytree(REPO / pkg, code / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     env = {**_clean_env(s3_endpoint), "PYTHONPATH": str(code)}
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    server_env = {**env, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
-    log = open(tmp / "mlflow-server.log", "wb")  # noqa: SIM115 (closed in the finally below)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
-         "--artifacts-destination", f"s3://{bucket}/mlartifacts", "--serve-artifacts"],
-        env=server_env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
+    server = MlflowServer(tmp, artifacts=f"s3://{bucket}/mlartifacts",
+                          env={**env, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint},
+                          log=tmp / "mlflow-server.log").start(wait=False)
+    url = server.url
     try:
         world, weights = request.getfixturevalue("world"), request.getfixturevalue("weights")
         for f in sorted((world / "toy_shapes").rglob("*")):
             if f.is_file():
                 client.upload_file(str(f), bucket, f"world/{f.relative_to(world).as_posix()}")
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("mlflow server did not start: "
-                                   + (tmp / "mlflow-server.log").read_text()[-2000:])
-            time.sleep(0.5)
+        server.wait_healthy(120)
         sweep = tmp / "s3.yaml"
         sweep.write_text(f"""\
 name: s3
@@ -137,12 +106,7 @@ max_failures: 0
         yield {"tmp": tmp, "bucket": bucket, "client": client, "env": env, "url": url,
                "sweep": sweep, "endpoint": s3_endpoint, "code": code}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        server.stop()
 
 
 def _cli(module: str, args: list[str], setup: dict, timeout: float = 240) -> tuple[int, str]:

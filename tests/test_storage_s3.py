@@ -35,15 +35,6 @@ TINY_A = DatasetSpec(name="TinyS3A", dataset_dir="imagenet-adversarial", image_d
                      test_only=True, source="ImageNet", extra={"layout": "wnid"})
 
 
-@pytest.fixture(scope="module")
-def endpoint():
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 def _png(mode="RGB") -> bytes:
     buf = io.BytesIO()
     Image.new(mode, (9, 5), 120 if mode == "L" else (120, 30, 200)).save(buf, format="PNG")
@@ -51,7 +42,7 @@ def _png(mode="RGB") -> bytes:
 
 
 @pytest.fixture
-def bucket(endpoint, monkeypatch):
+def bucket(s3_endpoint, monkeypatch):
     """A fresh bucket holding a tiny CoOp split_json dataset and an ImageNet-A-style variant."""
     for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
                 "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
@@ -59,10 +50,10 @@ def bucket(endpoint, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", s3_endpoint)
     s3fs.S3FileSystem.clear_instance_cache()
     name = f"coop-{uuid.uuid4().hex[:10]}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     client.create_bucket(Bucket=name)
 
     def put(key: str, body: bytes) -> None:

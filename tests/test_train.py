@@ -26,12 +26,8 @@ K = 2  # reasoning steps of the tiny test model
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # the test machines are shared; tiny models do not gain from threads
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):  # tests/conftest.py
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from servers import MlflowServer, free_port  # noqa: F401  (tests/servers.py; free_port re-exported)
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -107,64 +109,6 @@ def child_runs(db: Path) -> list[dict]:
 
 
 # --- a real `mlflow server` that a test can kill and restart (same port, same backend) ----------
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MlflowServer:
-    """`mlflow server` on 127.0.0.1 with a SQLite backend and proxied artifacts (clients upload
-    over HTTP, so an outage stops artifacts too). `kill()` SIGKILLs its process group; `start()`
-    brings it back on the same port and backend. `db` is readable directly with sqlite3."""
-
-    def __init__(self, tmp: Path):
-        self.tmp, self.port = tmp, free_port()
-        self.db, self.artifacts = tmp / "server.db", tmp / "server-artifacts"
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-        self.log = tmp / "server.log"
-
-    def start(self, timeout: float = 120) -> "MlflowServer":
-        import time
-        import urllib.request
-
-        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
-        env.pop("MLFLOW_TRACKING_URI", None)
-        with open(self.log, "a") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
-                 "--port", str(self.port), "--workers", "1",
-                 "--backend-store-uri", f"sqlite:///{self.db}",
-                 "--artifacts-destination", self.artifacts.as_uri()],
-                env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=self.tmp, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"mlflow server exited:\n{self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"mlflow server not healthy:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.3)
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(30)
-            self.proc = None
 
 
 @pytest.fixture
