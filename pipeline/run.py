@@ -31,7 +31,6 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
