@@ -64,6 +64,11 @@ REPORT_EVERY_S = 10.0  # progress reports to Tune at most this often (each is a 
 # Test hook, off unless set: sleep this long after every optimizer step, so a fault-injection test
 # can kill a worker mid-training (tests/reliability/test_worker_kill.py). Timing only.
 STEP_DELAY_S = float(os.environ.get("PERL_TEST_STEP_DELAY_S") or 0)
+# Test hook, off unless set: `PERL_TEST_FAULT=oom:<dataset>:<step>` raises torch.OutOfMemoryError
+# (the class a CUDA allocation failure raises) from the step callback of every trial on that
+# dataset once it has finished optimizer step <step>, so the OOM path of a real GPU is exercised
+# on CPU (tests/reliability/test_oom.py). Read when a trial starts.
+FAULT_ENV = "PERL_TEST_FAULT"
 
 _BACKBONE: tuple[tuple[str, str], Any] | None = None  # ((arch, pretrained), frozen open_clip CLIP)
 _FEATURE_CACHE: tuple[tuple, Any] | None = None  # (settings, perl_core.cache.FeatureCache)
@@ -270,10 +275,26 @@ class TuneCheckpoint:
         self.seconds += time.perf_counter() - t0
 
 
-def _progress_callback(cell: str):
+def _injected_fault(dataset: str) -> int | None:
+    """The optimizer step at which `$PERL_TEST_FAULT` makes this trial run out of memory (None:
+    no fault for this dataset, the default). A malformed value is an error, not ignored."""
+    spec = os.environ.get(FAULT_ENV, "").strip()
+    if not spec:
+        return None
+    kind, _, rest = spec.partition(":")
+    target, _, step = rest.rpartition(":")
+    if kind != "oom" or not target or not step.isdigit() or int(step) < 1:
+        raise ValueError(f"${FAULT_ENV}={spec!r}: expected 'oom:<dataset>:<step>' (a test hook; "
+                         f"unset it for real runs)")
+    return int(step) if target == dataset else None
+
+
+def _progress_callback(cell: str, dataset: str = ""):
     from ray import tune
 
     from perl_core.train import Callback
+
+    oom_at = _injected_fault(dataset)
 
     class TuneProgress(Callback):
         """Throttled progress reports (step, fraction done, loss) for Tune's status table."""
@@ -287,6 +308,12 @@ def _progress_callback(cell: str):
         def on_step_end(self, step: int, logs: dict[str, Any]) -> None:
             if STEP_DELAY_S:
                 time.sleep(STEP_DELAY_S)
+            if oom_at is not None and step >= oom_at:
+                import torch
+
+                raise torch.OutOfMemoryError(
+                    f"injected by ${FAULT_ENV} after optimizer step {step} of {cell} (test hook; "
+                    f"a CUDA allocation failure raises this class)")
             now = time.monotonic()
             if now - self.last < REPORT_EVERY_S and step < self.total:
                 return
@@ -406,7 +433,7 @@ def train_cell(config: dict[str, Any], context: dict[str, Any] | None = None) ->
         clock.lap("build_model")
         before = cache.stats() if cache is not None else {}
         ckpt = TuneCheckpoint()
-        result = fit(cfg, callbacks=[_progress_callback(name)], model=model,
+        result = fit(cfg, callbacks=[_progress_callback(name, cfg.dataset)], model=model,
                      checkpoint=ckpt, progress=False,
                      checkpoint_every=CHECKPOINT_EVERY, cache=cache)
         fit_s = clock.lap("fit")
@@ -432,10 +459,14 @@ def train_cell(config: dict[str, Any], context: dict[str, Any] | None = None) ->
         tracking.write_record(context["storage"], record, blob)
         clock.lap("record")
     except BaseException as e:
+        oom = _is_oom(e)
+        detail = f"{type(e).__name__}: {e}\n" + "".join(
+            traceback.format_exception(type(e), e, e.__traceback__)[-6:])
+        if oom:  # free this trial's memory now, so the worker is not left holding it
+            model = result = None  # noqa: F841
+            _release_after_oom(e, name)
         if tracker is not None and run_id is not None:
             status = "FAILED" if isinstance(e, Exception) else "KILLED"
-            detail = f"{type(e).__name__}: {e}\n" + "".join(
-                traceback.format_exception(type(e), e, e.__traceback__)[-6:])
             try:
                 tracker.end(run_id, status, detail)
             except Exception as mlflow_error:
@@ -459,6 +490,34 @@ def train_cell(config: dict[str, Any], context: dict[str, Any] | None = None) ->
                  "done": 1.0, "mlflow_logged": logged, "cell": name,
                  "mlflow_run_id": run_id or "", "train_seconds": result.train_seconds,
                  "eval_seconds": result.eval_seconds})
+
+
+def _is_oom(e: BaseException) -> bool:
+    """torch.OutOfMemoryError (what CUDA raises; torch.cuda.OutOfMemoryError is the same class)
+    or a plain MemoryError."""
+    import torch
+
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError))
+
+
+def _release_after_oom(e: BaseException, cell: str) -> None:
+    """After an out-of-memory in a trial: drop the failed trial's tensors held by the
+    traceback's finished frames (model, optimizer state, activations of `fit`), the cached
+    backbone (rebuilt by the next trial on this worker) and the CUDA caching allocator's free
+    blocks. CPU-safe (the CUDA calls only run when CUDA is there). Tune does not reuse the
+    actor of an errored trial, so its process ends anyway; this frees the memory at once."""
+    import gc
+
+    try:
+        traceback.clear_frames(e.__traceback__)  # the executing frame (train_cell) is kept
+        clear_backbone()  # also empties the CUDA cache
+        gc.collect()
+        _empty_cuda_cache()
+    except Exception as cleanup_error:  # never hide the OOM behind a cleanup problem
+        logger.warning("freeing memory after the OOM of %s failed: %s", cell, cleanup_error)
+        return
+    logger.warning("out of memory in trial %s (%s): freed its tensors, the cached backbone and "
+                   "the CUDA cache; the trial is FAILED", cell, type(e).__name__)
 
 
 class _Clock:
