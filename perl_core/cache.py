@@ -363,16 +363,11 @@ def evaluate_cached(model: Any, items: Sequence[Any], classnames: Sequence[str],
 
     from perl_core.data.images import ImageListDataset
     from perl_core.data.transforms import eval_transform
-    from perl_core.evaluate import autocast, class_text_tokens, model_device
+    from perl_core.evaluate import autocast, check_eval_inputs, class_text_tokens, model_device
     from perl_core.metrics import StepMetricAccumulator
 
-    if not items or not classnames:
-        raise ValueError(f"{dataset_name}: nothing to evaluate")
     items, classnames = list(items), list(classnames)
-    bad = sorted({d.label for d in items if not 0 <= d.label < len(classnames)})
-    if bad:
-        raise ValueError(f"{dataset_name}: test labels {bad[:10]} are outside the "
-                         f"{len(classnames)} class names")
+    check_eval_inputs(items, classnames, dataset_name)
     device = model_device(model)
     was_training = model.training
     model.eval()

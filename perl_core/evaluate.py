@@ -62,6 +62,18 @@ def encode_classes(model: PerlModel, tokens: torch.Tensor, cfg: TrainConfig) -> 
     return torch.cat(chunks, dim=1)
 
 
+def check_eval_inputs(items: Sequence[Any], classnames: Sequence[str], dataset_name: str) -> None:
+    """Refuse an empty evaluation set and labels outside the class names (before any work)."""
+    if not items:
+        raise ValueError(f"{dataset_name}: no test items to evaluate")
+    if not classnames:
+        raise ValueError(f"{dataset_name}: no class names to evaluate against")
+    bad = sorted({d.label for d in items if not 0 <= d.label < len(classnames)})
+    if bad:
+        raise ValueError(f"{dataset_name}: test labels {bad[:10]} are outside the "
+                         f"{len(classnames)} class names")
+
+
 @torch.no_grad()
 def evaluate(model: PerlModel, items: Sequence[Any], classnames: Sequence[str], dataset_name: str,
              cfg: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
@@ -75,14 +87,7 @@ def evaluate(model: PerlModel, items: Sequence[Any], classnames: Sequence[str], 
     from perl_core.data.images import ImageListDataset
     from perl_core.data.transforms import eval_transform
 
-    if not items:
-        raise ValueError(f"{dataset_name}: no test items to evaluate")
-    if not classnames:
-        raise ValueError(f"{dataset_name}: no class names to evaluate against")
-    bad = sorted({d.label for d in items if not 0 <= d.label < len(classnames)})
-    if bad:
-        raise ValueError(f"{dataset_name}: test labels {bad[:10]} are outside the "
-                         f"{len(classnames)} class names")
+    check_eval_inputs(items, classnames, dataset_name)
     device = model_device(model)
     was_training = model.training
     model.eval()
@@ -113,4 +118,5 @@ def evaluate(model: PerlModel, items: Sequence[Any], classnames: Sequence[str], 
     return out
 
 
-__all__ = ["evaluate", "autocast", "model_device", "encode_classes", "class_text_tokens"]
+__all__ = ["evaluate", "autocast", "model_device", "encode_classes", "class_text_tokens",
+           "check_eval_inputs"]
