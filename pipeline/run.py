@@ -324,6 +324,25 @@ def init_ray() -> None:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get(
             "PYTHONPATH", "")) if p)
     ray.init(runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+    keep_credentials_out_of_runtime_envs()
+
+
+# Ray Tune copies these from the driver's environment into every trainable's runtime_env, and
+# Ray's runtime-env agent logs runtime_envs in clear (session logs/runtime_env_agent.log). Trials
+# get credentials as every Ray worker does instead: inherited from the environment Ray was started
+# in (the driver's for a local Ray; the nodes' cluster/perl.env or Kubernetes Secret on a cluster).
+_CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN",
+                    "AWS_SESSION_TOKEN")
+
+
+def keep_credentials_out_of_runtime_envs() -> None:
+    try:
+        from ray.tune.execution import class_cache
+
+        class_cache.ENV_VARS_TO_PROPAGATE.difference_update(_CREDENTIAL_VARS)
+    except (ImportError, AttributeError):  # another Ray layout: tests/reliability/test_secrets
+        say("warning: could not stop Ray Tune from copying AWS credentials into runtime_envs "
+            "(Ray's session logs may show them)")
 
 
 def ray_job_id() -> str:

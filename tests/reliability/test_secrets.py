@@ -1,8 +1,12 @@
-"""Secrets in the driver's environment never reach MLflow, artifacts, trial storage or logs."""
+"""Secrets in the driver's environment never reach MLflow, artifacts, trial storage or logs
+(the driver's output and Ray's session logs: every worker's stdout/stderr and Ray's own)."""
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -19,8 +23,20 @@ def test_secret_env_values_are_written_nowhere(tmp_path, world, weights):
     db = tmp_path / "mlflow.db"
     y = sweep_yaml(tmp_path / "rel.yaml", world=world, weights=weights, storage=tmp_path / "runs",
                    tracking=f"sqlite:///{db}", steps=(1,))
-    rc, out = cli([str(y)], tmp_path / "run.log", env=SECRETS)
-    assert rc == 0, out
+    # Ray's session (its own logs and every worker's stdout/stderr) under a folder searched
+    # below; short, because Ray's unix sockets live there (a 107-byte path limit)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))
+    try:
+        rc, out = cli([str(y)], tmp_path / "run.log", env={**SECRETS, "RAY_TMPDIR": str(ray_tmp)})
+        assert rc == 0, out
+        shutil.copytree(ray_tmp, tmp_path / "ray-session", symlinks=True,
+                        ignore=shutil.ignore_patterns("sockets", "*.sock", "plasma*"),
+                        ignore_dangling_symlinks=True)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    ray_logs = [p for p in (tmp_path / "ray-session").rglob("*") if p.is_file()]
+    assert any(p.name.startswith("worker-") and p.suffix in (".out", ".err") for p in ray_logs), \
+        "no Ray worker log found: the session folder was not captured"
     # the search can find a value when one is written: the DB dump holds the run's params
     con = sqlite3.connect(db)
     dump = "\n".join(con.iterdump())
