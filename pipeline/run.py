@@ -241,10 +241,16 @@ def dry_run(spec: SweepSpec, grid: list[Cell], uri: str, match_code: str | None,
     finished: dict[str, Any] = {}
     if not rerun and _store_exists(uri):
         tracker = tracking.Tracker(uri)
-        exp = tracker.client.get_experiment_by_name(spec.experiment)
-        if exp is not None:
-            finished = tracker.finished_by_hash(exp.experiment_id, phase="final",
-                                                code_version=match_code)
+        try:
+            tracker.check()
+            exp = tracker.client.get_experiment_by_name(spec.experiment)
+            if exp is not None:
+                finished = tracker.finished_by_hash(exp.experiment_id, phase="final",
+                                                    code_version=match_code)
+        except Exception as e:  # a dry run still shows the work; a real run refuses (exit 2)
+            say(f"warning: {spec.source}: tracking store {tracking.redact_uri(uri)} not "
+                f"readable ({type(e).__name__}): every cell is shown as todo; a real run "
+                f"would stop here")
     from rich.console import Console
     from rich.table import Table
 

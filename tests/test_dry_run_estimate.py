@@ -202,6 +202,20 @@ def test_without_bench_only_the_workload_and_how_to_measure(tmp_path, shapes_wor
     assert rc == 2 and "--dry-run" in out
 
 
+def test_unreachable_tracking_server_still_shows_the_work(tmp_path, shapes_world, capsys,
+                                                          monkeypatch):
+    from servers import free_port  # tests/servers.py
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast; user values win
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    y = sweep(tmp_path, shapes_world)
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    rc, out = dry_run([str(y), "--dry-run", "--tracking-uri", down], capsys)
+    assert rc == 0, out
+    assert f"tracking store {down} not readable" in out and "a real run would stop here" in out
+    assert "total: 2 cells, 0 done, 2 todo" in out
+
+
 @pytest.mark.parametrize("change, words", [
     (None, ["cannot read the bench file", "perl_core.bench"]),
     ("{not json", ["not JSON (line 1"]),
