@@ -53,13 +53,13 @@ from typing import Any
 
 from perl_core.config import TrainConfig
 
-# Classes and test images of the CoOp benchmarks, from /work/shared/notes/data_protocol.md §1.2
-# ("Class counts and split sizes"): counted from the real split_zhou_*.json files for Caltech101,
-# OxfordPets, StanfordCars, Flowers102, DTD, EuroSAT and UCF101 (tests/test_dry_run_estimate.py
-# re-counts them from /work/shared/data/coop_real/splits when present); the CoOp paper's sizes for
-# ImageNet (val = test, 50,000), Food101, FGVCAircraft and SUN397; the dataset authors' published
-# sizes for ImageNetV2 (10,000), ImageNetSketch (50,889), ImageNetA (7,500) and ImageNetR
-# (30,000). Class counts match `perl_core.data.benchmarks`.
+# Classes and test images of the CoOp benchmarks, from the team's data-protocol notes (§1.2,
+# "Class counts and split sizes", in the shared folder beside the repo): counted from the real
+# split_zhou_*.json files for Caltech101, OxfordPets, StanfordCars, Flowers102, DTD, EuroSAT and
+# UCF101 (tests/test_dry_run_estimate.py re-counts them from shared/data/coop_real/splits when
+# present); the CoOp paper's sizes for ImageNet (val = test, 50,000), Food101, FGVCAircraft and
+# SUN397; the dataset authors' published sizes for ImageNetV2 (10,000), ImageNetSketch (50,889),
+# ImageNetA (7,500) and ImageNetR (30,000). Class counts match `perl_core.data.benchmarks`.
 COOP_SIZES: dict[str, tuple[int, int]] = {  # canonical name -> (classes, test images)
     "ImageNet": (1000, 50_000),
     "Caltech101": (100, 2_465),
