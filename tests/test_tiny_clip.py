@@ -145,3 +145,16 @@ def test_pretrain_command_smoke(tmp_path):
     assert P.evaluate_zero_shot(loaded, world, ["ToyCounts"])["ToyCounts"]["chance_novel"] > 0
     with pytest.raises(FileNotFoundError, match="perl_core.pretrain"):
         P.load_tiny_clip(tmp_path / "missing.safetensors")
+
+
+def test_no_false_random_init_notice_when_weights_are_loaded(caplog):
+    """open_clip logs "No pretrained weights loaded" for every pretrained=None build; the
+    factory drops that line when its own checkpoint load follows, and only then."""
+    from perl_core.factory import create_clip
+
+    with caplog.at_level("WARNING"):
+        create_clip("perl-tiny", "embedded")
+    assert "No pretrained weights loaded" not in caplog.text
+    with caplog.at_level("WARNING"):
+        create_clip("perl-tiny", None)  # really random: the notice is true and stays
+    assert "No pretrained weights loaded" in caplog.text
