@@ -122,69 +122,13 @@ def build_model(cfg: TrainConfig) -> Any:
 
 
 def cache_settings(context: dict[str, Any]) -> dict[str, Any]:
-    """The sweep's `cache:` block (`pipeline.spec.CacheSpec` fields) for this trial: from the
-    context (`feature_cache`), else read from the sweep file (a driver that does not pass it),
-    else the defaults (with a warning)."""
+    """The sweep's `cache:` block (`pipeline.spec.CacheSpec` fields, url already resolved by the
+    driver) for this trial, from the context (`feature_cache`). Every context has it: the driver
+    builds it (`pipeline.run.trial_context`), also when it restores an interrupted experiment
+    (`Tuner.restore` takes the trainable, and so the context, from the restoring driver)."""
     from pipeline.spec import CacheSpec
 
-    settings = context.get("feature_cache")
-    if settings is None:
-        settings = _sweep_file_cache(context.get("sweep_file") or "")
-    return CacheSpec.model_validate(settings).model_dump()
-
-
-_SWEEP_FILE_CACHE: dict[tuple[str, float], dict[str, Any]] = {}
-
-
-def _sweep_file_cache(path: str) -> dict[str, Any]:
-    try:
-        key = (path, os.path.getmtime(path))
-    except OSError:
-        if path:
-            logger.warning("feature cache: the sweep file %s is not readable here and the driver "
-                           "passed no cache settings: using the defaults", path)
-        return {}
-    if key not in _SWEEP_FILE_CACHE:
-        _SWEEP_FILE_CACHE[key] = _read_cache_block(path)
-    return _SWEEP_FILE_CACHE[key]
-
-
-def _read_cache_block(path: str) -> dict[str, Any]:
-    """Only the `cache:` block of a sweep file (the driver validated the whole file; the rest may
-    name variables this node lacks). ${VAR} in the url is substituted from this node's
-    environment; a relative url (the submit directory's, unknown here) falls back to the default
-    location, with a warning."""
-    import yaml
-
-    from pipeline.spec import _ENV_RE
-
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        logger.warning("feature cache: cannot read %s (%s): using the defaults", path, e)
-        return {}
-    block = dict((raw or {}).get("cache") or {}) if isinstance(raw, dict) else {}
-    url = block.get("url")
-    if isinstance(url, str):
-        missing: list[str] = []
-
-        def sub(m: Any) -> str:
-            var, default = m.group(1), m.group(2)
-            if os.environ.get(var):
-                return os.environ[var]
-            if default is None:
-                missing.append(var)
-            return default or ""
-
-        url = _ENV_RE.sub(sub, url)
-        if missing or not ("://" in url or os.path.isabs(os.path.expanduser(url))):
-            logger.warning("feature cache: cache.url %r of %s cannot be resolved on this node "
-                           "(%s): using the node-local default", block["url"], path,
-                           f"unset: {missing}" if missing else "a relative path")
-            block.pop("url")
-        else:
-            block["url"] = url if "://" in url else os.path.expanduser(url)
-    return block
+    return CacheSpec.model_validate(context["feature_cache"]).model_dump()
 
 
 def cache_url(settings: dict[str, Any]) -> str:

@@ -5,7 +5,8 @@
   keeps the order of the grid_search list); every child run carries the cache tags and metrics,
   and the trials after the first of their group read the cache;
 - the real-trial time from a perl_core.bench JSON, and its errors;
-- the trainable's cache settings (context, else the sweep file) and the per-process cache.
+- the trainable's cache settings (the sweep's `cache:` through the driver's trial context)
+  and the per-process cache.
 """
 
 from __future__ import annotations
@@ -127,20 +128,65 @@ def test_real_trial_from_a_perl_core_bench_file(tmp_path):
 # --- the trainable's feature cache ----------------------------------------------------------------
 
 
-def test_cache_settings_from_context_else_sweep_file(tmp_path):
+def _context_of(sweep_yaml: str, tmp_path, env: dict[str, str]) -> dict:
+    """The trial context the driver builds for this sweep file, through the pickle round trip
+    of `tune.with_parameters` (the worker sees a copy)."""
+    import argparse
+    import pickle
+    from types import SimpleNamespace
+
+    from pipeline.run import trial_context
+    from pipeline.spec import parse_spec
+
+    spec = parse_spec(sweep_yaml, env=env, cwd=tmp_path)
+    args = argparse.Namespace(sweep=str(tmp_path / "s.yaml"), rerun=False,
+                              ignore_code_version=False)
+    code = SimpleNamespace(sha="abc", dirty=False, fingerprint="abc")
+    return pickle.loads(pickle.dumps(trial_context(spec, "sqlite:///x.db", "1", "p", code, args)))
+
+
+SWEEP_HEAD = ("name: s\nexperiment: e\nfixed: {dataset: ToyShapes, arch: perl-tiny, "
+              "pretrained: embedded}\n")
+
+
+def test_the_sweeps_cache_block_reaches_the_workers_feature_cache(tmp_path):
+    """cache: in the sweep file -> the driver's trial context -> the worker's FeatureCache (url
+    with ${VAR} and a relative path resolved by the driver, max_gb, dtype; enabled: false)."""
+    import torch
+
+    from pipeline.trainable import cache_settings, cache_tags, feature_cache
+
+    cfg = TrainConfig(dataset="ToyShapes", arch="perl-tiny", pretrained="embedded")
+    ctx = _context_of(SWEEP_HEAD + "cache: {url: '${PERL_TEST_FC}/fc', max_gb: 0.5, "
+                      "dtype: float16}\n", tmp_path, {"PERL_TEST_FC": str(tmp_path / "env")})
+    settings = cache_settings(ctx)
+    assert settings == {"enabled": True, "url": str(tmp_path / "env" / "fc"), "max_gb": 0.5,
+                        "dtype": "float16"}
+    cache = feature_cache(settings, cfg)
+    assert cache.max_bytes == 2**29 and cache.dtype == torch.float16
+    assert cache_tags(settings, cache) == {"feature_cache": str(tmp_path / "env" / "fc"),
+                                           "feature_cache_dtype": "float16"}
+    assert (tmp_path / "env" / "fc").is_dir()  # the cache lives at the resolved url
+
+    relative = cache_settings(_context_of(SWEEP_HEAD + "cache: {url: rel/fc}\n", tmp_path, {}))
+    assert relative["url"] == str(tmp_path / "rel" / "fc")  # the submit dir's, not the worker's
+    assert (relative["max_gb"], relative["dtype"]) == (20.0, "float32")  # the defaults
+
+    off = cache_settings(_context_of(SWEEP_HEAD + "cache: {enabled: false, url: /nowhere}\n",
+                                     tmp_path, {}))
+    assert off["enabled"] is False and feature_cache(off, cfg) is None
+    assert cache_tags(off, None) == {"feature_cache": "off", "feature_cache_dtype": "none"}
+    default = cache_settings(_context_of(SWEEP_HEAD, tmp_path, {}))  # no cache: block
+    assert default == {"enabled": True, "url": None, "max_gb": 20.0, "dtype": "float32"}
+
+
+def test_cache_settings_are_validated_and_required():
     from pipeline.trainable import cache_settings
 
-    sweep = tmp_path / "s.yaml"
-    sweep.write_text("name: s\nexperiment: e\nfixed: {dataset: ToyShapes, arch: perl-tiny, "
-                     "pretrained: embedded}\ncache: {url: /somewhere, dtype: float16}\n")
-    from_file = cache_settings({"sweep_file": str(sweep)})
-    assert (from_file["url"], from_file["dtype"], from_file["enabled"]) == \
-        ("/somewhere", "float16", True)
-    given = cache_settings({"sweep_file": str(sweep), "feature_cache": {"enabled": False}})
-    assert given["enabled"] is False and given["url"] is None
-    assert cache_settings({"sweep_file": str(tmp_path / "gone.yaml")})["dtype"] == "float32"
     with pytest.raises(ValueError, match="dtype"):
         cache_settings({"feature_cache": {"dtype": "int8"}})
+    with pytest.raises(KeyError):  # every driver context carries them (pipeline.run)
+        cache_settings({"sweep_file": "s.yaml"})
 
 
 def test_feature_cache_is_built_once_per_process_and_skipped_for_random_init(tmp_path):
@@ -166,24 +212,6 @@ def test_feature_cache_is_built_once_per_process_and_skipped_for_random_init(tmp
     m = cache_metrics(b, before)
     assert (m["feature_cache/hits"], m["feature_cache/misses"]) == (1.0, 1.0)
     assert (m["feature_cache/image_hit"], m["feature_cache/image_miss"]) == (1.0, 1.0)
-
-
-def test_cache_block_read_from_the_sweep_file_alone(tmp_path, monkeypatch):
-    """The worker reads only `cache:` (the rest may name variables this node lacks)."""
-    from pipeline.trainable import cache_settings
-
-    monkeypatch.delenv("SURELY_NOT_SET_DATA", raising=False)
-    monkeypatch.setenv("PERL_TEST_CACHE_DIR", str(tmp_path / "fc"))
-    sweep = tmp_path / "s.yaml"
-    sweep.write_text("name: s\nexperiment: e\nfixed:\n  dataset: ToyShapes\n  data_root: "
-                     "${SURELY_NOT_SET_DATA}\ncache: {url: '${PERL_TEST_CACHE_DIR}', "
-                     "max_gb: 64}\n")
-    got = cache_settings({"sweep_file": str(sweep)})
-    assert (got["url"], got["max_gb"]) == (str(tmp_path / "fc"), 64.0)
-    relative = tmp_path / "r.yaml"
-    relative.write_text("name: r\nexperiment: e\ncache: {url: rel/dir, max_gb: 3}\n")
-    got = cache_settings({"sweep_file": str(relative)})
-    assert (got["url"], got["max_gb"]) == (None, 3.0)  # default location, the rest kept
 
 
 def test_an_unusable_cache_location_raises_in_feature_cache(tmp_path):
