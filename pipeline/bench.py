@@ -158,26 +158,25 @@ def analyse(rows: list[dict[str, Any]], t_start: float, t_end: float,
 
 def real_trial_from_bench(path: str | Path, *, classes: int, shots: int, batch: int,
                           epochs: int, eval_images: int) -> tuple[float, str]:
-    """(seconds, how) of one real-size trial from a `perl_core.bench --json` file."""
-    data = json.loads(Path(path).read_text())
-    steps_by_c = data.get("train_step_s_by_classes") or {}
-    step = steps_by_c.get(str(classes)) or steps_by_c.get(classes)
-    if step is None:
-        raise ValueError(f"{path}: train_step_s_by_classes has no entry for {classes} classes "
-                         f"(measured: {sorted(steps_by_c, key=int)}); pass --classes with one "
-                         f"of those")
-    rate = data.get("perl_eval_img_per_s_cached")
-    if eval_images and not rate:
-        raise ValueError(f"{path}: perl_eval_img_per_s_cached is missing")
+    """(seconds, how) of one real-size trial from a `perl_core.bench --json` file, read and
+    checked by `pipeline.estimate.load_bench` (as the dry run reads it): the cached train step
+    time measured at exactly `classes` classes and the cached PERL eval rate."""
+    from pipeline.estimate import EstimateError, load_bench
+
+    bench = load_bench(str(path))
+    if classes not in bench.steps:  # measured counts only: no interpolation for this figure
+        raise EstimateError(f"{path}: train_step_s_by_classes has no entry for {classes} "
+                            f"classes (measured: {[str(c) for c in sorted(bench.steps)]}); pass "
+                            f"--classes with one of those")
+    step = bench.step_s(classes, cached=True)
     n_steps = (classes * shots) // batch * epochs
-    train_s = n_steps * float(step["cached"])
-    eval_s = eval_images / float(rate) if eval_images else 0.0
-    how = (f"{path}: arch {data.get('arch')}, device {data.get('device')}: {n_steps} steps "
+    train_s = n_steps * step
+    eval_s = eval_images / bench.eval_cached
+    how = (f"{path}: arch {bench.arch}, device {bench.device}: {n_steps} steps "
            f"({classes} classes x {shots} shots / batch {batch} x {epochs} epoch) x "
-           f"{float(step['cached']):.4g} s + {eval_images} eval images / "
-           f"{float(rate or 0):.4g} img/s")
-    if "ViT-B-16" not in str(data.get("arch", "")):
-        how += f" (WARNING: arch {data.get('arch')!r} is not ViT-B/16)"
+           f"{step:.4g} s + {eval_images} eval images / {bench.eval_cached:.4g} img/s")
+    if "ViT-B-16" not in bench.arch:
+        how += f" (WARNING: arch {bench.arch!r} is not ViT-B/16)"
     return train_s + eval_s, how
 
 

@@ -107,7 +107,7 @@ def test_real_trial_from_a_perl_core_bench_file(tmp_path):
     path = tmp_path / "bench.json"
     path.write_text(json.dumps({
         "arch": "ViT-B-16-quickgelu", "device": "cuda",
-        "perl_eval_img_per_s_cached": 500.0,
+        "perl_eval_img_per_s_cached": 500.0, "perl_eval_img_per_s_uncached": 100.0,
         "train_step_s_by_classes": {"10": {"cached": 0.01, "uncached": 0.02},
                                     "100": {"cached": 0.05, "uncached": 0.5}}}))
     s, how = real_trial_from_bench(path, classes=100, shots=16, batch=4, epochs=1,
@@ -117,10 +117,20 @@ def test_real_trial_from_a_perl_core_bench_file(tmp_path):
     with pytest.raises(ValueError, match=r"no entry for 50 classes .*'10', '100'"):
         real_trial_from_bench(path, classes=50, shots=16, batch=4, epochs=1, eval_images=0)
     tiny = tmp_path / "tiny.json"
-    tiny.write_text(json.dumps({"arch": "perl-tiny", "train_step_s_by_classes": {
-        "10": {"cached": 0.1}}}))
+    tiny.write_text(json.dumps({"arch": "perl-tiny", "device": "cpu",
+                                "perl_eval_img_per_s_cached": 50.0,
+                                "perl_eval_img_per_s_uncached": 10.0,
+                                "train_step_s_by_classes": {"10": {"cached": 0.1,
+                                                                   "uncached": 0.2}}}))
     assert "not ViT-B/16" in real_trial_from_bench(tiny, classes=10, shots=16, batch=4,
                                                    epochs=1, eval_images=0)[1]
+    # the file is checked as the dry run checks it (pipeline.estimate.load_bench)
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({"arch": "perl-tiny", "train_step_s_by_classes": {
+        "10": {"cached": 0.1}}}))
+    with pytest.raises(ValueError, match="missing key"):
+        real_trial_from_bench(partial, classes=10, shots=16, batch=4, epochs=1, eval_images=0)
+    assert main(["--bench", str(partial)]) == 2
     assert main(["--bench", str(tmp_path / "nope.json")]) == 2
     assert main(["--trials", "3"]) == 2  # odd: refused before any work
 
