@@ -12,7 +12,9 @@ perl-tiny with the embedded weights on a small synthetic world (ToyShapes), cell
 N/2 data seeds. Every trial appends its phase times to `$PERL_TRIAL_TIMINGS` (see
 `pipeline.trainable`), so that after the sweep:
 
-- `fit_compute_s`: `fit`'s own `train_seconds + eval_seconds` (the work, not overhead);
+- `fit_compute_s`: `fit`'s own train + eval time in the trial, checkpoint I/O taken out (the
+  trainable's `fit_compute` phase; `train_seconds + eval_seconds` in older timing lines): the
+  work, not overhead;
 - per trial, in-trial overhead = its wall time (entry of `train_cell` to its last report) minus
   `fit_compute_s`; split into phases: `setup` (config, tracker), `mlflow_lookup` (is the hash
   already FINISHED?), `tags` (tags, cache settings), `mlflow_start` (child run + params),
@@ -117,7 +119,7 @@ def analyse(rows: list[dict[str, Any]], t_start: float, t_end: float,
     last_exit: dict[int, float] = {}
     steady, gaps, first_on_worker = [], [], 0
     for r in rows:
-        compute = r["train_seconds"] + r["eval_seconds"]
+        compute = r["phases"].get("fit_compute", r["train_seconds"] + r["eval_seconds"])
         r["fit_compute_s"] = compute
         r["in_trial_overhead_s"] = (r["exit_unix"] - r["entry_unix"]) - compute
         prev = last_exit.get(r["pid"])

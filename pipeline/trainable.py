@@ -29,8 +29,9 @@ and training views computed by one trial are read by the next ones on that node.
 `feature_cache/misses` and per kind (`feature_cache/image_hit`, ...) of this trial.
 
 Timing: every trial reports `timing/*` (seconds per phase: MLflow lookup, run creation, model,
-`fit` outside its train/eval time, record, MLflow logging) to Tune and, up to the record, to
-MLflow. With `$PERL_TRIAL_TIMINGS` set to a directory, each trial also appends its phase times
+`fit` split into compute / checkpoint I/O / other (`fit_phases`), record, MLflow logging) to Tune
+and, up to the record, to MLflow. The phases are of this attempt (a retried trial's earlier
+attempts are not in them), all >= 0, and add up to `timing/trial_wall_s`. With `$PERL_TRIAL_TIMINGS` set to a directory, each trial also appends its phase times
 and wall-clock entry/exit stamps there as one JSON line (`python -m pipeline.bench` reads them).
 
 Trial code imports Tune APIs from `ray.tune` only (never `ray.train`).
@@ -180,15 +181,38 @@ def cache_metrics(cache: Any, before: dict[str, int]) -> dict[str, float]:
 
 
 class TuneCheckpoint:
-    """`fit`'s checkpoint protocol (load/save) over Tune's checkpoints (uploaded to storage).
-    `resumed_step` is the optimizer step a retried trial resumed from (None: from scratch)."""
+    """`fit`'s checkpoint protocol (load/save) over Tune's checkpoints (uploaded to storage),
+    timing its storage I/O in this attempt for `fit_phases`. `resumed_step` is the optimizer step
+    a retried trial resumed from (None: from scratch)."""
 
     resumed_step: int | None = None
 
     def __init__(self) -> None:
-        self.seconds = 0.0  # spent saving (persisting to storage): overhead, outside fit's timers
+        self.seconds = 0.0  # loading + saving (storage I/O) in this attempt: overhead
+        self.resumed_train_s = 0.0  # train_seconds of the resumed state (the earlier attempts')
+        self.saves: list[tuple[float, float]] = []  # (seconds, the saved state's train_seconds)
 
     def load(self) -> dict | None:
+        t0 = time.perf_counter()
+        try:
+            state = self._fetch()
+        finally:
+            self.seconds += time.perf_counter() - t0
+        if state is not None:
+            self.resumed_step = int(state.get("position", {}).get("global_step", 0))
+            self.resumed_train_s = float(state.get("train_seconds", 0.0))
+            logger.warning("resuming from the Tune checkpoint at optimizer step %d",
+                           self.resumed_step)
+        return state
+
+    def save(self, state: dict) -> None:
+        t0 = time.perf_counter()
+        self._persist(state)
+        took = time.perf_counter() - t0
+        self.seconds += took
+        self.saves.append((took, float(state.get("train_seconds", 0.0))))
+
+    def _fetch(self) -> dict | None:
         from ray import tune
 
         from perl_core.checkpoint import DirCheckpoint
@@ -197,26 +221,35 @@ class TuneCheckpoint:
         if ckpt is None:
             return None
         with ckpt.as_directory() as d:
-            state = DirCheckpoint(d).load()
-        if state is not None:
-            self.resumed_step = int(state.get("position", {}).get("global_step", 0))
-            logger.warning("resuming from the Tune checkpoint at optimizer step %d",
-                           self.resumed_step)
-        return state
+            return DirCheckpoint(d).load()
 
-    def save(self, state: dict) -> None:
+    def _persist(self, state: dict) -> None:
         from ray import tune
 
         from perl_core.checkpoint import DirCheckpoint
 
-        t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="perl-ckpt-") as d:
             DirCheckpoint(d).save(state)
             pos = state.get("position", {})
             # report() persists the directory to the run's storage before returning
             tune.report({"checkpoint_step": float(pos.get("global_step", 0))},
                         checkpoint=tune.Checkpoint.from_directory(d))
-        self.seconds += time.perf_counter() - t0
+
+
+def fit_phases(fit_s: float, result: Any, ckpt: TuneCheckpoint) -> dict[str, float]:
+    """This attempt's `fit` wall time `fit_s` in three disjoint parts that add up to it:
+    `fit_compute` (this attempt's train + eval time without checkpoint I/O), `fit_checkpoint`
+    (loading and saving Tune checkpoints) and `fit_other` (the rest: data, optimizer, model.to).
+
+    `result.train_seconds` is not this attempt's: a resumed state carries the earlier attempts'
+    time (`ckpt.resumed_train_s`), and `fit`'s training timer runs through every checkpoint save
+    after which it is updated again (all but the last save of the attempt). Both are taken out."""
+    train = result.train_seconds - ckpt.resumed_train_s
+    in_train = sum(took for took, at in ckpt.saves if at < result.train_seconds)
+    compute = max(0.0, train - in_train) + result.eval_seconds
+    # nested, disjoint intervals of one perf_counter: below 0 only by float rounding
+    other = max(0.0, fit_s - compute - ckpt.seconds)
+    return {"fit_compute": compute, "fit_checkpoint": ckpt.seconds, "fit_other": other}
 
 
 def _injected_fault(dataset: str) -> int | None:
@@ -380,10 +413,7 @@ def train_cell(config: dict[str, Any], context: dict[str, Any] | None = None) ->
         result = fit(cfg, callbacks=[_progress_callback(name, cfg.dataset)], model=model,
                      checkpoint=ckpt, progress=False,
                      checkpoint_every=CHECKPOINT_EVERY, cache=cache)
-        fit_s = clock.lap("fit")
-        clock.laps["fit_compute"] = result.train_seconds + result.eval_seconds
-        clock.laps["fit_checkpoint"] = ckpt.seconds
-        clock.laps["fit_other"] = fit_s - clock.laps["fit_compute"] - ckpt.seconds
+        clock.laps.update(fit_phases(clock.lap("fit"), result, ckpt))
         del clock.laps["fit"]
         metrics = dict(result.metrics)  # val/* included: what the search phase selects on
         metrics.update(cache_metrics(cache, before))
@@ -502,5 +532,5 @@ class _Clock:
 
 
 __all__ = ["train_cell", "backbone", "clear_backbone", "build_model", "trial_config",
-           "trial_tags", "TuneCheckpoint", "cache_settings", "feature_cache", "cache_tags",
-           "cache_metrics", "cache_url", "TIMINGS_ENV"]
+           "trial_tags", "TuneCheckpoint", "fit_phases", "cache_settings", "feature_cache",
+           "cache_tags", "cache_metrics", "cache_url", "TIMINGS_ENV"]

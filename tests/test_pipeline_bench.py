@@ -234,3 +234,58 @@ def test_an_unusable_cache_location_raises_in_feature_cache(tmp_path):
     with pytest.raises(OSError):
         feature_cache({"enabled": True, "url": str(blocker / "cache"), "max_gb": 1.0,
                        "dtype": "float32"}, cfg)
+
+
+# --- the trainable's timing of fit ----------------------------------------------------------------
+
+
+def test_fit_phases_of_a_resumed_attempt_are_its_own_and_add_up(world, tiny_arch, one_thread):
+    """A retried trial resumes with the earlier attempt's train_seconds, and fit's training timer
+    runs through the checkpoint saves: neither may leak into this attempt's phases (fit_other
+    went negative). Checkpoints are kept in memory, each save made slow on purpose."""
+    import time
+
+    from perl_core.checkpoint import MemoryCheckpoint
+    from perl_core.train import Callback, build_model, fit
+    from pipeline.trainable import TuneCheckpoint, fit_phases
+
+    store = MemoryCheckpoint()
+
+    class Ckpt(TuneCheckpoint):  # Tune's storage replaced by memory
+        def _fetch(self):
+            return store.load()
+
+        def _persist(self, state):
+            time.sleep(0.05)
+            store.save(state)
+
+    class SlowThenStop(Callback):  # the first attempt: slow steps, then preempted at step 7
+        def on_step_end(self, step, logs):
+            time.sleep(0.25)
+            if step == 7:
+                raise KeyboardInterrupt
+
+    cfg = TrainConfig(dataset="ToyShapes", data_root=str(world), arch=tiny_arch, pretrained="",
+                      inject_layer=2, num_steps=2, shots=2, epochs=2, batch_size=4, lr=1e-3,
+                      device="cpu", eval_batch_size=64)
+    first = Ckpt()
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, callbacks=[SlowThenStop()], checkpoint=first, checkpoint_every=2, progress=False)
+    assert len(first.saves) == 4  # steps 2, 4, 5 (epoch end), 6
+
+    again, model = Ckpt(), build_model(cfg)  # a fresh model, as a new worker builds it
+    t0 = time.perf_counter()
+    result = fit(cfg, model=model, checkpoint=again, checkpoint_every=2, progress=False)
+    fit_s = time.perf_counter() - t0
+    # the step-6 state holds the earlier attempt's time: 5 slow steps (1.25 s) and 3 saves
+    assert again.resumed_step == 6 and again.resumed_train_s >= 1.25 + 3 * 0.05
+    # steps 8 (in the training timer) and 10 (epoch end, the last: after the timer stopped)
+    assert [at < result.train_seconds for _, at in again.saves] == [True, False]
+    old_other = fit_s - (result.train_seconds + result.eval_seconds) - again.seconds
+    assert old_other < 0  # what the trainable reported before
+    phases = fit_phases(fit_s, result, again)
+    assert all(v >= 0 for v in phases.values()), phases
+    assert sum(phases.values()) == pytest.approx(fit_s, abs=1e-9)
+    assert phases["fit_checkpoint"] >= 0.1  # two slow saves (and the load)
+    assert phases["fit_compute"] < result.train_seconds - again.resumed_train_s \
+        + result.eval_seconds  # the save in the timer is not compute
