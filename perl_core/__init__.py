@@ -1,4 +1,7 @@
-"""perl_core: PERL (Parameter Efficient Reasoning in CLIP Latent Space) on open_clip. Pure PyTorch."""
+"""perl_core: PERL (Parameter Efficient Reasoning in CLIP Latent Space) on open_clip.
+
+Pure PyTorch.
+"""
 
 from perl_core.config import TrainConfig
 from perl_core.factory import build_perl, build_perl_from_config

@@ -45,7 +45,8 @@ def check_clip(clip: nn.Module) -> None:
             f"pool_type={visual.pool_type!r}, final_ln_after_pool={visual.final_ln_after_pool}, "
             f"attn_pool={visual.attn_pool is not None}")
     if clip.text_pool_type != "argmax":
-        raise ValueError(f"PERL reads the text EOS via argmax; text_pool_type={clip.text_pool_type!r}")
+        raise ValueError(f"PERL reads the text EOS via argmax; "
+                         f"text_pool_type={clip.text_pool_type!r}")
     if clip.attn_mask is None:
         raise ValueError("PERL's text path needs a causal text tower; this CLIP has no attn_mask")
 

@@ -11,10 +11,10 @@ R = blocks[J:] is re-run K+1 times, with gradient flowing through the frozen blo
 lower blocks run once, without gradient (`image_prefix` / `text_prefix`, the seam the feature
 cache uses; `text_prefix` cuts the prompts after the batch's last EOS, as the causal text tower
 never carries the later positions to an EOS readout, so the text side costs O(prompt length),
-not O(context length); `image_zero_shot_state` / `text_zero_shot_state` give h(0), which the `*_from_prefix`
-methods accept back as `h0=` so a cached h(0) skips the zero-shot pass). Pool always reads the
-original CLS/EOS row, never a thought token. The mechanics of each tower (embedding, mask,
-insertion index, readout) live in `backbone.py`.
+not O(context length); `image_zero_shot_state` / `text_zero_shot_state` give h(0), which the
+`*_from_prefix` methods accept back as `h0=` so a cached h(0) skips the zero-shot pass). Pool
+always reads the original CLS/EOS row, never a thought token. The mechanics of each tower
+(embedding, mask, insertion index, readout) live in `backbone.py`.
 
 Variants (Table 4) are parameters of this one model, resolved once in the constructor into a
 `LoopSpec(depths, layer_specific, step_specific)`; the forward pass indexes projectors by

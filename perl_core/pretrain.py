@@ -1,10 +1,12 @@
-"""Pretrain the embedded tiny CLIP (`perl-tiny`) contrastively on captioned images of the synthetic world.
+"""Pretrain the embedded tiny CLIP (`perl-tiny`) contrastively on captioned images of the
+synthetic world.
 
 Why: no CLIP weights can be downloaded in CI or on a laptop, and random weights give chance
 accuracy, which hides bugs. This command makes a small CLIP whose zero-shot accuracy on the toy
 benchmarks (`perl_core.data.synthetic`) is far above chance, including on their novel classes.
 
-    python -m perl_core.pretrain --world-root runs/world --out perl_core/assets/perl-tiny.safetensors
+    python -m perl_core.pretrain --world-root runs/world \
+        --out perl_core/assets/perl-tiny.safetensors
     python -m perl_core.pretrain --eval-only --world-root runs/world      # zero-shot table
 
 Data: a pool of images rendered by the world's own renderer under a *separate* key (seed and the
@@ -268,7 +270,9 @@ def _image_features(model, x: torch.Tensor, batch_size: int = 256) -> torch.Tens
 
 
 def _acc(img_f, txt_f, y) -> float:
-    return 100.0 * float(((img_f @ txt_f.T).argmax(1) == y).float().mean()) if len(y) else float("nan")
+    if not len(y):
+        return float("nan")
+    return 100.0 * float(((img_f @ txt_f.T).argmax(1) == y).float().mean())
 
 
 @torch.no_grad()

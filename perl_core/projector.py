@@ -22,7 +22,8 @@ class ThoughtProjector(nn.Module):
     def __init__(self, width: int, rank: int = 1):
         super().__init__()
         if width < 1 or rank < 1:
-            raise ValueError(f"ThoughtProjector needs width >= 1 and rank >= 1, got {width=}, {rank=}")
+            raise ValueError(f"ThoughtProjector needs width >= 1 and rank >= 1, "
+                             f"got {width=}, {rank=}")
         self.width, self.rank = width, rank
         self.ln = nn.LayerNorm(width)
         self.fc1 = nn.Linear(width, rank)

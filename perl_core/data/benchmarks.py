@@ -61,7 +61,8 @@ def _variant(canonical: str, dataset_dir: str, image_dir: str, num_classes: int,
 
 BENCHMARKS: tuple[DatasetSpec, ...] = (
     DatasetSpec(name="ImageNet", dataset_dir="imagenet", image_dir="images",
-                template=_t("ImageNet"), loader="imagenet", aliases=("imagenet", "in1k", "imagenet1k"), num_classes=1000),
+                template=_t("ImageNet"), loader="imagenet",
+                aliases=("imagenet", "in1k", "imagenet1k"), num_classes=1000),
     _split("Caltech101", "caltech-101", "101_ObjectCategories", 100, ("caltech",)),
     _split("OxfordPets", "oxford_pets", "images", 37, ("pets",)),
     _split("StanfordCars", "stanford_cars", "", 196, ("cars",)),

@@ -1,7 +1,8 @@
 """Benchmark registry: one DatasetSpec per dataset, looked up by name (case-insensitive, aliases).
 
 The 15 real benchmarks are registered in `perl_core.data.benchmarks`; the synthetic world of the
-embedded default in `perl_core.data.synthetic`. Adding a dataset is one `register(DatasetSpec(...))`.
+embedded default in `perl_core.data.synthetic`. Adding a dataset is one
+`register(DatasetSpec(...))`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The synthetic world: small CoOp-format benchmarks generated on disk in seconds, for the embedded default.
+"""The synthetic world: small CoOp-format benchmarks generated on disk in seconds, for the
+embedded default.
 
 No CLIP weights or benchmark datasets can be downloaded in CI or on a laptop, yet the pipeline must
 run end to end with numbers that can move. This module draws a small world of coloured shapes,
@@ -15,15 +16,18 @@ them is possible but not free.
 
 Benchmarks (per class: 20 train / 6 val / 24 test images, 48 x 48 RGB PNG):
 
-| name | role | classes | words |
-|---|---|---|---|
-| ToyShapes | base2novel | 20 (10/10) | colour {red, green, blue, yellow} x shape {circle, square, triangle, star, heart} |
-| ToyPatterns | base2novel | 20 (10/10) | pattern {stripes, dots, checks, waves} x colour {red, green, blue, yellow, purple} |
-| ToyCounts | base2novel | 15 (8/7) | count {two, three, four} x shape (plural) {circles, squares, triangles, stars, hearts} |
-| ToyWorld | source (ImageNet's role) | 42 (21/21) | colour {red, green, blue, yellow, orange, purple} x shape {+ cross, moon} |
-| ToyWorldV2 | test only, source ToyWorld | 42 | same renderer, fresh images (ImageNet-V2's role) |
-| ToyWorldSketch | test only, source ToyWorld | 42 | outlines on paper (ImageNet-Sketch's role) |
-| ToyWorldClutter | test only, source ToyWorld | 42 | smaller objects, heavy clutter and noise (ImageNet-A's role) |
+- ToyShapes (base2novel, 20 classes: 10 base / 10 novel): colour {red, green, blue, yellow} x
+  shape {circle, square, triangle, star, heart}.
+- ToyPatterns (base2novel, 20: 10/10): pattern {stripes, dots, checks, waves} x colour {red,
+  green, blue, yellow, purple}.
+- ToyCounts (base2novel, 15: 8/7): count {two, three, four} x shape, plural {circles, squares,
+  triangles, stars, hearts}.
+- ToyWorld (source, ImageNet's role; 42: 21/21): colour {red, green, blue, yellow, orange,
+  purple} x shape {the five above, cross, moon}.
+- ToyWorldV2 (test only, source ToyWorld; 42): same renderer, fresh images (ImageNet-V2's role).
+- ToyWorldSketch (test only, source ToyWorld; 42): outlines on paper (ImageNet-Sketch's role).
+- ToyWorldClutter (test only, source ToyWorld; 42): smaller objects, heavy clutter and noise
+  (ImageNet-A's role).
 
 Determinism: every image draws from its own `numpy` generator keyed by (seed, dataset, split,
 label, index), so the same seed writes identical images and byte-identical split files whatever
@@ -179,7 +183,8 @@ _BY_NAME = {d.name: d for d in DATASETS}
 
 
 def toy_dataset(name: str) -> ToyDataset:
-    """The generation recipe of a synthetic dataset (case, "-" and "_" ignored, as in the registry)."""
+    """The generation recipe of a synthetic dataset (case, "-" and "_" ignored, as in the
+    registry)."""
     key = name.lower().replace("-", "").replace("_", "")
     for d in DATASETS:
         if d.name.lower() == key:
@@ -335,7 +340,8 @@ def _texture_mask(pattern: str, rng: np.random.Generator, size: int) -> np.ndarr
     raise ValueError(f"unknown pattern {pattern!r}; known: {PATTERNS}")
 
 
-def _place(rng: np.random.Generator, radii: Sequence[float], size: int) -> list[tuple[float, float]]:
+def _place(rng: np.random.Generator, radii: Sequence[float],
+           size: int) -> list[tuple[float, float]]:
     """Non-overlapping centres (rejection sampling; deterministic for a given rng)."""
     for _ in range(200):
         centres: list[tuple[float, float]] = []
@@ -352,7 +358,8 @@ def _place(rng: np.random.Generator, radii: Sequence[float], size: int) -> list[
     raise RuntimeError(f"could not place {len(radii)} shapes of radii {radii} in {size} px")
 
 
-def render_scene(scene: Scene, rng: np.random.Generator, image_size: int = IMAGE_SIZE) -> Image.Image:
+def render_scene(scene: Scene, rng: np.random.Generator,
+                 image_size: int = IMAGE_SIZE) -> Image.Image:
     """Draw one random instance of `scene` (an RGB PIL image of image_size x image_size)."""
     S = image_size * _SUPER
     style = scene.style
