@@ -127,7 +127,8 @@ def search_all_runs(client, experiment_ids: list[str], filter_string: str = "") 
 
 
 def select_experiments(client, names: list[str] | None) -> dict[str, str]:
-    """{experiment_id: name}: the named ones (error if absent), else all with `sweep`-tagged runs."""
+    """{experiment_id: name}: the named ones (error if absent), else all with `sweep`-tagged
+    runs."""
     if names:
         out = {}
         for name in names:
@@ -529,8 +530,8 @@ def differing_settings(view: SweepView) -> list[str]:
         if f in view.axis or f not in view.constants:
             continue
         v, d = view.constants[f], getattr(_DEFAULTS, f)
-        if v is not None and not (v == d or (isinstance(d, (int, float)) and isinstance(v, (int, float))
-                                             and float(v) == float(d))):
+        numeric = isinstance(d, (int, float)) and isinstance(v, (int, float))
+        if v is not None and not (v == d or (numeric and float(v) == float(d))):
             out.append(f"{f}={fmt_value(v)}")
     return out
 
@@ -585,7 +586,8 @@ def _b2n_cells(pool: Pool, keys: list[Key], with_cos: bool = False) -> dict[str,
                  "novel": cell_over_datasets(pool, keys, metric("novel/acc")),
                  "hm": cell_over_datasets(pool, keys, seed_hm)}
         if with_cos:
-            cells.update({"base_anchor_cos": cell_over_datasets(pool, keys, metric("base/anchor_cos")),
+            cells.update({"base_anchor_cos": cell_over_datasets(pool, keys,
+                                                                metric("base/anchor_cos")),
                           "novel_anchor_cos": cell_over_datasets(pool, keys,
                                                                  metric("novel/anchor_cos"))})
     cells["hm_coop"] = hm_of_cells(cells["base"], cells["novel"])
@@ -803,8 +805,8 @@ def table_transfer(pool: Pool, view: SweepView) -> Table:
         ("table8_domain_generalization", "T8")
     paper_targets = ref.XD_TARGETS if xd else ref.DG_TARGETS
     t = Table(name=f"{table_id}__{view.sweep}",
-              title=f"{'Table 2 — cross-dataset transfer' if xd else 'Table 8 — domain generalisation'}"
-                    f" (sweep `{view.sweep}`)",
+              title=("Table 2 — cross-dataset transfer" if xd
+                     else "Table 8 — domain generalisation") + f" (sweep `{view.sweep}`)",
               index=("evaluated on",), columns=[], sweep=view.sweep,
               paper_ref=f"PERL row of Table {paper_t[1:]}", plot="bars", x_label="evaluated on")
     # one column per trained model (a source dataset and, if the sweep varies any, its settings)
@@ -840,7 +842,8 @@ def table_transfer(pool: Pool, view: SweepView) -> Table:
         mine = list(targets)
         for tgt in mine:
             c = cell_over_seeds(pool, k, metric(f"{tgt}/acc"))
-            attach_paper(c, paper_t, "PERL", ref.paper_dataset(tgt) if is_paper_src else None, "acc")
+            attach_paper(c, paper_t, "PERL", ref.paper_dataset(tgt) if is_paper_src else None,
+                         "acc")
             row(tgt).cells[f"m{i}"] = c
 
         def target_avg(r: SeedRun, _targets=tuple(mine)) -> float | None:
@@ -854,7 +857,8 @@ def table_transfer(pool: Pool, view: SweepView) -> Table:
         if is_paper_src:
             got = {ref.paper_dataset(x) for x in mine if seed_values(pool, k, metric(f"{x}/acc"))}
             why = "" if got == set(paper_targets) else (
-                f"not compared: ours averages {len(got)} target(s), the paper's {len(paper_targets)}")
+                f"not compared: ours averages {len(got)} target(s), "
+                f"the paper's {len(paper_targets)}")
             attach_paper(c, paper_t, "PERL", "target_average", "acc", why)
         row("Target Avg", "average").cells[f"m{i}"] = c
     t.rows = list(rows.values())

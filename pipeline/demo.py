@@ -31,7 +31,8 @@ def _run(args: list[str], env: dict[str, str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m pipeline.demo",
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", default="sweeps/smoke.yaml")
     ap.add_argument("--runs-dir", default="runs", help="where the world, MLflow DB and outputs go")
     args = ap.parse_args(argv)
@@ -60,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     _run(["-m", "pipeline.run", args.sweep], env)
 
     _step("3/3 aggregate: tables, plots, report")
-    _run(["-m", "pipeline.aggregate", "--tracking-uri", env["MLFLOW_TRACKING_URI"], "--out", str(out)],
-         env)
+    _run(["-m", "pipeline.aggregate", "--tracking-uri", env["MLFLOW_TRACKING_URI"],
+          "--out", str(out)], env)
 
     print(f"\nDemo finished in {time.time() - t0:.0f} s.")
     print(f"  report:  {out / 'report.html'}")

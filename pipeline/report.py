@@ -119,9 +119,9 @@ def table_html(t: Table, agg: "Aggregate", base: str | None, out: Path) -> str:
             cell = r.cells.get(c.key, Cell())
             cls = {"ok": "", "failed": "failed", "missing": "missing"}[cell.status]
             tip = "; ".join(x for x in (cell.note, f"n={cell.n}" if cell.n else "") if x)
+            note = f"<br><span class=small>{esc(cell.note)}</span>" if cell.note else ""
             tds.append(f'<td class="{cls}" title="{esc(tip)}">'
-                       f"{esc(fmt_ours(cell, c.decimals, exp_n))}"
-                       f"{'<br><span class=small>' + esc(cell.note) + '</span>' if cell.note else ''}"
+                       f"{esc(fmt_ours(cell, c.decimals, exp_n))}{note}"
                        f"{'' if shared else _runs_html(cell, agg, base)}</td>")
             if t.has_paper(c.key):
                 ptip = esc(cell.paper_note)

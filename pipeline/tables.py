@@ -181,9 +181,9 @@ def body_cells(t: Table, r: Row) -> list[str]:
 def footnotes(t: Table) -> list[str]:
     notes = list(t.notes)
     if t.any_paper:
-        notes.append(f"Paper columns: the numbers printed in the paper ({t.paper_ref or 'see reference'}"
-                     "), reference only; Δ = ours − paper; `~` = read off a figure (±0.3); "
-                     "`n/c` = not compared (see notes).")
+        notes.append("Paper columns: the numbers printed in the paper "
+                     f"({t.paper_ref or 'see reference'}), reference only; Δ = ours − paper; "
+                     "`~` = read off a figure (±0.3); `n/c` = not compared (see notes).")
     notes.append("Ours: mean ± sample std over seeds; `(n=k)` fewer seeds than the table's "
                  "maximum; `FAILED (k)`: every run of the cell failed; `—`: not run.")
     return notes

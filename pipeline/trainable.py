@@ -31,8 +31,9 @@ and training views computed by one trial are read by the next ones on that node.
 Timing: every trial reports `timing/*` (seconds per phase: MLflow lookup, run creation, model,
 `fit` split into compute / checkpoint I/O / other (`fit_phases`), record, MLflow logging) to Tune
 and, up to the record, to MLflow. The phases are of this attempt (a retried trial's earlier
-attempts are not in them), all >= 0, and add up to `timing/trial_wall_s`. With `$PERL_TRIAL_TIMINGS` set to a directory, each trial also appends its phase times
-and wall-clock entry/exit stamps there as one JSON line (`python -m pipeline.bench` reads them).
+attempts are not in them), all >= 0, and add up to `timing/trial_wall_s`. With
+`$PERL_TRIAL_TIMINGS` set to a directory, each trial also appends its phase times and wall-clock
+entry/exit stamps there as one JSON line (`python -m pipeline.bench` reads them).
 
 Trial code imports Tune APIs from `ray.tune` only (never `ray.train`).
 """

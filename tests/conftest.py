@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny open_clip CLIP (4 layers, vision width 64, text width 32) for fast CPU tests.
+"""Shared fixtures: a tiny open_clip CLIP (4 layers, vision width 64, text width 32) for fast CPU
+tests.
 
 - `tiny_clip_cfg`: the open_clip model config dict (a fresh copy), for `build_perl(model_cfg=...)`.
 - `tiny_arch`: the same config registered with open_clip under the arch name "perl-test-tiny", for

@@ -85,7 +85,8 @@ def test_projector_shape_and_count():
     phi = ThoughtProjector(768)
     assert sum(p.numel() for p in phi.parameters()) == 5 * 768 + 1
     assert phi(torch.randn(4, 768)).shape == (4, 768)
-    assert sum(p.numel() for p in ThoughtProjector(64, rank=3).parameters()) == 3 * 64 + 2 * 64 * 3 + 3
+    low_rank = ThoughtProjector(64, rank=3)
+    assert sum(p.numel() for p in low_rank.parameters()) == 3 * 64 + 2 * 64 * 3 + 3
 
 
 def test_vitb16_counts_per_variant_and_modality():
@@ -144,7 +145,8 @@ def test_matches_reference_recurrence(make_tiny_perl, images, tokens, placement)
         assert _fp32_close(model.encode_image(images), ref_v)
         assert _fp32_close(model.encode_text(tokens), ref_t)
         # and the readout is not at a thought token or at the wrong row
-        assert not _fp32_close(model.encode_image(images), model.encode_image(images, steps=0), 1e-3)
+        assert not _fp32_close(model.encode_image(images), model.encode_image(images, steps=0),
+                               1e-3)
 
 
 def test_steps_change_output_and_all_steps_match(make_tiny_perl, images, tokens):
@@ -184,7 +186,8 @@ def test_text_causality_with_thought_tokens(make_tiny_perl, tokens, placement):
 
 
 def test_text_placement_matters_vision_unaffected(make_tiny_perl, images, tokens):
-    after, front = make_tiny_perl(text_placement="after_bos"), make_tiny_perl(text_placement="front")
+    after = make_tiny_perl(text_placement="after_bos")
+    front = make_tiny_perl(text_placement="front")
     with torch.no_grad():
         assert _fp32_close(after.encode_text(tokens, 0), front.encode_text(tokens, 0))
         assert (after.encode_text(tokens) - front.encode_text(tokens)).abs().max() > 1e-4
@@ -197,7 +200,8 @@ def test_logits(make_tiny_perl, images, tokens):
     logits = model.logits(v, t)
     expected = model.clip.logit_scale.exp() * F.normalize(v, dim=-1) @ F.normalize(t, dim=-1).T
     assert logits.shape == (3, 3) and _fp32_close(logits, expected)
-    per_step = model.logits(model.encode_image_all_steps(images), model.encode_text_all_steps(tokens))
+    per_step = model.logits(model.encode_image_all_steps(images),
+                            model.encode_text_all_steps(tokens))
     assert per_step.shape == (3, 3, 3) and _fp32_close(per_step[-1], logits, 1e-5)
 
 
@@ -306,7 +310,8 @@ def test_single_depth_multidepth_reduces_to_perl(make_tiny_perl, images, tokens)
 
 
 def test_multidepth_resets_thoughts_at_deeper_depths(make_tiny_perl, images):
-    """layer variant at (1, 2): the depth-2 projector matters (its tokens overwrite the thoughts)."""
+    """layer variant at (1, 2): the depth-2 projector matters (its tokens overwrite the
+    thoughts)."""
     model = make_tiny_perl(variant="layer", inject_layers=(1, 2))
     with torch.no_grad():
         before = model.encode_image(images)
@@ -375,7 +380,8 @@ def test_unsupported_architectures_refused(tiny_clip_cfg):
 
 # ---- checkpoints and the factory --------------------------------------------------------------
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
-def test_local_checkpoint_roundtrip(make_tiny_perl, tiny_clip_cfg, tmp_path, images, tokens, suffix):
+def test_local_checkpoint_roundtrip(make_tiny_perl, tiny_clip_cfg, tmp_path, images, tokens,
+                                    suffix):
     src = make_tiny_perl(seed=3)
     path = tmp_path / f"tiny{suffix}"
     sd = {k: v.contiguous() for k, v in src.clip.state_dict().items()}
@@ -413,7 +419,8 @@ def test_quickgelu_guard(make_tiny_perl, tiny_clip_cfg, tmp_path):
         build_perl("ViT-B-16", pretrained="openai")
     gelu = {**tiny_clip_cfg, "quick_gelu": False}
     path = tmp_path / "gelu.safetensors"
-    save_file({k: v.contiguous() for k, v in open_clip.CLIP(**gelu).state_dict().items()}, str(path))
+    sd = open_clip.CLIP(**gelu).state_dict()
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     with pytest.warns(UserWarning, match="QuickGELU"):
         model = build_perl(model_cfg=gelu, pretrained=str(path), inject_layer=1)
     assert not uses_quick_gelu(model.clip)

@@ -155,7 +155,8 @@ def test_screenshot_shows_the_report(report):
         colours = {c for _, c in im.convert("RGB").getcolors(maxcolors=s.width * s.height)}
     # the report's CSS was applied: table header grey, Δ-worse red, Δ-better green
     # (Caltech101 base is below the paper, DTD base above it)
-    for name, rgb in (("th background", (0xF3, 0xF3, 0xF3)), ("bad/failed cell", (0xFB, 0xE0, 0xE0)),
+    for name, rgb in (("th background", (0xF3, 0xF3, 0xF3)),
+                      ("bad/failed cell", (0xFB, 0xE0, 0xE0)),
                       ("good cell", (0xDF, 0xF5, 0xDF))):
         assert rgb in colours, f"{name} colour {rgb} not in the screenshot"
 

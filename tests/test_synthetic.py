@@ -66,7 +66,8 @@ def test_force_and_changed_request_regenerate(tmp_path):
     stale = tmp_path / "toy_counts" / "images" / "stale.png"
     stale.write_bytes(b"x")
     assert not syn.generate_world(tmp_path, datasets=["ToyCounts"], sizes=SMALL)["generated"]
-    assert syn.generate_world(tmp_path, datasets=["ToyCounts"], sizes=SMALL, force=True)["generated"]
+    assert syn.generate_world(tmp_path, datasets=["ToyCounts"], sizes=SMALL,
+                              force=True)["generated"]
     assert not stale.exists()  # the dataset folder is rewritten, not patched
     m2 = syn.generate_world(tmp_path, seed=3, datasets=["ToyCounts"], sizes=SMALL)
     assert m2["generated"] and m2["seed"] == 3 and m1["seed"] == 0
@@ -82,7 +83,8 @@ def test_split_structure(world):
         img_root = syn.split_path(root, d.name).parent / syn.IMAGE_DIR
         for s, items in split.items():
             for rel, label, cname in items:
-                assert isinstance(rel, str) and isinstance(label, int) and not Path(rel).is_absolute()
+                assert isinstance(rel, str) and isinstance(label, int)
+                assert not Path(rel).is_absolute()
                 assert names[label] == cname
             if items:  # CoOp's files are not sorted by label
                 labels = [it[1] for it in items]

@@ -1,4 +1,5 @@
-"""The embedded tiny CLIP: config shape, committed weights, zero-shot far above chance, pretraining data."""
+"""The embedded tiny CLIP: config shape, committed weights, zero-shot far above chance,
+pretraining data."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ CONFIG_DIR = Path(P.__file__).resolve().parent / "model_configs"
 WEIGHTS = Path(P.__file__).resolve().parent / "assets" / "perl-tiny.safetensors"
 # Measured on the committed weights (MODEL_CARD.md) with 8 test images per class of the seed-0
 # world; the floors leave a wide margin for other torch builds and BLAS summation orders.
-FLOOR = {"ToyShapes": 4.0, "ToyPatterns": 4.0, "ToyCounts": 2.5}  # x chance, base and novel (measured novel 7.2, 7.0, 4.1)
+# x chance, base and novel (measured novel 7.2, 7.0, 4.1)
+FLOOR = {"ToyShapes": 4.0, "ToyPatterns": 4.0, "ToyCounts": 2.5}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,8 @@ def test_weights_load_and_metadata(model):
         meta = f.metadata()
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
     assert meta["arch"] == "perl-tiny" and meta["dtype"] == "float16"
-    assert json.loads(meta["model_config"]) == json.loads((CONFIG_DIR / "perl-tiny.json").read_text())
+    config = json.loads((CONFIG_DIR / "perl-tiny.json").read_text())
+    assert json.loads(meta["model_config"]) == config
     assert int(meta["steps"]) > 0 and "zero_shot" in meta and "held_out" in meta
     # stored fp16, loaded into the fp32 model
     assert all(p.dtype == torch.float32 for p in model.parameters())
@@ -131,7 +134,8 @@ def test_caption_truth_and_loss():
 def test_pretrain_command_smoke(tmp_path):
     out = tmp_path / "w.safetensors"
     world = tmp_path / "world"
-    syn.generate_world(world, datasets=list(syn.BASE2NOVEL), sizes={"train": 0, "val": 0, "test": 1})
+    syn.generate_world(world, datasets=list(syn.BASE2NOVEL),
+                       sizes={"train": 0, "val": 0, "test": 1})
     model, info = P.pretrain(steps=2, batch_size=8, seed=0, pool_size=32, lr=1e-3,
                              weight_decay=0.1, warmup=1, world_root=None, eval_every=0,
                              max_minutes=None, log=lambda m: None)

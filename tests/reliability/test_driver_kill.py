@@ -19,8 +19,8 @@ def test_driver_sigkill_then_rerun_finishes_each_cell_once(tmp_path, world, weig
     y = sweep_yaml(tmp_path / "rel.yaml", world=world, weights=weights, storage=tmp_path / "runs",
                    tracking=f"sqlite:///{db}", steps=(1, 2, 3))
     log = tmp_path / "run1.log"
-    # --ignore-code-version: the shared working tree may be edited between the two submissions, which
-    # changes the code fingerprint (a deliberate re-train); this test is about resume only
+    # --ignore-code-version: the shared working tree may be edited between the two submissions,
+    # which changes the code fingerprint (a deliberate re-train); this test is about resume only
     # a pause after each optimizer step: the kill lands mid-trial, not between two trials
     slow = {"PERL_TEST_STEP_DELAY_S": "0.3"}
     p = start_cli([str(y), "--ignore-code-version"], log, env=slow)

@@ -29,7 +29,8 @@ def test_nan_loss_cell_is_failed_others_finish(tmp_path, world, weights):
     runs = child_runs(db)
     failed = [r for r in runs if r["status"] == "FAILED"]
     finished = [r for r in runs if r["status"] == "FINISHED"]
-    assert len(finished) == 2 and len(failed) == 2, [(r["status"], r["tags"].get("status_detail")) for r in runs]
+    assert len(finished) == 2 and len(failed) == 2, [
+        (r["status"], r["tags"].get("status_detail")) for r in runs]
     for r in failed:
         assert "non-finite" in r["tags"].get("status_detail", ""), r["tags"]
     agg = subprocess.run([sys.executable, "-m", "pipeline.aggregate", "--experiment", "rel/nan",
