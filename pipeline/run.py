@@ -21,8 +21,9 @@
 6. A summary (finished / skipped / failed with reasons, where the runs are, the `mlflow ui`
    command). The exit code is 1 when a cell failed, 2 for an invalid sweep file or a tracking
    store that cannot be reached at the start, 3 when every cell finished but MLflow went away
-   during the sweep: the results are safe in the storage records and the next run of the sweep
-   (or `--replay`) logs them.
+   during the sweep (or during the start-up replay / a `--replay`, which then stops with a message
+   saying how many records it logged): the results are safe in the storage records and the next
+   run of the sweep (or `--replay`) logs them.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ class Outcome:
     killed: int = 0
     unlogged: list[str] = field(default_factory=list)  # finished, MLflow unreachable: record only
     tracking_error: str = ""  # set when the final replay could not reach MLflow
+    storage_error: str = ""  # set when Tune or the final replay could not use the storage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,25 +147,40 @@ def main(argv: list[str] | None = None) -> int:
         "code_dirty": code.dirty, "code_version": code.fingerprint,
         "num_cells": str(len(grid)), **versions()})
     status, beat = "FAILED", _Heartbeat(tracker, parent)
+    lost = ""  # set when MLflow went away before any trial: the parent run is left to the next
     beat.start()
     try:
-        out.killed = len(tracker.kill_orphans(exp_id, spec.name, own_parent=parent))
-        incomplete: list[str] = []
-        out.replayed = len(tracking.replay(tracker, spec.storage, spec.experiment,
-                                           parent_run_id=parent, experiment_id=exp_id,
-                                           skipped=incomplete))
-        for why in incomplete:  # never logged as a result
-            say(f"warning: incomplete trial record skipped: {why}")
-        if out.killed or out.replayed:
-            say(f"recovered: {out.killed} orphaned RUNNING run(s) marked KILLED, "
-                f"{out.replayed} stored trial record(s) replayed into MLflow")
-        if args.replay:
-            status = "FINISHED"
-            say(f"replay done: {out.replayed} record(s) from "
-                f"{tracking.records_dir(spec.storage, spec.experiment)}")
-            return 0
-        finished = {} if args.rerun else tracker.finished_by_hash(exp_id, phase="final",
-                                                                  code_version=match_code)
+        try:
+            out.killed = len(tracker.kill_orphans(exp_id, spec.name, own_parent=parent))
+            incomplete: list[str] = []
+            out.replayed = len(tracking.replay(tracker, spec.storage, spec.experiment,
+                                               parent_run_id=parent, experiment_id=exp_id,
+                                               skipped=incomplete))
+            for why in incomplete:  # never logged as a result
+                say(f"warning: incomplete trial record skipped: {why}")
+            if out.killed or out.replayed:
+                say(f"recovered: {out.killed} orphaned RUNNING run(s) marked KILLED, "
+                    f"{out.replayed} stored trial record(s) replayed into MLflow")
+            if args.replay:
+                status = "FINISHED"
+                say(f"replay done: {out.replayed} record(s) from "
+                    f"{tracking.records_dir(spec.storage, spec.experiment)}")
+                return 0
+            finished = {} if args.rerun else tracker.finished_by_hash(exp_id, phase="final",
+                                                                      code_version=match_code)
+        except tracking.TrackingUnavailable as e:  # from replay: says how far it got
+            lost = str(e)
+        except _mlflow_errors() as e:  # orphans / lookup (replay: as it raises)
+            lost = (f"MLflow tracking at {tracking.redact_uri(uri)} stopped answering "
+                    f"({type(e).__name__}: {tracking._short_error(e)})")
+        if lost:
+            say(f"{spec.source}: {lost}")
+            say(f"MLFLOW UNREACHABLE: stopped before running any cell; nothing is lost (trial "
+                f"records stay in {tracking.records_dir(spec.storage, spec.experiment)}). Once "
+                f"the server is back, run `python -m pipeline.run {spec.source}"
+                f"{' --replay' if args.replay else ''}` again; it marks this submission's "
+                f"parent run (left RUNNING) KILLED.")
+            return 3
         todo = [c for c in grid if c.config_hash not in finished]
         out.done_before = [c for c in grid if c.config_hash in finished]
         say(f"sweep {spec.name}: {len(grid)} cells, {len(out.done_before)} already FINISHED, "
@@ -189,23 +206,37 @@ def main(argv: list[str] | None = None) -> int:
             out.replayed += len(tracking.replay(tracker, spec.storage, spec.experiment,
                                                 parent_run_id=parent, experiment_id=exp_id))
             out.unlogged = []
-        except Exception as e:
+        except (tracking.TrackingUnavailable, *_mlflow_errors()) as e:
             out.tracking_error = f"{type(e).__name__}: {tracking._short_error(e)}"
-        status = "FINISHED" if not out.failed else "FAILED"
+        except Exception as e:  # the records could not be read: the storage, not MLflow
+            out.storage_error = out.storage_error or (
+                f"cannot read the trial records in "
+                f"{tracking.records_dir(spec.storage, spec.experiment)} "
+                f"({type(e).__name__}: {tracking._short_error(e)})")
+        status = "FINISHED" if not (out.failed or out.storage_error) else "FAILED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
         beat.stop()
-        try:
-            tracker.set_tags(parent, {"num_finished": str(len(out.finished)),
-                                      "num_failed": str(len(out.failed)),
-                                      "num_skipped": str(len(out.done_before) + len(out.skipped))})
-            tracker.end(parent, status)
-        except Exception as e:  # the summary below still tells the user what happened
-            say(f"warning: could not close the parent run {parent}: {e}")
+        if not lost:  # (when MLflow is gone, each call would wait out its retries again)
+            try:
+                tracker.set_tags(parent, {"num_finished": str(len(out.finished)),
+                                          "num_failed": str(len(out.failed)),
+                                          "num_skipped": str(len(out.done_before) +
+                                                             len(out.skipped))})
+                tracker.end(parent, status)
+            except Exception as e:  # the summary below still tells the user what happened
+                say(f"warning: could not close the parent run {parent}: {e}")
     summary(spec, uri, out)
-    return 1 if out.failed else (3 if out.tracking_error else 0)
+    return 1 if out.failed or out.storage_error else (3 if out.tracking_error else 0)
+
+
+def _mlflow_errors() -> tuple[type[BaseException], ...]:
+    """What an MLflow call raises when the store goes away (after the bounded HTTP retries)."""
+    from mlflow.exceptions import MlflowException
+
+    return (MlflowException, OSError)  # requests' exceptions are OSErrors
 
 
 def trial_context(spec: SweepSpec, uri: str, exp_id: str, parent: str, code: Any,
@@ -472,7 +503,15 @@ def run_grid(spec: SweepSpec, todo: list[Cell], context: dict[str, Any],
         args.rerun)
     say(f"grid phase: {len(todo)} trial(s), {spec.resources.cpu:g} CPU / "
         f"{spec.resources.gpu:g} GPU each")
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    except Exception as e:  # Tune itself stopped (seen: its storage unreachable at the end)
+        out.storage_error = (f"the grid phase stopped: Tune raised {type(e).__name__}: "
+                             f"{tracking._short_error(e)} (its state is under "
+                             f"{spec.storage.rstrip('/')}/tune)")
+        say(f"error: {out.storage_error}; the cells are read from MLflow instead")
+        collect_from_mlflow(todo, out, context)
+        return  # not marked complete: the next identical submission resumes the experiment
     _mark_complete(marker, spec)
     collect(grid, out, context)
 
@@ -631,6 +670,30 @@ def collect(grid: Any, out: Outcome, context: dict[str, Any]) -> None:
             out.failed.append((name, "the trial ended without a result (stopped or lost)"))
 
 
+def collect_from_mlflow(todo: list[Cell], out: Outcome, context: dict[str, Any]) -> None:
+    """Sort the cells by their latest run under this submission's parent when Tune's own
+    result grid is lost: FINISHED -> finished, FAILED -> failed with its reason, none or still
+    RUNNING -> failed as not finished (the next submission runs them)."""
+    try:
+        tracker = tracking.Tracker(context["tracking_uri"])
+        runs = tracker.search(context["experiment_id"],
+                              f"tags.mlflow.parentRunId = '{context['parent_run_id']}'")
+    except Exception:
+        runs = []
+    latest: dict[str, Any] = {}
+    for r in sorted(runs, key=lambda r: r.info.start_time or 0):
+        if r.data.tags.get("cell"):
+            latest[r.data.tags["cell"]] = r
+    for c in todo:
+        r = latest.get(c.name)
+        if r is not None and r.info.status == "FINISHED":
+            out.finished.append(c.name)
+        elif r is not None and r.info.status == "FAILED":
+            out.failed.append((c.name, _first_line(r.data.tags.get("status_detail", ""))))
+        else:
+            out.failed.append((c.name, "not finished when the grid phase stopped"))
+
+
 def _mlflow_failures(context: dict[str, Any]) -> dict[str, str]:
     """cell -> status_detail of its latest FAILED run under this submission's parent."""
     try:
@@ -734,6 +797,10 @@ def summary(spec: SweepSpec, uri: str, out: Outcome) -> None:
         say(f"  best search sample: {best}")
     say(f"runs: MLflow experiment {spec.experiment!r} at {tracking.redact_uri(uri)}")
     say(f"records: {tracking.records_dir(spec.storage, spec.experiment)}")
+    if out.storage_error:
+        say(f"  STORAGE ERROR: {out.storage_error}. Every FINISHED run has its record; once "
+            f"{spec.storage} is reachable, run `python -m pipeline.run {spec.source}` again: it "
+            f"resumes the sweep and runs the cells that did not finish.")
     if out.tracking_error:
         say(f"  MLFLOW UNREACHABLE at the end of the sweep ({out.tracking_error}): "
             f"{len(out.unlogged)} finished cell(s) of this submission are only in the storage "
