@@ -58,6 +58,9 @@ from pipeline import tracking  # noqa: E402
 from pipeline.env import device_info, versions  # noqa: E402
 
 logger = logging.getLogger(__name__)
+# Ray logs "Checkpoint successfully created at: ..." at INFO for every checkpoint of every trial
+# (epoch ends and every CHECKPOINT_EVERY steps): noise in the driver's log; failures still show.
+logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
 
 # Optimizer steps between mid-epoch Tune checkpoints (epoch ends always); $PERL_CHECKPOINT_EVERY
 # overrides it (the worker-kill test lowers it; results do not depend on it).
