@@ -201,11 +201,13 @@ def main(argv: list[str] | None = None) -> int:
                     f"{tracking._short_error(e)}")
         if spec.search is not None:
             run_search(spec, tracker, exp_id, context, args, out, match_code)
-        # trials that could not reach MLflow left records: log them now
+        # trials that could not reach MLflow left records: log them now (not when Tune just
+        # lost the storage: reading it would wait out the retries again; the next run replays)
         try:
-            out.replayed += len(tracking.replay(tracker, spec.storage, spec.experiment,
-                                                parent_run_id=parent, experiment_id=exp_id))
-            out.unlogged = []
+            if not out.storage_error:
+                out.replayed += len(tracking.replay(tracker, spec.storage, spec.experiment,
+                                                    parent_run_id=parent, experiment_id=exp_id))
+                out.unlogged = []
         except (tracking.TrackingUnavailable, *_mlflow_errors()) as e:
             out.tracking_error = f"{type(e).__name__}: {tracking._short_error(e)}"
         except Exception as e:  # the records could not be read: the storage, not MLflow

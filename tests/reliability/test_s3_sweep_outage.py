@@ -6,7 +6,9 @@ state: experiment snapshots and the trials' checkpoints); MLflow in SQLite. A 4-
 cell is FINISHED and another RUNNING; the endpoint is then stopped, and started again (same port,
 same bucket) once the driver has exited.
 
-Checked, first run: the driver ends by itself (bounded by s3fs/botocore retries) with exit 1, its
+Checked, first run: the driver ends by itself (bounded by s3fs's retries; the CLI runs with
+AWS_MAX_ATTEMPTS=1, one botocore attempt per s3fs try, else Tune's experiment-state uploads wait
+~40 s each on the dead endpoint and the test takes 2-3 minutes) with exit 1, its
 summary and a STORAGE ERROR line naming the bucket, not its own traceback (before the fix,
 `tuner.fit()` raised EndpointConnectionError out of `pipeline.run`: Tune reads its experiment
 state back from storage at the end); every cell without a FINISHED run is named FAILED in the
@@ -65,7 +67,11 @@ def _s3_env(endpoint: str) -> dict[str, str]:
     env = {}
     env.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
-                "AWS_EC2_METADATA_DISABLED": "true"})
+                "AWS_EC2_METADATA_DISABLED": "true",
+                # one botocore attempt per s3fs try (s3fs still retries 5 times): Tune's experiment
+                # state uploads against the dead endpoint take ~40 s each with botocore's default
+                # retries, twice at the end of a sweep; the behaviour checked is the same
+                "AWS_MAX_ATTEMPTS": "1"})
     return env
 
 
