@@ -125,6 +125,26 @@ def records_dir(storage: str, experiment: str) -> str:
     return f"{storage.rstrip('/')}/records/{experiment_slug(experiment)}"
 
 
+# One record write (all its steps, s3fs's and botocore's retries included) gives up after this
+# many seconds with a RecordError; `$PERL_RECORD_TIMEOUT_S` overrides it (read at each write).
+# Without it, an S3 endpoint that accepts connections but never answers held a write ~20 minutes
+# (s3fs: 5 tries of botocore's 5 attempts of a 15 s read timeout, per storage call).
+RECORD_TIMEOUT_S = 300.0
+
+
+def record_timeout_s() -> float:
+    raw = os.environ.get("PERL_RECORD_TIMEOUT_S", "")
+    if not raw.strip():
+        return RECORD_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"PERL_RECORD_TIMEOUT_S={raw!r}: expected a number of seconds > 0")
+    return value
+
+
 def _fs(url: str):
     """(filesystem, path) through the project's storage factory when present, else fsspec."""
     try:
@@ -138,11 +158,128 @@ def _fs(url: str):
     return fsspec.core.url_to_fs(url)
 
 
+class _RecordTimeout(Exception):
+    """The overall time limit of one record write ran out (not a TimeoutError: fsspec would
+    turn that into its own FSTimeoutError)."""
+
+
+class _Deadline:
+    """Runs the storage steps of one record write against one overall time limit. On an async
+    filesystem (s3fs) each step is a coroutine on fsspec's event loop under `asyncio.wait_for`,
+    so a request stalled on a socket is cancelled when the time is up (a Python check between
+    blocking calls could not interrupt it); other filesystems run the blocking call and the
+    limit is checked between steps."""
+
+    def __init__(self, fs, limit_s: float, t0: float):
+        self.fs, self.limit_s, self.t0 = fs, limit_s, t0
+        self.is_async = bool(getattr(fs, "async_impl", False) and getattr(fs, "loop", None))
+
+    def spent(self) -> float:
+        return time.monotonic() - self.t0
+
+    def left(self) -> float:
+        left = self.limit_s - self.spent()
+        if left <= 0:
+            raise _RecordTimeout()
+        return left
+
+    def __call__(self, method: str, *args, **kwargs):
+        """`fs.<method>(*args, **kwargs)` (the `_<method>` coroutine on an async filesystem)."""
+        if not self.is_async:
+            self.left()
+            return getattr(self.fs, method)(*args, **kwargs)
+        return self._bounded(lambda: getattr(self.fs, "_" + method)(*args, **kwargs))
+
+    def _bounded(self, make_coro):
+        import asyncio
+
+        from fsspec.asyn import sync
+
+        left = self.left()
+
+        async def step():
+            try:
+                return await asyncio.wait_for(make_coro(), left)
+            except asyncio.TimeoutError:
+                if self.spent() < self.limit_s - 0.05:
+                    raise  # a timeout of the storage client itself, not ours
+                raise _RecordTimeout() from None
+
+        return sync(self.fs.loop, step)
+
+    def connect(self) -> None:
+        """Open the S3 client (no request yet), make its retries visible (`warn_s3_retries`)
+        and its uploads bounded by the read timeout (`no_expect_continue`)."""
+        if self.is_async and hasattr(self.fs, "set_session"):
+            async def connect():
+                await self.fs.set_session()
+                warn_s3_retries(self.fs._s3)
+                no_expect_continue(self.fs._s3)
+
+            self._bounded(connect)
+
+
+def warn_s3_retries(client) -> None:
+    """Log every failed S3 request that botocore retries at WARNING on `pipeline.tracking`:
+    `S3 request PutObject to bucket/key failed (ReadTimeoutError), retrying (attempt 2/5)`.
+    s3fs and botocore log their retries only at DEBUG, so a slow endpoint looked like a hang.
+    The message has the operation, the path (bucket/key, no query string: no signature, no
+    credential) and the error's class; idempotent per client."""
+    import logging
+
+    events = getattr(getattr(client, "meta", None), "events", None)
+    if events is None or getattr(client, "_perl_retry_warnings", False):
+        return
+    retries = dict(getattr(client.meta.config, "retries", None) or {})
+    mode = retries.get("mode") or "legacy"
+    total = retries.get("total_max_attempts") or (5 if mode == "legacy" else 3)
+    log = logging.getLogger(__name__)
+
+    def on_needs_retry(attempts=0, caught_exception=None, response=None, operation=None,
+                       request_dict=None, **_):
+        if caught_exception is not None:
+            why = type(caught_exception).__name__
+        else:
+            status = getattr(response[0], "status_code", 0) if response else 0
+            if not (status >= 500 or status == 429):
+                return None  # a success or a client error: not retried
+            why = f"HTTP {status}"
+        path = urlsplit(str((request_dict or {}).get("url", ""))).path.lstrip("/") or "?"
+        name = getattr(operation, "name", "request")
+        if attempts < total:
+            log.warning("S3 request %s to %s failed (%s), retrying (attempt %d/%d)", name, path,
+                        why, attempts + 1, total)
+        else:
+            log.warning("S3 request %s to %s failed (%s) on attempt %d/%d; s3fs retries the call "
+                        "(up to its own limit)", name, path, why, attempts, total)
+        return None  # observe only: botocore's own handler decides
+
+    events.register("needs-retry.s3", on_needs_retry, unique_id="perl-retry-warnings")
+    client._perl_retry_warnings = True
+
+
+def no_expect_continue(client) -> None:
+    """Uploads without `Expect: 100-continue` (botocore adds it to every PutObject with a body).
+    With it, a response that never comes after the server's `100 Continue` was not always ended
+    by the client's read timeout (aiohttp; through the proxy of tests/reliability/test_s3_slow.py
+    3 of 6 such stalled uploads waited until killed), so a slow endpoint hung a write instead of
+    having it retried.
+    Records are small: the round trip it saves for a refused upload does not matter."""
+    events = getattr(getattr(client, "meta", None), "events", None)
+    if events is not None:
+        from botocore.handlers import add_expect_header
+
+        events.unregister("before-call.s3", add_expect_header)
+
+
 def write_record(storage: str, record: TrialRecord, projectors: bytes) -> str:
     """Write `<stem>.safetensors`, read it back and check its sha256, then write `<stem>.json`
     under a temporary name and rename it (the JSON last: its presence means the pair is
-    complete). Returns the JSON's URL. Raises RecordError naming the URL on any storage failure
-    (s3fs has already retried transient errors by then)."""
+    complete). Returns the JSON's URL. Raises RecordError naming the URL, the step and the
+    seconds spent on any storage failure (s3fs has already retried transient errors by then,
+    each retry logged at WARNING), or when the whole write has taken longer than
+    `record_timeout_s()` (`$PERL_RECORD_TIMEOUT_S`, default RECORD_TIMEOUT_S): a stalled
+    endpoint costs that long at most. Nothing is marked complete unless verified."""
     import hashlib
 
     base = records_dir(storage, record.experiment)
@@ -150,35 +287,57 @@ def write_record(storage: str, record: TrialRecord, projectors: bytes) -> str:
     record.extra = {**record.extra, "projectors_sha256": digest,
                     "projectors_bytes": len(projectors)}
     blob_url, json_url = f"{base}/{record.stem()}.safetensors", f"{base}/{record.stem()}.json"
+    limit = record_timeout_s()
     step, t0 = "open", time.monotonic()
     try:
         fs, root = _fs(base)
+        run = _Deadline(fs, limit, t0)
+        run.connect()
         step = "create the folder"
-        fs.makedirs(root, exist_ok=True)
+        run("makedirs", root, exist_ok=True)
         blob, final = f"{root}/{record.stem()}.safetensors", f"{root}/{record.stem()}.json"
         step = "write the weights"
-        with fs.open(blob, "wb") as f:
-            f.write(projectors)
+        run("pipe_file", blob, projectors)
         step = "verify the weights"
         if hasattr(fs, "invalidate_cache"):
             fs.invalidate_cache(root)
-        with fs.open(blob, "rb") as f:
-            back = f.read()
+        back = run("cat_file", blob)
         if hashlib.sha256(back).hexdigest() != digest:
             raise RecordError(f"{blob_url}: read back {len(back)} bytes that differ from the "
                               f"{len(projectors)} written; the record is not marked complete")
         step = "write the record"
         tmp = f"{root}/.{record.stem()}.json.tmp"
-        with fs.open(tmp, "w") as f:
-            json.dump(asdict(record), f)
+        run("pipe_file", tmp, json.dumps(asdict(record)).encode())
         step = "mark the record complete"
-        fs.mv(tmp, final)
+        if not run.is_async:
+            run("mv", tmp, final)
+        else:  # S3 has no rename: a copy (the record is complete once it returns), then a delete
+            run("cp_file", tmp, final)
+            try:
+                run("rm_file", tmp)
+            except Exception as e:  # complete all the same; readers never list `.*.json.tmp`
+                import logging
+
+                logging.getLogger(__name__).warning(
+                    "trial record %s is complete, but its temporary copy %s could not be "
+                    "removed (%s)", json_url, f"{base}/.{record.stem()}.json.tmp",
+                    type(e).__name__)
     except RecordError:
         raise
     except Exception as e:
-        raise RecordError(f"cannot {step} of trial record {json_url} after "
-                          f"{time.monotonic() - t0:.0f} s of retries ({type(e).__name__}: {e}); "
-                          f"the record is not marked complete") from e
+        spent = time.monotonic() - t0
+        if isinstance(e, _RecordTimeout):
+            why = (f"gave up after {spent:.0f} s, the time limit of one record write "
+                   f"(PERL_RECORD_TIMEOUT_S={limit:g}): the storage endpoint stalled or is too "
+                   f"slow")
+        else:
+            why = f"after {spent:.0f} s of retries ({type(e).__name__}: {e})"
+        if step == "mark the record complete":  # the rename may have reached the store
+            then = ("the rename may have reached the store: then the record may be complete, "
+                    "and it is whole (its weights were verified before); readers check it")
+        else:
+            then = "the record is not marked complete"
+        raise RecordError(f"cannot {step} of trial record {json_url} {why}; {then}") from e
     return json_url
 
 
