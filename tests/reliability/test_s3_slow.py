@@ -236,6 +236,13 @@ def _complete(direct, bucket: str, storage: str, experiment: str) -> set[str]:
     return jsons
 
 
+def _short(request_line: str) -> str:
+    """`GET /bucket/.../<stem>.safetensors` -> `GET .safetensors`."""
+    method, _, path = request_line.partition(" ")
+    name = path.rsplit("/", 1)[-1]
+    return f"{method} {name[name.index('.', 1):] if '.' in name[1:] else name}"
+
+
 def test_slow_endpoint_every_write_completes_and_retries_are_warnings(slow_s3, caplog,
                                                                      monkeypatch):
     from pipeline import tracking
@@ -243,7 +250,9 @@ def test_slow_endpoint_every_write_completes_and_retries_are_warnings(slow_s3, c
     proxy, storage, direct, bucket = slow_s3
     monkeypatch.setenv("PERL_RECORD_TIMEOUT_S", "60")  # a hang fails the test, not pytest's
     caplog.set_level(logging.WARNING)  # what a trial's log shows: nothing at DEBUG
-    proxy.stall = {4, 13, 22}  # three requests never answered (about 10 in a write)
+    # three requests never answered (8 in a write, 9 with a retry): the read-back GET of the
+    # first write, the weights PUT of the second, the JSON PUT of the third
+    proxy.stall = {3, 10, 22}
     experiment, written, t0 = "rel/s3slow", [], time.monotonic()
     for i in range(3):
         rec = _record(i, experiment)
@@ -267,7 +276,7 @@ def test_slow_endpoint_every_write_completes_and_retries_are_warnings(slow_s3, c
     # the user's read timeout reached the client: a stall costs about 1 s, not 15 s
     assert spent < 3 * 15, spent
     print(f"\nslow endpoint: {proxy.responses} responses held 0.2-0.4 s, {len(stalled)} "
-          f"never answered ({', '.join(s.split(' ')[0] for s in stalled)}) and retried after "
+          f"never answered ({', '.join(_short(s) for s in stalled)}) and retried after "
           f"the {READ_TIMEOUT_S:g} s read timeout; {len(warnings)} WARNING(s), e.g. "
           f"{warnings[0].getMessage()!r}; {len(written)} writes completed in {spent:.0f} s, "
           f"all verified")
