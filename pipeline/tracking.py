@@ -629,26 +629,59 @@ def replay(tracker: Tracker, storage: str, experiment: str, *, parent_run_id: st
     same (config_hash, code_version, phase) exists (no duplicate for an already-tracked result).
     Incomplete records (blob missing or not matching its sha256) are never logged; their reasons
     go to `skipped` when given.
+
+    If MLflow stops answering part-way (after its bounded retries), TrackingUnavailable says how
+    many records were logged before; the rest stay in storage for the next replay. A run the dead
+    call left half-logged is RUNNING without a FINISHED status, so it neither counts as present
+    nor as a result: the next submission marks it KILLED (`kill_orphans`) and logs the record
+    again, once.
     """
     records = list(iter_records(storage, experiment, problems=skipped))
     if not records:
         return []
-    exp_id = experiment_id or tracker.experiment_id(experiment)
-    done = tracker.search(exp_id, "attributes.status = 'FINISHED'")
+    new: list[str] = []
+    down = _tracking_errors()
+    try:
+        exp_id = experiment_id or tracker.experiment_id(experiment)
+        done = tracker.search(exp_id, "attributes.status = 'FINISHED'")
+    except down as e:
+        raise _replay_stopped(tracker, e, 0, len(records)) from e
     known_ids = {r.data.tags.get("record_id") for r in done}
     known_keys = {(r.data.tags.get("config_hash"), r.data.tags.get("code_version"),
                    r.data.tags.get("phase")) for r in done}
-    new = []
-    for rec, weights_url in records:
+    todo = [(rec, url) for rec, url in records if rec.record_id not in known_ids and
+            (rec.config_hash, rec.tags.get("code_version"), rec.tags.get("phase"))
+            not in known_keys]
+    for rec, weights_url in todo:
         key = (rec.config_hash, rec.tags.get("code_version"), rec.tags.get("phase"))
-        if rec.record_id in known_ids or key in known_keys:
+        if rec.record_id in known_ids or key in known_keys:  # two records of one result
             continue
-        run_id = log_record(tracker, exp_id, rec, read_bytes(weights_url),
-                            parent_run_id=parent_run_id, extra_tags={"replayed": "true"})
+        blob = read_bytes(weights_url)  # a storage error is not an MLflow outage: raised as is
+        try:
+            run_id = log_record(tracker, exp_id, rec, blob, parent_run_id=parent_run_id,
+                                extra_tags={"replayed": "true"})
+        except down as e:
+            raise _replay_stopped(tracker, e, len(new), len(todo)) from e
         known_ids.add(rec.record_id)
         known_keys.add(key)
         new.append(run_id)
     return new
+
+
+def _tracking_errors() -> tuple[type[BaseException], ...]:
+    """What an MLflow call raises when the store goes away (after the bounded HTTP retries)."""
+    from mlflow.exceptions import MlflowException
+
+    return (MlflowException, OSError)  # requests' exceptions are OSErrors
+
+
+def _replay_stopped(tracker: Tracker, e: BaseException, logged: int,
+                    total: int) -> TrackingUnavailable:
+    return TrackingUnavailable(
+        f"MLflow tracking at {redact_uri(tracker.tracking_uri)} stopped answering during the "
+        f"replay ({type(e).__name__}: {_short_error(e)}): {logged} of {total} record(s) to "
+        f"log were logged; the others are safe in storage and the next replay logs them "
+        f"(a run left half-logged is marked KILLED then, never counted as a result)")
 
 
 def iter_children(tracker: Tracker, experiment_id: str, parent_run_id: str) -> Iterable:
