@@ -41,6 +41,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # Progress reports carry no search metric; Tune must not insist on it in every report.
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+# MLflow is the tracker: of Tune's default result loggers only the JSON one is kept (its
+# result.json is what Tune's ResultGrid reads back), no TensorBoard / CSV files per trial in the
+# sweep's storage (on S3, many small uploads); `_tuner` adds JsonLoggerCallback itself.
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+# CheckpointConfig(num_to_keep=1) forces an experiment-state snapshot after each trial checkpoint
+# (so that resume never points at a deleted checkpoint); Tune's warning about it is noise here.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 from pipeline import tracking  # noqa: E402
 from pipeline.env import REPO, code_version, versions  # noqa: E402
@@ -415,6 +422,7 @@ def _tuner(trainable: Any, name: str, spec: SweepSpec, param_space: dict[str, An
            tune_config: Any, rerun: bool) -> Any:
     """Restore an interrupted identical submission, else a fresh Tuner (old state removed)."""
     from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
 
     storage_path, fs = tune_storage(spec.storage)
     path = f"{storage_path}/{name}"
@@ -434,7 +442,7 @@ def _tuner(trainable: Any, name: str, spec: SweepSpec, param_space: dict[str, An
         name=name, storage_path=storage_path, storage_filesystem=fs,
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        callbacks=[progress_printer()], verbose=0)
+        callbacks=[progress_printer(), JsonLoggerCallback()], verbose=0)
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
                       run_config=run_config), done_marker
 
@@ -505,17 +513,27 @@ def run_grid(spec: SweepSpec, todo: list[Cell], context: dict[str, Any],
         args.rerun)
     say(f"grid phase: {len(todo)} trial(s), {spec.resources.cpu:g} CPU / "
         f"{spec.resources.gpu:g} GPU each")
-    try:
-        grid = tuner.fit()
-    except Exception as e:  # Tune itself stopped (seen: its storage unreachable at the end)
-        out.storage_error = (f"the grid phase stopped: Tune raised {type(e).__name__}: "
-                             f"{tracking._short_error(e)} (its state is under "
-                             f"{spec.storage.rstrip('/')}/tune)")
-        say(f"error: {out.storage_error}; the cells are read from MLflow instead")
+    grid = _tune_fit(tuner, "grid", spec, out)
+    if grid is None:
+        say("the cells are read from MLflow instead")
         collect_from_mlflow(todo, out, context)
         return  # not marked complete: the next identical submission resumes the experiment
     _mark_complete(marker, spec)
     collect(grid, out, context)
+
+
+def _tune_fit(tuner: Any, phase: str, spec: SweepSpec, out: Outcome) -> Any | None:
+    """`tuner.fit()`, or None with `out.storage_error` set when Tune itself stops (seen: its
+    storage unreachable when it saves its state). A failing trial does not raise here: it is a
+    FAILED result in the grid."""
+    try:
+        return tuner.fit()
+    except Exception as e:
+        out.storage_error = (f"the {phase} phase stopped: Tune raised {type(e).__name__}: "
+                             f"{tracking._short_error(e)} (its state is under "
+                             f"{spec.storage.rstrip('/')}/tune)")
+        say(f"error: {out.storage_error}")
+        return None
 
 
 def run_search(spec: SweepSpec, tracker: tracking.Tracker, exp_id: str,
@@ -554,7 +572,9 @@ def run_search(spec: SweepSpec, tracker: tracking.Tracker, exp_id: str,
                             max_concurrent_trials=concurrent, reuse_actors=True,
                             trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname),
             args.rerun)
-        grid = tuner.fit()
+        grid = _tune_fit(tuner, "search", spec, out)
+        if grid is None:  # finished samples are in MLflow; the next submission counts them
+            return
         _mark_complete(marker, spec)
         collect(grid, out, ctx)
         try:
