@@ -5,6 +5,8 @@
   on the same port and backend; `stop()` ends it politely. Also a context manager (start/stop).
   Artifacts are proxied by default (`--artifacts-destination`: clients upload over HTTP, as the
   cluster recipe does); `proxied=False` uses `--default-artifact-root` (clients write directly).
+- `S3Endpoint()`: moto's S3 server in a thread of this process; `stop()` / `start()` take it
+  down and bring it back on the same port with the same buckets (an outage).
 - `free_port()`: a free TCP port on 127.0.0.1.
 """
 
@@ -106,4 +108,32 @@ class MlflowServer:
         self.stop()
 
 
-__all__ = ["MlflowServer", "free_port"]
+class S3Endpoint:
+    """A ThreadedMotoServer that can be stopped and started again on the same port (moto's
+    state lives in this process, so the bucket survives a restart, like a real S3 outage)."""
+
+    def __init__(self):
+        from moto.server import ThreadedMotoServer  # test extra; imported only where used
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        self.host, self.port = self.server.get_host_and_port()
+        self.url = f"http://{self.host}:{self.port}"
+        self.up = True
+
+    def stop(self):
+        if self.up:
+            self.server.stop()
+            self.up = False
+
+    def start(self):
+        from moto.server import ThreadedMotoServer
+
+        if not self.up:
+            self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port,
+                                             verbose=False)
+            self.server.start()
+            self.up = True
+
+
+__all__ = ["MlflowServer", "S3Endpoint", "free_port"]

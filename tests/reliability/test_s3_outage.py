@@ -21,36 +21,13 @@ import time
 import uuid
 
 import pytest
+from servers import S3Endpoint  # tests/servers.py
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(300)]
 
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 boto3 = pytest.importorskip("boto3")
 s3fs = pytest.importorskip("s3fs")
-
-
-class Endpoint:
-    """A ThreadedMotoServer that can be stopped and started again on the same port (moto's
-    state lives in this process, so the bucket survives a restart, like a real S3 outage)."""
-
-    def __init__(self):
-        self.server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        self.server.start()
-        self.host, self.port = self.server.get_host_and_port()
-        self.url = f"http://{self.host}:{self.port}"
-        self.up = True
-
-    def stop(self):
-        if self.up:
-            self.server.stop()
-            self.up = False
-
-    def start(self):
-        if not self.up:
-            self.server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=self.port,
-                                                         verbose=False)
-            self.server.start()
-            self.up = True
 
 
 @pytest.fixture
@@ -60,7 +37,7 @@ def s3(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    ep = Endpoint()
+    ep = S3Endpoint()
     monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", ep.url)
     s3fs.S3FileSystem.clear_instance_cache()
     bucket = f"rel-{uuid.uuid4().hex[:10]}"

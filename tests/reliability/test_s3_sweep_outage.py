@@ -27,39 +27,16 @@ import time
 import uuid
 
 import pytest
+from servers import S3Endpoint  # tests/servers.py
 
 from .conftest import child_runs, cli, finish, start_cli, sweep_yaml
 
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 boto3 = pytest.importorskip("boto3")
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(600)]
 
 SLOW = {"PERL_TEST_STEP_DELAY_S": "0.5"}
-
-
-class Endpoint:
-    """moto's ThreadedMotoServer, stoppable and restartable on the same port (its state lives in
-    this process: the bucket survives, like a real S3 outage)."""
-
-    def __init__(self):
-        self.server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        self.server.start()
-        self.host, self.port = self.server.get_host_and_port()
-        self.url = f"http://{self.host}:{self.port}"
-        self.up = True
-
-    def stop(self):
-        if self.up:
-            self.server.stop()
-            self.up = False
-
-    def start(self):
-        if not self.up:
-            self.server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=self.port,
-                                                         verbose=False)
-            self.server.start()
-            self.up = True
 
 
 def _s3_env(endpoint: str) -> dict[str, str]:
@@ -84,7 +61,7 @@ def _objects(client, bucket: str, prefix: str) -> dict[str, bytes]:
 def test_s3_storage_down_mid_sweep_then_rerun_finishes_each_cell_once(tmp_path, world, weights):
     import hashlib
 
-    ep = Endpoint()
+    ep = S3Endpoint()
     try:
         bucket = f"rel-{uuid.uuid4().hex[:10]}"
         client = boto3.client("s3", endpoint_url=ep.url, region_name="us-east-1",
