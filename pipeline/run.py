@@ -149,10 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     out = Outcome()
     run_name = f"{spec.name} {time.strftime('%Y-%m-%d %H:%M')}" + (" (replay)" if args.replay
                                                                    else "")
-    parent = tracker.start_parent(exp_id, spec.name, run_name, {
-        "sweep_file": os.path.abspath(args.sweep), "code_sha": code.sha,
-        "code_dirty": code.dirty, "code_version": code.fingerprint,
-        "num_cells": str(len(grid)), **versions()})
+    try:
+        parent = tracker.start_parent(exp_id, spec.name, run_name, {
+            "sweep_file": os.path.abspath(args.sweep), "code_sha": code.sha,
+            "code_dirty": code.dirty, "code_version": code.fingerprint,
+            "num_cells": str(len(grid)), **versions()})
+    except Exception as e:  # MLflow went away right after the check: nothing has run yet
+        say(f"{spec.source}: MLflow tracking at {tracking.redact_uri(uri)} stopped answering "
+            f"before the sweep started ({type(e).__name__}: {tracking._short_error(e)}); "
+            f"nothing was run")
+        return 2
     status, beat = "FAILED", _Heartbeat(tracker, parent)
     lost = ""  # set when MLflow went away before any trial: the parent run is left to the next
     beat.start()

@@ -120,6 +120,28 @@ def test_dry_run_on_a_fresh_store_starts_nothing(tmp_path, world, weights, capsy
     assert not (tmp_path / "runs").exists()
 
 
+def test_tracking_lost_before_the_parent_run_is_a_message_not_a_traceback(
+        tmp_path, world, weights, capsys, monkeypatch):
+    """MLflow answers the start-up check, then fails creating the submission's parent run: exit
+    2 with a message naming the (redacted) URI; no trial, no Ray, nothing in storage."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import tracking
+
+    def refuse(*a, **k):
+        raise MlflowException("API request to endpoint /api/2.0/mlflow/runs/create failed")
+
+    monkeypatch.setattr(tracking.Tracker, "start_parent", refuse)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    y = sweep_yaml(tmp_path / "tiny.yaml", world=world, weights=weights,
+                   storage=tmp_path / "runs", tracking=uri)
+    rc, out = run([str(y)], capsys)
+    assert rc == 2, out
+    assert "stopped answering before the sweep started (MlflowException" in out, out
+    assert "nothing was run" in out and str(y) in out
+    assert not (tmp_path / "runs" / "tune").exists()
+
+
 def test_every_cell_is_a_finished_child_run(first_run):
     from perl_core.config import TrainConfig
     from perl_core.train import load_projectors
