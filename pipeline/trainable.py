@@ -235,9 +235,29 @@ class TuneCheckpoint:
         with tempfile.TemporaryDirectory(prefix="perl-ckpt-") as d:
             DirCheckpoint(d).save(state)
             pos = state.get("position", {})
+            step = int(pos.get("global_step", 0))
             # report() persists the directory to the run's storage before returning
-            tune.report({"checkpoint_step": float(pos.get("global_step", 0))},
-                        checkpoint=tune.Checkpoint.from_directory(d))
+            try:
+                tune.report({"checkpoint_step": float(step)},
+                            checkpoint=tune.Checkpoint.from_directory(d))
+            except _storage_errors() as e:  # say what failed; the raw error names the URL
+                raise CheckpointSaveError(
+                    f"cannot save the Tune checkpoint at optimizer step {step} into the sweep's "
+                    f"storage (its tune/ folder): {type(e).__name__}: "
+                    f"{tracking._short_error(e)}") from e
+
+
+class CheckpointSaveError(RuntimeError):
+    """A Tune checkpoint could not be written to the sweep's storage (the trial FAILS with it)."""
+
+
+def _storage_errors() -> tuple[type[BaseException], ...]:
+    """What a storage backend raises: OSError (local, pyarrow) and botocore's errors (s3fs)."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return (OSError,)
+    return (OSError, BotoCoreError, ClientError)
 
 
 def fit_phases(fit_s: float, result: Any, ckpt: TuneCheckpoint) -> dict[str, float]:

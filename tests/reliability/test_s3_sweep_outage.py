@@ -107,7 +107,7 @@ def test_s3_storage_down_mid_sweep_then_rerun_finishes_each_cell_once(tmp_path, 
         for r in runs1:
             cells1[r["tags"]["cell"]].append(r)
         assert not [r for r in runs1 if r["status"] == "RUNNING"], runs1
-        failed1 = []
+        failed1, reasons = [], collections.Counter()
         for cell, rs in cells1.items():
             if any(r["status"] == "FINISHED" for r in rs):
                 continue
@@ -117,6 +117,10 @@ def test_s3_storage_down_mid_sweep_then_rerun_finishes_each_cell_once(tmp_path, 
             # or the record write: RecordError naming the record)
             details = [r["tags"].get("status_detail", "") for r in rs if r["status"] == "FAILED"]
             assert all(bucket in d or "RecordError" in d for d in details), details
+            # a failed checkpoint upload says so, not only botocore's words
+            assert all("RecordError" in d or "CheckpointSaveError: cannot save the Tune "
+                       "checkpoint" in d for d in details), details
+            reasons.update(d.split(":")[0] for d in details)
         assert failed1, "every cell finished: the outage hit no trial"
         finished1 = {r["tags"]["config_hash"] for r in runs1 if r["status"] == "FINISHED"}
         assert finished1, runs1
@@ -140,7 +144,8 @@ def test_s3_storage_down_mid_sweep_then_rerun_finishes_each_cell_once(tmp_path, 
             assert r["tags"].get("record_id") in ids, r
         print(f"\nS3 down with {state['FINISHED']} cell(s) FINISHED, {state['RUNNING']} RUNNING: "
               f"the driver exited 1 after {down_s:.0f} s ({len(failed1)} cell(s) FAILED naming "
-              f"the storage); the re-run finished the rest: 4 cells, one FINISHED run each, "
+              f"the storage: {dict(reasons)}); the re-run finished the rest: 4 cells, "
+              f"one FINISHED run each, "
               f"{len(recs)} complete records ({time.monotonic() - t0:.0f} s)")
     finally:
         ep.stop()
