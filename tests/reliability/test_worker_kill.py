@@ -112,6 +112,11 @@ def test_worker_sigkill_mid_training_resumes_to_the_same_result(tmp_path, world,
     assert resumed is not None and 3 <= resumed < 20, rec["extra"]
     assert len(rec["history"]) == 20 and [h["step"] for h in rec["history"]] == \
         list(range(1, 21))
+    # the retried attempt's timing/* phases are its own disjoint parts: none negative
+    # (fit_other was, when fit's time counted the resumed state's earlier attempts)
+    timing = {k: v for k, v in rec["metrics"].items() if k.startswith("timing/")}
+    assert {"timing/fit_compute_s", "timing/fit_other_s"} <= set(timing), timing
+    assert all(v >= 0 for v in timing.values()), timing
     # MLflow: one FINISHED run; the attempt that died is KILLED, none left RUNNING
     runs = child_runs(tmp_path / "mlflow.db")
     status = collections.Counter(r["status"] for r in runs)
