@@ -420,6 +420,20 @@ def tune_storage(storage: str) -> tuple[str, Any]:
     return bare, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
+def _missing_checkpoints(tuner: Any) -> list[str]:
+    """Paths of the latest trial checkpoints a restored Tuner's state refers to that its storage
+    does not hold (a checkpoint whose upload was cut off by a storage outage)."""
+    import pyarrow.fs
+
+    missing = []
+    for result in tuner.get_results():
+        ckpt = result.checkpoint
+        if ckpt is not None and ckpt.filesystem.get_file_info(ckpt.path).type == \
+                pyarrow.fs.FileType.NotFound:
+            missing.append(ckpt.path)
+    return missing
+
+
 def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -439,8 +453,16 @@ def _tuner(trainable: Any, name: str, spec: SweepSpec, param_space: dict[str, An
         say(f"resuming the interrupted Tune experiment {name} (Tune may warn that it cannot "
             f"fetch metrics of the trials that had not started: harmless)")
         try:
-            return tune.Tuner.restore(path, trainable, resume_unfinished=True,
-                                      restart_errored=True, storage_filesystem=fs), done_marker
+            tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True,
+                                       restart_errored=True, storage_filesystem=fs)
+            missing = _missing_checkpoints(tuner)
+            if not missing:
+                return tuner, done_marker
+            # Tune would try to resume these trials from a checkpoint that is not there and fail
+            # them ("does not exist on storage anymore"); finished cells are skipped anyway
+            say(f"not resuming {name}: {len(missing)} trial checkpoint(s) its state refers to "
+                f"are not in storage (lost in a storage outage?), e.g. {missing[0]}; "
+                f"starting afresh")
         except Exception as e:  # incompatible or corrupt state: start afresh
             say(f"cannot restore {name} ({type(e).__name__}: {e}); starting afresh")
     _remove(exp_fs, exp_path)

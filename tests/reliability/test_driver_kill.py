@@ -63,3 +63,38 @@ def test_driver_sigkill_then_rerun_finishes_each_cell_once(tmp_path, world, weig
     # the parent run of the killed submission is KILLED too
     parents = [r for r in runs(db) if r["tags"].get("phase") == "sweep"]
     assert sorted(r["status"] for r in parents) == ["FINISHED", "KILLED"], parents
+
+
+def test_resume_after_checkpoints_lost_starts_afresh(tmp_path, world, weights):
+    """The Tune state of a killed submission refers to trial checkpoints that are not in storage
+    (seen after an S3 outage cut their upload off): the re-run must not resume from them (Tune
+    would fail those trials, "does not exist on storage anymore") but start the phase afresh."""
+    import shutil
+
+    db = tmp_path / "mlflow.db"
+    y = sweep_yaml(tmp_path / "rel.yaml", world=world, weights=weights, storage=tmp_path / "runs",
+                   tracking=f"sqlite:///{db}", steps=(1, 2))
+    log = tmp_path / "run1.log"
+    p = start_cli([str(y), "--ignore-code-version"], log,
+                  env={"PERL_CHECKPOINT_EVERY": "2", "PERL_TEST_STEP_DELAY_S": "0.3"})
+    deadline, ckpts = time.time() + 240, []
+    while time.time() < deadline and p.poll() is None:
+        ckpts = list((tmp_path / "runs" / "tune").glob("*/trial_*/checkpoint_*"))
+        if ckpts:
+            break
+        time.sleep(0.1)
+    assert ckpts, f"no checkpoint before the driver exited:\n{log.read_text()}"
+    time.sleep(1.0)  # Tune snapshots its state after the checkpoint
+    os.kill(p.pid, signal.SIGKILL)
+    finish(p, 60)
+    for c in (tmp_path / "runs" / "tune").glob("*/trial_*/checkpoint_*"):
+        shutil.rmtree(c)
+
+    rc, out = cli([str(y), "--ignore-code-version"], tmp_path / "run2.log")
+    assert rc == 0, out
+    assert "does not exist on storage" not in out, out
+    if "resuming the interrupted Tune experiment" in out:  # Tune had saved its state
+        assert "not resuming" in out and "starting afresh" in out, out
+    finished = collections.Counter(r["tags"]["config_hash"] for r in child_runs(db)
+                                   if r["status"] == "FINISHED")
+    assert len(finished) == 4 and set(finished.values()) == {1}, (finished, out)
