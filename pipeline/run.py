@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                       code_version=match_code)
         except tracking.TrackingUnavailable as e:  # from replay: says how far it got
             lost = str(e)
-        except _mlflow_errors() as e:  # orphans / lookup (replay: as it raises)
+        except tracking.tracking_errors() as e:  # orphans / lookup (replay: as it raises)
             lost = (f"MLflow tracking at {tracking.redact_uri(uri)} stopped answering "
                     f"({type(e).__name__}: {tracking._short_error(e)})")
         if lost:
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                 out.replayed += len(tracking.replay(tracker, spec.storage, spec.experiment,
                                                     parent_run_id=parent, experiment_id=exp_id))
                 out.unlogged = []
-        except (tracking.TrackingUnavailable, *_mlflow_errors()) as e:
+        except (tracking.TrackingUnavailable, *tracking.tracking_errors()) as e:
             out.tracking_error = f"{type(e).__name__}: {tracking._short_error(e)}"
         except Exception as e:  # the records could not be read: the storage, not MLflow
             out.storage_error = out.storage_error or (
@@ -246,12 +246,6 @@ def main(argv: list[str] | None = None) -> int:
     summary(spec, uri, out)
     return 1 if out.failed or out.storage_error else (3 if out.tracking_error else 0)
 
-
-def _mlflow_errors() -> tuple[type[BaseException], ...]:
-    """What an MLflow call raises when the store goes away (after the bounded HTTP retries)."""
-    from mlflow.exceptions import MlflowException
-
-    return (MlflowException, OSError)  # requests' exceptions are OSErrors
 
 
 def trial_context(spec: SweepSpec, uri: str, exp_id: str, parent: str, code: Any,
@@ -423,15 +417,8 @@ def tune_storage(storage: str) -> tuple[str, Any]:
 def _missing_checkpoints(tuner: Any) -> list[str]:
     """Paths of the latest trial checkpoints a restored Tuner's state refers to that its storage
     does not hold (a checkpoint whose upload was cut off by a storage outage)."""
-    import pyarrow.fs
-
-    missing = []
-    for result in tuner.get_results():
-        ckpt = result.checkpoint
-        if ckpt is not None and ckpt.filesystem.get_file_info(ckpt.path).type == \
-                pyarrow.fs.FileType.NotFound:
-            missing.append(ckpt.path)
-    return missing
+    return [r.checkpoint.path for r in tuner.get_results()
+            if r.checkpoint is not None and not _exists(r.checkpoint.filesystem, r.checkpoint.path)]
 
 
 def _digest(*parts: Any) -> str:

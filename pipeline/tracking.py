@@ -640,7 +640,7 @@ def replay(tracker: Tracker, storage: str, experiment: str, *, parent_run_id: st
     if not records:
         return []
     new: list[str] = []
-    down = _tracking_errors()
+    down = tracking_errors()
     try:
         exp_id = experiment_id or tracker.experiment_id(experiment)
         done = tracker.search(exp_id, "attributes.status = 'FINISHED'")
@@ -649,26 +649,24 @@ def replay(tracker: Tracker, storage: str, experiment: str, *, parent_run_id: st
     known_ids = {r.data.tags.get("record_id") for r in done}
     known_keys = {(r.data.tags.get("config_hash"), r.data.tags.get("code_version"),
                    r.data.tags.get("phase")) for r in done}
-    todo = [(rec, url) for rec, url in records if rec.record_id not in known_ids and
-            (rec.config_hash, rec.tags.get("code_version"), rec.tags.get("phase"))
-            not in known_keys]
-    for rec, weights_url in todo:
+    todo = []
+    for rec, url in records:  # one per result: of two records of one result, the first
         key = (rec.config_hash, rec.tags.get("code_version"), rec.tags.get("phase"))
-        if rec.record_id in known_ids or key in known_keys:  # two records of one result
-            continue
+        if rec.record_id not in known_ids and key not in known_keys:
+            known_keys.add(key)
+            todo.append((rec, url))
+    for rec, weights_url in todo:
         blob = read_bytes(weights_url)  # a storage error is not an MLflow outage: raised as is
         try:
             run_id = log_record(tracker, exp_id, rec, blob, parent_run_id=parent_run_id,
                                 extra_tags={"replayed": "true"})
         except down as e:
             raise _replay_stopped(tracker, e, len(new), len(todo)) from e
-        known_ids.add(rec.record_id)
-        known_keys.add(key)
         new.append(run_id)
     return new
 
 
-def _tracking_errors() -> tuple[type[BaseException], ...]:
+def tracking_errors() -> tuple[type[BaseException], ...]:
     """What an MLflow call raises when the store goes away (after the bounded HTTP retries)."""
     from mlflow.exceptions import MlflowException
 
@@ -691,4 +689,4 @@ def iter_children(tracker: Tracker, experiment_id: str, parent_run_id: str) -> I
 __all__ = ["Tracker", "TrialRecord", "TrackingUnavailable", "RecordError", "HTTP_DEFAULTS",
            "PHASES", "PARENT_PHASE", "config_params", "redact_uri", "write_record",
            "iter_records", "read_bytes", "records_dir", "replay", "log_record", "new_record_id",
-           "experiment_slug", "iter_children", "HEARTBEAT_S"]
+           "experiment_slug", "iter_children", "HEARTBEAT_S", "tracking_errors"]
