@@ -7,9 +7,9 @@ Layout in MLflow (one name per concept: params are TrainConfig field names):
 - one parent run per submission (tags `sweep`, `phase=sweep`, driver identity, heartbeat);
 - one child run per trial (`mlflow.parentRunId`), named after its cell
   (`b2n/ToyShapes/16shot/seed1/J7/K4`), with params = every TrainConfig field, the tags in
-  `trial_tags`, final metrics at step 0, the per-step training curve under `train_step/*`, and
-  the artifacts `projectors/projectors.safetensors`, `config.json`, `per_class.json`,
-  `metrics.json`.
+  `trial_tags`, final metrics at step 0, the per-step training curve under `train_step/*`, the
+  per-epoch curve under `train_epoch/*` (MLflow step = epoch, from 1), and the artifacts
+  `projectors/projectors.safetensors`, `config.json`, `per_class.json`, `metrics.json`.
 
 The `TrialRecord` is the other copy of a trial's result: JSON + safetensors in the sweep's
 storage (local or s3), written by the trial *before* it talks to MLflow. `replay` turns records
@@ -99,7 +99,7 @@ class TrialRecord:
     config: dict[str, Any]  # TrainConfig.to_dict()
     config_hash: str
     metrics: dict[str, float]
-    history: list[dict[str, Any]]
+    history: list[dict[str, Any]]  # one record per optimizer step (`TrainResult.history`)
     per_class: dict[str, dict[str, float]]
     num_trainable_parameters: int
     tags: dict[str, str]  # the child run's tags (minus the parent link)
@@ -108,6 +108,9 @@ class TrialRecord:
     ended_ms: int = 0
     format: str = RECORD_FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
+    # one record per epoch (`TrainResult.epoch_history`); records written before it existed
+    # have none and are replayed with an empty epoch curve
+    epoch_history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def train_config(self) -> TrainConfig:
@@ -511,7 +514,8 @@ class Tracker:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_result(self, run_id: str, record: TrialRecord, projectors: bytes) -> None:
-        """Final metrics (step 0), the training curve (`train_step/*`, step=N), artifacts."""
+        """Final metrics (step 0), the training curves (`train_step/*`, step = optimizer step N;
+        `train_epoch/*`, step = epoch E, both from 1), artifacts."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -523,6 +527,10 @@ class Tracker:
             step = int(h.get("step", 0))
             metrics += [Metric(f"train_step/{k}", float(h[k]), now, step)
                         for k in ("loss", "ce", "anchor") if k in h and _finite(h[k])]
+        for e in record.epoch_history:
+            epoch = int(e.get("epoch", 0))
+            metrics += [Metric(f"train_epoch/{k}", float(e[k]), now, epoch)
+                        for k in ("loss", "ce", "anchor") if k in e and _finite(e[k])]
         for i in range(0, len(metrics), _BATCH):
             self.client.log_batch(run_id, metrics=metrics[i:i + _BATCH])
         with tempfile.TemporaryDirectory(prefix="perl-artifacts-") as tmp:

@@ -9,8 +9,9 @@ Per trial (`train_cell(config, context)`):
    `tune.get_checkpoint()` / `tune.Checkpoint.from_directory`, so a retried trial resumes;
 5. the result as a storage record (JSON + safetensors, local or s3) *before* MLflow, so an MLflow
    outage loses nothing (`python -m pipeline.run SWEEP --replay` logs it later);
-6. metrics, curve and artifacts to MLflow, run FINISHED. On an exception: run FAILED with the
-   reason in `status_detail`, and the exception re-raised so Tune's FailureConfig applies.
+6. metrics, curves (per optimizer step and per epoch) and artifacts to MLflow, run FINISHED. On
+   an exception: run FAILED with the reason in `status_detail`, and the exception re-raised so
+   Tune's FailureConfig applies.
 
 Backbone reuse: the frozen CLIP is built once per worker process and kept in `_BACKBONE`, a
 module-level LRU of size 1 keyed by (arch, pretrained) - explicit, and only here in the pipeline
@@ -445,7 +446,8 @@ def train_cell(config: dict[str, Any], context: dict[str, Any] | None = None) ->
         record = tracking.TrialRecord(
             record_id=tracking.new_record_id(), experiment=context["experiment"], run_name=name,
             config=cfg.to_dict(), config_hash=h, metrics=metrics, history=result.history,
-            per_class=result.per_class, num_trainable_parameters=result.num_trainable_parameters,
+            epoch_history=result.epoch_history, per_class=result.per_class,
+            num_trainable_parameters=result.num_trainable_parameters,
             tags=tags, parent_run_id=context["parent_run_id"], started_ms=started_ms,
             ended_ms=int(time.time() * 1000),
             extra={"train_seconds": result.train_seconds, "eval_seconds": result.eval_seconds,

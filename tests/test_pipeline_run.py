@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 REPO = Path(__file__).resolve().parents[1]
 CELLS = ["b2n/ToyShapes/2shot/seed1/J7/K1", "b2n/ToyShapes/2shot/seed1/J7/K2",
          "b2n/ToyCounts/2shot/seed1/J7/K1", "b2n/ToyCounts/2shot/seed1/J7/K2"]
+FIRST_RUN_EPOCHS = 2
 
 
 # --- fixtures -------------------------------------------------------------------------------------
@@ -92,11 +93,12 @@ def run(argv: list[str], capsys) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory, world, weights, ray_local):
-    """The tiny grid run once; shared by the tests that inspect or reuse its results."""
+    """The tiny grid run once (2 epochs: a per-epoch curve with more than one point); shared by
+    the tests that inspect or reuse its results."""
     tmp = tmp_path_factory.mktemp("run")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     yaml_path = sweep_yaml(tmp / "tiny.yaml", world=world, weights=weights,
-                           storage=tmp / "runs", tracking=uri)
+                           storage=tmp / "runs", tracking=uri, epochs=FIRST_RUN_EPOCHS)
     from pipeline.run import main
 
     t0 = time.time()
@@ -181,6 +183,13 @@ def test_every_cell_is_a_finished_child_run(first_run):
         assert m["num_trainable_parameters"] == float(tags["num_trainable_parameters"])
         curve = tracker.client.get_metric_history(r.info.run_id, "train_step/loss")
         assert len(curve) >= 1 and [p.step for p in curve] == list(range(1, len(curve) + 1))
+        # the per-epoch curve: one point per epoch (step = epoch, from 1); the last is train/*
+        for key in ("loss", "ce", "anchor"):
+            epochs = sorted(tracker.client.get_metric_history(r.info.run_id, f"train_epoch/{key}"),
+                            key=lambda p: p.step)
+            assert [p.step for p in epochs] == list(range(1, FIRST_RUN_EPOCHS + 1)), key
+            assert epochs[-1].value == pytest.approx(m[f"train/{key}"]), key
+        assert cfg.epochs == FIRST_RUN_EPOCHS
         arts = {a.path for a in tracker.client.list_artifacts(r.info.run_id)}
         assert {"config.json", "metrics.json", "per_class.json", "projectors"} <= arts
         local = tracker.client.download_artifacts(r.info.run_id, "projectors",
@@ -243,11 +252,32 @@ def test_replay_rebuilds_an_empty_store(first_run, capsys):
         assert r.data.metrics == pytest.approx(o.data.metrics)
         assert r.data.tags["config_hash"] == o.data.tags["config_hash"]
         assert {a.path for a in tracker.client.list_artifacts(r.info.run_id)} >= {"projectors"}
+        # the per-epoch curve travels in the record too
+        epochs = tracker.client.get_metric_history(r.info.run_id, "train_epoch/loss")
+        assert sorted(p.step for p in epochs) == list(range(1, FIRST_RUN_EPOCHS + 1))
     # idempotent: a second replay adds nothing, and a run of the sweep finds every cell done
     rc, out = run([str(first_run["yaml"]), "--replay", "--tracking-uri", uri], capsys)
     assert rc == 0 and len(children(uri, "test/tiny")) == 4
     rc, out = run([str(first_run["yaml"]), "--tracking-uri", uri], capsys)
     assert rc == 0 and "4 already FINISHED, 0 to run" in out
+
+
+def test_a_record_without_epoch_history_is_still_read(tmp_path):
+    """Records written before `epoch_history` existed are replayed with an empty epoch curve."""
+    import json
+
+    from pipeline.tracking import TrialRecord, iter_records, write_record
+
+    rec = TrialRecord(record_id="r1", experiment="test/old", run_name="cell", config={},
+                      config_hash="h", metrics={"hm": 1.0}, history=[], per_class={},
+                      num_trainable_parameters=1, tags={},
+                      epoch_history=[{"epoch": 1, "step": 2, "loss": 0.5}])
+    path = Path(write_record(str(tmp_path), rec, b"weights"))
+    data = json.loads(path.read_text())
+    del data["epoch_history"]
+    path.write_text(json.dumps(data))
+    [(back, _)] = list(iter_records(str(tmp_path), "test/old"))
+    assert back.epoch_history == [] and back.metrics == {"hm": 1.0}
 
 
 def test_a_broken_cell_fails_with_its_reason_and_the_rest_finish(tmp_path, world, weights,
