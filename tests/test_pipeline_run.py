@@ -2,7 +2,8 @@
 synthetic world), MLflow on SQLite in tmp_path (and once behind a real `mlflow server`).
 
 - every cell becomes a FINISHED child run with params, tags, metrics and the projector artifact;
-- a re-submission skips every cell (and marks an orphaned RUNNING submission KILLED);
+- a re-submission skips every cell (and marks an orphaned RUNNING submission KILLED); `--rerun`
+  and a changed code version run finished cells again, `--ignore-code-version` skips them;
 - `--dry-run` prints the cells and totals without starting trials; `pipeline.status` agrees;
 - a broken cell is FAILED with its reason while the others finish (exit code 1);
 - `--replay` rebuilds the runs from the storage records in an empty MLflow store;
@@ -103,7 +104,8 @@ def first_run(tmp_path_factory, world, weights, ray_local):
 
     t0 = time.time()
     rc = main([str(yaml_path)])
-    return {"tmp": tmp, "uri": uri, "yaml": yaml_path, "rc": rc, "seconds": time.time() - t0}
+    return {"tmp": tmp, "uri": uri, "yaml": yaml_path, "rc": rc, "seconds": time.time() - t0,
+            "world": world, "weights": weights}
 
 
 # --- tests ---------------------------------------------------------------------------------------
@@ -260,6 +262,67 @@ def test_replay_rebuilds_an_empty_store(first_run, capsys):
     assert rc == 0 and len(children(uri, "test/tiny")) == 4
     rc, out = run([str(first_run["yaml"]), "--tracking-uri", uri], capsys)
     assert rc == 0 and "4 already FINISHED, 0 to run" in out
+
+
+def one_cell_copy(first_run, tmp_path: Path) -> tuple[Path, str]:
+    """The first cell of the tiny sweep against a copy of its MLflow store (own storage), so that
+    re-running it leaves `first_run`'s store and records as the other tests expect them."""
+    import shutil
+
+    shutil.copy(first_run["tmp"] / "mlflow.db", tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    y = sweep_yaml(tmp_path / "tiny.yaml", world=first_run["world"], weights=first_run["weights"],
+                   storage=tmp_path / "runs", tracking=uri, datasets=("ToyShapes",), steps=(1,),
+                   epochs=FIRST_RUN_EPOCHS)
+    return y, uri
+
+
+def finished_runs(uri: str, cell: str) -> list:
+    return [r for r in children(uri, "test/tiny")
+            if r.info.run_name == cell and r.info.status == "FINISHED"]
+
+
+def test_rerun_runs_finished_cells_again(first_run, tmp_path, capsys):
+    y, uri = one_cell_copy(first_run, tmp_path)
+    before = {r.info.run_id for r in finished_runs(uri, CELLS[0])}
+    assert len(before) == 1
+    rc, out = run([str(y), "--rerun"], capsys)
+    assert rc == 0, out
+    assert "1 cells, 0 already FINISHED, 1 to run" in out, out
+    assert "1 finished, 0 skipped" in out, out
+    after = finished_runs(uri, CELLS[0])
+    new = [r for r in after if r.info.run_id not in before]
+    assert len(after) == 2 and len(new) == 1, [r.info.run_id for r in after]
+    assert new[0].data.tags["config_hash"] == \
+        next(r for r in after if r.info.run_id in before).data.tags["config_hash"]
+
+
+def test_a_changed_code_version_runs_finished_cells_again(first_run, tmp_path, capsys):
+    """Finished runs of another code version are not reused (unless --ignore-code-version)."""
+    from pipeline.tracking import Tracker
+
+    y, uri = one_cell_copy(first_run, tmp_path)
+    client = Tracker(uri).client
+    old = "0123456789abcdef"  # as if an earlier perl_core had produced every finished run
+    for r in children(uri, "test/tiny"):
+        client.set_tag(r.info.run_id, "code_version", old)
+    before = {r.info.run_id for r in finished_runs(uri, CELLS[0])}
+
+    rc, out = run([str(y), "--dry-run"], capsys)
+    assert rc == 0 and "total: 1 cells, 0 done, 1 todo" in out, out
+    rc, out = run([str(y), "--ignore-code-version"], capsys)
+    assert rc == 0, out
+    assert "1 cells, 1 already FINISHED, 0 to run" in out and "0 finished, 1 skipped" in out, out
+    assert {r.info.run_id for r in finished_runs(uri, CELLS[0])} == before
+
+    rc, out = run([str(y)], capsys)
+    assert rc == 0, out
+    assert "1 cells, 0 already FINISHED, 1 to run" in out and "1 finished, 0 skipped" in out, out
+    new = [r for r in finished_runs(uri, CELLS[0]) if r.info.run_id not in before]
+    assert len(new) == 1 and new[0].data.tags["code_version"] not in ("", old)
+    # and now this code version's run is what a re-submission reuses
+    rc, out = run([str(y), "--dry-run"], capsys)
+    assert rc == 0 and "total: 1 cells, 1 done, 0 todo" in out, out
 
 
 def test_a_record_without_epoch_history_is_still_read(tmp_path):
