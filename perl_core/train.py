@@ -745,6 +745,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                     help="progress bar (default: when stderr is a terminal)")
     ap.add_argument("--log-level", default="INFO", help="of perl_core's loggers (default INFO)")
+    ap.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                    help="import this module first, e.g. one that registers a dataset "
+                         "(repeatable; a sweep's `imports:`)")
     return ap
 
 
@@ -816,6 +819,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("perl_core", "__main__"):
         logging.getLogger(name).setLevel(args.log_level.upper())
+    import importlib
+
+    for name in args.imports:  # dataset registrations, before any dataset name is looked up
+        try:
+            importlib.import_module(name)
+        except Exception as e:
+            ap.error(f"--import {name}: cannot import module {name!r} "
+                     f"({type(e).__name__}: {e}); is it on PYTHONPATH?")
     try:
         cfg = config_from_args(args)
     except (ValueError, OSError) as e:

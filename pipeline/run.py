@@ -257,6 +257,7 @@ def trial_context(spec: SweepSpec, uri: str, exp_id: str, parent: str, code: Any
             "code_sha": code.sha, "code_dirty": code.dirty,
             "code_version": code.fingerprint,
             "rerun": bool(args.rerun), "ignore_code_version": bool(args.ignore_code_version),
+            "imports": list(spec.imports),  # imported by every trial on its worker
             "phase": "final", "ray_job_id": ""}
 
 

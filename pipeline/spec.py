@@ -17,6 +17,7 @@ optionally a search space for a second, Optuna-driven phase:
     tracking_uri: ...                    # else $MLFLOW_TRACKING_URI, else ./runs/mlflow.db
     max_failures: 1                      # Tune FailureConfig: retries per trial
     cache: {enabled: true, url: null, max_gb: 20, dtype: float32}   # frozen-feature cache
+    imports: [my_datasets]               # modules imported first (dataset registrations)
 
 Every key is a `TrainConfig` field (same name in YAML, config, MLflow param and table header).
 Mistakes raise `SpecError`, whose text names the file, the line, the key path and what is allowed.
@@ -24,10 +25,17 @@ Mistakes raise `SpecError`, whose text names the file, the line, the key path an
 `tracking_uri` and `cache.url` only (so cluster YAMLs point at S3 through the environment);
 relative paths there are made absolute against the current directory, because Ray runs trials in
 another directory.
+
+`imports:` lists modules (dotted names) that register datasets (`perl_core.data.registry.register`)
+or anything else the cells need: `parse_spec` imports them before it checks the cells (so their
+dataset names are valid), and every trial imports them again when it starts on its Ray worker
+(`pipeline.trainable.train_cell`), so the registrations exist on every node. A module that cannot
+be imported is a `SpecError` naming the file, the `imports[i]` key and the module.
 """
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import os
 import re
@@ -53,6 +61,7 @@ PROTOCOL_ABBREV = {"base2novel": "b2n", "cross_dataset": "xd", "domain_generaliz
 _NAME_FIELDS = ("protocol", "dataset", "shots", "seed", "inject_layer", "num_steps")
 TARGET_PROTOCOLS = ("cross_dataset", "domain_generalization")
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+_MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
 class SpecError(ValueError):
@@ -178,7 +187,18 @@ class SweepSpec(_Strict):
     tracking_uri: str | None = None
     max_failures: int = Field(0, ge=-1)  # -1: retry forever (Tune's convention)
     cache: CacheSpec = CacheSpec()
+    # modules imported before the cells are checked, and by every trial (dataset registrations)
+    imports: list[str] = Field(default_factory=list)
     _source: str = PrivateAttr("")  # the YAML file it was read from (not a YAML key)
+
+    @field_validator("imports")
+    @classmethod
+    def _module_names(cls, v: list[str]) -> list[str]:
+        bad = [name for name in v if not _MODULE_RE.match(name)]
+        if bad:
+            raise ValueError(f"imports: {bad} are not module names (dotted Python names such as "
+                             f"'my_datasets' or 'my_pkg.datasets'; no paths, no '.py')")
+        return v
 
     @field_validator("tracking_uri")
     @classmethod
@@ -243,10 +263,39 @@ def parse_spec(text: str, *, source: str = "<string>", env: dict[str, str] | Non
         raise SpecError(source, [(where(tuple(err["loc"])), _pydantic_message(err))
                                  for err in e.errors()]) from None
     spec._source = source
+    problems = _import_problems(spec.imports)  # before the cells: they may register datasets
+    if problems:
+        raise SpecError(source, [(where(p), m) for p, m in problems])
     problems = _check_fields(spec) or _check_cells(spec)
     if problems:
         raise SpecError(source, [(where(p), m) for p, m in _dedupe(problems)])
     return spec
+
+
+def import_modules(names: Iterable[str]) -> None:
+    """Import the sweep's `imports:` modules, in order (each once per process: Python caches
+    them). Raises what the import raises."""
+    names = list(names)
+    if names:  # a module written after this process last listed its folder is still found
+        importlib.invalidate_caches()
+    for name in names:
+        importlib.import_module(name)
+
+
+def _import_problems(names: list[str]) -> list[tuple[tuple, str]]:
+    problems: list[tuple[tuple, str]] = []
+    if names:
+        importlib.invalidate_caches()
+    for i, name in enumerate(names):
+        try:
+            importlib.import_module(name)
+        except (Exception, SystemExit) as e:
+            problems.append((("imports", i), (
+                f"cannot import module {name!r} ({type(e).__name__}: {e}); it must be "
+                f"importable by the driver and by every Ray worker: on PYTHONPATH (a local run "
+                f"passes the driver's PYTHONPATH on to the trials) or in the job's working dir "
+                f"(`ray job submit --working-dir .`)")))
+    return problems
 
 
 def _read_yaml(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
@@ -884,4 +933,5 @@ def check_tracking_uri(uri: str) -> str:
 __all__ = ["SweepSpec", "SearchSpec", "SearchParam", "Resources", "CacheSpec", "SpecError", "Cell",
            "backbone_key", "cache_group", "train_view_key",
            "load_spec", "parse_spec", "expand", "cells", "cell_name", "group_order",
-           "check_config", "coerce_field", "resolve_tracking_uri", "format_path", "preflight"]
+           "check_config", "coerce_field", "resolve_tracking_uri", "format_path", "preflight",
+           "import_modules"]

@@ -1,6 +1,8 @@
 """The Ray Tune function trainable around `perl_core.train.fit`: one trial = one TrainConfig.
 
 Per trial (`train_cell(config, context)`):
+0. the sweep's `imports:` modules (`context["imports"]`: dataset registrations), imported in this
+   worker process, which does not run the driver's imports;
 1. the TrainConfig: a grid cell (`config["cell"]`), or the fixed settings plus the Optuna sample;
 2. MLflow re-check of the config hash: a FINISHED run already exists (another submission got
    there first) -> report its metrics and return without training;
@@ -369,6 +371,31 @@ def trial_tags(cfg: TrainConfig, name: str, context: dict[str, Any]) -> dict[str
     return {k: str(v) for k, v in tags.items()}
 
 
+def import_sweep_modules(context: dict[str, Any]) -> None:
+    """Import the sweep's `imports:` here, on the worker, before the trial looks up its dataset:
+    their registrations (`perl_core.data.registry.register`) were made in the driver's process
+    only. Once per process (Python caches modules); a failure fails the trial, naming them."""
+    from pipeline.spec import import_modules
+
+    names = list(context.get("imports") or ())
+    try:
+        import_modules(names)
+    except (Exception, SystemExit) as e:
+        raise ImportError(
+            f"the sweep's imports {names} cannot be imported on Ray node "
+            f"{_node_id() or '?'} ({type(e).__name__}: {e}): every worker must find them, on "
+            f"PYTHONPATH or in the job's working dir (`ray job submit --working-dir .`)") from e
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() or ""
+    except Exception:
+        return ""
+
+
 def _tracker(context: dict[str, Any]) -> tracking.Tracker | None:
     # a new client per trial costs < 1 ms once mlflow is imported (pipeline.bench: `setup`)
     try:
@@ -386,6 +413,7 @@ def train_cell(config: dict[str, Any], context: dict[str, Any] | None = None) ->
 
     assert context is not None, "train_cell needs its context (tune.with_parameters)"
     clock = _Clock()
+    import_sweep_modules(context)
     name, cfg = trial_config(config, context)
     h = cfg.config_hash()
     phase = context["phase"]
@@ -557,6 +585,6 @@ class _Clock:
             logger.warning("cannot write trial timings to %s: %s", where, e)
 
 
-__all__ = ["train_cell", "backbone", "clear_backbone", "build_model", "trial_config",
-           "trial_tags", "TuneCheckpoint", "fit_phases", "cache_settings", "feature_cache",
-           "cache_tags", "cache_metrics", "cache_url", "TIMINGS_ENV"]
+__all__ = ["train_cell", "import_sweep_modules", "backbone", "clear_backbone", "build_model",
+           "trial_config", "trial_tags", "TuneCheckpoint", "fit_phases", "cache_settings",
+           "feature_cache", "cache_tags", "cache_metrics", "cache_url", "TIMINGS_ENV"]

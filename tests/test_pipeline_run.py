@@ -37,16 +37,34 @@ FIRST_RUN_EPOCHS = 2
 # `world` and `weights` (session fixtures) come from tests/conftest.py.
 
 
+USER_DATASETS = "perl_test_user_datasets"  # a sweep's `imports:` module, outside the package
+
+
 @pytest.fixture(scope="module")
-def ray_local():
+def user_modules(tmp_path_factory) -> Path:
+    """A folder outside the repository with a module that registers the dataset `UserShapes`
+    (the folder `user_shapes/` of a data root, in ToyShapes' layout). It is on the Ray workers'
+    PYTHONPATH; a test puts it on the driver's sys.path."""
+    folder = tmp_path_factory.mktemp("user_modules")
+    (folder / f"{USER_DATASETS}.py").write_text(
+        "from perl_core.data.registry import DatasetSpec, register\n\n"
+        "register(DatasetSpec(name='UserShapes', dataset_dir='user_shapes', image_dir='images',\n"
+        "                     split_file='split_zhou_ToyShapes.json',\n"
+        "                     template='a photo of a {}.'))\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ray_local(user_modules):
     # (Ray's default token auth stays on: workers inherit it from the raylet)
     env = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
            "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
     os.environ.update(env)
     import ray
 
+    path = os.pathsep.join((str(REPO), str(user_modules)))
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False,
-             runtime_env={"env_vars": {**env, "PYTHONPATH": str(REPO)}})
+             runtime_env={"env_vars": {**env, "PYTHONPATH": path}})
     yield ray
     ray.shutdown()
 
@@ -323,6 +341,42 @@ def test_a_changed_code_version_runs_finished_cells_again(first_run, tmp_path, c
     # and now this code version's run is what a re-submission reuses
     rc, out = run([str(y), "--dry-run"], capsys)
     assert rc == 0 and "total: 1 cells, 1 done, 0 todo" in out, out
+
+
+def test_a_dataset_registered_by_a_sweep_import_trains_on_ray(tmp_path, world, weights,
+                                                              ray_local, user_modules,
+                                                              monkeypatch, capsys):
+    """`imports:` registers a dataset the package does not know, in the driver (which validates
+    the cells) and in every trial's worker process (which trains on it)."""
+    from perl_core.data import registry
+
+    registry.list_datasets()  # the built-in datasets first; ours is forgotten afterwards
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_KEYS", dict(registry._KEYS))
+    monkeypatch.syspath_prepend(str(user_modules))
+    monkeypatch.delitem(sys.modules, USER_DATASETS, raising=False)
+    root = tmp_path / "user_world"  # the new dataset's folder: ToyShapes' files under a new name
+    root.mkdir()
+    (root / "user_shapes").symlink_to(world / "toy_shapes")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    y = sweep_yaml(tmp_path / "user.yaml", world=root, weights=weights,
+                   storage=tmp_path / "runs", tracking=uri, name="user",
+                   datasets=("UserShapes",), steps=(1,), extra=f"imports: [{USER_DATASETS}]\n")
+    try:
+        rc, out = run([str(y)], capsys)
+    finally:
+        sys.modules.pop(USER_DATASETS, None)
+    assert rc == 0, out
+    [r] = children(uri, "test/user")
+    assert r.info.run_name == "b2n/UserShapes/2shot/seed1/J7/K1"
+    assert r.info.status == "FINISHED", r.data.tags.get("status_detail")
+    assert r.data.tags["dataset"] == "UserShapes" and "base/acc" in r.data.metrics
+    # without the import the name is unknown: the driver refuses the file before any trial
+    y.write_text(y.read_text().replace(f"imports: [{USER_DATASETS}]\n", ""))
+    registry._REGISTRY.pop("UserShapes")  # (the copies made above: restored afterwards)
+    registry._KEYS.pop("usershapes")
+    rc, out = run([str(y)], capsys)
+    assert rc == 2 and "unknown dataset 'UserShapes'" in out, out
 
 
 def test_a_record_without_epoch_history_is_still_read(tmp_path):

@@ -394,3 +394,79 @@ def test_group_order_splits_what_the_feature_cache_keys_split():
     for cfg in (base.replace(seed=2), base.replace(shots=4), base.replace(aug_scale_min=0.5),
                 base.replace(batch_size=8)):
         assert train_view_key(cfg) != train_view_key(base)
+
+
+# --- imports: modules that register datasets ------------------------------------------------------
+
+
+@pytest.fixture
+def registry_snapshot():
+    """Datasets registered by a test's module are forgotten afterwards (the registry is global)."""
+    from perl_core.data import registry
+
+    registry.list_datasets()  # the built-in ones first
+    saved = dict(registry._REGISTRY), dict(registry._KEYS)
+    yield
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(saved[0])
+    registry._KEYS.clear()
+    registry._KEYS.update(saved[1])
+
+
+def test_imports_register_datasets_before_the_cells_are_checked(tmp_path, monkeypatch,
+                                                                 registry_snapshot):
+    (tmp_path / "spec_test_datasets.py").write_text(textwrap.dedent("""\
+        from perl_core.data.registry import DatasetSpec, register
+
+        register(DatasetSpec(name="SpecTestShapes", dataset_dir="toy_shapes", image_dir="images",
+                             split_file="split_zhou_ToyShapes.json", template="a photo of a {}."))
+        """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    text = BASE.replace("ToyShapes", "SpecTestShapes")
+    with pytest.raises(SpecError, match="unknown dataset 'SpecTestShapes'"):
+        parse_spec(text)  # not registered without the import
+    spec = parse_spec(text + "imports: [spec_test_datasets]\n")
+    assert spec.imports == ["spec_test_datasets"]
+    assert [c.config.dataset for c in cells(spec)] == ["SpecTestShapes"]
+    # the key is outside the config hash: a cell's identity is its TrainConfig
+    assert spec.base_config().config_hash() == parse_spec(BASE).base_config().replace(
+        dataset="SpecTestShapes").config_hash()
+
+
+@pytest.mark.parametrize("module,text,fragments", [
+    ("spec_test_surely_missing_module", None,
+     ["line 7", "imports[0]", "cannot import module 'spec_test_surely_missing_module'",
+      "ModuleNotFoundError", "PYTHONPATH", "--working-dir"]),
+    ("spec_test_broken_module", "raise RuntimeError('no database here')\n",
+     ["line 7", "imports[0]", "cannot import module 'spec_test_broken_module'",
+      "RuntimeError: no database here"]),
+    ("lib/my_datasets.py", None, ["line 7", "imports", "not module names", "lib/my_datasets"]),
+], ids=["missing", "raises", "a_path"])
+def test_failing_import_names_file_key_and_module(module, text, fragments, tmp_path,
+                                                  monkeypatch):
+    if text is not None:
+        (tmp_path / f"{module}.py").write_text(text)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.delitem(__import__("sys").modules, module, raising=False)
+    path = tmp_path / "imports.yaml"
+    path.write_text(BASE + f"imports: [{module}]\n")
+    with pytest.raises(SpecError) as e:
+        load_spec(path)
+    msg = str(e.value)
+    assert str(path) in msg, msg
+    for fragment in fragments:
+        assert fragment in msg, f"{fragment!r} not in: {msg}"
+    assert "Traceback" not in msg
+
+
+def test_train_cli_takes_the_same_imports(capsys):
+    from perl_core.train import build_parser, main
+
+    args = build_parser().parse_args(["--import", "a_mod", "--import", "b.mod"])
+    assert args.imports == ["a_mod", "b.mod"]
+    with pytest.raises(SystemExit) as e:
+        main(["--import", "spec_test_surely_missing_module", "--dataset", "ToyShapes",
+              "--data-root", "x"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--import spec_test_surely_missing_module" in err and "ModuleNotFoundError" in err
