@@ -896,13 +896,54 @@ def _max_step(pool: Pool, keys: list[Key]) -> int:
     return max(ks)
 
 
+def _value_rank(v: Any) -> tuple:
+    return (v is None, not isinstance(v, (int, float)), v if isinstance(v, (int, float)) else 0,
+            str(v))
+
+
+def _dynamics_groups(pool: Pool, view: SweepView) -> list[tuple[tuple, list[Key], int]]:
+    """(axis values, cell keys, K) per row group of the dynamics tables.
+
+    No varied axis: one group, every key of the sweep, K = the largest step any run logged.
+    Otherwise one group per axis combination the sweep ran (any status), with the key of each of
+    the sweep's datasets (unrun ones included, so a partial average says so) and its own K; a
+    combination whose runs all failed gets K = its num_steps, so its FAILED cells are shown."""
+    if not view.axis:
+        K = _max_step(pool, list(view.keys))
+        return [((), list(view.keys), K)] if K >= 0 else []
+    combos = sorted(dict.fromkeys(tuple(kget(k, f) for f in view.axis) for k in view.keys),
+                    key=lambda c: tuple(_value_rank(v) for v in c))
+    out = []
+    for combo in combos:
+        values = dict(zip(view.axis, combo))
+        keys = _keys_for_datasets(view, view.datasets, **values)
+        K = _max_step(pool, keys)
+        if K < 0 and any(pool.failed_seeds(k) for k in keys):
+            ks = {kget(k, "num_steps") for k in keys if pool.failed_seeds(k)}
+            K = max((int(x) for x in ks if isinstance(x, (int, float))), default=-1)
+        if K >= 0:
+            out.append((combo, keys, K))
+    return out
+
+
+def _is_default_combo(view: SweepView, combo: tuple) -> bool:
+    """Whether an ablation row is the paper's default PERL setting (what Fig. 7 plots)."""
+    for f, v in zip(view.axis, combo):
+        d = getattr(_DEFAULTS, f, None)
+        numeric = isinstance(d, (int, float)) and isinstance(v, (int, float))
+        if not (v == d or (numeric and float(v) == float(d))):
+            return False
+    return True
+
+
 def tables_dynamics(pool: Pool, view: SweepView) -> list[Table]:
     """Per-step metrics (steps 0..K) averaged over the sweep's datasets, one table per metric;
-    rows = steps, columns = evaluation sets (Fig. 4/7)."""
-    keys = list(view.keys)
-    K = _max_step(pool, keys)
-    if K < 0:
+    rows = steps (per value of the varied field(s), if the sweep varies any), columns =
+    evaluation sets (Fig. 4/7)."""
+    groups_k = _dynamics_groups(pool, view)
+    if not groups_k:
         return []
+    K = max(k for _, _, k in groups_k)
     if view.protocol == "base2novel":
         groups = [("base", "B2N base", "B2N-base", "average"),
                   ("novel", "B2N novel", "B2N-novel", "average")]
@@ -914,46 +955,61 @@ def tables_dynamics(pool: Pool, view: SweepView) -> list[Table]:
         suite = ref.XD_TARGETS if view.protocol == "cross_dataset" else ref.DG_TARGETS
     else:
         groups, suite = [("all", "all classes", None, None)], ()
-    targets_by_key = {k: _target_names(pool, view, str(kget(k, "dataset"))) for k in keys}
+    targets_by_key = {k: _target_names(pool, view, str(kget(k, "dataset"))) for k in view.keys}
+    all_keys = list(dict.fromkeys(k for _, keys, _ in groups_k for k in keys))
+    per = f" per {', '.join(view.axis)}" if view.axis else ""
     out = []
     for m, mlabel, dec, better in STEP_METRICS:
         t = Table(name=f"dynamics_{m}__{view.sweep}",
-                  title=f"Per-step dynamics — {mlabel} at steps 0..{K} (sweep `{view.sweep}`)",
-                  index=("step",), sweep=view.sweep,
+                  title=f"Per-step dynamics — {mlabel} at steps 0..{K}{per} "
+                        f"(sweep `{view.sweep}`)",
+                  index=view.axis + ("step",), sweep=view.sweep,
                   columns=[Column(g[0].lstrip("@"), g[1], dec, better) for g in groups],  # type: ignore[arg-type]
                   paper_ref="Fig. 7 (read off the plot, steps 0 and 4 only)", section="dynamics",
                   plot="dynamics", x_label="step k")
-        for step in range(K + 1):
-            r = Row(label=(str(step),), x=step)
-            for evalset, _lab, f7, f7_ds in groups:
-                name = f"{m}_step{step}"
-                if evalset == "@targets":
-                    def fn(run: SeedRun, _n=name, _k=None) -> float | None:
-                        vals = [run.metrics[f"{x}/{_n}"] for x in targets_by_key.get(run.key, [])
-                                if f"{x}/{_n}" in run.metrics]
-                        return statistics.fmean(vals) if vals else None
-                else:
-                    fn = metric(f"{evalset}/{name}")
-                c = cell_over_datasets(pool, keys, fn) if len(keys) > 1 else \
-                    cell_over_seeds(pool, keys[0], fn)
-                if f7 and _real(view) and m in ("acc", "confidence", "brier"):
+        for combo, keys, K_group in groups_k:
+            with_paper = _real(view) and (not view.axis or _is_default_combo(view, combo))
+            for step in range(K_group + 1):
+                r = Row(label=tuple(fmt_value(v) for v in combo) + (str(step),), x=step)
+                for evalset, _lab, f7, f7_ds in groups:
+                    name = f"{m}_step{step}"
                     if evalset == "@targets":
-                        got = {ref.paper_dataset(x) for k in keys for x in targets_by_key[k]
-                               if seed_values(pool, k, metric(f"{x}/{name}"))}
+                        def fn(run: SeedRun, _n=name) -> float | None:
+                            vals = [run.metrics[f"{x}/{_n}"]
+                                    for x in targets_by_key.get(run.key, [])
+                                    if f"{x}/{_n}" in run.metrics]
+                            return statistics.fmean(vals) if vals else None
                     else:
-                        got = {ref.paper_dataset(d) for d in _finished_datasets(pool, keys)}
-                    why = "" if got == set(suite) else "not compared: other datasets than Fig. 7"
-                    attach_paper(c, "F7", f"PERL {f7} step {step}", f7_ds, m, why)
-                r.cells[evalset.lstrip("@")] = c
-            t.rows.append(r)
+                        fn = metric(f"{evalset}/{name}")
+                    c = cell_over_datasets(pool, keys, fn) if len(keys) > 1 else \
+                        cell_over_seeds(pool, keys[0], fn)
+                    if f7 and with_paper and m in ("acc", "confidence", "brier"):
+                        if evalset == "@targets":
+                            got = {ref.paper_dataset(x) for k in keys
+                                   for x in targets_by_key.get(k, [])
+                                   if seed_values(pool, k, metric(f"{x}/{name}"))}
+                        else:
+                            got = {ref.paper_dataset(d) for d in _finished_datasets(pool, keys)}
+                        why = "" if got == set(suite) else \
+                            "not compared: other datasets than Fig. 7"
+                        attach_paper(c, "F7", f"PERL {f7} step {step}", f7_ds, m, why)
+                    r.cells[evalset.lstrip("@")] = c
+                t.rows.append(r)
         if not any(c.status != "missing" for r in t.rows for c in r.cells.values()):
             continue
-        t.counts = count_cells(pool, keys, view.seeds)
+        t.counts = count_cells(pool, all_keys, view.seeds)
         t.notes.append("Per step k: the metric of the model after k thought steps (k=0 is "
                        "zero-shot CLIP); mean over datasets of the per-dataset seed means.")
+        if view.axis:
+            t.notes.append(f"Rows: steps 0..K for each value of {', '.join(view.axis)} that the "
+                           "sweep ran (K = the largest step its runs logged); datasets averaged: "
+                           f"{', '.join(view.datasets)}.")
         if any(c.paper is not None for r in t.rows for c in r.cells.values()):
             t.notes.append("Fig. 7 averages do not match the paper's table averages "
                            "(PERL.md §12 item 8); confidence is read as %, Brier in [0, 2].")
+            if view.axis:
+                t.notes.append("Fig. 7 values only beside the paper's default setting "
+                               "(what Fig. 7 plots).")
         out.append(t)
     return out
 
@@ -997,13 +1053,12 @@ def build_tables(pool: Pool, views: list[SweepView]) -> list[Table]:
                 tables += [main, detail]
             else:
                 tables.append(table_base2novel(pool, v))
-                tables += tables_dynamics(pool, v)
         elif v.protocol in ("cross_dataset", "domain_generalization"):
             tables.append(table_transfer(pool, v))
-            if not v.axis:
-                tables += tables_dynamics(pool, v)
         else:
             tables.append(table_accuracy(pool, v))
+        # any sweep whose runs logged per-step metrics (rows per varied value, if any)
+        tables += tables_dynamics(pool, v)
         owner.update({id(t): v for t in tables[first:]})
     # the paper's order (Tables 1/5, 2, 8, 3, 4, Fig. 3a, 3b, alignment, the rest), then by sweep
     order = ("table1_5", "table2", "table8", "table3", "table4", "fig3a", "fig3b", "alignment",

@@ -138,14 +138,28 @@ def plot_dynamics(tables: list[Table], path: Path) -> Path:
     """One panel per per-step metric table of a sweep: x = step, a line per evaluation set."""
     fig, axes = plt.subplots(1, len(tables), figsize=(4.2 * len(tables), 4), squeeze=False)
     for ax, t in zip(axes[0], tables):
-        for i, col in enumerate(t.columns):
-            pts = [(r.x, r.cells.get(col.key)) for r in t.rows]
-            _plot_ours_and_paper(ax, pts, _COLOURS[i % len(_COLOURS)], col.label, "paper, ~")
+        # rows are (varied values..., step): one line per group of varied values and column
+        axis = t.index[:-1]
+        groups = list(dict.fromkeys(r.label[:-1] for r in t.rows))
+        i, failed_x = 0, []
+        for g in groups:
+            rows = [r for r in t.rows if r.label[:-1] == g]
+            name = ", ".join(f"{f}={v}" for f, v in zip(axis, g))
+            for col in t.columns:
+                pts = [(r.x, r.cells.get(col.key)) for r in rows]
+                label = f"{name} {col.label}" if name else col.label
+                _plot_ours_and_paper(ax, pts, _COLOURS[i % len(_COLOURS)], label, "paper, ~")
+                failed_x += [x for x, c in pts if c is not None and c.status == "failed"]
+                i += 1
+        if failed_x:  # on the lower edge, as in the curves (not at 0: it would rescale the axis)
+            xs = sorted(set(failed_x))
+            ax.plot(xs, [ax.get_ylim()[0]] * len(xs), "x", color="red", ms=9, mew=2,
+                    label="FAILED", clip_on=False)
         metric = t.title.split(" — ", 1)[-1].split(" at steps")[0]
         ax.set_title(metric, fontsize=9)
         ax.set_xlabel("step k (0 = zero-shot)")
         ax.set_ylabel(metric)
-        ax.set_xticks([r.x for r in t.rows])
+        ax.set_xticks(sorted({r.x for r in t.rows}))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)

@@ -51,6 +51,24 @@ def b2n_metrics(b: float, n: float, K: int = 0, *, confidence_slope: float = 1.0
     return m
 
 
+def memory_runs(specs, experiment_id: str = "7") -> list:
+    """specs: (sweep, TrainConfig, metrics[, status]) -> objects shaped like the mlflow Runs that
+    `MlflowClient.search_runs` returns (run ids run0000, run0001, ... in spec order), for the
+    table builders without a store (the same code path after search_runs)."""
+    from types import SimpleNamespace as NS
+
+    out = []
+    for i, (sweep, cfg, metrics, *status) in enumerate(specs):
+        params = {p.key: p.value for p in params_of(cfg)}
+        out.append(NS(info=NS(run_id=f"run{i:04d}", experiment_id=experiment_id,
+                              status=(status or ["FINISHED"])[0], start_time=i, end_time=i,
+                              run_name=""),
+                      data=NS(tags={"sweep": sweep, "phase": "final",
+                                    "config_hash": cfg.config_hash()},
+                              params=params, metrics=metrics)))
+    return out
+
+
 class Store:
     """A real MLflow store filled the way the pipeline fills it: params = every TrainConfig
     field, tags config_hash / sweep / phase / dataset / protocol, children of a parent run."""

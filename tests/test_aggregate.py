@@ -23,8 +23,8 @@ from mlflow import MlflowClient  # noqa: E402
 from pipeline import aggregate as agg_mod  # noqa: E402
 from pipeline.tables import to_markdown  # noqa: E402
 
-from fake_runs import B2N, HM, TOY, Store  # noqa: E402
-from fake_runs import b2n_metrics as _b2n_metrics, params_of as _params  # noqa: E402
+from fake_runs import B2N, HM, STEPS, TOY, Store, memory_runs  # noqa: E402
+from fake_runs import b2n_metrics as _b2n_metrics  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -300,24 +300,8 @@ def test_redact_uri():
 # --- builders on in-memory runs (same code path after search_runs; no store needed) ----------
 
 
-def _fake_runs(specs):
-    """specs: (sweep, TrainConfig, metrics[, status]) -> objects shaped like mlflow Runs."""
-    from types import SimpleNamespace as NS
-
-    out = []
-    for i, (sweep, cfg, metrics, *status) in enumerate(specs):
-        params = {p.key: p.value for p in _params(cfg)}
-        out.append(NS(info=NS(run_id=f"run{i:04d}", experiment_id="7",
-                              status=(status or ["FINISHED"])[0], start_time=i, end_time=i,
-                              run_name=""),
-                      data=NS(tags={"sweep": sweep, "phase": "final",
-                                    "config_hash": cfg.config_hash()},
-                              params=params, metrics=metrics)))
-    return out
-
-
 def _build(specs):
-    df = agg_mod.cast_params(agg_mod.runs_frame(_fake_runs(specs), {"7": "perl/x"}))
+    df = agg_mod.cast_params(agg_mod.runs_frame(memory_runs(specs), {"7": "perl/x"}))
     pool, df = agg_mod.resolve(df)
     return agg_mod.build_tables(pool, agg_mod.sweep_views(df))
 
@@ -356,3 +340,135 @@ def test_modality_ablation_maps_to_table3_and_shows_unrun_rows():
     assert vis.info["#params"] == "3,841" and vis.info["#params (paper)"] == "4K"
     assert _row(t, "text").cells["base"].status == "missing"
     assert _row(t, "both").cells["hm"].paper == pytest.approx(74.79)
+
+
+def _named(tables, name):
+    (t,) = [t for t in tables if t.name == name]
+    return t
+
+
+def _lrow(t, *label):
+    (r,) = [r for r in t.rows if r.label == label]
+    return r
+
+
+def _csv_rows(t):
+    from pipeline.tables import to_csv
+
+    return list(csv.DictReader(io.StringIO(to_csv(t))))
+
+
+# --- per-step dynamics of sweeps that vary a field ---------------------------------------------
+
+
+def test_dynamics_of_an_ablation_sweep_per_varied_value(tmp_path):
+    """ablation_steps logs acc/confidence/brier/kl at steps 0..K: one block of rows per K, each
+    step the mean ± std over seeds of what the runs logged; the FAILED cell's steps are FAILED."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    s = Store(uri, tmp_path)
+    ids: dict = {}
+    s.steps_sweep(s.experiment("perl/ablation_steps"), ids, "boom", per_step=True)
+    out = tmp_path / "out"
+    assert agg_mod.main(["--tracking-uri", uri, "--out", str(out), "--no-log", "--quiet"]) == 0
+    agg = agg_mod.aggregate(uri)
+    acc = _named(agg.tables, "dynamics_acc__ablation_steps")
+    assert acc.section == "dynamics" and acc.index == ("num_steps", "step")
+    assert [r.label for r in acc.rows] == [("1", "0"), ("1", "1"), ("2", "0"), ("2", "1"),
+                                           ("2", "2"), ("3", "0"), ("3", "1"), ("3", "2"),
+                                           ("3", "3")]
+    for K, seeds in STEPS.items():
+        for k in range(K + 1):
+            for col, i in (("base", 0), ("novel", 1)):
+                vals = [v[i] - (K - k) for v in seeds.values()]  # what b2n_metrics logged
+                c = _lrow(acc, str(K), str(k)).cells[col]
+                assert c.mean == pytest.approx(statistics.mean(vals)), (K, k, col)
+                assert c.std == pytest.approx(statistics.stdev(vals)) and c.n == 2
+                assert len(c.run_ids) == 2
+    # by hand: K=1 step 0 base = mean(50 - 1, 52 - 1) = 50; K=2 step 2 novel = mean(45, 47)
+    assert _lrow(acc, "1", "0").cells["base"].mean == pytest.approx(50.0)
+    assert _lrow(acc, "2", "2").cells["novel"].mean == pytest.approx(46.0)
+    k3 = _lrow(acc, "3", "2").cells["base"]
+    assert k3.status == "failed" and k3.n_failed == 1 and ids["failed"] in k3.failed_run_ids
+    conf = _named(agg.tables, "dynamics_confidence__ablation_steps")
+    assert _lrow(conf, "2", "2").cells["base"].mean == pytest.approx(52.0)  # 50 + 1 * k
+    brier = _named(agg.tables, "dynamics_brier__ablation_steps")
+    assert _lrow(brier, "2", "1").cells["novel"].mean == pytest.approx(0.49)
+    kl = _named(agg.tables, "dynamics_kl__ablation_steps")
+    assert _lrow(kl, "1", "1").cells["base"].mean == pytest.approx(0.1)
+    assert not acc.any_paper  # the synthetic world has no Fig. 7 counterpart
+    # the ablation table itself is unchanged by the dynamics
+    assert [r.label for r in _named(agg.tables, "fig3b_num_steps__ablation_steps").rows] == \
+        [("1",), ("2",), ("3",)]
+    # files and report
+    names = {p.name for p in out.iterdir()}
+    assert {"dynamics_acc__ablation_steps.md", "dynamics_acc__ablation_steps.csv",
+            "dynamics_acc__ablation_steps.tex", "dynamics__ablation_steps.png"} <= names
+    rows = list(csv.DictReader(io.StringIO((out / "dynamics_acc__ablation_steps.csv")
+                                           .read_text())))
+    r = [r for r in rows if (r["num_steps"], r["step"]) == ("2", "0")][0]
+    assert float(r["base"]) == pytest.approx(54.0) and r["base_n"] == "2"
+    assert [r["base"] for r in rows if r["num_steps"] == "3"] == ["FAILED"] * 4
+    md = (out / "dynamics_acc__ablation_steps.md").read_text()
+    assert "| num_steps | step |" in md and "FAILED (1)" in md
+    html = (out / "report.html").read_text()
+    assert 'id="sec-dynamics"' in html and 'id="dynamics_acc__ablation_steps"' in html
+    assert html.index('id="sec-dynamics"') < html.index('id="dynamics_acc__ablation_steps"')
+    summary = (out / "summary.md").read_text()
+    assert "Per-step dynamics — accuracy (%) at steps 0..3 per num_steps" in summary
+
+
+def test_dynamics_of_the_smoke_sweep_average_datasets_per_K():
+    """The embedded default's shape (sweeps/smoke.yaml): 3 toy datasets x num_steps [2, 4]; per K,
+    each step is the mean over datasets of the per-dataset seed means, ± over seeds of the
+    per-seed dataset average."""
+    acc = {"ToyShapes": 80.0, "ToyPatterns": 60.0, "ToyCounts": 40.0}
+    slope = {"ToyShapes": 1.0, "ToyPatterns": 2.0, "ToyCounts": 3.0}
+    base = TOY.replace(inject_layer=7)
+    specs = []
+    for d, a in acc.items():
+        for K in (2, 4):
+            for seed in (1, 2):
+                specs.append(("smoke", base.replace(dataset=d, num_steps=K, seed=seed),
+                              _b2n_metrics(a + seed + K, a - 10 + seed, K,
+                                           confidence_slope=slope[d])))
+    tables = _build(specs)
+    assert [t.name for t in tables if t.section == "dynamics"] == [
+        f"dynamics_{m}__smoke" for m in ("acc", "confidence", "brier", "kl")]
+    t = _named(tables, "dynamics_acc__smoke")
+    assert [r.label for r in t.rows] == [("2", str(k)) for k in range(3)] + \
+        [("4", str(k)) for k in range(5)]
+    for K in (2, 4):
+        for k in range(K + 1):
+            per_seed = [statistics.mean(a + seed + K - (K - k) for a in acc.values())
+                        for seed in (1, 2)]
+            c = _lrow(t, str(K), str(k)).cells["base"]
+            assert c.mean == pytest.approx(statistics.mean(per_seed))
+            assert c.std == pytest.approx(statistics.stdev(per_seed)) and c.n == 2
+            assert len(c.run_ids) == 6 and not c.note  # all three datasets
+    # by hand: K=4 step 0 base = mean(80, 60, 40) + 1.5 = 61.5; novel step 4 = 50 - 10 + 1.5
+    assert _lrow(t, "4", "0").cells["base"].mean == pytest.approx(61.5)
+    assert _lrow(t, "4", "4").cells["novel"].mean == pytest.approx(51.5)
+    conf = _named(tables, "dynamics_confidence__smoke")
+    # confidence 50 + slope * k, slopes 1, 2, 3 -> the dataset average is 50 + 2k
+    assert _lrow(conf, "4", "3").cells["novel"].mean == pytest.approx(56.0)
+    assert _lrow(conf, "4", "3").cells["novel"].std == pytest.approx(0.0)
+    assert (t.counts.expected, t.counts.found) == (12, 12)
+    assert "| num_steps | step |" in to_markdown(t)
+
+
+def test_dynamics_of_an_ablation_on_the_paper_suite_compare_only_the_default_row():
+    """Fig. 7 plots default PERL (K=4): its per-step values sit beside K=4's rows only."""
+    specs = [("ablation_steps", TrainConfig(dataset=d, num_steps=K, seed=1),
+              _b2n_metrics(70.0, 60.0, K))
+             for d in agg_mod.ref.B2N_DATASETS for K in (2, 4)]
+    t = _named(_build(specs), "dynamics_acc__ablation_steps")
+    k4 = _lrow(t, "4", "4").cells["base"]
+    assert k4.mean == pytest.approx(70.0) and k4.paper == pytest.approx(77.3) and k4.paper_approx
+    assert k4.diff == pytest.approx(70.0 - 77.3)
+    assert _lrow(t, "4", "0").cells["novel"].paper == pytest.approx(75.6)
+    assert all(c.paper is None for r in t.rows if r.label[0] == "2" for c in r.cells.values())
+
+
+def test_dynamics_without_a_varied_field_keep_one_block_of_steps(result):
+    t = _table(result["agg"], "dynamics_acc__base2novel")
+    assert t.index == ("step",) and "per " not in t.title
