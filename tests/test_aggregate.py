@@ -472,3 +472,238 @@ def test_dynamics_of_an_ablation_on_the_paper_suite_compare_only_the_default_row
 def test_dynamics_without_a_varied_field_keep_one_block_of_steps(result):
     t = _table(result["agg"], "dynamics_acc__base2novel")
     assert t.index == ("step",) and "per " not in t.title
+
+
+# --- Table 8 -----------------------------------------------------------------------------------
+
+
+DG_SEEDS = {1: {"all": 70.0, "ImageNetV2": 62.0, "ImageNetSketch": 47.0, "ImageNetA": 49.0,
+                "ImageNetR": 76.0},
+            2: {"all": 72.0, "ImageNetV2": 64.0, "ImageNetSketch": 49.0, "ImageNetA": 53.0,
+                "ImageNetR": 78.0}}
+
+
+def _dg_specs(targets):
+    cfg = TrainConfig(protocol="domain_generalization", dataset="ImageNet",
+                      eval_datasets=tuple(targets))
+    specs = []
+    for seed, v in DG_SEEDS.items():
+        m = {"all/acc": v["all"], "val/acc": 99.0}
+        m.update({f"{x}/acc": v[x] for x in targets})
+        m["target_avg"] = statistics.mean(v[x] for x in targets)
+        specs.append(("domain_generalization", cfg.replace(seed=seed), m))
+    return specs
+
+
+def test_table8_domain_generalization_values_paper_and_missing_target():
+    targets = ("ImageNetV2", "ImageNetSketch", "ImageNetA")  # ImageNetR never evaluated
+    t = _named(_build(_dg_specs(targets)), "table8_domain_generalization__domain_generalization")
+    assert [r.label[0] for r in t.rows] == ["source: ImageNet", "ImageNetV2", "ImageNetSketch",
+                                            "ImageNetA", "ImageNetR", "Target Avg"]
+    paper = {"source: ImageNet": 70.26, "ImageNetV2": 63.68, "ImageNetSketch": 48.75,
+             "ImageNetA": 50.28, "ImageNetR": 77.08}  # Table 8, PERL row
+    for label, p in paper.items():
+        c = _row(t, label).cells["m0"]
+        assert c.paper == pytest.approx(p), label
+        if label == "ImageNetR":
+            # not run: missing, never filled from the paper
+            assert c.status == "missing" and c.mean is None and c.diff is None and c.n == 0
+            continue
+        vals = [v["all" if label.startswith("source") else label] for v in DG_SEEDS.values()]
+        assert c.mean == pytest.approx(statistics.mean(vals))
+        assert c.std == pytest.approx(statistics.stdev(vals)) and c.n == 2
+        assert c.diff == pytest.approx(statistics.mean(vals) - p)
+    assert _row(t, "ImageNetV2").cells["m0"].diff == pytest.approx(63.0 - 63.68)  # by hand
+    avg = _row(t, "Target Avg").cells["m0"]
+    assert avg.mean == pytest.approx((158 / 3 + 166 / 3) / 2)  # per-seed means of 3 targets
+    assert avg.paper == pytest.approx(59.95) and avg.diff is None and "3 target(s)" in \
+        avg.no_diff_reason
+    rows = {r["evaluated on"]: r for r in _csv_rows(t)}
+    assert rows["ImageNetR"]["m0"] == "" and rows["ImageNetR"]["m0_status"] == "missing"
+    assert float(rows["ImageNetR"]["m0_paper"]) == pytest.approx(77.08)
+    assert rows["ImageNetR"]["m0_diff"] == ""
+    md = to_markdown(t)
+    assert "| ImageNetR | — | 77.08 | — |" in md and "n/c" in md
+    assert (t.counts.expected, t.counts.found) == (2, 2)
+
+
+def test_table8_target_average_compared_when_all_four_targets_ran():
+    targets = agg_mod.ref.DG_TARGETS
+    t = _named(_build(_dg_specs(targets)), "table8_domain_generalization__domain_generalization")
+    avg = _row(t, "Target Avg").cells["m0"]
+    per_seed = [statistics.mean(v[x] for x in targets) for v in DG_SEEDS.values()]
+    assert avg.mean == pytest.approx(statistics.mean(per_seed))
+    assert avg.diff == pytest.approx(statistics.mean(per_seed) - 59.95)
+    assert _row(t, "ImageNetR").cells["m0"].mean == pytest.approx(77.0)
+
+
+# --- Table 4, Fig. 3a, alignment and the per-dataset detail ------------------------------------
+
+
+def _suite_specs(sweep, field, values, seeds=(1, 2), datasets=agg_mod.ref.B2N_DATASETS,
+                 extra=None):
+    """One run per (value, dataset, seed) with invented, distinct accuracies; returns the specs
+    and {(value, dataset, seed): (base, novel)}."""
+    specs, truth = [], {}
+    for vi, v in enumerate(values):
+        for di, d in enumerate(datasets):
+            for seed in seeds:
+                b, n = 60.0 + di + vi + seed, 50.0 + 2 * di - vi + seed
+                truth[(v, d, seed)] = (b, n)
+                m = {"base/acc": b, "novel/acc": n, **((extra or {}).get(v, {}))}
+                specs.append((sweep, TrainConfig(dataset=d, seed=seed, **{field: v}), m))
+    return specs, truth
+
+
+def _avg_over(truth, value, datasets, i):
+    return statistics.mean(statistics.mean(bn[i] for (v, d, s), bn in truth.items()
+                                           if v == value and d == ds) for ds in datasets)
+
+
+def test_table4_loop_all_six_variants_with_unrun_rows_missing():
+    suite = agg_mod.ref.B2N_DATASETS
+    specs, truth = _suite_specs("ablation_loop", "variant", ["shared", "deep"],
+                                extra={"shared": {"num_trainable_parameters": 6402.0}})
+    # PERL-Step: only DTD (an average over 1 of 11 datasets); PERL-Early: its one run FAILED
+    step_specs, step_truth = _suite_specs("ablation_loop", "variant", ["step"], seeds=(1,),
+                                          datasets=("DTD",))
+    specs += step_specs + [("ablation_loop", TrainConfig(dataset="DTD", seed=1, variant="early"),
+                            {}, "FAILED")]
+    tables = _build(specs)
+    t = _named(tables, "table4_loop__ablation_loop")
+    assert [r.label[0] for r in t.rows] == ["early", "deep", "shared", "step", "layer",
+                                            "layerstep"]
+    paper_hm = {"early": 65.15, "deep": 74.52, "shared": 74.79, "step": 74.93, "layer": 75.09,
+                "layerstep": 76.37}  # Table 4, HM column
+    paper_params = {"early": "6K", "deep": "6K", "shared": "6K", "step": "32K", "layer": "26K",
+                    "layerstep": "83K"}
+    for v in paper_hm:
+        r = _row(t, v)
+        assert r.cells["hm"].paper == pytest.approx(paper_hm[v]), v
+        assert r.info["#params (paper)"] == paper_params[v]
+    for v in ("shared", "deep"):  # every dataset ran: Δ = ours - paper
+        c = _row(t, v).cells
+        for m, i, p in (("base", 0, "T4"), ("novel", 1, "T4")):
+            ours = _avg_over(truth, v, suite, i)
+            paper = agg_mod.ref.paper_value(p, agg_mod.VARIANT_METHOD[v], "average", m)
+            assert c[m].mean == pytest.approx(ours) and c[m].n == 2
+            assert c[m].diff == pytest.approx(ours - paper)
+    # by hand: shared base = 60 + mean(0..10) + 0 + mean(1, 2) = 66.5; paper 73.97
+    assert _row(t, "shared").cells["base"].mean == pytest.approx(66.5)
+    assert _row(t, "shared").cells["base"].diff == pytest.approx(66.5 - 73.97)
+    assert _row(t, "shared").info["#params"] == "6,402"
+    assert _row(t, "deep").info["#params"] == "—"
+    step = _row(t, "step").cells["base"]
+    assert step.mean == pytest.approx(step_truth[("step", "DTD", 1)][0])
+    assert step.note == "average over 1 of 11 datasets" and step.diff is None
+    assert step.paper == pytest.approx(74.30)
+    early = _row(t, "early").cells["base"]
+    assert early.status == "failed" and early.n_failed == 1 and early.mean is None
+    for v in ("layer", "layerstep"):  # never run: missing, the paper's number only beside it
+        c = _row(t, v).cells["hm"]
+        assert c.status == "missing" and c.mean is None and c.diff is None and c.n == 0
+    md = to_markdown(t)
+    assert "| layer | — | 26K | — | 75.58 | — |" in md
+    rows = {r["variant"]: r for r in _csv_rows(t)}
+    assert rows["layerstep"]["hm"] == "" and rows["layerstep"]["hm_status"] == "missing"
+    assert float(rows["layerstep"]["hm_paper"]) == pytest.approx(76.37)
+    assert rows["early"]["base"] == "FAILED"
+    # 6 variants x 11 datasets x 2 seeds; found: 2 x 22 + 1, failed 1
+    assert (t.counts.expected, t.counts.found, t.counts.failed) == (132, 45, 1)
+    # the per-dataset detail: one row per (variant, dataset), no paper numbers
+    d = _named(tables, "detail_table4_loop__ablation_loop")
+    assert d.section == "detail" and d.index == ("variant", "dataset")
+    assert len(d.rows) == 6 * 11 and not d.any_paper
+    for (v, ds), r in ((("deep", "EuroSAT"), _lrow(d, "deep", "EuroSAT")),
+                       (("shared", "ImageNet"), _lrow(d, "shared", "ImageNet"))):
+        bs = [truth[(v, ds, s)][0] for s in (1, 2)]
+        ns = [truth[(v, ds, s)][1] for s in (1, 2)]
+        assert r.cells["base"].mean == pytest.approx(statistics.mean(bs))
+        assert r.cells["base"].std == pytest.approx(statistics.stdev(bs))
+        assert r.cells["hm"].mean == pytest.approx(statistics.mean(HM(b, n)
+                                                                   for b, n in zip(bs, ns)))
+        assert r.cells["hm_coop"].mean == pytest.approx(HM(statistics.mean(bs),
+                                                           statistics.mean(ns)))
+    assert _lrow(d, "early", "DTD").cells["base"].status == "failed"
+    assert _lrow(d, "early", "Caltech101").cells["base"].status == "missing"
+    assert _lrow(d, "step", "DTD").cells["base"].n == 1
+    assert _lrow(d, "layer", "DTD").cells["hm"].status == "missing"
+
+
+def test_fig3a_inject_layer_rows_6_to_11_with_figure_read_paper_values():
+    suite = agg_mod.ref.B2N_DATASETS
+    specs, truth = _suite_specs("ablation_layer", "inject_layer", [7, 9])
+    part, part_truth = _suite_specs("ablation_layer", "inject_layer", [11],
+                                    datasets=("DTD", "EuroSAT"))
+    t = _named(_build(specs + part), "fig3a_inject_layer__ablation_layer")
+    assert [r.label[0] for r in t.rows] == ["6", "7", "8", "9", "10", "11"]
+    assert t.plot == "curve" and [r.x for r in t.rows] == [6, 7, 8, 9, 10, 11]
+    j9 = _row(t, "9").cells
+    ours = _avg_over(truth, 9, suite, 0)
+    assert j9["base"].mean == pytest.approx(ours) and j9["base"].paper == pytest.approx(75.4)
+    assert j9["base"].paper_approx and j9["base"].diff == pytest.approx(ours - 75.4)
+    from pipeline.tables import fmt_diff, fmt_paper
+
+    assert fmt_paper(j9["hm"]) == "~72.95" and fmt_diff(j9["base"]).startswith("~")
+    j7 = _row(t, "7").cells["hm"]  # the default row: the tables' exact value, no "~"
+    assert j7.paper == pytest.approx(74.79) and not j7.paper_approx
+    assert fmt_paper(j7) == "74.79"
+    for j, p in ((6, 75.6), (8, 74.55), (10, 75.35)):  # never run
+        c = _row(t, str(j)).cells["base"]
+        assert c.status == "missing" and c.mean is None and c.paper == pytest.approx(p)
+        assert fmt_paper(c) == f"~{p:g}" and c.diff is None
+    j11 = _row(t, "11").cells["novel"]
+    assert j11.mean == pytest.approx(_avg_over(part_truth, 11, ("DTD", "EuroSAT"), 1))
+    assert j11.diff is None and j11.no_diff_reason and j11.note == "average over 2 of 11 datasets"
+    md = to_markdown(t)
+    assert "| 6 | — | ~75.6 | — |" in md and "read off the plot" in md
+
+
+def test_alignment_accuracy_and_anchor_cosine_vs_anchor_weight(tmp_path, monkeypatch):
+    from pipeline import plots
+
+    datasets = ("DTD", "Caltech101")
+    cos = {0.0: (0.60, 0.70), 1.0: (0.90, 0.92), 10.0: (0.99, 0.98)}
+    specs, truth = [], {}
+    for lam, (cb, cn) in cos.items():
+        for di, d in enumerate(datasets):
+            for seed in (1, 2):
+                b, n = 70.0 + di + seed - lam, 60.0 + di + seed + lam
+                truth[(lam, d, seed)] = (b, n)
+                specs.append(("alignment", TrainConfig(dataset=d, seed=seed, anchor_weight=lam),
+                              {"base/acc": b, "novel/acc": n, "base/anchor_cos": cb + 0.01 * seed,
+                               "novel/anchor_cos": cn - 0.01 * di}))
+    tables = _build(specs)
+    t = _named(tables, "alignment_anchor_weight__alignment")
+    assert t.title.startswith(agg_mod._ABLATION_TITLES[("anchor_weight",)][1])
+    assert [r.label[0] for r in t.rows] == ["0", "1", "10"] and [r.x for r in t.rows] == \
+        [0.0, 1.0, 10.0]
+    assert [c.key for c in t.columns][-2:] == ["base_anchor_cos", "novel_anchor_cos"]
+    assert all(c.better == "none" and c.decimals == 4 for c in t.columns[-2:])
+    assert not t.any_paper  # the paper prints no alignment ablation numbers
+    for lam, (cb, cn) in cos.items():
+        c = _row(t, fmt := agg_mod.fmt_value(lam)).cells
+        assert c["base"].mean == pytest.approx(_avg_over(truth, lam, datasets, 0)), fmt
+        assert c["novel"].mean == pytest.approx(_avg_over(truth, lam, datasets, 1))
+        assert c["base_anchor_cos"].mean == pytest.approx(cb + 0.015)  # seeds +0.01, +0.02
+        assert c["base_anchor_cos"].std == pytest.approx(statistics.stdev([cb + 0.01, cb + 0.02]))
+        assert c["novel_anchor_cos"].mean == pytest.approx(cn - 0.005)  # datasets 0, -0.01
+        assert c["novel_anchor_cos"].std == pytest.approx(0.0)
+    assert "0.9150" in to_markdown(t)  # anchor cos at lambda = 1, base, 4 decimals
+    d = _named(tables, "detail_alignment_anchor_weight__alignment")
+    assert len(d.rows) == 3 * 2
+    assert _lrow(d, "10", "Caltech101").cells["novel_anchor_cos"].mean == pytest.approx(0.97)
+    assert _lrow(d, "0", "DTD").cells["base"].mean == pytest.approx(71.5)
+    # the plot: accuracy panel and an anchor-cos panel beside it
+    panels = []
+    real_panel = plots._curve_panel
+    monkeypatch.setattr(plots, "_curve_panel", lambda ax, tt, cols, ylabel: (
+        panels.append(([c.key for c in cols], ylabel)), real_panel(ax, tt, cols, ylabel))[1])
+    png = plots.plot_curve(t, tmp_path / "alignment.png")
+    assert panels == [(["base", "novel", "hm"], "accuracy / HM (%)"),
+                      (["base_anchor_cos", "novel_anchor_cos"],
+                       "cos(zero-shot, refined image emb.)")]
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.width > 1300  # two 6.5-inch panels at 110 dpi

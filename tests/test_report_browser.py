@@ -133,11 +133,51 @@ def test_failed_and_missing_cells_rendered(report):
     assert any(r[0] == report["ids"]["failed"][:8] and "FAILED" in r for r in runs["rows"])
 
 
+def _table_by_headers(tables: list[dict], headers: tuple[str, ...]) -> dict:
+    hits = [t for t in tables if tuple(t["headers"][:len(headers)]) == headers]
+    assert hits, f"no table whose columns start {headers}; tables: " \
+                 f"{[t['headers'][:3] for t in tables]}"
+    return hits[0]
+
+
+def _lrow(t: dict, *label: str) -> dict[str, str]:
+    (r,) = [r for r in t["rows"] if tuple(r[:len(label)]) == label]
+    assert len(r) == len(t["headers"]), (t["headers"], r)
+    return dict(zip(t["headers"], r))
+
+
+def test_detail_section_rendered(report):
+    dom = report["dom"]
+    assert 'id="sec-detail"' in dom and 'href="#detail_fig3b_num_steps__ablation_steps"' in dom
+    t = _table_by_headers(browser.html_tables(dom), ("num_steps", "dataset"))
+    assert [r[:2] for r in t["rows"]] == [["1", "ToyShapes"], ["2", "ToyShapes"],
+                                         ["3", "ToyShapes"]]
+    assert _lrow(t, "2", "ToyShapes")["Base ours"] == "56.00 ± 1.41"  # seeds 55 and 57
+    assert _lrow(t, "3", "ToyShapes")["Base ours"] == "FAILED (1)"
+
+
+def test_dynamics_section_rendered(report):
+    dom = report["dom"]
+    assert 'id="sec-dynamics"' in dom and 'id="dynamics_acc__ablation_steps"' in dom
+    tables = browser.html_tables(dom)
+    # the ablation's per-step table: steps 0..K for each K it ran
+    t = _table_by_headers(tables, ("num_steps", "step"))
+    assert [r[:2] for r in t["rows"]][:5] == [["1", "0"], ["1", "1"], ["2", "0"], ["2", "1"],
+                                             ["2", "2"]]
+    assert _lrow(t, "2", "0")["B2N base ours"] == "54.00 ± 1.41"  # 55 - 2 and 57 - 2
+    assert _lrow(t, "3", "3")["B2N novel ours"] == "FAILED (1)"
+    # the base2novel sweep's: one block of steps, averaged over its two datasets
+    b2n = _table_by_headers(tables, ("step",))
+    assert [r[0] for r in b2n["rows"]] == ["0", "1", "2"]
+    assert _lrow(b2n, "2")["B2N base ours"].startswith("76.50")  # (91 + 62) / 2
+
+
 def test_plots_are_embedded_images(report):
     from PIL import Image
 
     srcs = browser.img_sources(report["dom"])
-    assert len(srcs) >= 3, srcs  # base2novel bars, fig3b curve, per-step dynamics
+    # base2novel bars, fig3b curve, the per-step dynamics of both sweeps
+    assert len(srcs) >= 4, srcs
     for src in srcs:
         assert src.startswith("data:image/png;base64,"), src[:60]
         with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as im:
