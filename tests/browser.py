@@ -268,7 +268,8 @@ __all__ = ["find_chromium", "require_chromium", "screenshot", "dump_dom", "wait_
 
 def docs_screenshots(runs_dir: Path, out: Path, experiment: str | None = None) -> list[Path]:
     """Screenshots for the docs from a finished `make demo` (or any runs folder holding
-    `mlflow.db` and `aggregate/report.html`): report.png, mlflow-experiment.png, mlflow-run.png.
+    `mlflow.db` and `aggregate/report.html`): report.png, mlflow-experiment.png, mlflow-run.png,
+    mlflow-artifacts.png (the run's weights artifact).
 
     The MLflow store is copied first (the shared view is added to the copy, never to yours)."""
     from mlflow import MlflowClient
@@ -306,6 +307,11 @@ def docs_screenshots(runs_dir: Path, out: Path, experiment: str | None = None) -
                     f"?{ML_WORKFLOW}")
             wait_for_text(page, [run.info.run_name, "inject_layer", "Parent run"])
             shots.append(screenshot(page, out / "mlflow-run.png", size=(1600, 1900),
+                                    virtual_time_budget=15000))
+            page = (f"{url}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}/"
+                    f"artifacts/projectors/projectors.safetensors?{ML_WORKFLOW}")
+            wait_for_text(page, ["projectors.safetensors", "config.json", "per_class.json"])
+            shots.append(screenshot(page, out / "mlflow-artifacts.png", size=(1600, 700),
                                     virtual_time_budget=15000))
     for p in shots:
         assert_not_blank(p)
