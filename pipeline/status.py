@@ -1,24 +1,57 @@
-"""`python -m pipeline.status SWEEP.yaml`: how far a sweep is, from MLflow alone (no Ray needed).
+"""`python -m pipeline.status SWEEP.yaml`: how far a sweep is, from MLflow, Tune's saved state and
+(when a cluster is reachable) Ray.
 
     python -m pipeline.status SWEEP.yaml [--tracking-uri URI] [--ignore-code-version] [--cells]
+                                         [--bench BENCH.json]
 
-Per grid cell, its latest run decides: done (FINISHED, for the current code version unless
---ignore-code-version), running, failed (with the reason from `status_detail`), or left (no run,
-KILLED, or finished for another code version only). Prints the counts, the failures, the mean
-trial time of the finished runs and an ETA (remaining cells x mean time / trials running now,
-or / 1 when nothing runs), and for a sweep with a search phase the samples done and the best one.
-With `--bench BENCH.json` (a `python -m perl_core.bench --json` file from the target GPU) it also
+Three sources, each optional but MLflow:
+
+- **MLflow** (always): per grid cell, its latest run of the `final` phase; the parent run of each
+  submission (`phase=sweep`) with its driver's host, pid and heartbeat tag (refreshed every
+  `tracking.HEARTBEAT_S` by a live driver).
+- **Tune's state** in the sweep's storage (`<storage>/tune/<experiment>-final-*/experiment_state-*
+  .json`, local or s3://; read as plain JSON, nothing unpickled, no Ray needed): each trial's
+  status (PENDING / RUNNING / TERMINATED / ERROR) as of the driver's last snapshot.
+- **Ray** (only when `$RAY_ADDRESS` is set or a head started by `ray start` runs on this
+  machine; status never starts Ray): the state of the Ray jobs the trials ran under (their
+  `ray_job_id` tag).
+
+A cell is
+
+- **done**: a FINISHED run (of the current code version unless --ignore-code-version);
+- **running**: its latest run is RUNNING and nothing says otherwise;
+- **stale (driver gone?)**: its latest run is RUNNING in MLflow but is not running: the driver of
+  its submission is gone (parent run not RUNNING, no heartbeat for `tracking.STALE_S`, its pid
+  dead on this host, or its Ray job ended), or Tune has the trial TERMINATED / ERROR in a state
+  saved after the run started (the trial process ended without closing its run). Re-submitting
+  the sweep marks such runs KILLED and runs the cells again;
+- **failed**: its latest run is FAILED; the reason is the first line of its `status_detail` tag;
+- **left**: no run, KILLED, or finished for another code version only. A left cell that Tune has
+  PENDING while the submission's driver is alive is *queued in Tune*.
+
+Printed: one line on the latest submission (its parent run's status, driver and heartbeat), one
+line on the Tune view and one on the Ray view (each says why it is unavailable when it is), the
+counts, the mean trial time of the finished runs and an ETA (cells not done x mean time / trials
+running now, or / 1 when nothing runs), the failures with their reasons, the stale cells with
+their reason, and for a sweep with a search phase the samples done and the best one. With
+`--bench BENCH.json` (a `python -m perl_core.bench --json` file from the target GPU) it also
 prints the GPU time of the cells not done yet, from the same estimator as `pipeline.run --dry-run
---bench` (`pipeline.estimate`).
+--bench` (`pipeline.estimate`). `--cells` lists every cell with its state, Tune's status of its
+trial and the detail.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import socket
 import statistics
+import tempfile
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -26,45 +59,142 @@ from pipeline import tracking  # noqa: E402
 from pipeline.env import code_fingerprint  # noqa: E402
 from pipeline.spec import SpecError, cells, load_spec, resolve_tracking_uri  # noqa: E402
 
+STATES = ("done", "running", "failed", "left", "stale")
+STALE_LABEL = "stale (driver gone?)"
+TUNE_ENDED = ("TERMINATED", "ERROR")
+TUNE_ACTIVE = ("PENDING", "RUNNING", "PAUSED")
+READ_TIMEOUT_S = 20.0  # the Tune state read and the Ray query each give up after this long
+
 
 @dataclass
 class CellStatus:
     name: str
     config_hash: str
-    state: str  # done / running / failed / left
+    state: str  # done / running / failed / left / stale
     detail: str = ""
     seconds: float | None = None
+    tune: str = ""  # Tune's status of the cell's trial in the newest saved state ("" unknown)
+    queued: bool = False  # left, and PENDING in the Tune state of a live submission
 
 
-def cell_states(runs: list, grid: list, code_version: str | None) -> list[CellStatus]:
-    """The state of every grid cell from its runs (latest start wins, FINISHED beats all)."""
+@dataclass
+class Driver:
+    """Is a submission's driver alive? `alive` None: cannot tell (no heartbeat tag)."""
+
+    run_id: str
+    status: str
+    alive: bool | None
+    why: str
+    job_id: str = ""  # the Ray job its trials ran under (from a child run's ray_job_id tag)
+
+
+@dataclass
+class TuneView:
+    """The newest saved Tune state of the sweep's grid phase, per config hash."""
+
+    trials: dict[str, str] = field(default_factory=dict)  # config_hash -> Tune status
+    saved_at: float | None = None  # when the newest state file was written (epoch seconds)
+    experiment: str = ""
+    complete: bool = False  # pipeline.run marked the phase complete
+    unavailable: str = ""  # why there is no view ("" when there is one)
+
+
+# --- MLflow ---------------------------------------------------------------------------------------
+
+
+def driver_state(parent: Any, now: float | None = None) -> Driver:
+    """Whether the driver behind a parent run (`phase=sweep`) is alive, with the evidence. The
+    same rules `tracking.Tracker.kill_orphans` applies at the next submission."""
+    now = time.time() if now is None else now
+    info, tags = parent.info, parent.data.tags
+    if info.status != "RUNNING":
+        return Driver(info.run_id, info.status, False, f"the submission ended ({info.status})")
+    host, pid = tags.get("driver_host", ""), tags.get("driver_pid", "")
+    where = f"driver pid {pid or '?'} on {host or '?'}"
+    try:
+        age = now - float(tags["heartbeat"])
+    except (KeyError, ValueError):
+        return Driver(info.run_id, info.status, None, f"{where}, no heartbeat recorded")
+    if age > tracking.STALE_S:
+        return Driver(info.run_id, info.status, False,
+                      f"{where}: no heartbeat for {age:.0f} s (a live driver beats every "
+                      f"{tracking.HEARTBEAT_S:.0f} s)")
+    if host == socket.gethostname() and pid:
+        try:
+            os.kill(int(pid), 0)
+        except (ProcessLookupError, ValueError):
+            return Driver(info.run_id, info.status, False,
+                          f"{where}: that process is not running (killed or crashed)")
+        except PermissionError:  # exists, another user's
+            pass
+    return Driver(info.run_id, info.status, True, f"{where}, heartbeat {max(0.0, age):.0f} s ago")
+
+
+def cell_states(runs: list, grid: list, code_version: str | None,
+                drivers: dict[str, Driver] | None = None,
+                tune: TuneView | None = None) -> list[CellStatus]:
+    """The state of every grid cell from its runs (latest start wins, FINISHED beats all),
+    told apart from stale RUNNING runs with the drivers (parent run id -> Driver) and Tune's
+    saved state when given."""
+    drivers = drivers or {}
+    tune = tune or TuneView(unavailable="not read")
     by_hash: dict[str, list] = {}
     for r in runs:
         by_hash.setdefault(r.data.tags.get("config_hash", ""), []).append(r)
     out = []
     for c in grid:
         rs = sorted(by_hash.get(c.config_hash, []), key=lambda r: r.info.start_time or 0)
+        t = tune.trials.get(c.config_hash, "")
         done = [r for r in rs if r.info.status == "FINISHED" and
                 (code_version is None or r.data.tags.get("code_version") == code_version)]
         if done:
             r = done[-1]
             secs = ((r.info.end_time or 0) - (r.info.start_time or 0)) / 1000 or None
-            out.append(CellStatus(c.name, c.config_hash, "done", seconds=secs))
+            out.append(CellStatus(c.name, c.config_hash, "done", seconds=secs, tune=t))
             continue
         last = rs[-1] if rs else None
         if last is None:
-            out.append(CellStatus(c.name, c.config_hash, "left"))
+            out.append(CellStatus(c.name, c.config_hash, "left", tune=t))
         elif last.info.status == "RUNNING":
-            out.append(CellStatus(c.name, c.config_hash, "running"))
+            why = _stale_reason(last, drivers, tune, t)
+            out.append(CellStatus(c.name, c.config_hash, "stale" if why else "running", why,
+                                  tune=t))
         elif last.info.status == "FAILED":
-            detail = last.data.tags.get("status_detail", "").strip().splitlines()
+            detail = [ln.strip() for ln in last.data.tags.get("status_detail", "").splitlines()
+                      if ln.strip()]
             out.append(CellStatus(c.name, c.config_hash, "failed",
-                                  detail[0] if detail else "no reason recorded"))
+                                  detail[0] if detail else "no reason recorded", tune=t))
         else:
             why = "finished with another code version" if last.info.status == "FINISHED" \
                 else last.info.status.lower()
-            out.append(CellStatus(c.name, c.config_hash, "left", why))
+            out.append(CellStatus(c.name, c.config_hash, "left", why, tune=t))
     return out
+
+
+def _stale_reason(run: Any, drivers: dict[str, Driver], tune: TuneView, tune_status: str) -> str:
+    """Why a RUNNING run is not really running ("" when nothing says so)."""
+    parent = run.data.tags.get("mlflow.parentRunId", "")
+    d = drivers.get(parent)
+    if d is not None and d.alive is False:
+        return d.why
+    if parent and parent not in drivers and drivers:
+        return "its submission's parent run is not in MLflow"
+    started = (run.info.start_time or 0) / 1000
+    if tune_status in TUNE_ENDED and tune.saved_at is not None and tune.saved_at > started:
+        return (f"Tune has the trial {tune_status} (state saved after the run started): the "
+                f"trial process ended without closing its MLflow run")
+    return ""
+
+
+def queue_from_tune(states: list[CellStatus], live: bool) -> None:
+    """Mark left cells that Tune has PENDING as queued, and those it has RUNNING as starting,
+    when the submission's driver is alive (a dead driver's saved queue is no queue)."""
+    for s in states:
+        if not live or s.state != "left" or s.tune not in TUNE_ACTIVE:
+            continue
+        s.queued = s.tune == "PENDING"
+        s.detail = "queued in Tune (PENDING)" if s.queued else \
+            f"starting ({s.tune} in Tune, no MLflow run yet)"
 
 
 def eta_seconds(states: list[CellStatus]) -> tuple[float | None, float | None]:
@@ -74,7 +204,7 @@ def eta_seconds(states: list[CellStatus]) -> tuple[float | None, float | None]:
         return None, None
     mean = statistics.fmean(times)
     running = sum(s.state == "running" for s in states)
-    remaining = sum(s.state in ("left", "running", "failed") for s in states)
+    remaining = sum(s.state != "done" for s in states)
     return mean, remaining * mean / max(1, running)
 
 
@@ -84,9 +214,148 @@ def _fmt_s(s: float | None) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(s)) if s < 86400 else f"{s / 86400:.1f} days"
 
 
+# --- Tune's saved state ---------------------------------------------------------------------------
+
+
+def _bounded(fn: Callable[[], Any], what: str, timeout_s: float = READ_TIMEOUT_S) -> Any:
+    """fn() in a daemon thread; TimeoutError when it takes longer (an unreachable S3 endpoint
+    retries for minutes; status must answer)."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+
+    th = threading.Thread(target=target, daemon=True, name=f"status-{what}")
+    th.start()
+    th.join(timeout_s)
+    if th.is_alive():
+        raise TimeoutError(f"{what} did not answer within {timeout_s:.0f} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def tune_view(storage: str, experiment: str) -> TuneView:
+    """The newest `experiment_state-*.json` of every grid-phase Tune experiment of `experiment`
+    under `<storage>/tune`, merged per config hash (the newest state wins); never raises."""
+    root = f"{storage.rstrip('/')}/tune"
+    try:
+        return _bounded(lambda: _read_tune_states(root, experiment), "the sweep's storage")
+    except Exception as e:
+        return TuneView(unavailable=f"cannot read {root} ({type(e).__name__}: "
+                                    f"{tracking._short_error(e)})")
+
+
+def _read_tune_states(root: str, experiment: str) -> TuneView:
+    fs, path = tracking._fs(root)
+    prefix = f"{tracking.experiment_slug(experiment)}-final-"
+    if not fs.exists(path):
+        return TuneView(unavailable=f"no Tune state under {root} (Tune has not started this "
+                                    f"sweep's grid phase here)")
+    states = []  # (saved_at, experiment name, state file path, experiment dir)
+    for d in fs.ls(path, detail=False):
+        name = d.rstrip("/").rsplit("/", 1)[-1]
+        if not name.startswith(prefix):
+            continue
+        files = [f for f in fs.ls(d, detail=False)
+                 if f.rsplit("/", 1)[-1].startswith("experiment_state-") and f.endswith(".json")]
+        if files:
+            newest = max(files)  # the name holds the Tune session's start time
+            states.append((_mtime(fs, newest), name, newest, d))
+    if not states:
+        return TuneView(unavailable=f"no saved Tune state of {experiment!r} under {root}")
+    view = TuneView()
+    for saved_at, name, state_file, d in sorted(states, key=lambda s: s[0] or 0):
+        with fs.open(state_file, "rb") as f:
+            data = json.loads(f.read())
+        for trial_json, _meta in data.get("trial_data", []):
+            h, status = _trial_entry(trial_json)
+            if h:
+                view.trials[h] = status
+        view.saved_at, view.experiment = saved_at, name
+        view.complete = fs.exists(f"{d.rstrip('/')}/perl_phase_complete.json")
+    return view
+
+
+def _trial_entry(trial_json: str) -> tuple[str, str]:
+    """(config hash, Tune status) of one trial of a saved state; ("", "") when unreadable."""
+    from perl_core.config import TrainConfig
+
+    try:
+        state = json.loads(trial_json)
+        cfg = (state.get("config") or {}).get("cell", {}).get("config")
+        return TrainConfig.from_dict(cfg).config_hash(), str(state.get("status", ""))
+    except Exception:
+        return "", ""
+
+
+def _mtime(fs: Any, path: str) -> float | None:
+    try:
+        info = fs.info(path)
+    except Exception:
+        return None
+    m = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+    if hasattr(m, "timestamp"):
+        return m.timestamp()
+    try:
+        return float(m) if m is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+# --- Ray ----------------------------------------------------------------------------------------
+
+
+def ray_address() -> str | None:
+    """$RAY_ADDRESS, else the address of a head that `ray start` runs on this machine (the file
+    Ray writes for it), else None. Never starts anything."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    tmp = os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()
+    try:
+        with open(os.path.join(tmp, "ray", "ray_current_cluster")) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def ray_jobs(address: str) -> dict[str, str]:
+    """Ray job id and submission id -> the job's status (RUNNING, SUCCEEDED, FAILED, STOPPED,
+    PENDING), from the cluster's state API; raises when the cluster does not answer."""
+    def query() -> dict[str, str]:
+        from ray.util.state import list_jobs
+
+        out = {}
+        for j in list_jobs(address=address, timeout=int(READ_TIMEOUT_S / 2), limit=10000,
+                           raise_on_missing_output=False):
+            status = str(getattr(j.status, "value", j.status) or "")
+            for key in (j.job_id, j.submission_id):
+                if key:
+                    out[str(key)] = status
+        return out
+
+    return _bounded(query, f"the Ray cluster at {address}")
+
+
+def apply_ray(drivers: dict[str, Driver], jobs: dict[str, str]) -> None:
+    """A driver whose Ray job has ended is gone, whatever its heartbeat says."""
+    for d in drivers.values():
+        status = jobs.get(d.job_id)
+        if d.alive is not False and status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            d.alive, d.why = False, f"its Ray job {d.job_id} is {status}"
+        elif status in ("RUNNING", "PENDING") and d.alive is None:
+            d.alive, d.why = True, f"its Ray job {d.job_id} is {status}"
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.status",
-                                 description="Progress of a sweep from MLflow.")
+                                 description="Progress of a sweep from MLflow, Tune and Ray.")
     ap.add_argument("sweep")
     ap.add_argument("--tracking-uri", default=None)
     ap.add_argument("--ignore-code-version", action="store_true")
@@ -111,37 +380,90 @@ def main(argv: list[str] | None = None) -> int:
         if exp is not None:
             runs = tracker.search(exp.experiment_id, f"tags.sweep = '{spec.name}'")
     final = [r for r in runs if r.data.tags.get("phase") == "final"]
-    states = cell_states(final, grid, code)
-    counts = {k: sum(s.state == k for s in states) for k in ("done", "running", "failed", "left")}
+    parents = sorted((r for r in runs if r.data.tags.get("phase") == tracking.PARENT_PHASE),
+                     key=lambda r: r.info.start_time or 0)
+    drivers = {p.info.run_id: driver_state(p) for p in parents}
+    for r in runs:  # the Ray job each submission's trials ran under
+        d = drivers.get(r.data.tags.get("mlflow.parentRunId", ""))
+        if d is not None and r.data.tags.get("ray_job_id"):
+            d.job_id = r.data.tags["ray_job_id"]
+    address = ray_address()
+    ray_line = ("not asked: $RAY_ADDRESS is unset and no `ray start` head runs on this machine "
+                "(a local Ray started by pipeline.run ends with its driver)")
+    if address:
+        try:
+            jobs = ray_jobs(address)
+            apply_ray(drivers, jobs)
+            known = sorted({d.job_id for d in drivers.values() if d.job_id in jobs})
+            ray_line = (f"cluster at {tracking.redact_uri(address)}: "
+                        + (", ".join(f"job {j} {jobs[j]}" for j in known) if known
+                           else "none of this sweep's jobs are known to it"))
+        except Exception as e:
+            ray_line = (f"unavailable: the cluster at {tracking.redact_uri(address)} did not "
+                        f"answer ({type(e).__name__}: {tracking._short_error(e)})")
+    tune = tune_view(spec.storage, spec.experiment)
+    states = cell_states(final, grid, code, drivers, tune)
+    latest = drivers[parents[-1].info.run_id] if parents else None
+    queue_from_tune(states, live=bool(latest and latest.alive))
+    counts = {k: sum(s.state == k for s in states) for k in STATES}
+    queued = sum(s.queued for s in states)
     mean, eta = eta_seconds(states)
 
     from rich.console import Console
-    from rich.table import Table
 
-    console = Console()
-    console.print(f"[bold]{spec.name}[/bold] ({spec.source}): experiment {spec.experiment!r} at "
-                  f"{tracking.redact_uri(uri)}"
-                  + ("" if exp else " [yellow](no runs yet)[/yellow]"))
-    console.print(f"{len(grid)} cells: {counts['done']} done, {counts['running']} running, "
-                  f"{counts['failed']} failed, {counts['left']} left")
-    console.print(f"mean trial time {_fmt_s(mean)}; ETA {_fmt_s(eta)}"
-                  + (f" ({counts['running']} running in parallel)" if counts["running"] else ""))
+    console = Console()  # (for the --bench lines)
+
+    def say(text: str) -> None:  # plain lines (no rich markup, no wrapping): grep-able
+        print(text, flush=True)
+
+    say(f"{spec.name} ({spec.source}): experiment {spec.experiment!r} at "
+        f"{tracking.redact_uri(uri)}" + ("" if exp else " (no runs yet)"))
+    if latest is not None:
+        p = parents[-1]
+        state = {True: "alive", False: "GONE", None: "unknown"}[latest.alive]
+        say(f"latest submission {p.info.run_name!r} (parent run {p.info.run_id}): "
+            f"{p.info.status}, driver {state}: {latest.why}"
+            + (" (the next submission marks it KILLED)"
+               if latest.alive is False and p.info.status == "RUNNING" else ""))
+    if tune.unavailable:
+        say(f"Tune view unavailable: {tune.unavailable}")
+    else:
+        by = {}
+        for st in tune.trials.values():
+            by[st] = by.get(st, 0) + 1
+        age = f"saved {time.time() - tune.saved_at:.0f} s ago" if tune.saved_at else "saved"
+        say(f"Tune: {tune.experiment} ({age}{', phase complete' if tune.complete else ''}): "
+            + ", ".join(f"{n} {k}" for k, n in sorted(by.items())))
+    say(f"Ray: {ray_line}")
+    say(f"{len(grid)} cells: {counts['done']} done, {counts['running']} running, "
+        f"{counts['failed']} failed, {counts['left']} left"
+        + (f" ({queued} queued in Tune)" if queued else "")
+        + (f", {counts['stale']} {STALE_LABEL}" if counts["stale"] else ""))
+    say(f"mean trial time {_fmt_s(mean)}; ETA {_fmt_s(eta)}"
+        + (f" ({counts['running']} running in parallel)" if counts["running"] else ""))
     failed = [s for s in states if s.state == "failed"]
     if failed:
-        console.print("[red]failures:[/red]")
+        say("failures:")
         for s in failed:
-            console.print(f"  {s.name}: {s.detail}")
+            say(f"  {s.name}: {s.detail}")
+    stale = [s for s in states if s.state == "stale"]
+    if stale:
+        say(f"{STALE_LABEL}: RUNNING in MLflow but not running:")
+        for s in stale:
+            say(f"  {s.name}: {s.detail}")
+        say(f"  re-submitting (`python -m pipeline.run {spec.source}`) marks them KILLED and "
+            f"runs those cells again")
     if args.bench:
         rc = _bench_estimate(spec, grid, states, final, args.bench, console)
         if rc:
             return rc
-    if args.cells:
-        table = Table()
-        for col in ("cell", "config_hash", "state", "detail"):
-            table.add_column(col)
-        for s in states:
-            table.add_row(s.name, s.config_hash, s.state, s.detail)
-        console.print(table)
+    if args.cells:  # plain aligned columns: a table would wrap long reasons mid-word
+        rows = [("cell", "config_hash", "state", "tune", "detail")] + [
+            (s.name, s.config_hash, STALE_LABEL if s.state == "stale" else s.state,
+             s.tune or "-", s.detail) for s in states]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        for r in rows:
+            say("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[4])
     if spec.search is not None:
         hpo = [r for r in runs if r.data.tags.get("phase") == "hpo"
                and r.info.status == "FINISHED" and spec.search.metric in r.data.metrics]
@@ -152,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             params = ", ".join(f"{k}={best.data.params.get(k)}" for k in spec.search.space)
             line += (f"; best {spec.search.metric} = "
                      f"{best.data.metrics[spec.search.metric]:.4g} ({params})")
-        console.print(line)
+        say(line)
     return 0
 
 
