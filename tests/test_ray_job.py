@@ -172,6 +172,20 @@ def _git(*args: str) -> str:
     return out.stdout.strip() if out.returncode == 0 else ""
 
 
+def _submit(address: str, env: dict, runtime_env: dict, sweep: str) -> str:
+    """`ray job submit --working-dir REPO -- python -m pipeline.run SWEEP`; must succeed. Returns
+    the job's log (the client follows it to the end)."""
+    out = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
+         "--runtime-env-json", json.dumps(runtime_env), "--",
+         "python", "-m", "pipeline.run", sweep],
+        env=env, capture_output=True, text=True, timeout=360)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-6000:]
+    assert "succeeded" in log.lower(), log[-3000:]
+    return log
+
+
 def test_ray_job_submit_smoke_yaml_as_written(cluster, tmp_path):
     """The issue's command verbatim: `ray job submit -- python -m pipeline.run sweeps/smoke.yaml`
     (the YAML from the repository, unmodified: the embedded default, its synthetic world generated
@@ -183,14 +197,7 @@ def test_ray_job_submit_smoke_yaml_as_written(cluster, tmp_path):
                    "env_vars": {"PERL_DATA_ROOT": str(tmp_path / "world"),
                                 "PERL_RUNS_DIR": str(tmp_path / "runs"),
                                 "MLFLOW_TRACKING_URI": uri}}
-    out = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
-         "--runtime-env-json", json.dumps(runtime_env), "--",
-         "python", "-m", "pipeline.run", "sweeps/smoke.yaml"],
-        env=env, capture_output=True, text=True, timeout=380)
-    log = out.stdout + out.stderr
-    assert out.returncode == 0, log[-6000:]
-    assert "succeeded" in log.lower(), log[-3000:]
+    log = _submit(address, env, runtime_env, "sweeps/smoke.yaml")
     assert "=== smoke: 6 finished, 0 skipped (already FINISHED), 0 failed ===" in log, log[-3000:]
     runs = children(uri, "perl/smoke")
     assert sorted(r.info.run_name for r in runs) == sorted(
@@ -219,14 +226,7 @@ def test_ray_job_submit_runs_the_sweep_on_both_nodes(cluster, tmp_path, world, w
                                 # hook) keeps every trial longer than that start.
                                 "PERL_TEST_STEP_DELAY_S": "0.3"}}
     t0 = time.time()
-    out = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
-         "--runtime-env-json", json.dumps(runtime_env), "--",
-         "python", "-m", "pipeline.run", str(sweep)],
-        env=env, capture_output=True, text=True, timeout=360)
-    log = out.stdout + out.stderr
-    assert out.returncode == 0, log[-6000:]
-    assert "succeeded" in log.lower(), log[-3000:]
+    log = _submit(address, env, runtime_env, str(sweep))
     assert "=== job: 4 finished" in log, log[-3000:]
     runs = children(uri, "test/job")
     assert sorted(r.info.run_name for r in runs) == sorted(CELLS)

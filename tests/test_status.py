@@ -25,34 +25,19 @@ from pathlib import Path
 
 import pytest
 
+from test_pipeline_run import sweep_yaml
+
 REPO = Path(__file__).resolve().parents[1]
 COUNTS = re.compile(r"(\d+) cells: (\d+) done, (\d+) running, (\d+) failed, (\d+) left")
 DONE_LINE = r"^\[\d/6\] done   b2n/ToyShapes/\S+: hm \d"  # pipeline.run's progress lines
 FAILED_LINE = r"^\[\d/6\] FAILED b2n/ToyCounts/"
 
 
-def sweep_file(path: Path, *, storage: Path, tracking: str, name: str = "st", world: Path | str =
-               "data", weights: Path | str = "embedded", steps=(1, 2)) -> Path:
-    path.write_text(f"""\
-name: {name}
-experiment: test/{name}
-fixed:
-  arch: perl-tiny
-  pretrained: {weights}
-  data_root: {world}
-  shots: 2
-  seed: 1
-  device: cpu
-  eval_batch_size: 64
-grid:
-  dataset: [ToyShapes, ToyCounts]
-  num_steps: [{', '.join(map(str, steps))}]
-resources: {{cpu: 1, gpu: 0}}
-storage: {storage}
-tracking_uri: {tracking}
-max_failures: 0
-""")
-    return path
+def sweep_file(path: Path, *, storage: Path, tracking: str, world: Path | str = "data",
+               weights: Path | str = "embedded", steps=(1, 2)) -> Path:
+    """test_pipeline_run's tiny sweep (ToyShapes, ToyCounts x steps) named `st`."""
+    return sweep_yaml(path, world=world, weights=weights, storage=storage, tracking=tracking,
+                      name="st", steps=steps)
 
 
 def counts(out: str) -> dict[str, int]:
