@@ -420,11 +420,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{tracking.redact_uri(uri)}" + ("" if exp else " (no runs yet)"))
     if latest is not None:
         p = parents[-1]
-        state = {True: "alive", False: "GONE", None: "unknown"}[latest.alive]
-        say(f"latest submission {p.info.run_name!r} (parent run {p.info.run_id}): "
-            f"{p.info.status}, driver {state}: {latest.why}"
-            + (" (the next submission marks it KILLED)"
-               if latest.alive is False and p.info.status == "RUNNING" else ""))
+        if p.info.status == "RUNNING":
+            state = {True: "alive", False: "GONE", None: "unknown"}[latest.alive]
+            say(f"latest submission {p.info.run_name!r} (parent run {p.info.run_id}): RUNNING, "
+                f"driver {state}: {latest.why}"
+                + (" (the next submission marks it KILLED)" if latest.alive is False else ""))
+        else:  # an ended submission: its driver is gone by design, not a fault to flag
+            say(f"latest submission {p.info.run_name!r} (parent run {p.info.run_id}): "
+                f"{p.info.status} (ended)")
     if tune.unavailable:
         say(f"Tune view unavailable: {tune.unavailable}")
     else:
