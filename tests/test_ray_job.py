@@ -4,7 +4,7 @@ A head node (`ray start --head`, 1 CPU, dashboard/job server on 127.0.0.1) and a
 (`ray start --address=...`, 1 CPU) run on this machine, both with Ray token authentication ON
 (`RAY_AUTH_MODE=token` and one generated `RAY_AUTH_TOKEN` in the environment of both nodes and of
 the `ray job submit` client). The job uploads the repository as its working dir (without .venv,
-.git, runs, *.db) and runs a tiny sweep; trials must land on both nodes (two distinct
+.git, runs, *.db) and runs `sweeps/smoke.yaml` as it is; trials must land on both nodes (two distinct
 `ray_node_id` tags) and every cell must be a FINISHED MLflow run.
 
 The nodes are started from this venv (its bin/ first on PATH), so the job's `python` is the venv's.
@@ -30,9 +30,8 @@ from pathlib import Path
 
 import pytest
 
-# shared helpers (tests/ is on sys.path: pytest rootdir-less imports); the `world` and `weights`
-# fixtures come from tests/conftest.py
-from test_pipeline_run import CELLS, children, sweep_yaml  # noqa: F401
+# shared helper (tests/ is on sys.path: pytest rootdir-less imports)
+from test_pipeline_run import children
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -74,11 +73,9 @@ def _kill(pids: list[int], sig: int) -> None:
             pass
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """Head + second node with token auth; yields (dashboard URL, env for clients). One cluster
-    for the module: both jobs are submitted to it, as users submit one sweep after another."""
-    tmp_path = tmp_path_factory.mktemp("cluster")
+@pytest.fixture
+def cluster(tmp_path):
+    """Head + second node with token auth; yields (dashboard URL, env for clients)."""
     (gcs, dash, client, agent_a, agent_b, grpc_a, grpc_b, rtenv_a, rtenv_b, metrics_a,
      metrics_b) = _free_ports(11)
     # One temp dir per node: nodes sharing one would share (and garbage-collect) the unpacked
@@ -186,50 +183,32 @@ def _submit(address: str, env: dict, runtime_env: dict, sweep: str) -> str:
     return log
 
 
-def test_ray_job_submit_smoke_yaml_as_written(cluster, tmp_path):
+def test_ray_job_submit_smoke_yaml_runs_on_both_nodes(cluster, tmp_path):
     """The issue's command verbatim: `ray job submit -- python -m pipeline.run sweeps/smoke.yaml`
     (the YAML from the repository, unmodified: the embedded default, its synthetic world generated
-    by the job itself). Only where its outputs go is set, through the variables the YAML reads.
-    Runs first: it also warms both nodes' copy of the working dir for the next job."""
+    by the job itself). Only where its outputs go is set, through the variables the YAML reads."""
     address, env = cluster
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     runtime_env = {"excludes": EXCLUDES,
                    "env_vars": {"PERL_DATA_ROOT": str(tmp_path / "world"),
                                 "PERL_RUNS_DIR": str(tmp_path / "runs"),
-                                "MLFLOW_TRACKING_URI": uri}}
+                                "MLFLOW_TRACKING_URI": uri,
+                                "GIT_SHA": _git("rev-parse", "HEAD") or "unknown",
+                                "GIT_DIRTY": "true" if _git("status", "--porcelain") else "false",
+                                # Tune reuses the head's actor for the next trial: on loaded
+                                # cores the second node's first worker (runtime env + imports)
+                                # could start after the head had run every trial (seen with 4
+                                # short trials: 2 runs of 3 at load 6). A 0.15 s sleep per step
+                                # (the trainable's test hook; ~40 steps) makes the 6 trials take
+                                # ~1 min on one node, far longer than that start.
+                                "PERL_TEST_STEP_DELAY_S": "0.15"}}
+    t0 = time.time()
     log = _submit(address, env, runtime_env, "sweeps/smoke.yaml")
     assert "=== smoke: 6 finished, 0 skipped (already FINISHED), 0 failed ===" in log, log[-3000:]
     runs = children(uri, "perl/smoke")
     assert sorted(r.info.run_name for r in runs) == sorted(
         f"b2n/{d}/16shot/seed1/J7/K{k}" for d in ("ToyShapes", "ToyPatterns", "ToyCounts")
         for k in (2, 4))
-    assert {r.info.status for r in runs} == {"FINISHED"}
-    assert {r.data.tags["ray_job_id"] for r in runs} != {""}
-    assert (tmp_path / "world" / "toy_shapes").is_dir()  # the job generated the world
-
-
-def test_ray_job_submit_runs_the_sweep_on_both_nodes(cluster, tmp_path, world, weights):
-    address, env = cluster
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sweep = sweep_yaml(tmp_path / "job.yaml", world=world, weights=weights,
-                       storage=tmp_path / "runs", tracking=uri, name="job",
-                       # trials long enough that the second node's worker is up before the head's
-                       # (reused) worker could take every trial
-                       epochs=8)
-    runtime_env = {"excludes": EXCLUDES,
-                   "env_vars": {"GIT_SHA": _git("rev-parse", "HEAD") or "unknown",
-                                "GIT_DIRTY": "true" if _git("status", "--porcelain") else "false",
-                                # Tune reuses the head's actor for the next trial: on loaded
-                                # cores the second node's first worker (runtime env + imports)
-                                # could start after the head had run every trial (seen: 2 of 3
-                                # runs at load 6). A 0.3 s sleep per step (the trainable's test
-                                # hook) keeps every trial longer than that start.
-                                "PERL_TEST_STEP_DELAY_S": "0.3"}}
-    t0 = time.time()
-    log = _submit(address, env, runtime_env, str(sweep))
-    assert "=== job: 4 finished" in log, log[-3000:]
-    runs = children(uri, "test/job")
-    assert sorted(r.info.run_name for r in runs) == sorted(CELLS)
     assert {r.info.status for r in runs} == {"FINISHED"}
     nodes = {r.data.tags["ray_node_id"] for r in runs}
     assert len(nodes) == 2, f"{nodes}\n{log[-3000:]}\n{_second_node_logs()}"  # both nodes
@@ -238,6 +217,7 @@ def test_ray_job_submit_runs_the_sweep_on_both_nodes(cluster, tmp_path, world, w
     assert {r.data.tags["code_sha"] for r in runs} == {runtime_env["env_vars"]["GIT_SHA"]}
     # the job's python was the venv's (the cluster was started from it)
     assert {r.data.tags["version.ray"] for r in runs} == {_ray_version()}
+    assert (tmp_path / "world" / "toy_shapes").is_dir()  # the job generated the world
     print(f"ray job submit: {time.time() - t0:.0f} s")
 
 
