@@ -96,6 +96,11 @@ def test_vitb16_counts_per_variant_and_modality():
     assert model.num_trainable_parameters() == 6402
     assert model.trainable_parameter_counts() == {"vision": 3841, "text": 2561, "total": 6402}
     assert model.vision_depths == model.text_depths == (7,)
+    # the weights artifact of a ViT-B/16 run: 6,402 fp32 values, ~25 KB (the paper's 6K params)
+    from safetensors.torch import save
+
+    blob = save({k: v.contiguous() for k, v in model.projector_state_dict().items()})
+    assert 6402 * 4 <= len(blob) < 6402 * 4 + 2048, len(blob)
     clip = model.clip
     expected = {  # ours; the paper prints 6K / 6K / 6K / 32K / 26K / 83K (docs/method.md)
         "shared": 6402, "early": 6402, "deep": 6402,
