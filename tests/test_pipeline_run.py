@@ -12,6 +12,7 @@ synthetic world), MLflow on SQLite in tmp_path (and once behind a real `mlflow s
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -216,6 +217,17 @@ def test_every_cell_is_a_finished_child_run(first_run):
                                                   str(first_run["tmp"] / "dl" / r.info.run_id))
         state, saved_cfg = load_projectors(Path(local) / "projectors.safetensors")
         assert saved_cfg.config_hash() == cell.config_hash and state
+        # the resolved config and the per-class accuracies, by content
+        dl = Path(tracker.client.download_artifacts(r.info.run_id, "",
+                                                    str(first_run["tmp"] / "dl" / r.info.run_id)))
+        assert json.loads((dl / "config.json").read_text()) == cfg.to_dict()
+        per_class = json.loads((dl / "per_class.json").read_text())
+        assert per_class and set(per_class) <= {k.split("/")[0] for k in m}, per_class
+        for split, accs in per_class.items():
+            assert accs and all(0.0 <= a <= 100.0 for a in accs.values()), (split, accs)
+            # the synthetic test sets hold the same number of images per class, so the class
+            # mean is the split's accuracy
+            assert sum(accs.values()) / len(accs) == pytest.approx(m[f"{split}/acc"], abs=1e-4)
     # the second copy of each result: one record (JSON + safetensors) per cell in storage
     records = list((first_run["tmp"] / "runs" / "records" / "test__tiny").glob("*.json"))
     assert len(records) == 4
