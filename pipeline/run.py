@@ -52,7 +52,7 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 from pipeline import tracking  # noqa: E402
 from pipeline.env import REPO, code_version, versions  # noqa: E402
 from pipeline.spec import (Cell, SpecError, SweepSpec, cells, group_order, load_spec,  # noqa: E402
-                           preflight, resolve_tracking_uri)
+                           locate_sweep, preflight, resolve_tracking_uri)
 
 # Environment every trial process gets when this driver starts or joins Ray itself.
 TRIAL_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_concurrent is not None and args.max_concurrent < 1:
         say("--max-concurrent must be >= 1")
         return 2
+    args.sweep = locate_sweep(args.sweep, say)
     try:
         spec = load_spec(args.sweep)
         uri = resolve_tracking_uri(spec, args.tracking_uri)

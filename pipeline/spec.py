@@ -48,6 +48,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
                       model_validator)
 
+from pipeline.env import REPO
 from perl_core.config import EXECUTION_FIELDS, FIELD_NAMES, TrainConfig, literal_choices
 
 # Keys whose string values get ${VAR} substitution (and path absolutisation).
@@ -230,6 +231,22 @@ class Cell:
 
 
 # --- loading --------------------------------------------------------------------------------------
+
+
+def locate_sweep(sweep: str, tell: Any = print) -> str:
+    """The sweep file a CLI should read. A relative path that does not exist here but does under
+    the project folder (the one holding `pipeline/` and `sweeps/`) is taken from there, and the
+    process moves there first, as `cd <project> && python -m pipeline.run sweeps/X.yaml` (the
+    KubeRay manifest's entrypoint) would, so that the file's relative paths mean the same; `tell`
+    says so. This makes `ray job submit -- python -m pipeline.run sweeps/X.yaml` work as written
+    on a cluster whose image holds the project, even without `--working-dir` (the job then starts
+    in a Ray session folder)."""
+    given = Path(sweep)
+    if given.is_absolute() or given.exists() or not (REPO / given).is_file():
+        return sweep
+    tell(f"{sweep} is not in {os.getcwd()}; using {REPO / given} and running from {REPO}")
+    os.chdir(REPO)
+    return str(REPO / given)
 
 
 def load_spec(path: str | os.PathLike, *, env: dict[str, str] | None = None,

@@ -57,7 +57,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from pipeline import tracking  # noqa: E402
 from pipeline.env import code_fingerprint  # noqa: E402
-from pipeline.spec import SpecError, cells, load_spec, resolve_tracking_uri  # noqa: E402
+from pipeline.spec import (SpecError, cells, load_spec, locate_sweep,  # noqa: E402
+                           resolve_tracking_uri)
 
 STATES = ("done", "running", "failed", "left", "stale")
 STALE_LABEL = "stale (driver gone?)"
@@ -364,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also estimate the GPU time of the cells left from this "
                          "`python -m perl_core.bench --json` file")
     args = ap.parse_args(argv)
+    args.sweep = locate_sweep(args.sweep)
     try:
         spec = load_spec(args.sweep)
         uri = resolve_tracking_uri(spec, args.tracking_uri)

@@ -3,6 +3,7 @@ files give one readable message naming the file, the line and the key path; hash
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -271,6 +272,32 @@ def test_cli_exit_code_2_on_invalid_file(tmp_path, capsys):
     path.write_text(BASE + "  num_steps: -1\n")
     assert main([str(path), "--dry-run"]) == 2
     assert "fixed.num_steps" in capsys.readouterr().out
+
+
+def test_project_sweep_found_from_another_folder(tmp_path):
+    """`python -m pipeline.run sweeps/X.yaml` started outside the project (a `ray job submit`
+    without --working-dir starts in a Ray session folder) reads the project's sweeps/X.yaml and
+    runs from the project folder, saying so; a file that is nowhere is still refused."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "PERL_DATA_ROOT": str(tmp_path / "world")}
+    env.pop("PERL_RUNS_DIR", None)
+    repo = Path(__file__).resolve().parents[1]
+    for module in ("pipeline.run", "pipeline.status"):
+        out = subprocess.run([sys.executable, "-m", module, "sweeps/smoke.yaml", "--dry-run"
+                              if module == "pipeline.run" else "--cells"],
+                             cwd=tmp_path, env={**env, "PYTHONPATH": str(repo)},
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert (f"sweeps/smoke.yaml is not in {tmp_path}; using {repo / 'sweeps' / 'smoke.yaml'}"
+                f" and running from {repo}") in out.stdout, out.stdout
+        assert "6 cells" in out.stdout, out.stdout
+    out = subprocess.run([sys.executable, "-m", "pipeline.run", "sweeps/none.yaml", "--dry-run"],
+                         cwd=tmp_path, env={**env, "PYTHONPATH": str(repo)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "sweeps/none.yaml: cannot read the sweep file" in out.stdout
 
 
 # --- expansion, names, hashes ---------------------------------------------------------------------
