@@ -348,23 +348,18 @@ def _short(v: Any) -> str:
 
 
 def trial_tags(cfg: TrainConfig, name: str, context: dict[str, Any]) -> dict[str, str]:
-    import ray
     from ray import tune
 
     try:
         trial_id = tune.get_context().get_trial_id() or ""
     except Exception:  # outside a Tune session (direct call in a test)
         trial_id = ""
-    try:
-        node_id = ray.get_runtime_context().get_node_id()
-    except Exception:
-        node_id = ""
     tags = {
         "config_hash": cfg.config_hash(), "code_sha": context["code_sha"],
         "code_dirty": context["code_dirty"], "code_version": context["code_version"],
         "sweep": context["sweep"],
         "phase": context["phase"], "dataset": cfg.dataset, "protocol": cfg.protocol,
-        "cell": name, "ray_node_id": node_id, "trial_id": trial_id,
+        "cell": name, "ray_node_id": _node_id(), "trial_id": trial_id,
         "ray_job_id": context.get("ray_job_id", ""), "sweep_file": context.get("sweep_file", ""),
         **versions(), **device_info(),
     }
@@ -388,6 +383,7 @@ def import_sweep_modules(context: dict[str, Any]) -> None:
 
 
 def _node_id() -> str:
+    """This worker's Ray node id ("" outside Ray)."""
     try:
         import ray
 
