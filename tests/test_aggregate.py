@@ -657,6 +657,10 @@ def test_fig3a_inject_layer_rows_6_to_11_with_figure_read_paper_values():
     assert j11.diff is None and j11.no_diff_reason and j11.note == "average over 2 of 11 datasets"
     md = to_markdown(t)
     assert "| 6 | — | ~75.6 | — |" in md and "read off the plot" in md
+    assert any("(n/c)" in n for n in t.notes)  # J=11 is a partial average
+    # without it, the rows never run (J=6, 8, 10) are missing, not partial: no n/c note
+    full = _named(_build(specs), "fig3a_inject_layer__ablation_layer")
+    assert not any("(n/c)" in n for n in full.notes), full.notes
 
 
 def test_alignment_accuracy_and_anchor_cosine_vs_anchor_weight(tmp_path, monkeypatch):
