@@ -942,8 +942,8 @@ def tables_dynamics(pool: Pool, view: SweepView) -> list[Table]:
     rows = steps (per value of the varied field(s), if the sweep varies any), columns =
     evaluation sets (Fig. 4/7)."""
     groups_k = _dynamics_groups(pool, view)
-    if not groups_k:
-        return []
+    if not any(_max_step(pool, keys) >= 1 for _, keys, _ in groups_k):
+        return []  # no run logged a step past 0 (zero-shot): there are no dynamics to show
     K = max(k for _, _, k in groups_k)
     if view.protocol == "base2novel":
         groups = [("base", "B2N base", "B2N-base", "average"),

@@ -187,6 +187,9 @@ def test_dynamics_per_step(result):
     assert _row(t, "2").cells["novel"].mean == pytest.approx((82 + 53) / 2)
     kl = _table(result["agg"], "dynamics_kl__base2novel")
     assert _row(kl, "2").cells["base"].mean == pytest.approx(0.2)
+    # the ablation_steps sweep of this store logs step 0 only: zero-shot alone has no dynamics
+    assert not [t.name for t in result["agg"].tables if t.name.startswith("dynamics_")
+                and t.name.endswith("__ablation_steps")]
 
 
 def test_files_written(result):
