@@ -4,8 +4,8 @@ A head node (`ray start --head`, 1 CPU, dashboard/job server on 127.0.0.1) and a
 (`ray start --address=...`, 1 CPU) run on this machine, both with Ray token authentication ON
 (`RAY_AUTH_MODE=token` and one generated `RAY_AUTH_TOKEN` in the environment of both nodes and of
 the `ray job submit` client). The job uploads the repository as its working dir (without .venv,
-.git, runs, *.db) and runs `sweeps/smoke.yaml` as it is; trials must land on both nodes (two distinct
-`ray_node_id` tags) and every cell must be a FINISHED MLflow run.
+.git, runs, *.db) and runs `sweeps/smoke.yaml` as it is; trials must land on both nodes (two
+distinct `ray_node_id` tags) and every cell must be a FINISHED MLflow run.
 
 The nodes are started from this venv (its bin/ first on PATH), so the job's `python` is the venv's.
 Teardown stops exactly the nodes this test started (`ray start --block` processes, then any process
