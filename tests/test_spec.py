@@ -274,30 +274,27 @@ def test_cli_exit_code_2_on_invalid_file(tmp_path, capsys):
     assert "fixed.num_steps" in capsys.readouterr().out
 
 
-def test_project_sweep_found_from_another_folder(tmp_path):
+def test_project_sweep_found_from_another_folder(tmp_path, monkeypatch, capsys):
     """`python -m pipeline.run sweeps/X.yaml` started outside the project (a `ray job submit`
     without --working-dir starts in a Ray session folder) reads the project's sweeps/X.yaml and
     runs from the project folder, saying so; a file that is nowhere is still refused."""
-    import subprocess
-    import sys
+    from pipeline import status
+    from pipeline.run import main
 
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-           "PERL_DATA_ROOT": str(tmp_path / "world")}
-    env.pop("PERL_RUNS_DIR", None)
     repo = Path(__file__).resolve().parents[1]
-    for module in ("pipeline.run", "pipeline.status"):
-        out = subprocess.run([sys.executable, "-m", module, "sweeps/smoke.yaml", "--dry-run"
-                              if module == "pipeline.run" else "--cells"],
-                             cwd=tmp_path, env={**env, "PYTHONPATH": str(repo)},
-                             capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stdout + out.stderr
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("PERL_DATA_ROOT", str(tmp_path / "world"))
+    monkeypatch.delenv("PERL_RUNS_DIR", raising=False)
+    for cli, flag in ((main, "--dry-run"), (status.main, "--cells")):
+        monkeypatch.chdir(tmp_path)  # undone after the test, also after the CLI's own chdir
+        assert cli(["sweeps/smoke.yaml", flag]) == 0
+        out = capsys.readouterr().out
         assert (f"sweeps/smoke.yaml is not in {tmp_path}; using {repo / 'sweeps' / 'smoke.yaml'}"
-                f" and running from {repo}") in out.stdout, out.stdout
-        assert "6 cells" in out.stdout, out.stdout
-    out = subprocess.run([sys.executable, "-m", "pipeline.run", "sweeps/none.yaml", "--dry-run"],
-                         cwd=tmp_path, env={**env, "PYTHONPATH": str(repo)},
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "sweeps/none.yaml: cannot read the sweep file" in out.stdout
+                f" and running from {repo}") in out, out
+        assert "6 cells" in out and os.getcwd() == str(repo), out
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweeps/none.yaml", "--dry-run"]) == 2
+    assert "sweeps/none.yaml: cannot read the sweep file" in capsys.readouterr().out
 
 
 # --- expansion, names, hashes ---------------------------------------------------------------------
