@@ -43,9 +43,9 @@ trial and the detail.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
-import socket
 import statistics
 import tempfile
 import threading
@@ -104,31 +104,14 @@ class TuneView:
 
 
 def driver_state(parent: Any, now: float | None = None) -> Driver:
-    """Whether the driver behind a parent run (`phase=sweep`) is alive, with the evidence. The
-    same rules `tracking.Tracker.kill_orphans` applies at the next submission."""
-    now = time.time() if now is None else now
-    info, tags = parent.info, parent.data.tags
+    """Whether the driver behind a parent run (`phase=sweep`) is alive, with the evidence: the
+    rules `tracking.Tracker.kill_orphans` applies at the next submission
+    (`tracking.driver_liveness`)."""
+    info = parent.info
     if info.status != "RUNNING":
         return Driver(info.run_id, info.status, False, f"the submission ended ({info.status})")
-    host, pid = tags.get("driver_host", ""), tags.get("driver_pid", "")
-    where = f"driver pid {pid or '?'} on {host or '?'}"
-    try:
-        age = now - float(tags["heartbeat"])
-    except (KeyError, ValueError):
-        return Driver(info.run_id, info.status, None, f"{where}, no heartbeat recorded")
-    if age > tracking.STALE_S:
-        return Driver(info.run_id, info.status, False,
-                      f"{where}: no heartbeat for {age:.0f} s (a live driver beats every "
-                      f"{tracking.HEARTBEAT_S:.0f} s)")
-    if host == socket.gethostname() and pid:
-        try:
-            os.kill(int(pid), 0)
-        except (ProcessLookupError, ValueError):
-            return Driver(info.run_id, info.status, False,
-                          f"{where}: that process is not running (killed or crashed)")
-        except PermissionError:  # exists, another user's
-            pass
-    return Driver(info.run_id, info.status, True, f"{where}, heartbeat {max(0.0, age):.0f} s ago")
+    alive, why = tracking.driver_liveness(parent, now)
+    return Driver(info.run_id, info.status, alive, why)
 
 
 def cell_states(runs: list, grid: list, code_version: str | None,
@@ -433,9 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     if tune.unavailable:
         say(f"Tune view unavailable: {tune.unavailable}")
     else:
-        by = {}
-        for st in tune.trials.values():
-            by[st] = by.get(st, 0) + 1
+        by = collections.Counter(tune.trials.values())
         age = f"saved {time.time() - tune.saved_at:.0f} s ago" if tune.saved_at else "saved"
         say(f"Tune: {tune.experiment} ({age}{', phase complete' if tune.complete else ''}): "
             + ", ".join(f"{n} {k}" for k, n in sorted(by.items())))

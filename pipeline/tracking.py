@@ -599,22 +599,34 @@ def _finite(v: Any) -> bool:
     return f == f and f not in (float("inf"), float("-inf"))
 
 
-def _driver_alive(run: Any) -> bool:
+def driver_liveness(run: Any, now: float | None = None) -> tuple[bool | None, str]:
+    """Whether the driver behind a RUNNING parent run (`phase=sweep`) is alive, with the evidence
+    (for `pipeline.status`). None: no readable heartbeat tag, so it cannot tell (`kill_orphans`
+    counts that as gone). Gone: heartbeat older than STALE_S (any host), or its pid is not running
+    on this host."""
+    now = time.time() if now is None else now
     tags = run.data.tags
+    host, pid = tags.get("driver_host", ""), tags.get("driver_pid", "")
+    where = f"driver pid {pid or '?'} on {host or '?'}"
     try:
-        beat = float(tags.get("heartbeat", "0"))
-    except ValueError:
-        beat = 0.0
-    if time.time() - beat > STALE_S:
-        return False
-    if tags.get("driver_host") == socket.gethostname():
+        age = now - float(tags["heartbeat"])
+    except (KeyError, ValueError):
+        return None, f"{where}, no heartbeat recorded"
+    if age > STALE_S:
+        return False, (f"{where}: no heartbeat for {age:.0f} s (a live driver beats every "
+                       f"{HEARTBEAT_S:.0f} s)")
+    if host == socket.gethostname() and pid:
         try:
-            os.kill(int(tags.get("driver_pid", "0")), 0)
+            os.kill(int(pid), 0)
         except (ProcessLookupError, ValueError):
-            return False
+            return False, f"{where}: that process is not running (killed or crashed)"
         except PermissionError:  # exists, owned by another user
-            return True
-    return True
+            pass
+    return True, f"{where}, heartbeat {max(0.0, age):.0f} s ago"
+
+
+def _driver_alive(run: Any) -> bool:
+    return driver_liveness(run)[0] is True
 
 
 def log_record(tracker: Tracker, experiment_id: str, record: TrialRecord, projectors: bytes,
@@ -697,4 +709,5 @@ def iter_children(tracker: Tracker, experiment_id: str, parent_run_id: str) -> I
 __all__ = ["Tracker", "TrialRecord", "TrackingUnavailable", "RecordError", "HTTP_DEFAULTS",
            "PHASES", "PARENT_PHASE", "config_params", "redact_uri", "write_record",
            "iter_records", "read_bytes", "records_dir", "replay", "log_record", "new_record_id",
-           "experiment_slug", "iter_children", "HEARTBEAT_S", "tracking_errors"]
+           "experiment_slug", "iter_children", "HEARTBEAT_S", "tracking_errors",
+           "driver_liveness"]
