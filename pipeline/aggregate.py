@@ -903,7 +903,8 @@ def _value_rank(v: Any) -> tuple:
 
 
 def _dynamics_groups(pool: Pool, view: SweepView) -> list[tuple[tuple, list[Key], int]]:
-    """(axis values, cell keys, K) per row group of the dynamics tables.
+    """(axis values, cell keys, K) per row group of the dynamics tables; none when no run logged
+    a step past 0 (zero-shot alone has no dynamics).
 
     No varied axis: one group, every key of the sweep, K = the largest step any run logged.
     Otherwise one group per axis combination the sweep ran (any status), with the key of each of
@@ -911,14 +912,17 @@ def _dynamics_groups(pool: Pool, view: SweepView) -> list[tuple[tuple, list[Key]
     combination whose runs all failed gets K = its num_steps, so its FAILED cells are shown."""
     if not view.axis:
         K = _max_step(pool, list(view.keys))
-        return [((), list(view.keys), K)] if K >= 0 else []
+        return [((), list(view.keys), K)] if K >= 1 else []
     combos = sorted(dict.fromkeys(tuple(kget(k, f) for f in view.axis) for k in view.keys),
                     key=lambda c: tuple(_value_rank(v) for v in c))
-    out = []
+    logged = []  # (combo, keys, the largest step its runs logged)
     for combo in combos:
-        values = dict(zip(view.axis, combo))
-        keys = _keys_for_datasets(view, view.datasets, **values)
-        K = _max_step(pool, keys)
+        keys = _keys_for_datasets(view, view.datasets, **dict(zip(view.axis, combo)))
+        logged.append((combo, keys, _max_step(pool, keys)))
+    if max((K for _, _, K in logged), default=-1) < 1:
+        return []
+    out = []
+    for combo, keys, K in logged:
         if K < 0 and any(pool.failed_seeds(k) for k in keys):
             ks = {kget(k, "num_steps") for k in keys if pool.failed_seeds(k)}
             K = max((int(x) for x in ks if isinstance(x, (int, float))), default=-1)
@@ -942,8 +946,8 @@ def tables_dynamics(pool: Pool, view: SweepView) -> list[Table]:
     rows = steps (per value of the varied field(s), if the sweep varies any), columns =
     evaluation sets (Fig. 4/7)."""
     groups_k = _dynamics_groups(pool, view)
-    if not any(_max_step(pool, keys) >= 1 for _, keys, _ in groups_k):
-        return []  # no run logged a step past 0 (zero-shot): there are no dynamics to show
+    if not groups_k:
+        return []
     K = max(k for _, _, k in groups_k)
     if view.protocol == "base2novel":
         groups = [("base", "B2N base", "B2N-base", "average"),
