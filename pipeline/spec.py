@@ -301,11 +301,9 @@ def import_modules(names: Iterable[str]) -> None:
 
 def _import_problems(names: list[str]) -> list[tuple[tuple, str]]:
     problems: list[tuple[tuple, str]] = []
-    if names:
-        importlib.invalidate_caches()
     for i, name in enumerate(names):
         try:
-            importlib.import_module(name)
+            import_modules([name])
         except (Exception, SystemExit) as e:
             problems.append((("imports", i), (
                 f"cannot import module {name!r} ({type(e).__name__}: {e}); it must be "
