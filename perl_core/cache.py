@@ -80,6 +80,22 @@ def compute_id(device: torch.device) -> str:
     return f"{dt}/fp32"
 
 
+def info_mtime(info: dict) -> float | None:
+    """A file's modification time (epoch seconds) from an fsspec `info`/`ls(detail=True)` entry:
+    local `mtime`, s3fs `LastModified` (a datetime), others `last_modified` / `created`."""
+    for key in ("mtime", "LastModified", "last_modified", "created"):
+        m = info.get(key)
+        if m is None:
+            continue
+        if hasattr(m, "timestamp"):
+            return m.timestamp()
+        try:
+            return float(m)
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
 def _env() -> str:
     import PIL
     import torchvision
@@ -258,12 +274,8 @@ class FeatureCache:
         if total <= self.max_bytes:
             return 0
 
-        def mtime(i: dict) -> float:
-            m = i.get("mtime", i.get("LastModified", i.get("created", 0)))
-            return m.timestamp() if hasattr(m, "timestamp") else float(m or 0)
-
         removed = 0
-        for i in sorted(files, key=mtime):
+        for i in sorted(files, key=lambda i: info_mtime(i) or 0.0):
             if total <= self.max_bytes:
                 break
             self._rm(i["name"])
@@ -419,5 +431,5 @@ def evaluate_cached(model: Any, items: Sequence[Any], classnames: Sequence[str],
     return out
 
 
-__all__ = ["FeatureCache", "model_fingerprint", "items_hash", "compute_id", "evaluate_cached",
-           "image_features", "text_features", "cached_batches", "to_device"]
+__all__ = ["FeatureCache", "model_fingerprint", "items_hash", "compute_id", "info_mtime",
+           "evaluate_cached", "image_features", "text_features", "cached_batches", "to_device"]

@@ -277,16 +277,11 @@ def _trial_entry(trial_json: str) -> tuple[str, str]:
 
 
 def _mtime(fs: Any, path: str) -> float | None:
+    from perl_core.cache import info_mtime
+
     try:
-        info = fs.info(path)
+        return info_mtime(fs.info(path))
     except Exception:
-        return None
-    m = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
-    if hasattr(m, "timestamp"):
-        return m.timestamp()
-    try:
-        return float(m) if m is not None else None
-    except (TypeError, ValueError):
         return None
 
 
