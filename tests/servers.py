@@ -8,6 +8,9 @@
 - `S3Endpoint()`: moto's S3 server in a thread of this process; `stop()` / `start()` take it
   down and bring it back on the same port with the same buckets (an outage).
 - `free_port()`: a free TCP port on 127.0.0.1.
+- `start_cli(args, log, env)`: `python -m pipeline.run ARGS` as a subprocess in its own process
+  group (its own local Ray), output to `log`; `finish(p)` waits and then `kill_group(p)` kills
+  what is left of the group (the Ray workers of a killed driver); `cli_env` is its environment.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -136,4 +141,45 @@ class S3Endpoint:
             self.up = True
 
 
-__all__ = ["MlflowServer", "S3Endpoint", "free_port"]
+
+# --- pipeline.run as a subprocess -----------------------------------------------------------------
+
+
+def cli_env(extra: dict | None = None) -> dict:
+    """This environment for a `pipeline.run` subprocess with a fresh local Ray of its own, plus
+    `extra` (a None value removes that variable)."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)  # a fresh local Ray per driver
+    for k, val in (extra or {}).items():
+        if val is None:
+            env.pop(k, None)
+        else:
+            env[k] = val
+    return env
+
+
+def start_cli(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    fh = open(log, "ab")
+    return subprocess.Popen([sys.executable, "-m", "pipeline.run", *args], cwd=REPO,
+                            env=cli_env(env), stdout=fh, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def finish(p: subprocess.Popen, timeout: float = 400) -> int:
+    try:
+        return p.wait(timeout=timeout)
+    finally:
+        kill_group(p)
+
+
+def kill_group(p: subprocess.Popen) -> None:
+    """Kill what is left of the process group this test started (Ray workers of a killed driver)."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+__all__ = ["MlflowServer", "S3Endpoint", "free_port", "cli_env", "start_cli", "finish",
+           "kill_group"]

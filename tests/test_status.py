@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from servers import kill_group, start_cli  # tests/servers.py
 from test_pipeline_run import sweep_yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -196,24 +197,6 @@ def test_unreachable_ray_cluster_is_one_line(sweep, capsys, no_ray, monkeypatch)
 # --- slow: a real sweep, status while it runs, then its driver SIGKILLed --------------------------
 
 
-def _start_cli(args: list[str], log: Path, env: dict) -> subprocess.Popen:
-    full = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
-            "PYTHONPATH": str(REPO), **env}
-    full.pop("RAY_ADDRESS", None)  # a fresh local Ray for this driver, in Ray's default temp
-    full.pop("RAY_TMPDIR", None)  # dir (`no_ray`'s is too long for Ray's socket paths)
-    with open(log, "ab") as fh:
-        return subprocess.Popen([sys.executable, "-m", "pipeline.run", *args], cwd=REPO,
-                                env=full, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-
-def _kill_group(p: subprocess.Popen) -> None:
-    try:
-        os.killpg(p.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_real_sweep_status_while_running_then_stale_after_driver_kill(
@@ -224,8 +207,11 @@ def test_real_sweep_status_while_running_then_stale_after_driver_kill(
     log = tmp_path / "run.log"
     # every ToyCounts trial runs out of memory after its first step (the test hook of
     # tests/reliability/test_oom.py); a pause after each step keeps ToyShapes trials running
-    p = _start_cli([str(y), "--ignore-code-version"], log,
-                   {"PERL_TEST_FAULT": "oom:ToyCounts:1", "PERL_TEST_STEP_DELAY_S": "3.0"})
+    # RAY_TMPDIR removed: a fresh local Ray in Ray's default temp dir (`no_ray`'s is too long
+    # for Ray's socket paths)
+    p = start_cli([str(y), "--ignore-code-version"], log,
+                  {"PERL_TEST_FAULT": "oom:ToyCounts:1", "PERL_TEST_STEP_DELAY_S": "3.0",
+                   "RAY_TMPDIR": None})
     argv = [str(y), "--ignore-code-version", "--cells"]
     try:
         deadline, seen, out = time.time() + 300, [], ""
@@ -249,10 +235,10 @@ def test_real_sweep_status_while_running_then_stale_after_driver_kill(
             pytest.fail(f"never done + failed + running at once:\n{out}\n{log.read_text()}")
         # the driver and its Ray processes die at once: their RUNNING runs stay RUNNING
         os.kill(p.pid, signal.SIGKILL)
-        _kill_group(p)
+        kill_group(p)
         p.wait(60)
     finally:
-        _kill_group(p)
+        kill_group(p)
     live = seen[-1]
     assert "stale" not in live, live
     assert "driver alive: driver pid" in live, live

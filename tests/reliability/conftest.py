@@ -4,16 +4,13 @@ real subprocess (its own local Ray, a real MLflow SQLite store)."""
 
 from __future__ import annotations
 
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from servers import MlflowServer, free_port  # noqa: F401  (tests/servers.py; free_port re-exported)
+from servers import (MlflowServer, cli_env, finish, free_port,  # noqa: F401 (tests/servers.py;
+                     kill_group, start_cli)  # re-exported to the suite)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -47,36 +44,6 @@ tracking_uri: {tracking}
 max_failures: {max_failures}
 {extra}""")
     return path
-
-
-def cli_env(extra: dict | None = None) -> dict:
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "PYTHONPATH": str(REPO)}
-    env.pop("RAY_ADDRESS", None)  # a fresh local Ray per driver
-    env.update(extra or {})
-    return env
-
-
-def start_cli(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-    fh = open(log, "ab")
-    return subprocess.Popen([sys.executable, "-m", "pipeline.run", *args], cwd=REPO,
-                            env=cli_env(env), stdout=fh, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def finish(p: subprocess.Popen, timeout: float = 400) -> int:
-    try:
-        return p.wait(timeout=timeout)
-    finally:
-        kill_group(p)
-
-
-def kill_group(p: subprocess.Popen) -> None:
-    """Kill what is left of the process group this test started (Ray workers of a killed driver)."""
-    try:
-        os.killpg(p.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def cli(args: list[str], log: Path, env: dict | None = None,
