@@ -819,11 +819,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("perl_core", "__main__"):
         logging.getLogger(name).setLevel(args.log_level.upper())
-    import importlib
+    from perl_core.data.registry import import_modules
 
     for name in args.imports:  # dataset registrations, before any dataset name is looked up
         try:
-            importlib.import_module(name)
+            import_modules([name])
         except Exception as e:
             ap.error(f"--import {name}: cannot import module {name!r} "
                      f"({type(e).__name__}: {e}); is it on PYTHONPATH?")

@@ -35,7 +35,6 @@ be imported is a `SpecError` naming the file, the `imports[i]` key and the modul
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import os
 import re
@@ -50,6 +49,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from pipeline.env import REPO
 from perl_core.config import EXECUTION_FIELDS, FIELD_NAMES, TrainConfig, literal_choices
+from perl_core.data.registry import import_modules
 
 # Keys whose string values get ${VAR} substitution (and path absolutisation).
 ENV_KEYS = ("data_root", "pretrained", "storage", "tracking_uri")
@@ -287,16 +287,6 @@ def parse_spec(text: str, *, source: str = "<string>", env: dict[str, str] | Non
     if problems:
         raise SpecError(source, [(where(p), m) for p, m in _dedupe(problems)])
     return spec
-
-
-def import_modules(names: Iterable[str]) -> None:
-    """Import the sweep's `imports:` modules, in order (each once per process: Python caches
-    them). Raises what the import raises."""
-    names = list(names)
-    if names:  # a module written after this process last listed its folder is still found
-        importlib.invalidate_caches()
-    for name in names:
-        importlib.import_module(name)
 
 
 def _import_problems(names: list[str]) -> list[tuple[tuple, str]]:
@@ -948,5 +938,4 @@ def check_tracking_uri(uri: str) -> str:
 __all__ = ["SweepSpec", "SearchSpec", "SearchParam", "Resources", "CacheSpec", "SpecError", "Cell",
            "backbone_key", "cache_group", "train_view_key",
            "load_spec", "parse_spec", "expand", "cells", "cell_name", "group_order",
-           "check_config", "coerce_field", "resolve_tracking_uri", "format_path", "preflight",
-           "import_modules"]
+           "check_config", "coerce_field", "resolve_tracking_uri", "format_path", "preflight"]

@@ -370,7 +370,7 @@ def import_sweep_modules(context: dict[str, Any]) -> None:
     """Import the sweep's `imports:` here, on the worker, before the trial looks up its dataset:
     their registrations (`perl_core.data.registry.register`) were made in the driver's process
     only. Once per process (Python caches modules); a failure fails the trial, naming them."""
-    from pipeline.spec import import_modules
+    from perl_core.data.registry import import_modules
 
     names = list(context.get("imports") or ())
     try:

@@ -7,8 +7,9 @@ embedded default in `perl_core.data.synthetic`. Adding a dataset is one
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Iterable, Literal
 
 Loader = Literal["split_json", "fgvc", "imagenet", "imagenet_variant"]
 
@@ -45,6 +46,17 @@ def register(spec: DatasetSpec, *, overwrite: bool = False) -> DatasetSpec:
     for key in (spec.name, *spec.aliases):
         _KEYS[_norm(key)] = spec.name
     return spec
+
+
+def import_modules(names: Iterable[str]) -> None:
+    """Import modules that register datasets of their own (a sweep's `imports:`,
+    `python -m perl_core.train --import`), in order; each once per process (Python caches
+    them). Raises what the import raises."""
+    names = list(names)
+    if names:  # a module written after this process last listed its folder is still found
+        importlib.invalidate_caches()
+    for name in names:
+        importlib.import_module(name)
 
 
 def get_spec(name: str) -> DatasetSpec:
