@@ -23,7 +23,7 @@ from typing import Literal
 
 import torch
 from open_clip.model import CLIP
-from open_clip.transformer import QuickGELU, VisionTransformer
+from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
 TextPlacement = Literal["after_bos", "front"]
@@ -72,6 +72,33 @@ def run_blocks(blocks, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -
     for blk in blocks:
         x = blk(x, attn_mask=attn_mask)
     return x
+
+
+def block_rows(block: nn.Module, x: torch.Tensor, rows: torch.Tensor,
+               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`block(x, attn_mask=attn_mask)[arange(N), rows]` (N, D), computing only those rows.
+
+    In a pre-LN block, output row i sees the other rows only through the keys and values of its
+    attention. So the last block of a pass that reads one row per sequence needs ln_1 and the
+    K/V projections of every row, but the query, the attention output, ln_2 and the MLP of the
+    read row only: at ViT-B/16 size that block costs ~1/6 of a full one, i.e. an upper pass of 5
+    blocks ~17 % less. Same numbers up to float rounding. Blocks of another layout (cross
+    attention, other attention modules) run whole and are indexed.
+    """
+    n = torch.arange(x.shape[0], device=x.device)
+    attn = getattr(block, "attn", None)
+    if (type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv")
+            or not isinstance(attn, nn.MultiheadAttention) or not attn.batch_first):
+        return block(x, attn_mask=attn_mask)[n, rows]
+    y = block.ln_1(x)
+    mask = None
+    if attn_mask is not None:  # each query's own mask row, per head: (N * heads, 1, L)
+        mask = attn_mask[rows].repeat_interleave(attn.num_heads, dim=0).unsqueeze(1)
+    h = x[n, rows].unsqueeze(1)
+    h = h + block.ls_1(block.attention(q_x=y[n, rows].unsqueeze(1), k_x=y, v_x=y,
+                                       attn_mask=mask))
+    h = h + block.ls_2(block.mlp(block.ln_2(h)))
+    return h[:, 0]
 
 
 class VisionTower:

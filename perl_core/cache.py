@@ -60,6 +60,11 @@ def model_fingerprint(clip: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+# h(0)'s last block computes the read row only (backbone.block_rows): blobs whose h(0) came from
+# the whole block differ at float rounding, so they are not read back as these
+H0_PASS = "last-block-read-rows"
+
+
 def items_hash(items: Sequence[Any]) -> str:
     """sha256 over the items' image paths and labels (Datum-like or strings)."""
     h = hashlib.sha256()
@@ -151,7 +156,7 @@ class FeatureCache:
         compute them). `items`: Datum-like or strings (training views add their seed)."""
         return self.key(kind="image", model=self.fingerprint(model.clip),
                         d0=model.vision_depths[0], dataset=dataset, split=split,
-                        transform=transform, items=items_hash(items),
+                        transform=transform, items=items_hash(items), h0=H0_PASS,
                         compute=compute_id(_device(model)), env=_env())
 
     def text_key(self, model: Any, tokens: torch.Tensor, *, dataset: str, template: str,
@@ -162,7 +167,7 @@ class FeatureCache:
                         tokens=hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest(),
                         # S_t is cut after the prompts' last EOS (PerlModel.text_prefix); blobs
                         # of full-context prefixes (before the cut) are not read back as such
-                        text_prefix="eos-truncated",
+                        text_prefix="eos-truncated", h0=H0_PASS,
                         compute=compute_id(_device(model)), env=f"torch={torch.__version__}")
 
     def _path(self, key: str) -> str:

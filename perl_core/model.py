@@ -54,8 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from perl_core.backbone import (TextPlacement, TextTower, VisionTower, check_clip, check_depth,
-                                run_blocks)
+from perl_core.backbone import (TextPlacement, TextTower, VisionTower, block_rows, check_clip,
+                                check_depth, run_blocks)
 from perl_core.projector import ThoughtProjector
 
 Variant = Literal["shared", "step", "early", "deep", "layer", "layerstep"]
@@ -208,14 +208,17 @@ class PerlModel(nn.Module):
         x = prefix if k == 0 else _insert(prefix, thoughts[0], at)
         mask = tower.mask(x.shape[1], x)
         reset = {d: j for j, d in enumerate(loop.depths) if j > 0}  # deeper depths: overwrite
-        for i in range(loop.depths[0], tower.num_layers):
-            if k and i in reset:
-                x = _overwrite(x, thoughts[reset[i]], at)
-            x = tower.blocks[i](x, attn_mask=mask)
         # The read token (CLS / EOS) moves by k when the thoughts sit before it (always, except
         # a degenerate EOS at index 0 with after-BOS placement).
         idx = read_idx + k * (read_idx >= at).long()
-        return x[torch.arange(x.shape[0], device=x.device), idx]
+        last = tower.num_layers - 1
+        for i in range(loop.depths[0], tower.num_layers):
+            if k and i in reset:
+                x = _overwrite(x, thoughts[reset[i]], at)
+            if i == last:  # only the read rows leave the pass: the last block computes them only
+                return block_rows(tower.blocks[i], x, idx, mask)
+            x = tower.blocks[i](x, attn_mask=mask)
+        raise AssertionError("unreachable: the loop returns at the last block")
 
     def _projector(self, name: str, depth_slot: int, step: int) -> ThoughtProjector:
         loop = self.loops[name]
