@@ -28,6 +28,16 @@ bytes); a blob that fails to parse or has the wrong metadata is treated as a mis
 A size cap (`max_bytes`) evicts the oldest files by mtime (a hit touches the file: LRU-ish); it is
 enforced when this object's running total passes it and on every 64th write (a rescan that also
 sees what other processes wrote), so the store can overshoot by what others wrote meanwhile.
+
+Concurrent trials of one group (several trials per GPU, or per node with the node-local store)
+would all miss the same batches and compute them again. On a local store (a node's disk or a
+shared POSIX file system) `cached_batches` therefore claims the batches it is about to compute
+(an exclusive-create `<blob>.claim` file naming its holder) and waits for the batches another
+live holder claimed, reading them when they appear. Both walk the batches in the same order, so
+neither waits on the other in a cycle. A holder that is gone (its process is dead on this host,
+or it has not shown life for `CLAIM_STALE_S`) loses its claims, and a waiter computes the batch
+itself after `CLAIM_WAIT_S` at the latest. Object stores (S3) have no exclusive create here:
+there every trial computes what it misses, as before.
 """
 
 from __future__ import annotations
@@ -36,6 +46,9 @@ import collections
 import hashlib
 import json
 import logging
+import os
+import socket
+import time
 import uuid
 import weakref
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -110,6 +123,9 @@ def _env() -> str:
 
 class FeatureCache:
     RESCAN_EVERY = 64  # writes between two listings of the store (for the size cap)
+    CLAIM_STALE_S = 120.0  # a holder silent this long (its heartbeat file) is taken as gone
+    CLAIM_WAIT_S = 600.0  # the longest a trial waits for one claimed batch before computing it
+    CLAIM_POLL_S = 0.05
 
     def __init__(self, root_url: str, max_bytes: int = 8 << 30, dtype: torch.dtype = torch.float16,
                  storage_options: dict | None = None):
@@ -127,6 +143,11 @@ class FeatureCache:
         # model -> (parameter versions, fingerprint); weak keys: a freed model's id can be
         # reused by another one with other weights
         self._fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # claims: only where exclusive create exists (a local or shared POSIX file system)
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        self.claims_enabled = "file" in protocols or "local" in protocols
+        self.holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.waited = 0  # batches this object waited for instead of computing them
 
     def __repr__(self) -> str:
         return f"FeatureCache({self.root!r}, dtype={self.dtype}, hits={self.hits}, " \
@@ -260,6 +281,96 @@ class FeatureCache:
         self.put(key, x)
         return self._rounded(x)
 
+    # ---- claims (concurrent fills of one store) -----------------------------------------------
+    def _claim_path(self, key: str) -> str:
+        return f"{self._path(key)}.claim"
+
+    def _heartbeat_path(self, holder: str) -> str:
+        return f"{self.root}/holders/{holder}"
+
+    def heartbeat(self) -> None:
+        """Show that this holder is alive (its claims stay valid for CLAIM_STALE_S more)."""
+        if self.claims_enabled:
+            path = self._heartbeat_path(self.holder)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(str(time.time()))
+
+    def claim(self, key: str) -> bool:
+        """Try to become the one process computing `key`. True: compute it (then `put` and
+        `release`); False: another live holder is computing it (`wait_for` it). Always True
+        where claims are not available."""
+        if not self.claims_enabled:
+            return True
+        path = self._claim_path(key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if self._claim_holder_alive(path):
+                    return False
+                self._rm(path)  # abandoned: take it over
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(self.holder)
+            return True
+        return True  # contended beyond reason: computing it again is always correct
+
+    def release(self, key: str) -> None:
+        """Drop this holder's claim of `key` (after `put`, or when giving up on it)."""
+        if not self.claims_enabled:
+            return
+        path = self._claim_path(key)
+        try:
+            with open(path) as f:
+                mine = f.read() == self.holder
+            if mine:
+                os.remove(path)
+        except OSError:
+            pass
+
+    def _claim_holder_alive(self, claim_path: str) -> bool:
+        try:
+            with open(claim_path) as f:
+                holder = f.read()
+            made = os.stat(claim_path).st_mtime
+        except OSError:
+            return False  # released meanwhile
+        parts = holder.rsplit("-", 2)  # <host>-<pid>-<nonce>; a host name may hold "-"
+        host, pid = (parts[0], parts[1]) if len(parts) == 3 else ("", "")
+        if host == socket.gethostname() and pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                return False  # its process is gone
+            except PermissionError:
+                pass
+        try:
+            seen = os.stat(self._heartbeat_path(holder)).st_mtime
+        except OSError:
+            seen = made
+        return time.time() - max(seen, made) < self.CLAIM_STALE_S
+
+    def wait_for(self, key: str) -> torch.Tensor | Features | None:
+        """The blob of a key another holder claimed, once written; None when that holder gave it
+        up or is gone, or after CLAIM_WAIT_S (then the caller computes it)."""
+        deadline = time.monotonic() + self.CLAIM_WAIT_S
+        beat = time.monotonic()
+        path = self._claim_path(key)
+        while True:
+            if self.exists(key):
+                feats = self.get(key)
+                if feats is not None:
+                    return feats
+            if not os.path.exists(path) or not self._claim_holder_alive(path) \
+                    or time.monotonic() > deadline:
+                return self.get(key)  # written just before the claim went, or None
+            if time.monotonic() > beat + 5.0:  # waiting is not being gone: keep our claims
+                self.heartbeat()
+                beat = time.monotonic()
+            time.sleep(self.CLAIM_POLL_S)
+
     # ---- size cap ----------------------------------------------------------------------------
     def _files(self) -> list[dict]:
         try:
@@ -352,20 +463,44 @@ def cached_batches(cache: FeatureCache, keys: Sequence[str],
     iterable (a DataLoader over those batches: workers and prefetch still apply); a blob that
     vanishes or turns out corrupt afterwards is decoded in-process by `decode_one(i)`.
     `compute(decoded_batch)` gives the features of a decoded batch (then stored).
+    On a local store the missing batches are claimed first; those another live process already
+    claimed are waited for and read (counted as hits and as `<kind>/waited`), not computed again.
     """
     present = cache.exists_many(keys)
-    missing = [i for i, p in enumerate(present) if not p]
-    decoded = iter(decode_misses(missing)) if missing else iter(())
-    for i, key in enumerate(keys):
-        feats = cache.get(key) if present[i] else None
-        if feats is not None:
-            cache._count(kind, True)
-            yield feats
-            continue
-        cache._count(kind, False)
-        feats = compute(next(decoded) if not present[i] else decode_one(i))
-        cache.put(key, feats)
-        yield cache._rounded(feats)
+    mine: list[int] = []  # missing, claimed by us: decoded by the loader, in order
+    theirs: set[int] = set()  # missing, being computed by another live holder
+    for i, p in enumerate(present):
+        if not p:
+            if cache.claim(keys[i]):
+                mine.append(i)
+            else:
+                theirs.add(i)
+    outstanding = {keys[i] for i in mine}
+    if mine:
+        cache.heartbeat()
+    decoded = iter(decode_misses(mine)) if mine else iter(())
+    try:
+        for i, key in enumerate(keys):
+            feats = cache.get(key) if present[i] else None
+            if i in theirs:
+                feats = cache.wait_for(key)
+                if feats is not None:
+                    cache.counts[f"{kind}/waited"] += 1
+            if feats is not None:
+                cache._count(kind, True)
+                yield feats
+                continue
+            cache._count(kind, False)
+            feats = compute(next(decoded) if key in outstanding else decode_one(i))
+            cache.put(key, feats)
+            if key in outstanding:
+                cache.release(key)
+                outstanding.discard(key)
+                cache.heartbeat()
+            yield cache._rounded(feats)
+    finally:  # stopped early (an error, a kill): nobody must wait for what we will not write
+        for key in outstanding:
+            cache.release(key)
 
 
 @torch.no_grad()
