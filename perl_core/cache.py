@@ -352,6 +352,21 @@ class FeatureCache:
             seen = made
         return time.time() - max(seen, made) < self.CLAIM_STALE_S
 
+    def _forget_old_holders(self, age_s: float = 86400.0) -> None:
+        if not self.claims_enabled:
+            return
+        folder = os.path.dirname(self._heartbeat_path(self.holder))
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            return
+        for name in names:
+            try:
+                if time.time() - os.stat(f"{folder}/{name}").st_mtime > age_s:
+                    os.remove(f"{folder}/{name}")
+            except OSError:
+                pass
+
     def wait_for(self, key: str) -> torch.Tensor | Features | None:
         """The blob of a key another holder claimed, once written; None when that holder gave it
         up or is gone, or after CLAIM_WAIT_S (then the caller computes it)."""
@@ -383,7 +398,9 @@ class FeatureCache:
         return sum(int(i.get("size") or 0) for i in self._files())
 
     def evict(self) -> int:
-        """Remove the oldest blobs (by mtime) until the total is within max_bytes."""
+        """Remove the oldest blobs (by mtime) until the total is within max_bytes (and the
+        heartbeat files of holders silent for a day)."""
+        self._forget_old_holders()
         files = self._files()
         total = sum(int(i.get("size") or 0) for i in files)
         self._bytes = total

@@ -164,3 +164,15 @@ def test_object_stores_do_not_claim():
     pytest.importorskip("fsspec.implementations.memory")
     cache = FeatureCache("memory://claims-test", dtype=torch.float32)
     assert not cache.claims_enabled and cache.claim("x" * 64)
+
+
+def test_heartbeats_of_long_gone_holders_are_forgotten(tmp_path):
+    cache = FeatureCache(str(tmp_path / "store"), dtype=torch.float32)
+    cache.heartbeat()
+    old = cache._heartbeat_path("gone-host-1-cafe0000")
+    with open(old, "w") as f:
+        f.write("0")
+    t = time.time() - 2 * 86400
+    os.utime(old, (t, t))
+    cache.evict()
+    assert not os.path.exists(old) and os.path.exists(cache._heartbeat_path(cache.holder))
