@@ -222,6 +222,7 @@ def run(trials: int = 8, concurrency: int = 1, epochs: int = 1, shots: int = 1,
         out["startup_breakdown_s"] = _startup_breakdown(stamps, t0, rows)
         out["order_preserved"] = [r["cell"] for r in rows] == expected if concurrency == 1 \
             else None
+        out["feature_cache"] = feature_cache_totals(f"sqlite:///{work / 'mlflow.db'}")
         out["load_average_1m"] = {"before": load_before[0], "after": load_after[0]}
         out["cpu_count"] = os.cpu_count()
         out["workdir"] = None if own else str(work)
@@ -230,6 +231,22 @@ def run(trials: int = 8, concurrency: int = 1, epochs: int = 1, shots: int = 1,
         os.environ.pop(TIMINGS_ENV, None)
         if own:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def feature_cache_totals(tracking_uri: str) -> dict[str, float]:
+    """The `feature_cache/*` metrics summed over the sweep's runs (hits, misses, per kind, and
+    `image_waited`: batches a trial read after waiting for a concurrent trial's fill)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    totals: dict[str, float] = {}
+    for run in client.search_runs(ids, max_results=10000):
+        for k, v in run.data.metrics.items():
+            if k.startswith("feature_cache/"):
+                name = k.removeprefix("feature_cache/")
+                totals[name] = totals.get(name, 0.0) + v
+    return dict(sorted(totals.items()))
 
 
 @contextlib.contextmanager
@@ -367,6 +384,9 @@ def _print(res: dict[str, Any]) -> None:
     print(f"  real trial: {f(res['real_trial_s'])} s ({res['real_trial_source']}); "
           f"overhead fraction: {share}")
     print(f"  trials ran in the group_order order: {res['order_preserved']}")
+    cache = res.get("feature_cache") or {}
+    print("  feature cache (all trials): " + (", ".join(
+        f"{k} {v:g}" for k, v in cache.items()) or "no lookups"))
 
 
 if __name__ == "__main__":

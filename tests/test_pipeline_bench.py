@@ -83,6 +83,10 @@ def test_bench_runs_a_real_sweep_and_reports_the_overhead(tmp_path):
     assert runs[0].data.metrics["feature_cache/image_hit"] == 0  # cold cache
     # the others read the test-set features the first one wrote
     assert all(r.data.metrics["feature_cache/image_hit"] > 0 for r in runs[1:])
+    # the bench's totals are these runs' metrics summed
+    for key in ("hits", "misses", "image_hit", "image_miss"):
+        assert res["feature_cache"][key] == sum(r.data.metrics[f"feature_cache/{key}"]
+                                                for r in runs), key
 
 
 def test_analyse_and_p90_on_known_rows():
