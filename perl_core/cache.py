@@ -147,7 +147,6 @@ class FeatureCache:
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         self.claims_enabled = "file" in protocols or "local" in protocols
         self.holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.waited = 0  # batches this object waited for instead of computing them
 
     def __repr__(self) -> str:
         return f"FeatureCache({self.root!r}, dtype={self.dtype}, hits={self.hits}, " \
@@ -374,10 +373,9 @@ class FeatureCache:
         beat = time.monotonic()
         path = self._claim_path(key)
         while True:
-            if self.exists(key):
-                feats = self.get(key)
-                if feats is not None:
-                    return feats
+            feats = self.get(key)  # None while absent (a write is a rename: never partial)
+            if feats is not None:
+                return feats
             if not os.path.exists(path) or not self._claim_holder_alive(path) \
                     or time.monotonic() > deadline:
                 return self.get(key)  # written just before the claim went, or None
