@@ -215,10 +215,10 @@ class PerlModel(nn.Module):
         for i in range(loop.depths[0], tower.num_layers):
             if k and i in reset:
                 x = _overwrite(x, thoughts[reset[i]], at)
-            if i == last:  # only the read rows leave the pass: the last block computes them only
-                return block_rows(tower.blocks[i], x, idx, mask)
-            x = tower.blocks[i](x, attn_mask=mask)
-        raise AssertionError("unreachable: the loop returns at the last block")
+            if i < last:
+                x = tower.blocks[i](x, attn_mask=mask)
+        # only the read rows leave the pass: the last block computes them only
+        return block_rows(tower.blocks[last], x, idx, mask)
 
     def _projector(self, name: str, depth_slot: int, step: int) -> ThoughtProjector:
         loop = self.loops[name]
