@@ -20,6 +20,12 @@ Protocol = Literal["base2novel", "cross_dataset", "domain_generalization", "all"
 Modality = Literal["both", "vision", "text"]
 Variant = Literal["shared", "step", "early", "deep", "layer", "layerstep"]
 Template = Literal["generic", "coop"]
+# Table 4's step/layer/layerstep: the paper's sizes (32K/26K/83K) = (1 + specific) x 6,402, i.e.
+# the shared pair is kept and the specific projectors are added to it (docs/method.md)
+VariantProjectors = Literal["shared_plus_specific", "specific_only"]
+SPECIFIC_VARIANTS = ("step", "layer", "layerstep")  # the variants variant_projectors applies to
+ProjectorInit = Literal["default", "near_identity"]
+FewshotSource = Literal["sample", "coop_pickle"]
 Precision = Literal["fp32", "bf16"]
 TextPlacement = Literal["after_bos", "front"]
 
@@ -34,6 +40,8 @@ class TrainConfig:
     shots: int = 16
     seed: int = 1
     template: Template = "generic"
+    # where the few-shot picks come from: our seeded sampler, or CoOp's split_fewshot/*.pkl files
+    fewshot_source: FewshotSource = "sample"
     aug_scale_min: float = 0.08  # RandomResizedCrop lower scale (Dassl default 0.08)
     # --- model -----------------------------------------------------------------------------
     arch: str = "ViT-B-16-quickgelu"
@@ -47,6 +55,8 @@ class TrainConfig:
     # multi-depth variants (deep/layer/layerstep); empty = the variant's default depths
     inject_layers: tuple[int, ...] = ()
     text_placement: TextPlacement = "after_bos"
+    variant_projectors: VariantProjectors = "shared_plus_specific"
+    projector_init: ProjectorInit = "default"
     # --- objective and optimiser -------------------------------------------------------------
     anchor_weight: float = 1.0
     lr: float = 1e-4
@@ -59,6 +69,9 @@ class TrainConfig:
     device: str = "auto"
     eval_batch_size: int = 128
     num_workers: int = 0
+    # seeded test images per evaluation set for the per-step Jacobian norm (0: not measured);
+    # a diagnostic of the evaluation, not of the training, so it is left out of the hash
+    jacobian_samples: int = 32
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -88,6 +101,13 @@ class TrainConfig:
         d = self.to_dict()
         for k in EXECUTION_FIELDS:
             d.pop(k)
+        # a field added after schema 1 enters the hash only when it differs from the value that
+        # gives the earlier behaviour, so runs finished before it existed keep their hashes
+        for k, legacy in LEGACY_VALUES.items():
+            if d[k] == legacy:
+                d.pop(k)
+        if self.variant not in SPECIFIC_VARIANTS:  # no specific projectors: nothing to combine
+            d.pop("variant_projectors", None)
         d["schema_version"] = SCHEMA_VERSION
         return d
 
@@ -97,7 +117,10 @@ class TrainConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-EXECUTION_FIELDS = ("data_root", "device", "eval_batch_size", "num_workers")
+EXECUTION_FIELDS = ("data_root", "device", "eval_batch_size", "num_workers", "jacobian_samples")
+# field -> the value that reproduces what the code did before the field existed (see hashed_fields)
+LEGACY_VALUES: dict[str, Any] = {"fewshot_source": "sample", "variant_projectors": "specific_only",
+                                 "projector_init": "default"}
 FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
 
 
@@ -129,5 +152,5 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         raise ValueError(f"{name}={value!r} is not a valid {hint.__name__}") from None
 
 
-__all__ = ["TrainConfig", "SCHEMA_VERSION", "FIELD_NAMES", "EXECUTION_FIELDS", "literal_choices",
-           ]
+__all__ = ["TrainConfig", "SCHEMA_VERSION", "FIELD_NAMES", "EXECUTION_FIELDS", "LEGACY_VALUES",
+           "SPECIFIC_VARIANTS", "literal_choices"]
