@@ -5,6 +5,9 @@
 What `fit` does (PERL.md §2.5-2.6, §4; data_protocol.md §5-§9):
 
 1. Resolves the task from `cfg.protocol` (`resolve_task`):
+   - the few-shot sets: `fewshot_splits` (its own RNG), or with `fewshot_source: coop_pickle`
+     CoOp's own `split_fewshot/*.pkl` picks (`perl_core.data.coop_pickle`); either way over
+     all classes, before any base/novel cut.
    - base2novel: few-shot over all classes (`fewshot_splits`, its own RNG), then the base half
      for training; evaluates `base` (base test images among base classes) and `novel` (novel
      test images among novel classes); `hm` and `hm_step{k}` from their accuracies.
@@ -178,7 +181,15 @@ def resolve_task(cfg: TrainConfig) -> Task:
         check_shots(splits, cfg.shots)
     except ValueError as e:  # Dassl takes such a class whole; say so (the pipeline refuses it)
         logger.warning("%s; those classes are trained on all their images (Dassl's behaviour)", e)
-    fewshot = fewshot_splits(splits, cfg.shots, cfg.seed)
+    if cfg.fewshot_source == "coop_pickle":  # CoOp's own picks; subsampled below, as in CoOp
+        from perl_core.data.coop_pickle import coop_fewshot_splits
+
+        fewshot = coop_fewshot_splits(splits, cfg.data_root, cfg.shots, cfg.seed)
+    elif cfg.fewshot_source == "sample":
+        fewshot = fewshot_splits(splits, cfg.shots, cfg.seed)
+    else:
+        raise ValueError(f"fewshot_source={cfg.fewshot_source!r} is not one of "
+                         f"{list(literal_choices('fewshot_source') or ())}")
     if cfg.protocol == "base2novel":
         base = subsample_classes(fewshot, "base")
         novel = subsample_classes(fewshot, "new")
@@ -692,7 +703,7 @@ def load_projectors(path: str | Path) -> tuple[dict[str, torch.Tensor], TrainCon
     if meta.get("format") != PROJECTORS_FORMAT or "config" not in meta:
         raise ValueError(f"{path} is not a PERL projector file (format {meta.get('format')!r}, "
                          f"expected {PROJECTORS_FORMAT!r})")
-    return load(blob), TrainConfig.from_dict(json.loads(meta["config"]))
+    return load(blob), TrainConfig.from_record(json.loads(meta["config"]))
 
 
 # --- CLI ------------------------------------------------------------------------------------------
