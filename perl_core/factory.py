@@ -29,7 +29,8 @@ from open_clip.model import CLIP
 
 from perl_core.backbone import TEXT_PLACEMENTS, uses_quick_gelu
 from perl_core.config import TrainConfig
-from perl_core.model import MODALITIES, VARIANTS, PerlModel
+from perl_core.model import MODALITIES, VARIANT_PROJECTORS, VARIANTS, PerlModel
+from perl_core.projector import PROJECTOR_INITS
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 MODEL_CONFIG_DIR = PACKAGE_DIR / "model_configs"
@@ -170,6 +171,7 @@ def build_perl(arch: str = "ViT-B-16-quickgelu", pretrained: str | None = None,
                inject_layer: int = 7, num_steps: int = 4, rank: int = 1, modality: str = "both",
                variant: str = "shared", inject_layers: Sequence[int] | None = None,
                text_inject_layer: int | None = None, text_placement: str = "after_bos",
+               variant_projectors: str = "shared_plus_specific", projector_init: str = "default",
                device: str | torch.device = "cpu",
                model_cfg: dict[str, Any] | None = None) -> PerlModel:
     """A frozen CLIP (eval mode, requires_grad False) with fresh thought projectors, on `device`.
@@ -178,13 +180,16 @@ def build_perl(arch: str = "ViT-B-16-quickgelu", pretrained: str | None = None,
     """
     # cheap checks first, so a typo does not cost building (or downloading) a model
     for name, value, allowed in (("modality", modality, MODALITIES), ("variant", variant, VARIANTS),
-                                 ("text_placement", text_placement, TEXT_PLACEMENTS)):
+                                 ("text_placement", text_placement, TEXT_PLACEMENTS),
+                                 ("variant_projectors", variant_projectors, VARIANT_PROJECTORS),
+                                 ("projector_init", projector_init, PROJECTOR_INITS)):
         if value not in allowed:
             raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
     clip = create_clip(arch, pretrained, model_cfg)
     model = PerlModel(clip, inject_layer=inject_layer, num_steps=num_steps, rank=rank,
                       modality=modality, variant=variant, inject_layers=inject_layers,
-                      text_inject_layer=text_inject_layer, text_placement=text_placement)
+                      text_inject_layer=text_inject_layer, text_placement=text_placement,
+                      variant_projectors=variant_projectors, projector_init=projector_init)
     return model.to(resolve_device(device))
 
 
@@ -194,7 +199,8 @@ def perl_kwargs(cfg: TrainConfig) -> dict[str, Any]:
                 modality=cfg.modality, variant=cfg.variant,
                 inject_layers=cfg.inject_layers or None,
                 text_inject_layer=None if cfg.text_inject_layer < 0 else cfg.text_inject_layer,
-                text_placement=cfg.text_placement)
+                text_placement=cfg.text_placement, variant_projectors=cfg.variant_projectors,
+                projector_init=cfg.projector_init)
 
 
 def build_perl_from_config(cfg: TrainConfig, device: str | torch.device | None = None,

@@ -27,6 +27,16 @@ Variants (Table 4) are parameters of this one model, resolved once in the constr
     layer      depths [7, 9, 11]   one projector per depth
     layerstep  depths [7, 9, 11]   one projector per (depth, step)
 
+`variant_projectors` (step / layer / layerstep only): "shared_plus_specific" (default) keeps
+PERL's shared projector and adds the specific ones, the thought token at (depth d, step k) being
+their sum, phi_shared(h) + phi_d,k(h): one token per (depth, step) as in PERL, so the sequence,
+the compute and the multi-depth mechanics below are unchanged, and with every phi_d,k = 0 the
+variant is exactly PERL-Shared (PERL-Deep for the multi-depth ones). It gives the paper's printed
+sizes, (1 + specific) x 6,402 = 32,010 / 25,608 / 83,226 on ViT-B/16. "specific_only" (the reading
+before issue 14) has the specific projectors alone: 25,608 / 19,206 / 76,824. The shared pair's
+keys are '<modality>.shared.*'; the specific ones keep '<modality>.<depth>.<step>.*', so
+checkpoints of either reading load as before.
+
 Multi-depth reading (the paper is silent; our documented choice): the k thought tokens are
 inserted into the sequence at the lowest depth d0, exactly as in single-depth PERL; before each
 further depth d the thought-token positions of the running sequence are overwritten with the
@@ -56,12 +66,16 @@ from torch import nn
 
 from perl_core.backbone import (TextPlacement, TextTower, VisionTower, block_rows, check_clip,
                                 check_depth, run_blocks)
-from perl_core.projector import ThoughtProjector
+from perl_core.config import SPECIFIC_VARIANTS
+from perl_core.projector import PROJECTOR_INITS, ThoughtProjector
 
 Variant = Literal["shared", "step", "early", "deep", "layer", "layerstep"]
 Modality = Literal["both", "vision", "text"]
+VariantProjectors = Literal["shared_plus_specific", "specific_only"]
 VARIANTS = ("shared", "step", "early", "deep", "layer", "layerstep")
 MODALITIES = ("both", "vision", "text")
+VARIANT_PROJECTORS = ("shared_plus_specific", "specific_only")
+SHARED_KEY = "shared"  # projector_state_dict: '<modality>.shared.*' is the shared pair
 
 # Table 4's depths, stated for the 12-block ViT-B/16 towers.
 PAPER_NUM_LAYERS = 12
@@ -122,11 +136,19 @@ class PerlModel(nn.Module):
     def __init__(self, clip: nn.Module, inject_layer: int = 7, num_steps: int = 4, rank: int = 1,
                  modality: Modality = "both", variant: Variant = "shared",
                  inject_layers: Sequence[int] | None = None, text_inject_layer: int | None = None,
-                 text_placement: TextPlacement = "after_bos"):
+                 text_placement: TextPlacement = "after_bos",
+                 variant_projectors: VariantProjectors = "shared_plus_specific",
+                 projector_init: str = "default"):
         super().__init__()
         check_clip(clip)
         if modality not in MODALITIES:
             raise ValueError(f"modality={modality!r} is not one of {list(MODALITIES)}")
+        if variant_projectors not in VARIANT_PROJECTORS:
+            raise ValueError(f"variant_projectors={variant_projectors!r} is not one of "
+                             f"{list(VARIANT_PROJECTORS)}")
+        if projector_init not in PROJECTOR_INITS:
+            raise ValueError(f"projector_init={projector_init!r} is not one of "
+                             f"{list(PROJECTOR_INITS)}")
         if not isinstance(num_steps, int) or num_steps < 0:
             raise ValueError(f"num_steps={num_steps!r} must be an integer >= 0")
         if text_inject_layer is not None and variant in MULTI_DEPTH:
@@ -150,15 +172,26 @@ class PerlModel(nn.Module):
                                     "inject_layer" if text_inject_layer is None else
                                     "text_inject_layer"),
         }
-        # projectors[modality][depth slot][step slot]; only adapted modalities have an entry.
+        self.variant_projectors, self.projector_init = variant_projectors, projector_init
+        # only a variant with specific projectors has something to add a shared pair to
+        self.has_shared = variant_projectors == "shared_plus_specific" and \
+            variant in SPECIFIC_VARIANTS
+        # projectors[modality][depth slot][step slot] (the specific ones, or the one projector
+        # of shared/early/deep); shared_projectors[modality]: the added shared pair, if any.
+        # Only adapted modalities have an entry. Construction order = RNG order: the grid is
+        # drawn exactly as before issue 14, so specific_only models are bitwise the old ones.
         self.projectors = nn.ModuleDict()
+        self.shared_projectors = nn.ModuleDict()
         for name in (("vision", "text") if modality == "both" else (modality,)):
             loop, width = self.loops[name], self.towers[name].width
             n_depth = len(loop.depths) if loop.layer_specific else 1
             n_step = num_steps if loop.step_specific else 1
             self.projectors[name] = nn.ModuleList(
-                nn.ModuleList(ThoughtProjector(width, rank) for _ in range(n_step))
+                nn.ModuleList(ThoughtProjector(width, rank, projector_init)
+                              for _ in range(n_step))
                 for _ in range(n_depth))
+            if self.has_shared:
+                self.shared_projectors[name] = ThoughtProjector(width, rank, projector_init)
 
     # ---- frozen prefix (lower blocks, once, no grad) -----------------------------------------
     @torch.no_grad()
@@ -225,6 +258,13 @@ class PerlModel(nn.Module):
         return self.projectors[name][depth_slot if loop.layer_specific else 0][
             step - 1 if loop.step_specific else 0]
 
+    def _thought(self, name: str, depth_slot: int, step: int, h: torch.Tensor) -> torch.Tensor:
+        """The thought token (N, D) at (depth slot, step) from the pooled state h(step-1)."""
+        z = self._projector(name, depth_slot, step)(h)
+        if name in self.shared_projectors:  # shared_plus_specific: summed into one token
+            z = z + self.shared_projectors[name](h)
+        return z
+
     def _check_steps(self, name: str, steps: int | None) -> int:
         steps = self.num_steps if steps is None else steps
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
@@ -251,7 +291,7 @@ class PerlModel(nn.Module):
             thoughts: list[list[torch.Tensor]] = [[] for _ in range(n_depths)]  # per depth
             for step in range(1, steps + 1):
                 for j in range(n_depths):
-                    thoughts[j].append(self._projector(name, j, step)(h).unsqueeze(1))
+                    thoughts[j].append(self._thought(name, j, step, h).unsqueeze(1))
                 h = self._upper(name, prefix, read_idx, [torch.cat(t, dim=1) for t in thoughts])
                 hs.append(h)
         else:  # not adapted: this side runs zero-shot at every step
@@ -329,6 +369,18 @@ class PerlModel(nn.Module):
         """(N, 3, H, W) -> (K+1, N, D): every step 0..K from one pass."""
         return self.image_from_prefix(self.image_prefix(images), all_steps=True)
 
+    def encode_image_all_steps_differentiable(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (K+1, N, D) like `encode_image_all_steps`, but with gradient to
+        `images` through every block (the lower blocks and h(0) too, which the other paths run
+        without gradient): for input-gradient metrics (`evaluate.jacobian_norms`), not training.
+        """
+        tower = self.towers["vision"]
+        s = tower.embed(images)
+        prefix = run_blocks(tower.blocks[:self.vision_depths[0]], s, tower.mask(s.shape[1], s))
+        idx = self._cls_index(prefix)
+        h0 = self._upper("vision", prefix, idx, None)  # not _zero_shot_state: that has no grad
+        return self._from_prefix("vision", prefix, idx, None, True, h0)
+
     def encode_text_all_steps(self, tokens: torch.Tensor) -> torch.Tensor:
         """(C, ctx) -> (K+1, C, D): every step 0..K from one pass."""
         return self.text_from_prefix(self.text_prefix(tokens), tokens, all_steps=True)
@@ -379,25 +431,51 @@ class PerlModel(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def trainable_parameter_counts(self) -> dict[str, int]:
-        """{"vision": n, "text": n, "total": n}; 3,841 + 2,561 = 6,402 for PERL on ViT-B/16."""
-        counts = {name: sum(p.numel() for p in self.projectors[name].parameters())
-                  if name in self.projectors else 0 for name in ("vision", "text")}
+        """{"vision": n, "text": n, "total": n}; 3,841 + 2,561 = 6,402 for PERL on ViT-B/16.
+
+        Per modality: its specific (or only) projectors plus its shared pair, if any.
+        """
+        counts = {name: sum(p.numel() for bank in (self.projectors, self.shared_projectors)
+                            if name in bank for p in bank[name].parameters())
+                  for name in ("vision", "text")}
         return {**counts, "total": counts["vision"] + counts["text"]}
 
+    def _projector_state(self) -> dict[str, torch.Tensor]:
+        # the grid keeps its pre-issue-14 keys; the shared pair is '<modality>.shared.*', which
+        # cannot collide with them (the grid's second key level is a depth slot number)
+        state = dict(self.projectors.state_dict())
+        for name, phi in self.shared_projectors.items():
+            state.update({f"{name}.{SHARED_KEY}.{k}": v for k, v in phi.state_dict().items()})
+        return state
+
     def projector_state_dict(self) -> dict[str, torch.Tensor]:
-        """Detached copies of the projector weights (keys like 'vision.0.0.fc1.weight')."""
-        return {k: v.detach().clone() for k, v in self.projectors.state_dict().items()}
+        """Detached copies of the projector weights (keys like 'vision.0.0.fc1.weight', and
+        'vision.shared.fc1.weight' for the shared pair of shared_plus_specific)."""
+        return {k: v.detach().clone() for k, v in self._projector_state().items()}
 
     def load_projector_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        expected = set(self.projectors.state_dict())
+        expected = set(self._projector_state())
         missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+        prefixes = {name: f"{name}.{SHARED_KEY}." for name in self.shared_projectors}
         if missing or unexpected:
+            # a state without the shared pair is most likely from before issue 14
+            hint = ("; a state without '<modality>.shared.*' keys is the specific_only reading "
+                    "(every checkpoint from before issue 14): build the model with "
+                    "variant_projectors='specific_only'"
+                    if not unexpected and all(k.startswith(tuple(prefixes.values()))
+                                              for k in missing) else "")
             raise ValueError(
-                f"projector state does not fit this model (variant={self.variant!r}, modality="
-                f"{self.modality!r}, num_steps={self.num_steps}): missing {missing}, unexpected "
-                f"{unexpected}")
+                f"projector state does not fit this model (variant={self.variant!r}, "
+                f"variant_projectors={self.variant_projectors!r}, modality={self.modality!r}, "
+                f"num_steps={self.num_steps}): missing {missing}, unexpected {unexpected}{hint}")
         try:
-            self.projectors.load_state_dict(state_dict, strict=True)
+            self.projectors.load_state_dict(
+                {k: v for k, v in state_dict.items()
+                 if not any(k.startswith(pre) for pre in prefixes.values())}, strict=True)
+            for name, pre in prefixes.items():
+                self.shared_projectors[name].load_state_dict(
+                    {k[len(pre):]: v for k, v in state_dict.items() if k.startswith(pre)},
+                    strict=True)
         except RuntimeError as e:
             raise ValueError(f"projector state does not fit this model (rank={self.rank}, widths "
                              f"vision={self.towers['vision'].width}, text="
@@ -406,4 +484,6 @@ class PerlModel(nn.Module):
     def extra_repr(self) -> str:
         return (f"variant={self.variant!r}, modality={self.modality!r}, num_steps={self.num_steps},"
                 f" rank={self.rank}, vision_depths={self.vision_depths}, text_depths="
-                f"{self.text_depths}, text_placement={self.text_placement!r}")
+                f"{self.text_depths}, text_placement={self.text_placement!r}, "
+                f"variant_projectors={self.variant_projectors!r}, projector_init="
+                f"{self.projector_init!r}")

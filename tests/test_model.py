@@ -102,9 +102,10 @@ def test_vitb16_counts_per_variant_and_modality():
     blob = save({k: v.contiguous() for k, v in model.projector_state_dict().items()})
     assert 6402 * 4 <= len(blob) < 6402 * 4 + 2048, len(blob)
     clip = model.clip
-    expected = {  # ours; the paper prints 6K / 6K / 6K / 32K / 26K / 83K (docs/method.md)
+    expected = {  # the paper prints 6K / 6K / 6K / 32K / 26K / 83K; both readings of the
+        # specific variants: tests/test_loop_readings.py
         "shared": 6402, "early": 6402, "deep": 6402,
-        "step": 4 * 6402, "layer": 3 * 6402, "layerstep": 12 * 6402}
+        "step": (1 + 4) * 6402, "layer": (1 + 3) * 6402, "layerstep": (1 + 12) * 6402}
     for variant, n in expected.items():
         assert PerlModel(clip, variant=variant).num_trainable_parameters() == n, variant
     assert PerlModel(clip, variant="deep").vision_depths == (3, 7, 11)
@@ -284,7 +285,9 @@ def test_variant_resolution_and_depth_scaling():
 
 def test_variant_counts_and_outputs(make_tiny_perl, images, tokens):
     K, depths = 2, (1, 2, 3)
-    expected = {"shared": 1, "early": 1, "deep": 1, "step": K, "layer": 3, "layerstep": 3 * K}
+    # the specific variants keep the shared pair (default variant_projectors)
+    expected = {"shared": 1, "early": 1, "deep": 1, "step": 1 + K, "layer": 1 + 3,
+                "layerstep": 1 + 3 * K}
     outputs = {}
     for variant, units in expected.items():
         kwargs = {"inject_layers": depths} if variant in ("deep", "layer", "layerstep") else {}
@@ -459,7 +462,9 @@ def test_build_from_config(tiny_arch, images, tokens):
                       device="cpu")
     model = build_perl_from_config(cfg)
     assert model.vision_depths == model.text_depths == (1, 3)
-    assert model.num_trainable_parameters() == 2 * 321
+    assert model.num_trainable_parameters() == (1 + 2) * 321  # shared + 2 layer-specific
+    assert build_perl_from_config(cfg.replace(variant_projectors="specific_only")
+                                  ).num_trainable_parameters() == 2 * 321
     assert model.num_steps == 3 and model.context_length == 77 and model.image_size == 32
     assert model.tokenize(["a cat"]).shape == (1, 77)
     cfg = cfg.replace(variant="shared", inject_layers=(), text_inject_layer=2, modality="both")
