@@ -3,6 +3,8 @@
 What is cached: what no projector touches, i.e. everything up to the recurrence:
   - per image batch: S_v = blocks[:J](embed(x)) and the zero-shot state h(0) (the raw CLS row of
     the upper blocks without thoughts; v0 = readout(h(0)));
+  - the normalised pixels of the evaluation's Jacobian subsample (`perl_core.evaluate.
+    jacobian_metrics`: the gradient w.r.t. pixels runs through the lower blocks too);
   - per chunk of class prompts: S_t (cut after the chunk's last EOS: `PerlModel.text_prefix`;
     the key hashes the full (C, ctx) tokens, which fix that cut) and the text h(0) (raw EOS row).
 Entries are written for evaluation batches (test / val sets: shared by every trial with the same
@@ -524,13 +526,15 @@ def evaluate_cached(model: Any, items: Sequence[Any], classnames: Sequence[str],
     """`perl_core.evaluate.evaluate` with the frozen features read from / written to `cache`.
 
     Same metrics; with an fp32 cache the numbers equal the uncached path exactly. Image batches
-    whose features are cached are not decoded at all.
+    whose features are cached are not decoded at all (nor the Jacobian's images: their pixels
+    are cached too).
     """
     from torch.utils.data import DataLoader, default_collate
 
     from perl_core.data.images import ImageListDataset
     from perl_core.data.transforms import eval_transform
-    from perl_core.evaluate import autocast, check_eval_inputs, class_text_tokens, model_device
+    from perl_core.evaluate import (autocast, check_eval_inputs, class_text_tokens,
+                                    decode_images, jacobian_metrics, model_device)
     from perl_core.metrics import StepMetricAccumulator
 
     items, classnames = list(items), list(classnames)
@@ -578,7 +582,16 @@ def evaluate_cached(model: Any, items: Sequence[Any], classnames: Sequence[str],
             image = image.float()
             logits = model.logits(image, text)
             labels = torch.tensor([items[j].label for j in b])
-            acc.update(logits, labels, image[0], image[-1])
+            acc.update(logits, labels, image_steps=image, text_steps=text)
+        # the Jacobian needs pixels (the gradient runs through the lower blocks): its few images
+        # are cached as pixels, a function of (items, transform) only, so a hit decodes nothing
+        def jacobian_pixels(chosen: list[Any]) -> torch.Tensor:
+            key = cache.key(kind="pixels", dataset=dataset_name, split=split,
+                            transform=repr(transform), items=items_hash(chosen), env=_env())
+            return cache.get_or_compute(key, lambda: decode_images(chosen, model.image_size),
+                                        "pixels")
+
+        jacobian_metrics(model, items, text, cfg, acc, jacobian_pixels)
         out: dict[str, Any] = dict(acc.compute())
         out["per_class"] = acc.per_class(classnames)
     finally:

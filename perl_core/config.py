@@ -70,8 +70,10 @@ class TrainConfig:
     eval_batch_size: int = 128
     num_workers: int = 0
     # seeded test images per evaluation set for the per-step Jacobian norm (0: not measured);
-    # a diagnostic of the evaluation, not of the training, so it is left out of the hash
-    jacobian_samples: int = 32
+    # a diagnostic of the evaluation, not of the training, so it is left out of the hash;
+    # 16: one image's Jacobian (K=4) costs ~9-25 evaluated images, so 16 stay under 10 % of a
+    # typical B2N half test set (~1,900 images; docs/method.md)
+    jacobian_samples: int = 16
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -97,6 +99,13 @@ class TrainConfig:
         hints = get_type_hints(cls)
         return cls(**{k: _coerce(k, v, hints[k]) for k, v in d.items()})
 
+    @classmethod
+    def from_record(cls, d: dict[str, Any]) -> "TrainConfig":
+        """`from_dict` for a stored config (trial record, MLflow params, projector file): a field
+        it lacks was added after it was written, so it takes the value that gives the behaviour
+        of that time (LEGACY_VALUES), not today's default."""
+        return cls.from_dict({**{k: v for k, v in LEGACY_VALUES.items() if k not in d}, **d})
+
     def hashed_fields(self) -> dict[str, Any]:
         d = self.to_dict()
         for k in EXECUTION_FIELDS:
@@ -108,6 +117,8 @@ class TrainConfig:
                 d.pop(k)
         if self.variant not in SPECIFIC_VARIANTS:  # no specific projectors: nothing to combine
             d.pop("variant_projectors", None)
+        if self.text_inject_layer == self.inject_layer:  # the same model as "text follows J"
+            d["text_inject_layer"] = -1
         d["schema_version"] = SCHEMA_VERSION
         return d
 

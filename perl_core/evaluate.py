@@ -3,7 +3,12 @@
 The class text embeddings do not depend on the image (PERL.md §2.6), so they are computed once per
 evaluation set (all steps, no grad) and every image batch is scored against them with
 `encode_image_all_steps`. Metrics stream through `StepMetricAccumulator`, so memory does not grow
-with the test set.
+with the test set (beyond two scalars per sample and step).
+
+The input Jacobian (Figs. 4/7) is measured by `jacobian_metrics` on a fixed subsample of
+cfg.jacobian_samples test images (`jacobian_subsample`: the same images for every trial of a test
+set), decoded again and sent through the whole vision tower with gradient; both evaluation paths
+(this one and `perl_core.cache.evaluate_cached`) call it.
 
 `evaluate` is re-exported by `perl_core.train` (the contract's import path).
 """
@@ -12,10 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from perl_core.config import TrainConfig
 from perl_core.metrics import StepMetricAccumulator
@@ -74,6 +79,76 @@ def check_eval_inputs(items: Sequence[Any], classnames: Sequence[str], dataset_n
                          f"{len(classnames)} class names")
 
 
+# The Jacobian subsample does not depend on the trial's seed, so every trial of one test set is
+# measured on the same images (their numbers compare without subsampling noise between them).
+JACOBIAN_SEED = 0
+# Images per gradient pass: the graph through all K+1 passes of the tower is kept for K+1
+# backward passes, so memory grows with this (not with eval_batch_size).
+JACOBIAN_BATCH = 16
+
+
+def jacobian_subsample(n_items: int, m: int) -> list[int]:
+    """Sorted indices of the fixed, seeded subsample of m of n_items test items (all if m >= n)."""
+    if m <= 0:
+        return []
+    if m >= n_items:
+        return list(range(n_items))
+    g = torch.Generator().manual_seed(JACOBIAN_SEED)
+    return sorted(torch.randperm(n_items, generator=g)[:m].tolist())
+
+
+def jacobian_norms(model: PerlModel, images: torch.Tensor, labels: torch.Tensor,
+                   text: torch.Tensor) -> torch.Tensor:
+    """(K+1, n): || d logit_k(i, y_i) / d x_i ||_2 per step k and image i.
+
+    x_i: the normalised pixels (the eval transform's output, what the tower sees), all 3*H*W
+    values in one L2 (Frobenius) norm; logit_k(i, y) = logit_scale * cos(v_k(i), t_k(y)), the
+    step-k logit of the true class, with the step-k text embeddings `text` (K+1, C, D) held
+    fixed. In the parameters' dtype (fp32), never under autocast: a derivative is what bf16
+    rounding would disturb most. Images do not interact in the tower, so d(sum_i logit_k(i)) /
+    d x_i is sample i's own gradient: one backward pass per step gives the whole batch.
+    """
+    device = model_device(model)
+    dtype = next(model.clip.parameters()).dtype  # fp32 (float64 in the tests' check)
+    x = images.to(device, dtype).requires_grad_(True)
+    labels = torch.as_tensor(labels).to(device)
+    with torch.enable_grad():
+        logits = model.logits(model.encode_image_all_steps_differentiable(x),
+                              text.detach().to(device, dtype))  # (K+1, n, C)
+        target = logits.gather(-1, labels.view(1, -1, 1).expand(logits.shape[0], -1, 1))[..., 0]
+        norms = []
+        for k in range(target.shape[0]):
+            # autograd.grad, not backward: no projector .grad is touched (evaluation may run
+            # mid-training)
+            (g,) = torch.autograd.grad(target[k].sum(), x, retain_graph=k < target.shape[0] - 1)
+            norms.append(g.flatten(1).norm(dim=1))
+    return torch.stack(norms).detach()
+
+
+def decode_images(items: Sequence[Any], image_size: Any) -> torch.Tensor:
+    """(n, 3, H, W): the eval-transformed (normalised) pixels of `items`."""
+    from perl_core.data.images import ImageListDataset
+    from perl_core.data.transforms import eval_transform
+
+    dataset = ImageListDataset(list(items), eval_transform(image_size))
+    return default_collate([dataset[j] for j in range(len(dataset))])[0]
+
+
+def jacobian_metrics(model: PerlModel, items: Sequence[Any], text: torch.Tensor, cfg: TrainConfig,
+                     acc: StepMetricAccumulator,
+                     pixels: Callable[[list[Any]], torch.Tensor] | None = None) -> None:
+    """Measure `jacobian_norms` on the `jacobian_subsample` of `items` (cfg.jacobian_samples; 0:
+    not measured) into `acc` (it then reports jacobian_step{k}). `pixels(batch_items)` gives
+    their normalised pixels (default `decode_images`; the feature cache passes a cached one)."""
+    idx = jacobian_subsample(len(items), int(cfg.jacobian_samples))
+    chosen = [items[i] for i in idx]
+    for start in range(0, len(chosen), JACOBIAN_BATCH):
+        batch = chosen[start:start + JACOBIAN_BATCH]
+        images = pixels(batch) if pixels is not None else decode_images(batch, model.image_size)
+        labels = torch.tensor([int(d.label) for d in batch])
+        acc.add_jacobian(jacobian_norms(model, images, labels, text))
+
+
 @torch.no_grad()
 def evaluate(model: PerlModel, items: Sequence[Any], classnames: Sequence[str], dataset_name: str,
              cfg: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
@@ -82,7 +157,8 @@ def evaluate(model: PerlModel, items: Sequence[Any], classnames: Sequence[str], 
     `dataset_name` picks the prompt template (cfg.template == "coop": that dataset's CoOp
     template). Returns the unprefixed metrics of docs/architecture.md for this evaluation set:
     `acc`, `acc_step{k}`, `confidence_step{k}`, `brier_step{k}`, `kl_step{k}`, `anchor_cos`, `n`
-    (test count), plus `per_class`: {classname: final-step accuracy in percent}.
+    (test count), the alignment, drift-group and Jacobian metrics (`perl_core.metrics`), plus
+    `per_class`: {classname: final-step accuracy in percent}.
     """
     from perl_core.data.images import ImageListDataset
     from perl_core.data.transforms import eval_transform
@@ -108,7 +184,8 @@ def evaluate(model: PerlModel, items: Sequence[Any], classnames: Sequence[str], 
                 image = model.encode_image_all_steps(images.to(device, non_blocking=True))
             image = image.float()
             logits = model.logits(image, text)  # (K+1, N, C)
-            acc.update(logits, torch.as_tensor(labels), image[0], image[-1])
+            acc.update(logits, torch.as_tensor(labels), image_steps=image, text_steps=text)
+        jacobian_metrics(model, list(items), text, cfg, acc)
         out: dict[str, Any] = dict(acc.compute())
         out["per_class"] = acc.per_class(list(classnames))
     finally:
@@ -119,4 +196,6 @@ def evaluate(model: PerlModel, items: Sequence[Any], classnames: Sequence[str], 
 
 
 __all__ = ["evaluate", "autocast", "model_device", "encode_classes", "class_text_tokens",
-           "check_eval_inputs"]
+           "check_eval_inputs", "jacobian_subsample", "jacobian_norms", "jacobian_metrics",
+           "decode_images",
+           "JACOBIAN_SEED", "JACOBIAN_BATCH"]

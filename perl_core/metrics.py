@@ -20,7 +20,29 @@ i.e. the information gained by moving from the zero-shot distribution to the ste
 kl_step0 is 0 by construction.
 
 Streaming: evaluation sees the test set batch by batch, and keeping (K+1, N, C) logits for a
-1000-class, 50k-image test set would take gigabytes, so `StepMetricAccumulator` keeps sums only.
+1000-class, 50k-image test set would take gigabytes, so `StepMetricAccumulator` keeps sums, plus
+two scalars per sample and step (the KL and the hit, 5 bytes: 1 MB for 50k images and K = 4) for
+the drift-group quantiles of Fig. 5.
+
+Alignment (the review's question: does the recurrence keep CLIP's image-text alignment?), per
+step k with image embeddings v_k and the class text embeddings t_k of the same step (those the
+step-k logits use), all L2-normalised (^):
+- cos_true_step{k} = mean_i cos(v_k(i), t_k(y_i)) (the step-k true logit / logit_scale);
+- cos_wrong_step{k} = mean_i max_{c != y_i} cos(v_k(i), t_k(c)) (the nearest wrong class);
+- margin_step{k} = mean_i [cos_true(i) - cos_wrong(i)] (> 0 where the sample is correct);
+- gap_step{k} = || mean_i v^_k(i) - mean_c t^_k(c) ||_2, the modality gap of Liang et al. (2022):
+  the distance between the centroid of the normalised image embeddings of the evaluation set and
+  that of its normalised class text embeddings (one per class name, each class weighted once).
+
+Drift groups (Fig. 5), per step k >= 1, by correctness at step 0 -> step k: `stay_correct`,
+`wrong_to_correct`, `correct_to_wrong`, `stay_wrong`; for each, the sample count
+n_{group}_step{k} and the quartiles of the per-sample KL(p_k || p_0),
+kl_{group}_q{25,50,75}_step{k} (linear interpolation, numpy's default; absent when the group is
+empty).
+
+Input Jacobian (Figs. 4/7): jacobian_step{k} is the mean over a seeded subsample of the L2 norm of
+d logit_k(y) / d x, x the normalised pixels; computed by `perl_core.evaluate.jacobian_norms` and
+handed in through `StepMetricAccumulator.add_jacobian`.
 """
 
 from __future__ import annotations
@@ -88,6 +110,59 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(a.float(), b.float(), dim=-1)
 
 
+def class_cosines(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(cos to the true class, cos to the nearest wrong class), each (..., N), for image
+    embeddings (..., N, D) and class text embeddings (..., C, D) (normalised here). The second is
+    None with a single class (no wrong class exists)."""
+    if image.shape[:-2] != text.shape[:-2] or image.shape[-1] != text.shape[-1]:
+        raise ValueError(f"image embeddings {tuple(image.shape)} and text embeddings "
+                         f"{tuple(text.shape)} do not pair up as (..., N, D) / (..., C, D)")
+    cos = F.normalize(image.float(), dim=-1) @ F.normalize(text.float(), dim=-1).transpose(-1, -2)
+    _check(cos, labels)
+    true = _gather_true(cos, labels)
+    if cos.shape[-1] < 2:
+        return true, None
+    # mask the true class out with -inf, then the max is the nearest wrong class
+    idx = labels.view(*([1] * (cos.ndim - 2)), -1, 1).expand(*cos.shape[:-1], 1)
+    wrong = cos.scatter(-1, idx, float("-inf")).amax(dim=-1)
+    return true, wrong
+
+
+def modality_gap(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """(...,): || mean_i v^(i) - mean_c t^(c) ||_2 for (..., N, D) images, (..., C, D) texts."""
+    v = F.normalize(image.float(), dim=-1).mean(dim=-2)
+    t = F.normalize(text.float(), dim=-1).mean(dim=-2)
+    return (v - t).norm(dim=-1)
+
+
+DRIFT_GROUPS = ("stay_correct", "wrong_to_correct", "correct_to_wrong", "stay_wrong")
+DRIFT_QUANTILES = (25, 50, 75)
+
+
+def drift_group_stats(kl_steps: torch.Tensor, hits_steps: torch.Tensor) -> dict[str, float]:
+    """Fig. 5's split of the per-sample KL(p_k || p_0) (S, N) by the hits (S, N) at step 0 and
+    step k: n_{group}_step{k} and kl_{group}_q{25,50,75}_step{k} for k = 1..S-1 (quantiles only
+    for non-empty groups)."""
+    if kl_steps.shape != hits_steps.shape or kl_steps.ndim != 2:
+        raise ValueError(f"kl {tuple(kl_steps.shape)} and hits {tuple(hits_steps.shape)} must "
+                         f"both be (steps, N)")
+    hits = hits_steps.bool()
+    q = torch.tensor([p / 100.0 for p in DRIFT_QUANTILES], dtype=torch.float64)
+    out: dict[str, float] = {}
+    for k in range(1, kl_steps.shape[0]):
+        c0, ck = hits[0], hits[k]
+        masks = {"stay_correct": c0 & ck, "wrong_to_correct": ~c0 & ck,
+                 "correct_to_wrong": c0 & ~ck, "stay_wrong": ~c0 & ~ck}
+        for g in DRIFT_GROUPS:
+            vals = kl_steps[k][masks[g]].double()
+            out[f"n_{g}_step{k}"] = float(vals.numel())
+            if vals.numel():
+                for p, v in zip(DRIFT_QUANTILES, torch.quantile(vals, q).tolist()):
+                    out[f"kl_{g}_q{p}_step{k}"] = v
+    return out
+
+
 # --- aggregates (floats) ---------------------------------------------------------------------
 
 
@@ -152,10 +227,11 @@ def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor,
 
 
 def step_metrics(logits_steps: torch.Tensor, labels: torch.Tensor, v0: torch.Tensor | None = None,
-                 vk: torch.Tensor | None = None) -> dict[str, float]:
+                 vk: torch.Tensor | None = None, *, image_steps: torch.Tensor | None = None,
+                 text_steps: torch.Tensor | None = None) -> dict[str, float]:
     """All per-step metrics of one evaluation set, unprefixed (see `StepMetricAccumulator`)."""
     acc = StepMetricAccumulator(num_classes=logits_steps.shape[-1])
-    acc.update(logits_steps, labels, v0, vk)
+    acc.update(logits_steps, labels, v0, vk, image_steps=image_steps, text_steps=text_steps)
     return acc.compute()
 
 
@@ -167,7 +243,9 @@ class StepMetricAccumulator:
     """Sums per-step metrics over batches; `compute()` gives the contract's metric names.
 
     Keys: acc (final step), acc_step{k}, confidence_step{k}, brier_step{k}, kl_step{k} for
-    k = 0..K, anchor_cos (when image embeddings were given), n (sample count).
+    k = 0..K, anchor_cos (when image embeddings were given), n (sample count); the drift groups
+    (`drift_group_stats`); with image_steps and text_steps: cos_true_step{k}, cos_wrong_step{k},
+    margin_step{k}, gap_step{k}; after `add_jacobian`: jacobian_step{k} (module docstring).
     """
 
     num_classes: int
@@ -178,6 +256,16 @@ class StepMetricAccumulator:
     _kl: torch.Tensor | None = None
     _cos_sum: float = 0.0
     _cos_n: int = 0
+    # per-sample KL and hits (S, n) per batch, for the drift-group quantiles (Fig. 5)
+    _kl_parts: list = field(default_factory=list)
+    _hit_parts: list = field(default_factory=list)
+    # alignment sums (S,) and the image-embedding centroid sum (S, D); the text centroid (S, D)
+    # is the same for every batch of one evaluation set, taken from the first
+    _align: dict = field(default_factory=dict)
+    _image_sum: torch.Tensor | None = None
+    _text_mean: torch.Tensor | None = None
+    _align_n: int = 0
+    _jac: list = field(default_factory=list)  # per-sample input-gradient norms (S, m) per batch
     # final-step per-class hit counts, for per-class accuracy
     _class_hits: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     _class_n: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
@@ -187,8 +275,15 @@ class StepMetricAccumulator:
         self._class_n = torch.zeros(self.num_classes, dtype=torch.float64)
 
     def update(self, logits_steps: torch.Tensor, labels: torch.Tensor,
-               v0: torch.Tensor | None = None, vk: torch.Tensor | None = None) -> None:
-        """logits (K+1, N, C) (or (N, C) = one step), labels (N,), optional v0/vK (N, D)."""
+               v0: torch.Tensor | None = None, vk: torch.Tensor | None = None, *,
+               image_steps: torch.Tensor | None = None,
+               text_steps: torch.Tensor | None = None) -> None:
+        """logits (K+1, N, C) (or (N, C) = one step), labels (N,), optional v0/vK (N, D);
+        image_steps (K+1, N, D) with text_steps (K+1, C, D): the alignment metrics too (and v0 /
+        vK default to image_steps' first and last step)."""
+        if image_steps is not None:
+            v0 = image_steps[0] if v0 is None else v0
+            vk = image_steps[-1] if vk is None else vk
         if logits_steps.ndim == 2:
             logits_steps = logits_steps.unsqueeze(0)
         _check(logits_steps, labels)
@@ -198,11 +293,12 @@ class StepMetricAccumulator:
         logits_steps = logits_steps.detach().float().cpu()
         labels = labels.detach().cpu()
         hits = correct(logits_steps, labels).double()
+        kl = kl_divergence(logits_steps, logits_steps[:1])
         parts = {
             "_correct": hits.sum(dim=-1),
             "_conf": true_class_prob(logits_steps, labels).double().sum(dim=-1),
             "_brier": brier(logits_steps, labels).double().sum(dim=-1),
-            "_kl": kl_divergence(logits_steps, logits_steps[:1]).double().sum(dim=-1),
+            "_kl": kl.double().sum(dim=-1),
         }
         for name, value in parts.items():
             prev = getattr(self, name)
@@ -211,12 +307,44 @@ class StepMetricAccumulator:
                                  f"{value.shape[0]}")
             setattr(self, name, value if prev is None else prev + value)
         self.n += labels.shape[0]
+        self._kl_parts.append(kl)
+        self._hit_parts.append(hits.bool())
+        if image_steps is not None and text_steps is not None:
+            self._update_alignment(image_steps, text_steps, labels)
         self._class_hits.index_add_(0, labels, hits[-1])
         self._class_n.index_add_(0, labels, torch.ones_like(hits[-1]))
         if v0 is not None and vk is not None:
             cos = cosine(v0.detach().cpu(), vk.detach().cpu()).double()
             self._cos_sum += float(cos.sum())
             self._cos_n += cos.shape[0]
+
+    def _update_alignment(self, image: torch.Tensor, text: torch.Tensor,
+                          labels: torch.Tensor) -> None:
+        if image.ndim != 3 or text.ndim != 3 or image.shape[0] != self._correct.shape[0]:
+            raise ValueError(f"image_steps {tuple(image.shape)} / text_steps {tuple(text.shape)}"
+                             f" must be (steps, N, D) / (steps, C, D) with the logits' "
+                             f"{self._correct.shape[0]} steps")
+        image, text = image.detach().float().cpu(), text.detach().float().cpu()
+        true, wrong = class_cosines(image, text, labels)
+        sums = {"cos_true": true.double().sum(dim=-1)}
+        if wrong is not None:
+            sums["cos_wrong"] = wrong.double().sum(dim=-1)
+            sums["margin"] = (true - wrong).double().sum(dim=-1)
+        for name, v in sums.items():
+            self._align[name] = v if name not in self._align else self._align[name] + v
+        img = F.normalize(image, dim=-1).double().sum(dim=-2)
+        self._image_sum = img if self._image_sum is None else self._image_sum + img
+        if self._text_mean is None:
+            self._text_mean = F.normalize(text, dim=-1).double().mean(dim=-2)
+        self._align_n += labels.shape[0]
+
+    def add_jacobian(self, norms: torch.Tensor) -> None:
+        """Per-sample input-gradient norms (S, m) of a subsample (`evaluate.jacobian_norms`)."""
+        if norms.ndim != 2 or (self._correct is not None and norms.shape[0] !=
+                               self._correct.shape[0]):
+            raise ValueError(f"jacobian norms must be (steps, m) with the logits' steps; got "
+                             f"{tuple(norms.shape)}")
+        self._jac.append(norms.detach().double().cpu())
 
     def compute(self) -> dict[str, float]:
         if self.n == 0 or self._correct is None:
@@ -231,6 +359,17 @@ class StepMetricAccumulator:
                 out[f"{name}_step{k}"] = scale * float(sums[k]) / self.n
         if self._cos_n:
             out["anchor_cos"] = self._cos_sum / self._cos_n
+        for name, sums in self._align.items():
+            for k in range(steps):
+                out[f"{name}_step{k}"] = float(sums[k]) / self._align_n
+        if self._image_sum is not None and self._text_mean is not None:
+            gap = (self._image_sum / self._align_n - self._text_mean).norm(dim=-1)
+            out.update({f"gap_step{k}": float(gap[k]) for k in range(steps)})
+        if self._jac:
+            jac = torch.cat(self._jac, dim=1).mean(dim=1)
+            out.update({f"jacobian_step{k}": float(jac[k]) for k in range(jac.shape[0])})
+        out.update(drift_group_stats(torch.cat(self._kl_parts, dim=1),
+                                     torch.cat(self._hit_parts, dim=1)))
         out["n"] = float(self.n)
         return out
 
@@ -242,6 +381,7 @@ class StepMetricAccumulator:
                 for c, name in enumerate(classnames) if self._class_n[c] > 0}
 
 
-__all__ = ["correct", "true_class_prob", "brier", "kl_divergence", "cosine", "accuracy",
+__all__ = ["correct", "true_class_prob", "brier", "kl_divergence", "cosine", "class_cosines",
+           "modality_gap", "drift_group_stats", "DRIFT_GROUPS", "DRIFT_QUANTILES", "accuracy",
            "mean_confidence", "brier_score", "kl_drift", "anchor_cosine", "harmonic_mean",
            "per_step_accuracy", "per_class_accuracy", "step_metrics", "StepMetricAccumulator"]
