@@ -2,6 +2,7 @@
 
     python -m pipeline.run SWEEP.yaml [--dry-run] [--rerun] [--replay] [--max-concurrent N]
                                       [--tracking-uri URI] [--ignore-code-version]
+    python -m pipeline.run SWEEP.yaml --zero-shot-check [--tolerance P]   # step 0 only, no Ray
 
 1. Validate the YAML (`pipeline.spec`), expand the grid into cells, hash them.
 2. MLflow: get-or-create the experiment, mark orphaned RUNNING runs of earlier submissions
@@ -88,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--bench", default=None, metavar="BENCH.json",
                     help="with --dry-run: estimate the GPU time of the cells to run from this "
                          "`python -m perl_core.bench --json` file (made on the target GPU)")
+    ap.add_argument("--zero-shot-check", action="store_true",
+                    help="no training: evaluate every dataset of the sweep at step 0 (zero-shot "
+                         "CLIP) under both templates beside the reference; exit 1 if one is "
+                         "off by more than --tolerance (pipeline/zeroshot.py)")
+    ap.add_argument("--tolerance", type=float, default=None, metavar="POINTS",
+                    help="with --zero-shot-check: points of accuracy allowed (default 1.5)")
     ap.add_argument("--trial-overhead-s", type=float, default=None, metavar="S",
                     help="with --bench: seconds of per-trial overhead (default: the bench "
                          "file's trial_overhead_s, else measured on this sweep's finished runs)")
@@ -123,6 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         say(str(e))
         return 2
     grid = group_order(cells(spec))
+    if args.zero_shot_check:  # evaluates only: no tracking store, no Ray, no storage needed
+        from pipeline import zeroshot
+
+        return zeroshot.check_sweep(spec, grid, zeroshot.DEFAULT_TOLERANCE if args.tolerance
+                                    is None else args.tolerance, say)
+    if args.tolerance is not None:
+        say("--tolerance goes with --zero-shot-check")
+        return 2
     if not args.dry_run and not args.replay:
         try:
             preflight(spec, [c.config for c in grid] +
@@ -259,6 +274,7 @@ def trial_context(spec: SweepSpec, uri: str, exp_id: str, parent: str, code: Any
             "code_version": code.fingerprint,
             "rerun": bool(args.rerun), "ignore_code_version": bool(args.ignore_code_version),
             "imports": list(spec.imports),  # imported by every trial on its worker
+            "sweep_arms": ",".join(spec.arm_names),  # the arms' order, for the aggregate's rows
             "phase": "final", "ray_job_id": ""}
 
 
@@ -518,7 +534,7 @@ def run_grid(spec: SweepSpec, todo: list[Cell], context: dict[str, Any],
     from ray import tune
 
     context = {**context, "phase": "final"}
-    cells_ = [{"name": c.name, "config": c.config.to_dict()} for c in todo]
+    cells_ = [{"name": c.name, "config": c.config.to_dict(), "arm": c.arm} for c in todo]
     # Named after the whole grid (not the remaining cells), so that an interrupted identical
     # submission finds and restores this experiment.
     name = (f"{tracking.experiment_slug(spec.experiment)}-final-"
@@ -646,7 +662,7 @@ def _prior_samples(tracker: tracking.Tracker, exp_id: str, spec: SweepSpec, base
     out = []
     for r in tracker.search(exp_id, flt):
         try:
-            cfg = TrainConfig.from_dict(dict(r.data.params))
+            cfg = TrainConfig.from_record(dict(r.data.params))
         except ValueError:
             continue
         if metric not in r.data.metrics:

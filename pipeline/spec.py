@@ -7,6 +7,9 @@ optionally a search space for a second, Optuna-driven phase:
     experiment: perl/ablation_steps      # MLflow experiment
     fixed: {dataset: ..., data_root: ${PERL_DATA_ROOT}, ...}    # TrainConfig fields
     grid: {num_steps: [1, 2, 3, 4, 5], seed: [1, 2, 3]}        # TrainConfig field -> values
+    arms:                                # optional: labelled sub-grids instead of one product
+      - {name: default}                  # the sweep's fixed x grid as it stands
+      - {name: front, fixed: {text_placement: front}, grid: {seed: [1]}}   # overrides on top
     search:                              # optional: Optuna phase on top of `fixed`
       space: {lr: {type: loguniform, low: 1.0e-5, high: 1.0e-3}}
       metric: val/acc                    # a validation metric, never a test metric
@@ -18,6 +21,12 @@ optionally a search space for a second, Optuna-driven phase:
     max_failures: 1                      # Tune FailureConfig: retries per trial
     cache: {enabled: true, url: null, max_gb: 20, dtype: float32}   # frozen-feature cache
     imports: [my_datasets]               # modules imported first (dataset registrations)
+
+With `arms`, the cells are the union over arms of (fixed + arm.fixed) x (grid + arm.grid): an
+arm's fixed key pins a field the grid varies, an arm's grid key replaces or adds an axis. A run
+that two arms share is one cell (same config hash), tagged with both arm names; its name ends in
+`/arm=<name>[+<name>]`, and its MLflow run carries the tags `arm` (its arms, comma-joined) and
+`sweep_arms` (every arm of the sweep, in order), which the aggregate uses as row labels.
 
 Every key is a `TrainConfig` field (same name in YAML, config, MLflow param and table header).
 Mistakes raise `SpecError`, whose text names the file, the line, the key path and what is allowed.
@@ -176,12 +185,23 @@ class CacheSpec(_Strict):
         return v
 
 
+class Arm(_Strict):
+    """One labelled sub-grid of a sweep: `fixed`/`grid` on top of the sweep's own (an arm's fixed
+    key pins a field the sweep's grid varies; an arm's grid key replaces or adds an axis)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a tag value, part of cell names
+    fixed: dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+
+
 class SweepSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     experiment: str = Field(min_length=1)
     description: str = ""
     fixed: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]] | None = None
+    # labelled sub-grids; the cells are the union over arms (deduplicated by config hash)
+    arms: list[Arm] | None = None
     search: SearchSpec | None = None
     resources: Resources = Resources()
     storage: str = "runs"
@@ -218,7 +238,13 @@ class SweepSpec(_Strict):
 
     @property
     def varied_fields(self) -> tuple[str, ...]:
-        return tuple(k for k, v in (self.grid or {}).items() if len(v) > 1)
+        """Fields the grid varies (with arms: within some arm; the arm label names the rest)."""
+        grids = [b.grid for b in blocks(self)] if self.arms else [self.grid or {}]
+        return tuple(dict.fromkeys(k for g in grids for k, v in g.items() if len(v) > 1))
+
+    @property
+    def arm_names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.arms or ())
 
 
 @dataclass(frozen=True)
@@ -228,6 +254,35 @@ class Cell:
     name: str
     config: TrainConfig
     config_hash: str
+    arm: str = ""  # the arm(s) the cell belongs to, comma-joined in sweep order ("" without arms)
+
+
+@dataclass(frozen=True)
+class Block:
+    """One arm's effective settings (or the whole sweep, without arms): raw YAML values, and the
+    key path each field was set at (for messages)."""
+
+    arm: str
+    fixed: dict[str, Any]
+    grid: dict[str, list[Any]]
+    origin: dict[str, tuple]  # field -> ("fixed",) / ("grid",) / ("arms", i, "fixed"|"grid")
+
+
+def blocks(spec: SweepSpec) -> list[Block]:
+    """The sweep's sub-grids: one per arm (its fixed/grid over the sweep's), else the sweep."""
+    top = {**{k: ("fixed",) for k in spec.fixed}, **{k: ("grid",) for k in spec.grid or {}}}
+    if not spec.arms:
+        return [Block("", dict(spec.fixed), dict(spec.grid or {}), top)]
+    out = []
+    for i, arm in enumerate(spec.arms):
+        fixed = {k: v for k, v in spec.fixed.items() if k not in arm.grid}
+        fixed.update(arm.fixed)
+        grid = {k: v for k, v in (spec.grid or {}).items() if k not in arm.fixed}
+        grid.update(arm.grid)  # a replaced axis keeps its position (the name order)
+        origin = {**top, **{k: ("arms", i, "fixed") for k in arm.fixed},
+                  **{k: ("arms", i, "grid") for k in arm.grid}}
+        out.append(Block(arm.name, fixed, grid, origin))
+    return out
 
 
 # --- loading --------------------------------------------------------------------------------------
@@ -390,19 +445,28 @@ def _substitute(raw: dict, env: dict[str, str], cwd: Path, problems: list) -> di
     if isinstance(raw.get("cache"), dict) and isinstance(raw["cache"].get("url"), str):
         raw["cache"] = {**raw["cache"], "url": sub(raw["cache"]["url"], ("cache", "url"),
                                                    "cache.url")}
-    for section in ("fixed", "grid"):
-        block = raw.get(section)
-        if not isinstance(block, dict):
-            continue
-        block = dict(block)
-        for key in ("data_root", "pretrained"):
-            if key not in block:
+    def sections(holder: dict, prefix: tuple) -> dict:
+        holder = dict(holder)
+        for section in ("fixed", "grid"):
+            block = holder.get(section)
+            if not isinstance(block, dict):
                 continue
-            if section == "grid" and isinstance(block[key], list):
-                block[key] = [sub(v, (section, key, i), key) for i, v in enumerate(block[key])]
-            else:
-                block[key] = sub(block[key], (section, key), key)
-        raw[section] = block
+            block = dict(block)
+            for key in ("data_root", "pretrained"):
+                if key not in block:
+                    continue
+                path = prefix + (section, key)
+                if section == "grid" and isinstance(block[key], list):
+                    block[key] = [sub(v, path + (i,), key) for i, v in enumerate(block[key])]
+                else:
+                    block[key] = sub(block[key], path, key)
+            holder[section] = block
+        return holder
+
+    raw = sections(raw, ())
+    if isinstance(raw.get("arms"), list):  # each arm's fixed/grid like the sweep's own
+        raw["arms"] = [sections(a, ("arms", i)) if isinstance(a, dict) else a
+                       for i, a in enumerate(raw["arms"])]
     return raw
 
 
@@ -442,6 +506,8 @@ def _pydantic_message(err: dict) -> str:
         allowed = None
         if parent in model:
             allowed = list(model[parent].model_fields)
+        elif len(parent) == 2 and parent[0] == "arms":
+            allowed = list(Arm.model_fields)
         elif len(parent) == 3 and parent[:2] == ("search", "space"):
             allowed = list(SearchParam.model_fields)
         return _unknown_key(str(loc[-1]), format_path(parent) or "the sweep file", allowed)
@@ -513,34 +579,51 @@ def _check_fields(spec: SweepSpec) -> list[tuple[tuple, str]]:
         except ValueError as e:
             problems.append((path, f"{name}: {e}"))
 
-    for name, value in spec.fixed.items():
-        if name not in FIELD_NAMES:
-            problems.append((("fixed", name), f"unknown TrainConfig field {name!r}; allowed: "
-                                              f"{allowed}"))
-            continue
-        check(("fixed", name), name, value)
+    def check_block(prefix: tuple, fixed: dict, grid: dict) -> None:
+        # the same rules for the sweep's fixed/grid and for each arm's (prefix ("arms", i))
+        for name, value in fixed.items():
+            if name not in FIELD_NAMES:
+                problems.append((prefix + ("fixed", name), f"unknown TrainConfig field {name!r}; "
+                                                           f"allowed: {allowed}"))
+                continue
+            check(prefix + ("fixed", name), name, value)
+        for name, values in grid.items():
+            path = prefix + ("grid", name)
+            dotted = format_path(path)
+            if name not in FIELD_NAMES:
+                problems.append((path, f"unknown TrainConfig field {name!r}; allowed: {allowed}"))
+                continue
+            if name in fixed:
+                problems.append((path, f"{name} is set in both 'fixed' and 'grid'"
+                                       f"{' of this arm' if prefix else ''}; keep one"))
+            if not values:
+                problems.append((path, f"{dotted} has no values (an empty list makes an empty "
+                                       f"sweep)"))
+            seen: dict[str, int] = {}
+            for i, v in enumerate(values):
+                c = check(path + (i,), name, v)
+                if c is None:
+                    continue
+                if repr(c) in seen:
+                    problems.append((path + (i,), f"duplicate value {v!r} in {dotted} (also at "
+                                                  f"index {seen[repr(c)]})"))
+                seen.setdefault(repr(c), i)
+
+    check_block((), spec.fixed, spec.grid or {})
     if spec.grid is not None and not spec.grid:
         problems.append((("grid",), "the grid is empty: give at least one field with values, or "
                                     "remove 'grid' to run the fixed settings once"))
-    for name, values in (spec.grid or {}).items():
-        path = ("grid", name)
-        if name not in FIELD_NAMES:
-            problems.append((path, f"unknown TrainConfig field {name!r}; allowed: {allowed}"))
-            continue
-        if name in spec.fixed:
-            problems.append((path, f"{name} is set in both 'fixed' and 'grid'; keep one"))
-        if not values:
-            problems.append((path, f"grid.{name} has no values (an empty list makes an empty "
-                                   f"sweep)"))
-        seen: dict[str, int] = {}
-        for i, v in enumerate(values):
-            c = check(path + (i,), name, v)
-            if c is None:
-                continue
-            if repr(c) in seen:
-                problems.append((path + (i,), f"duplicate value {v!r} in grid.{name} (also at "
-                                              f"index {seen[repr(c)]})"))
-            seen.setdefault(repr(c), i)
+    if spec.arms is not None and not spec.arms:
+        problems.append((("arms",), "arms is empty: give at least one arm ({name: default} runs "
+                                    "the sweep's own fixed/grid), or remove 'arms'"))
+    first: dict[str, int] = {}
+    for i, arm in enumerate(spec.arms or ()):
+        if arm.name in first:
+            problems.append((("arms", i, "name"), f"duplicate arm name {arm.name!r} (also "
+                                                  f"arms[{first[arm.name]}]); arm names label "
+                                                  f"the cells and the table rows"))
+        first.setdefault(arm.name, i)
+        check_block(("arms", i), arm.fixed, arm.grid)
     if spec.search is not None:
         for name, param in spec.search.space.items():
             path = ("search", "space", name)
@@ -659,41 +742,57 @@ def check_config(cfg: TrainConfig) -> list[tuple[str, str]]:
     return out
 
 
-def _field_origin(spec: SweepSpec, name: str, value: Any) -> tuple:
-    """Where a cell's field value came from, as a key path (for error messages)."""
-    grid = spec.grid or {}
-    if name in grid:
-        for i, v in enumerate(grid[name]):
+def _field_origin(spec: SweepSpec, name: str, value: Any, block: Block | None = None) -> tuple:
+    """Where a cell's field value came from, as a key path (for error messages): in `block`, or
+    in the first arm that sets the field to `value`."""
+    candidates = [block] if block is not None else blocks(spec)
+    for b in candidates:
+        where = b.origin.get(name)
+        if where is None:
+            continue
+        if name in b.grid:
+            for i, v in enumerate(b.grid[name]):
+                try:
+                    if coerce_field(name, v) == value:
+                        return where + (name, i)
+                except ValueError:
+                    pass
+            if block is not None:
+                return where + (name,)
+        else:
             try:
-                if coerce_field(name, v) == value:
-                    return ("grid", name, i)
+                if block is not None or coerce_field(name, b.fixed[name]) == value:
+                    return where + (name,)
             except ValueError:
                 pass
-        return ("grid", name)
     return ("fixed", name)
 
 
 def _check_cells(spec: SweepSpec) -> list[tuple[tuple, str]]:
     problems: list[tuple[tuple, str]] = []
-    try:
-        configs = expand(spec)
-    except ValueError as e:  # only from fields that _check_fields already accepted: defensive
-        return [((), str(e))]
-    for cfg in configs:
-        for name, msg in check_config(cfg):
-            origin = _field_origin(spec, name, getattr(cfg, name))
-            suffix = "" if name in spec.fixed or name in (spec.grid or {}) else \
-                " (not set: TrainConfig default)"
-            problems.append((origin, msg + suffix))
-    seen: dict[str, str] = {}
-    for cfg in configs:
-        h = cfg.config_hash()
-        if h in seen:
-            problems.append((("grid",), f"two grid points are the same run (config hash {h}): "
+    varied = spec.varied_fields
+    for i, block in enumerate(blocks(spec)):
+        try:
+            configs = expand_block(block)
+        except ValueError as e:  # only from fields that _check_fields already accepted
+            return [((), str(e))]
+        for cfg in configs:
+            for name, msg in check_config(cfg):
+                origin = _field_origin(spec, name, getattr(cfg, name), block)
+                suffix = "" if name in block.origin else " (not set: TrainConfig default)"
+                problems.append((origin, msg + suffix))
+        # within one arm (or a plain grid) two points of one run are a mistake; across arms the
+        # same run is shared (expand deduplicates it)
+        seen: dict[str, str] = {}
+        for cfg in configs:
+            h = cfg.config_hash()
+            if h in seen:
+                where = ("arms", i) if spec.arms else ("grid",)
+                problems.append((where, f"two grid points are the same run (config hash {h}): "
                                         f"{seen[h]}; vary a field that changes the result "
                                         f"(execution fields {list(EXECUTION_FIELDS)} do not)"))
-            break
-        seen[h] = cell_name(cfg, spec.varied_fields)
+                break
+            seen[h] = cell_name(cfg, varied)
     if spec.search is not None:
         base = spec.base_config()
         for name, param in spec.search.space.items():
@@ -729,14 +828,31 @@ def _dedupe(problems: list) -> list:
 # --- expansion ------------------------------------------------------------------------------------
 
 
-def expand(spec: SweepSpec) -> list[TrainConfig]:
-    """The grid's cartesian product over the fixed settings, in YAML order (last key fastest)."""
-    base = {k: coerce_field(k, v) for k, v in spec.fixed.items()}
-    grid = spec.grid or {}
-    keys = list(grid)
-    values = [[coerce_field(k, v) for v in grid[k]] for k in keys]
+def expand_block(block: Block) -> list[TrainConfig]:
+    """One block's cartesian product over its fixed settings, in YAML order (last key fastest)."""
+    base = {k: coerce_field(k, v) for k, v in block.fixed.items()}
+    keys = list(block.grid)
+    values = [[coerce_field(k, v) for v in block.grid[k]] for k in keys]
     return [TrainConfig(**{**base, **dict(zip(keys, combo))})
             for combo in itertools.product(*values)]
+
+
+def _expand_arms(spec: SweepSpec) -> list[tuple[TrainConfig, tuple[str, ...]]]:
+    """(config, the arms it belongs to) over the union of the blocks, one per config hash, in
+    order of first appearance (arm by arm)."""
+    out: dict[str, tuple[TrainConfig, list[str]]] = {}
+    for block in blocks(spec):
+        for cfg in expand_block(block):
+            entry = out.setdefault(cfg.config_hash(), (cfg, []))
+            if block.arm and block.arm not in entry[1]:
+                entry[1].append(block.arm)
+    return [(cfg, tuple(arms)) for cfg, arms in out.values()]
+
+
+def expand(spec: SweepSpec) -> list[TrainConfig]:
+    """The grid's cartesian product over the fixed settings, in YAML order (last key fastest);
+    with arms, the union of every arm's product (a run shared by arms appears once)."""
+    return [cfg for cfg, _ in _expand_arms(spec)]
 
 
 def _fmt(v: Any) -> str:
@@ -747,19 +863,24 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def cell_name(cfg: TrainConfig, varied: Iterable[str] = ()) -> str:
-    """Readable, unique within a sweep: `b2n/ToyShapes/16shot/seed1/J7/K4[/field=value...]`."""
+def cell_name(cfg: TrainConfig, varied: Iterable[str] = (), arms: Iterable[str] = ()) -> str:
+    """Readable, unique within a sweep: `b2n/ToyShapes/16shot/seed1/J7/K4[/field=value...]`,
+    then `/arm=<name>[+<name>...]` in a sweep with arms."""
     parts = [PROTOCOL_ABBREV.get(cfg.protocol, cfg.protocol), cfg.dataset, f"{cfg.shots}shot",
              f"seed{cfg.seed}", f"J{cfg.inject_layer}", f"K{cfg.num_steps}"]
     parts += [f"{f}={_fmt(getattr(cfg, f))}" for f in varied
               if f not in _NAME_FIELDS and f not in EXECUTION_FIELDS]
+    arms = list(arms)
+    if arms:
+        parts.append("arm=" + "+".join(arms))
     return "/".join(parts)
 
 
 def cells(spec: SweepSpec) -> list[Cell]:
     """Every grid cell with name and hash (the grid phase's work list, before skipping)."""
     varied = spec.varied_fields
-    return [Cell(cell_name(c, varied), c, c.config_hash()) for c in expand(spec)]
+    return [Cell(cell_name(c, varied, arms), c, c.config_hash(), ",".join(arms))
+            for c, arms in _expand_arms(spec)]
 
 
 def group_order(cells_: list[Cell]) -> list[Cell]:
@@ -806,7 +927,8 @@ def cache_group(cfg: TrainConfig) -> tuple:
 def train_view_key(cfg: TrainConfig) -> tuple:
     """What a cell's training views depend on within its cache group (the few-shot sample and
     the per-image augmentation seeds)."""
-    return (cfg.seed, cfg.shots, cfg.aug_scale_min, cfg.batch_size, cfg.epochs)
+    return (cfg.seed, cfg.shots, cfg.fewshot_source, cfg.aug_scale_min, cfg.batch_size,
+            cfg.epochs)
 
 
 def preflight(spec: SweepSpec, configs: Iterable[TrainConfig]) -> None:
@@ -818,7 +940,9 @@ def preflight(spec: SweepSpec, configs: Iterable[TrainConfig]) -> None:
       are removed again): every trial writes its record and Tune state there;
     - `shots` must not exceed the training images of any training class, for datasets with a
       CoOp split file that can be read here (only that JSON is read; Dassl would silently take
-      the smaller class).
+      the smaller class);
+    - with `fewshot_source: coop_pickle`, CoOp's `split_fewshot/shot_K-seed_S.pkl` of each cell
+      must be in its dataset folder, where that folder is here.
 
     Data roots are not required here: a missing or broken dataset fails its own cells (FAILED
     with the reason) while the rest of the sweep goes on."""
@@ -844,6 +968,10 @@ def preflight(spec: SweepSpec, configs: Iterable[TrainConfig]) -> None:
         msg = _shots_problem(cfg)
         if msg:
             problems.append((format_path(_field_origin(spec, "shots", cfg.shots)), msg))
+    for msg in dict.fromkeys(_fewshot_file_problem(c) for c in configs):
+        if msg:
+            problems.append((format_path(_field_origin(spec, "fewshot_source", "coop_pickle")),
+                             msg))
     if problems:
         raise SpecError(spec.source or "<sweep>", problems)
 
@@ -887,6 +1015,26 @@ def _storage_problem(storage: str) -> str | None:
         return (f"storage {storage} is not writable ({type(e).__name__}: "
                 f"{str(e).splitlines()[0][:300] if str(e) else ''}); every trial writes its "
                 f"record and Tune state there")
+    return None
+
+
+def _fewshot_file_problem(cfg: TrainConfig) -> str | None:
+    """fewshot_source coop_pickle: CoOp's few-shot file of the cell is missing from a dataset
+    folder that is here (every such cell would fail); no data here: the cell says so itself."""
+    if cfg.fewshot_source != "coop_pickle" or not cfg.data_root or cfg.shots < 1:
+        return None
+    try:
+        from perl_core.data import storage
+        from perl_core.data.coop_pickle import find_coop_fewshot
+        from perl_core.data.registry import get_spec
+
+        if not storage.isdir(storage.join(cfg.data_root, get_spec(cfg.dataset).dataset_dir)):
+            return None
+        find_coop_fewshot(cfg.data_root, cfg.dataset, cfg.shots, cfg.seed)
+    except FileNotFoundError as e:
+        return str(e)
+    except Exception:  # unknown dataset, unreachable store: the cell fails with its own reason
+        return None
     return None
 
 
@@ -936,6 +1084,7 @@ def check_tracking_uri(uri: str) -> str:
 
 
 __all__ = ["SweepSpec", "SearchSpec", "SearchParam", "Resources", "CacheSpec", "SpecError", "Cell",
+           "Arm", "Block", "blocks", "expand_block",
            "backbone_key", "cache_group", "train_view_key",
            "load_spec", "parse_spec", "expand", "cells", "cell_name", "group_order",
            "check_config", "coerce_field", "resolve_tracking_uri", "format_path", "preflight"]

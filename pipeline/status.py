@@ -271,7 +271,7 @@ def _trial_entry(trial_json: str) -> tuple[str, str]:
     try:
         state = json.loads(trial_json)
         cfg = (state.get("config") or {}).get("cell", {}).get("config")
-        return TrainConfig.from_dict(cfg).config_hash(), str(state.get("status", ""))
+        return TrainConfig.from_record(cfg).config_hash(), str(state.get("status", ""))
     except Exception:
         return "", ""
 

@@ -114,7 +114,7 @@ class TrialRecord:
 
     @property
     def train_config(self) -> TrainConfig:
-        return TrainConfig.from_dict(self.config)
+        return TrainConfig.from_record(self.config)
 
     def stem(self) -> str:
         return f"{self.config_hash}-{self.record_id}"

@@ -366,6 +366,13 @@ def trial_tags(cfg: TrainConfig, name: str, context: dict[str, Any]) -> dict[str
     return {k: str(v) for k, v in tags.items()}
 
 
+def arm_tags(config: dict[str, Any], context: dict[str, Any]) -> dict[str, str]:
+    """`arm` (the grid cell's arms, comma-joined) and `sweep_arms` (the sweep's arms in order),
+    only in a sweep with arms: the aggregate's row labels (older runs have neither)."""
+    arm = (config.get("cell") or {}).get("arm") or ""
+    return {"arm": arm, "sweep_arms": context.get("sweep_arms", "")} if arm else {}
+
+
 def import_sweep_modules(context: dict[str, Any]) -> None:
     """Import the sweep's `imports:` here, on the worker, before the trial looks up its dataset:
     their registrations (`perl_core.data.registry.register`) were made in the driver's process
@@ -441,7 +448,7 @@ def train_cell(config: dict[str, Any], context: dict[str, Any] | None = None) ->
         cache = None
         cache_tag = {"feature_cache": f"off (unavailable: {type(e).__name__})",
                      "feature_cache_dtype": "none"}
-    tags = {**trial_tags(cfg, name, context), **cache_tag}
+    tags = {**trial_tags(cfg, name, context), **cache_tag, **arm_tags(config, context)}
     clock.lap("tags")
     started_ms = int(time.time() * 1000)
     run_id = None
@@ -582,5 +589,6 @@ class _Clock:
 
 
 __all__ = ["train_cell", "import_sweep_modules", "backbone", "clear_backbone", "build_model",
-           "trial_config", "trial_tags", "TuneCheckpoint", "fit_phases", "cache_settings",
-           "feature_cache", "cache_tags", "cache_metrics", "cache_url", "TIMINGS_ENV"]
+           "trial_config", "trial_tags", "arm_tags", "TuneCheckpoint", "fit_phases",
+           "cache_settings", "feature_cache", "cache_tags", "cache_metrics", "cache_url",
+           "TIMINGS_ENV"]

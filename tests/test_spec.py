@@ -24,18 +24,22 @@ PAPER = {
     "cross_dataset.yaml": (3, {}),
     "domain_generalization.yaml": (3, {}),
     "ablation_steps.yaml": (165, {"num_steps": {1, 2, 3, 4, 5}}),
-    "ablation_layer.yaml": (198, {"inject_layer": {6, 7, 8, 9, 10, 11}}),
+    # two arms: vision J (text at 7) and both towers moving, 198 cells each
+    "ablation_layer.yaml": (363,  # J=7 is one cell of both arms
+                           {"inject_layer": {6, 7, 8, 9, 10, 11}}),
     "ablation_modality.yaml": (99, {"modality": {"vision", "text", "both"}}),
-    "ablation_loop.yaml": (198, {"variant": {"shared", "step", "early", "deep", "layer",
+    # six variants (shared pair kept) + step/layer/layerstep with specific projectors only
+    "ablation_loop.yaml": (297, {"variant": {"shared", "step", "early", "deep", "layer",
                                              "layerstep"}}),
+    "sensitivity.yaml": (165, {}),  # 5 arms x 11 datasets x 3 seeds
     "alignment.yaml": (198, {"anchor_weight": {0.0, 0.1, 0.3, 1.0, 3.0, 10.0}}),
     "hpo.yaml": (3, {}),
 }
 TOY = {"smoke.yaml": 6, "toy/base2novel.yaml": 9, "toy/cross_dataset.yaml": 2,
        "toy/domain_generalization.yaml": 2, "toy/ablation_steps.yaml": 5,
-       "toy/ablation_layer.yaml": 6, "toy/ablation_modality.yaml": 3,
-       "toy/ablation_loop.yaml": 6, "toy/alignment.yaml": 6, "toy/hpo.yaml": 1,
-       "toy/base2novel_long.yaml": 9}
+       "toy/ablation_layer.yaml": 11, "toy/ablation_modality.yaml": 3,
+       "toy/ablation_loop.yaml": 9, "toy/sensitivity.yaml": 5, "toy/alignment.yaml": 6,
+       "toy/hpo.yaml": 1, "toy/base2novel_long.yaml": 9}
 PAPER_SETTINGS = {"arch": "ViT-B-16-quickgelu", "pretrained": "openai", "shots": 16,
                   "inject_layer": 7, "num_steps": 4, "rank": 1, "anchor_weight": 1.0, "lr": 1e-4,
                   "batch_size": 4, "epochs": 1}
