@@ -10,8 +10,12 @@ to `TrainConfig` types, keeps one run per `config_hash` (the latest FINISHED one
 - Tables 1/5 (base-to-novel: Base / Novel / HM per dataset, both HM conventions),
 - Table 2 (cross-dataset) and Table 8 (domain generalisation): source, targets, Target Avg,
 - Table 3 (modality), Table 4 (loop variants), Fig. 3a (inject_layer), Fig. 3b (num_steps), the
-  alignment ablation (anchor_weight), any other ablation (rows = the fields the sweep varies),
-- per-step dynamics (acc / confidence / Brier / KL at steps 0..K).
+  alignment ablation (anchor_weight), any other ablation (rows = the fields the sweep varies;
+  in a sweep with arms, a block of rows per arm, from the runs' `arm` tags), the sensitivity
+  table (arms that each change one setting, against the first arm),
+- per-step dynamics (acc / confidence / Brier / KL / input Jacobian / image-text alignment at
+  steps 0..K, each as the mean over datasets and pooled over test images, Fig. 7's convention)
+  and Fig. 5's drift groups.
 
 Each of our numbers carries the paper's number and ours - paper where the paper prints one
 (`pipeline.reference`); cells never run are `—`, cells whose runs all failed are `FAILED (k)`.
@@ -35,14 +39,14 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit, urlunsplit
 
 import pandas as pd
 
-from perl_core.config import EXECUTION_FIELDS, FIELD_NAMES, TrainConfig
+from perl_core.config import EXECUTION_FIELDS, FIELD_NAMES, LEGACY_VALUES, TrainConfig
 from pipeline import reference as ref
 from pipeline.tables import Cell, Column, Counts, Row, Table, to_csv, to_latex, to_markdown
 
@@ -73,7 +77,18 @@ PARAM_COUNT_KEYS = ("num_trainable_parameters", "trainable_parameters", "num_tra
 # Evalsets of the training dataset itself (val = few-shot validation split): never transfer targets.
 NON_TARGET_EVALSETS = ("base", "novel", "all", "val")
 STEP_METRICS = (("acc", "accuracy (%)", 2, "higher"), ("confidence", "confidence", 2, "higher"),
-                ("brier", "Brier score", 4, "lower"), ("kl", "KL from step 0", 4, "none"))
+                ("brier", "Brier score", 4, "lower"), ("kl", "KL from step 0", 4, "none"),
+                ("jacobian", "input Jacobian norm", 3, "none"),
+                ("cos_true", "cos(image, own class text)", 4, "none"),
+                ("cos_wrong", "cos(image, nearest wrong class text)", 4, "none"),
+                ("margin", "cos margin (own - nearest wrong)", 4, "none"),
+                ("gap", "modality gap", 4, "none"))
+# The metrics Fig. 7 prints (pipeline.reference's F7 rows).
+F7_METRICS = ("acc", "confidence", "brier", "jacobian")
+# Alignment at the final step, beside accuracy and anchor cos in the alignment ablation table:
+# (column stem, per-step metric, label).
+ALIGNMENT_COLUMNS = (("cos_true", "cos_true", "cos true"), ("margin", "margin", "margin"),
+                     ("gap", "gap", "gap"))
 
 Key = tuple  # values of KEY_FIELDS, in order (None where a run did not log the field)
 
@@ -203,6 +218,10 @@ def cast_params(df: pd.DataFrame, warnings: list[str] | None = None) -> pd.DataF
     df = df.copy()
     for name in FIELD_NAMES:
         col = f"params.{name}"
+        if name in LEGACY_VALUES and "params.dataset" in df.columns:
+            # runs logged before the field existed did what its legacy value does (as from_record)
+            old = df["params.dataset"].notna() & (df[col].isna() if col in df.columns else True)
+            df.loc[old, col] = str(LEGACY_VALUES[name])
         if col not in df.columns:
             continue
         raw = df[col]
@@ -467,6 +486,10 @@ class SweepView:
     datasets: list[str]
     experiment_id: str
     experiment: str  # experiment name
+    # a sweep with arms (`spec.py`): the arm names in sweep order and each arm's cell keys (a key
+    # two arms share is in both); empty for sweeps without arms and for runs older than arms
+    arms: tuple[str, ...] = ()
+    arm_keys: dict[str, list[Key]] = field(default_factory=dict)
 
     def template(self) -> Key:
         return self.keys[0]
@@ -505,12 +528,66 @@ def sweep_views(df: pd.DataFrame) -> list[SweepView]:
             declared = SWEEP_AXES.get(sw)
             axis = varying if declared is None else \
                 declared + tuple(f for f in varying if f not in declared)
+            arms, arm_keys = _view_arms(sub)
             views.append(SweepView(
                 sweep=sw or "(untagged)", protocol=proto, keys=keys, seeds=seeds, axis=axis,
                 constants={f: next(iter(v)) for f, v in distinct.items() if len(v) == 1},
                 datasets=dataset_order(str(kget(k, "dataset")) for k in keys),
-                experiment_id=str(exp_id), experiment=str(sub["experiment"].iloc[0])))
+                experiment_id=str(exp_id), experiment=str(sub["experiment"].iloc[0]),
+                arms=arms, arm_keys=arm_keys))
     return views
+
+
+def _tag_list(v: Any) -> list[str]:
+    v = _val(v)
+    return [a for a in str(v).split(",") if a] if v is not None else []
+
+
+def _view_arms(sub: pd.DataFrame) -> tuple[tuple[str, ...], dict[str, list[Key]]]:
+    """The arms of one view's runs, from their `arm` / `sweep_arms` tags (none: no arms). The
+    order is the sweep file's (`sweep_arms` of the latest run), then any other arm seen."""
+    if "tags.arm" not in sub:
+        return (), {}
+    arm_keys: dict[str, list[Key]] = {}
+    order: list[str] = []
+    for _, r in sub.sort_values(["end_time", "start_time"], kind="stable").iterrows():
+        order = _tag_list(r.get("tags.sweep_arms")) or order
+        for a in _tag_list(r.get("tags.arm")):
+            keys = arm_keys.setdefault(a, [])
+            if row_key(r) not in keys:
+                keys.append(row_key(r))
+    if not arm_keys:
+        return (), {}
+    arms = tuple(a for a in order if a in arm_keys) + tuple(a for a in arm_keys if a not in order)
+    return arms, arm_keys
+
+
+def arm_axis(view: SweepView) -> tuple[str, ...]:
+    """The fields of `view.axis` that vary within some arm (the rows inside an arm's block); the
+    fields that only differ between arms are named by the arm label instead."""
+    if not view.arms:
+        return view.axis
+    return tuple(f for f in view.axis if any(_varies(view.arm_keys[a], f) for a in view.arms))
+
+
+def _varies(keys: list[Key], f: str) -> bool:
+    if f == "text_inject_layer":
+        # a cell whose text J equals its vision J is one run whether written J or -1
+        # (TrainConfig.hashed_fields): the text J varies only if it is neither constant nor J
+        text_j = [_text_j(k) for k in keys]
+        return len(set(text_j)) > 1 and any(t != kget(k, "inject_layer")
+                                            for t, k in zip(text_j, keys))
+    return len({kget(k, f) for k in keys}) > 1
+
+
+def arm_views(view: SweepView) -> list[tuple[str | None, SweepView]]:
+    """(arm, the view restricted to that arm's keys and to `arm_axis`) per arm, in sweep order;
+    [(None, view)] for a sweep without arms."""
+    if not view.arms:
+        return [(None, view)]
+    axis = arm_axis(view)
+    return [(a, replace(view, keys=view.arm_keys[a], axis=axis, arms=(), arm_keys={}))
+            for a in view.arms]
 
 
 def fmt_value(v: Any) -> str:
@@ -569,7 +646,21 @@ def _b2n_columns(with_cos: bool = False) -> list[Column]:
     if with_cos:
         cols += [Column("base_anchor_cos", "anchor cos (base)", 4, "none"),
                  Column("novel_anchor_cos", "anchor cos (novel)", 4, "none")]
+        cols += [Column(f"{ev}_{stem}", f"{label} ({ev}, step K)", 4, "none",
+                        help=f"{ev} set at each run's final step K, mean over seeds / "
+                             "datasets (definitions: docs/method.md)")
+                 for ev in ("base", "novel") for stem, _m, label in ALIGNMENT_COLUMNS]
     return cols
+
+
+def final_step_metric(name: str) -> Callable[[SeedRun], float | None]:
+    """`<evalset>/<metric>_step{K}` of each run at its own final step K (the largest logged)."""
+    def get(r: SeedRun) -> float | None:
+        steps = [int(m.rsplit("_step", 1)[1]) for m in r.metrics
+                 if m.startswith(f"{name}_step") and m.rsplit("_step", 1)[1].isdigit()]
+        return metric(f"{name}_step{max(steps)}")(r) if steps else None
+    get.__name__ = f"{name}_final"
+    return get
 
 
 def _b2n_cells(pool: Pool, keys: list[Key], with_cos: bool = False) -> dict[str, Cell]:
@@ -581,6 +672,8 @@ def _b2n_cells(pool: Pool, keys: list[Key], with_cos: bool = False) -> dict[str,
         extra = [("base_anchor_cos", "base/anchor_cos"), ("novel_anchor_cos", "novel/anchor_cos")]
         if with_cos:
             cells.update({c: cell_over_seeds(pool, k, metric(m)) for c, m in extra})
+            cells.update({f"{ev}_{stem}": cell_over_seeds(pool, k, final_step_metric(f"{ev}/{m}"))
+                          for ev in ("base", "novel") for stem, m, _l in ALIGNMENT_COLUMNS})
     else:
         cells = {"base": cell_over_datasets(pool, keys, metric("base/acc")),
                  "novel": cell_over_datasets(pool, keys, metric("novel/acc")),
@@ -590,6 +683,9 @@ def _b2n_cells(pool: Pool, keys: list[Key], with_cos: bool = False) -> dict[str,
                                                                 metric("base/anchor_cos")),
                           "novel_anchor_cos": cell_over_datasets(pool, keys,
                                                                  metric("novel/anchor_cos"))})
+            cells.update({f"{ev}_{stem}": cell_over_datasets(pool, keys,
+                                                             final_step_metric(f"{ev}/{m}"))
+                          for ev in ("base", "novel") for stem, m, _l in ALIGNMENT_COLUMNS})
     cells["hm_coop"] = hm_of_cells(cells["base"], cells["novel"])
     return cells
 
@@ -622,29 +718,54 @@ def _real(view: SweepView) -> bool:
     return any(ref.paper_dataset(d) for d in view.datasets)
 
 
+def _step0_cells(pool: Pool, keys: list[Key]) -> dict[str, Cell]:
+    """Step-0 (zero-shot) base / novel / HM cells of one dataset (one key) or their average."""
+    def hm0(r: SeedRun) -> float | None:
+        return hm(metric("base/acc_step0")(r), metric("novel/acc_step0")(r))
+
+    over = ((lambda fn: cell_over_seeds(pool, keys[0], fn)) if len(keys) == 1 else
+            (lambda fn: cell_over_datasets(pool, keys, fn)))
+    return {"base0": over(metric("base/acc_step0")), "novel0": over(metric("novel/acc_step0")),
+            "hm0": over(hm0)}
+
+
 def table_base2novel(pool: Pool, view: SweepView) -> Table:
-    """Tables 1 and 5: per dataset Base / Novel / HM (both conventions) and the averages."""
+    """Tables 1 and 5: per dataset Base / Novel / HM (both conventions) and the averages, and
+    our step 0 (zero-shot CLIP) beside the paper's CLIP row."""
     datasets = list(view.datasets)
     if _real(view):  # the paper's suite: datasets not run yet are shown as missing
         datasets = dataset_order(datasets + [d for d in ref.B2N_DATASETS
                                              if d not in {ref.paper_dataset(x) for x in datasets}])
     keys = _keys_for_datasets(view, datasets)
+    # step 0 of the same runs is zero-shot CLIP: beside the paper's CLIP row (Table 1's are
+    # CoCoOp's), the first place a wrong class-name file, split, preprocessing or template shows
+    step0 = [Column("base0", "Base step 0", help="our zero-shot CLIP: base/acc_step0"),
+             Column("novel0", "Novel step 0", help="our zero-shot CLIP: novel/acc_step0"),
+             Column("hm0", "HM step 0", help="per seed HM(base/acc_step0, novel/acc_step0), "
+                                             "averaged as HM (PERL conv.)")]
     t = Table(name=f"table1_5_base2novel__{view.sweep}",
               title=f"Tables 1/5 — base-to-novel, per dataset (sweep `{view.sweep}`)",
-              index=("dataset",), columns=_b2n_columns(), sweep=view.sweep,
-              paper_ref="PERL row of Table 5 per dataset, Table 1 averages", plot="bars",
-              x_label="dataset")
+              index=("dataset",), columns=_b2n_columns() + step0, sweep=view.sweep,
+              paper_ref="PERL row of Table 5 per dataset, Table 1 averages; step-0 columns: the "
+                        "CLIP row", plot="bars", x_label="dataset")
     for d, k in zip(datasets, keys):
-        cells = _b2n_cells(pool, [k])
+        cells = {**_b2n_cells(pool, [k]), **_step0_cells(pool, [k])}
         p = ref.paper_dataset(d)
         for m in ("base", "novel", "hm"):
             attach_paper(cells[m], "T5", "PERL", p, m)
+            attach_paper(cells[f"{m}0"], "T5", "CLIP", p, m)
         t.rows.append(Row(label=(d,), cells=cells, x=d))
-    avg = _b2n_cells(pool, keys)
+    avg = {**_b2n_cells(pool, keys), **_step0_cells(pool, keys)}
     if _real(view):
         why = _average_comparability(pool, keys, ref.B2N_DATASETS)
         for m in ("base", "novel", "hm"):
             attach_paper(avg[m], "T1", "PERL", "average", m, why)
+            attach_paper(avg[f"{m}0"], "T1", "CLIP", "average", m, why)
+        if any(kget(k, "template") != "coop" for k in keys):
+            t.notes.append("Step-0 columns: these runs prompt with the generic template; the "
+                           "paper's CLIP row used CoOp's per-dataset templates, so Δ there mixes "
+                           "in the template. The like-for-like check is `python -m pipeline.run "
+                           "SWEEP.yaml --zero-shot-check` (its coop row).")
         if why:
             t.notes.append(f"Average row: paper value shown, Δ {why}.")
     t.rows.append(Row(label=("Average",), cells=avg, kind="average"))
@@ -662,17 +783,28 @@ def _axis_label(view: SweepView, key: Key) -> tuple[str, ...]:
     return tuple(fmt_value(kget(key, f)) for f in view.axis)
 
 
-def _paper_for_axis(view: SweepView, values: dict[str, Any]) -> tuple[str, str] | None:
-    """(paper table, method) of one ablation row, where the paper has that ablation."""
-    if view.axis == ("num_steps",):
+def _text_j(key: Key) -> Any:
+    """The text tower's J of a cell (`text_inject_layer` -1 or not logged: the vision J)."""
+    t = kget(key, "text_inject_layer")
+    return kget(key, "inject_layer") if t is None or t < 0 else t
+
+
+def _paper_for_axis(axis: tuple[str, ...], values: dict[str, Any],
+                    keys: list[Key] = ()) -> tuple[str, str] | None:
+    """(paper table, method) of one ablation row, where the paper has that ablation. `keys`: the
+    row's cells (Fig. 3a compares only rows whose text tower stays at the paper's J)."""
+    if axis == ("num_steps",):
         return "F3b", f"PERL K={values['num_steps']}"
-    if view.axis == ("inject_layer",):
+    if axis == ("inject_layer",):
+        # the caption varies J "of the visual encoder"; Appendix A keeps the text J at 7
+        if keys and any(_text_j(k) != _DEFAULTS.inject_layer for k in keys):
+            return None
         return "F3a", f"PERL J={values['inject_layer']}"
-    if view.axis == ("modality",):
+    if axis == ("modality",):
         m = MODALITY_METHOD.get(values["modality"])
         return ("T3", m) if m else None
-    if view.axis and view.axis[0] == "variant" and set(view.axis) <= {
-            "variant", "inject_layer", "inject_layers", "text_inject_layer"}:
+    if axis and axis[0] == "variant" and set(axis) <= {
+            "variant", "inject_layer", "inject_layers", "text_inject_layer", "variant_projectors"}:
         m = VARIANT_METHOD.get(values["variant"])
         return ("T4", m) if m else None
     return None
@@ -691,77 +823,104 @@ _ABLATION_TITLES = {
 }
 
 
+PARAMS_OURS, PARAMS_PAPER = "trainable params (ours)", "params (paper)"  # info column headers
+
+
 def _param_count(pool: Pool, keys: list[Key]) -> str:
+    """The row's own trainable-parameter count, as its finished runs logged it (metric or tag);
+    counts that disagree are all shown ("a / b"), never one picked."""
+    seen: list[str] = []
     for k in keys:
         for r in pool.finished_seeds(k).values():
             for name in PARAM_COUNT_KEYS:
                 v = r.metrics.get(name, r.extra.get(name))
                 if v is not None:
                     try:
-                        return f"{int(float(v)):,}"
+                        text = f"{int(float(v)):,}"
                     except ValueError:
-                        return str(v)
-    return "—"
+                        text = str(v)
+                    if text not in seen:
+                        seen.append(text)
+                    break
+    return " / ".join(seen) or "—"
 
 
-def table_b2n_ablation(pool: Pool, view: SweepView) -> tuple[Table, Table]:
-    """An ablation over base-to-novel: rows = values of the varied field(s), cells = averages
-    over the sweep's datasets. Also returns the per-dataset detail table."""
+def _ablation_combos(pool: Pool, view: SweepView, with_paper_rows: bool) -> list[tuple]:
+    """The value combinations of `view.axis` that index an ablation's rows, in the paper's order;
+    with `with_paper_rows`, the paper's values never run too (shown as missing)."""
     combos = list(dict.fromkeys(tuple(kget(k, f) for f in view.axis) for k in view.keys))
-    if len(view.axis) == 1 and _real(view) and view.axis[0] in _PAPER_AXIS_VALUES:
-        # the paper's rows, so that values never run are visible as missing
+    if with_paper_rows and len(view.axis) == 1 and _real(view) and \
+            view.axis[0] in _PAPER_AXIS_VALUES:
         seen = {c[0] for c in combos}
         combos += [(v,) for v in _PAPER_AXIS_VALUES[view.axis[0]] if v not in seen]
-    order = _PAPER_AXIS_VALUES.get(view.axis[0])
+    order = _PAPER_AXIS_VALUES.get(view.axis[0]) if view.axis else None
 
     def rank(v: Any) -> tuple:
         return (0, v) if isinstance(v, (int, float)) else (1, str(v))
     combos.sort(key=lambda c: (order.index(c[0]) if order and c[0] in order else 99,
                                *(rank(v) for v in c)))
+    return combos
+
+
+def table_b2n_ablation(pool: Pool, view: SweepView) -> tuple[Table, Table]:
+    """An ablation over base-to-novel: rows = values of the varied field(s), cells = averages
+    over the sweep's datasets. In a sweep with arms, a block of rows per arm (labelled by the
+    arm; the fields only the arms set are named by it). Also returns the per-dataset detail."""
+    groups = arm_views(view)
+    axis = groups[0][1].axis
+    arm_index = ("arm",) if view.arms else ()
     known = SWEEP_AXES.get(view.sweep, ())
-    stem, title = _ABLATION_TITLES.get(view.axis, _ABLATION_TITLES.get(
-        view.axis[:1] if known and view.axis[:1] == known[:1] else (),
-        (f"ablation_{'_'.join(view.axis)}", f"Ablation over {', '.join(view.axis)}")))
-    with_cos = "anchor_weight" in view.axis
-    is_loop = view.axis[:1] == ("variant",)
+    stem, title = _ABLATION_TITLES.get(axis, _ABLATION_TITLES.get(
+        axis[:1] if known and axis[:1] == known[:1] else (),
+        (f"ablation_{'_'.join(axis)}", f"Ablation over {', '.join(axis)}")))
+    with_cos = "anchor_weight" in axis
+    is_loop = axis[:1] == ("variant",)
     t = Table(name=f"{stem}__{view.sweep}",
               title=f"{title} (sweep `{view.sweep}`, base-to-novel averages over "
                     f"{len(view.datasets)} dataset(s))",
-              index=view.axis, columns=_b2n_columns(with_cos), sweep=view.sweep,
-              info_columns=("#params", "#params (paper)") if (is_loop or view.axis == ("modality",))
+              index=arm_index + axis, columns=_b2n_columns(with_cos), sweep=view.sweep,
+              info_columns=(PARAMS_OURS, PARAMS_PAPER) if (is_loop or axis == ("modality",))
               else ())
-    numeric = len(view.axis) == 1 and all(
-        isinstance(c[0], (int, float)) for c in combos if c[0] is not None)
-    t.plot, t.x_label = ("curve" if numeric else "bars"), " / ".join(view.axis)
     detail = Table(name=f"detail_{stem}__{view.sweep}",
                    title=f"Per-dataset detail of {title.split(' — ')[0]} (sweep `{view.sweep}`)",
-                   index=view.axis + ("dataset",), columns=_b2n_columns(with_cos),
+                   index=arm_index + axis + ("dataset",), columns=_b2n_columns(with_cos),
                    sweep=view.sweep, section="detail")
     all_keys: list[Key] = []
     paper_tables = set()
-    for combo in combos:
-        values = dict(zip(view.axis, combo))
-        keys = _keys_for_datasets(view, view.datasets, **values)
-        all_keys += keys
-        cells = _b2n_cells(pool, keys, with_cos)
-        row = Row(label=tuple(fmt_value(v) for v in combo), cells=cells,
-                  x=combo[0] if len(combo) == 1 else " / ".join(map(fmt_value, combo)))
-        target = _paper_for_axis(view, values) if _real(view) else None
-        if target:
-            why = _average_comparability(pool, keys, ref.B2N_DATASETS)
-            for m in ("base", "novel", "hm"):
-                attach_paper(cells[m], target[0], target[1], "average", m, why)
-            paper_tables.add(target[0])
-            entry = ref.paper_entry(target[0], target[1], "average", "hm")
-            if entry is not None:
-                row.info["#params (paper)"] = entry.params
-        if t.info_columns:
-            row.info["#params"] = _param_count(pool, keys)
-        t.rows.append(row)
-        for d, k in zip(view.datasets, keys):
-            detail.rows.append(Row(label=row.label + (d,), cells=_b2n_cells(pool, [k], with_cos)))
-    if t.info_columns and all(r.info.get("#params (paper)", "") == "" for r in t.rows):
-        t.info_columns = ("#params",)
+    all_combos = []
+    for gi, (arm, sub) in enumerate(groups):
+        # the paper's rows never run go to the first arm only: the sweep's main reading
+        combos = _ablation_combos(pool, sub, with_paper_rows=gi == 0)
+        all_combos += combos
+        for combo in combos:
+            values = dict(zip(axis, combo))
+            keys = _keys_for_datasets(sub, view.datasets, **values)
+            all_keys += keys
+            cells = _b2n_cells(pool, keys, with_cos)
+            label = tuple(fmt_value(v) for v in combo)
+            x = combo[0] if len(combo) == 1 else " / ".join(map(fmt_value, combo))
+            row = Row(label=((arm,) if arm else ()) + label, cells=cells,
+                      x=x if arm is None or isinstance(x, (int, float)) else f"{arm} / {x}")
+            target = _paper_for_axis(axis, values, keys) if _real(view) else None
+            if target:
+                why = _average_comparability(pool, keys, ref.B2N_DATASETS)
+                for m in ("base", "novel", "hm"):
+                    attach_paper(cells[m], target[0], target[1], "average", m, why)
+                paper_tables.add(target[0])
+                entry = ref.paper_entry(target[0], target[1], "average", "hm")
+                if entry is not None:
+                    row.info[PARAMS_PAPER] = entry.params
+            if t.info_columns:
+                row.info[PARAMS_OURS] = _param_count(pool, keys)
+            t.rows.append(row)
+            for d, k in zip(view.datasets, keys):
+                detail.rows.append(Row(label=row.label + (d,),
+                                       cells=_b2n_cells(pool, [k], with_cos)))
+    numeric = len(axis) == 1 and all(
+        isinstance(c[0], (int, float)) for c in all_combos if c[0] is not None)
+    t.plot, t.x_label = ("curve" if numeric else "bars"), " / ".join(axis)
+    if t.info_columns and all(r.info.get(PARAMS_PAPER, "") == "" for r in t.rows):
+        t.info_columns = (PARAMS_OURS,)
     t.paper_ref = ", ".join(sorted(paper_tables)) + " (base-to-novel averages over 11 datasets)" \
         if paper_tables else ""
     if any(c.status == "ok" and c.paper is not None and c.no_diff_reason
@@ -770,16 +929,117 @@ def table_b2n_ablation(pool: Pool, view: SweepView) -> tuple[Table, Table]:
                        "datasets: a partial average is not comparable to the paper's.")
     if "F3a" in paper_tables or "F3b" in paper_tables:
         t.notes.append("Fig. 3 values other than the default row are read off the plot (`~`).")
+    if axis == ("inject_layer",) and _real(view):
+        t.notes.append("Fig. 3a varies J \"of the visual encoder\": its values stand only beside "
+                       "rows whose text tower stays at J=7 (text_inject_layer 7); rows where "
+                       "the text J moves too (text_inject_layer -1, e.g. arm both_towers) have "
+                       "no paper counterpart.")
     if is_loop:
-        t.notes.append("#params: trainable parameters logged by the runs; the paper's counting "
-                       "of multi-depth/step variants is unexplained (PERL.md §6.2).")
-    t.notes += [f"Rows: values of {', '.join(view.axis)}; every other setting as in the sweep. "
+        t.notes.append(f"{PARAMS_OURS}: each row's trainable parameters as its runs logged "
+                       f"them; {PARAMS_PAPER}: Table 4's params column. The paper's 32K/26K/83K "
+                       f"fit variant_projectors shared_plus_specific (the shared pair kept, the "
+                       f"specific projectors added); specific_only is the other reading "
+                       f"(docs/method.md).")
+    if view.arms:
+        t.notes.append(f"Rows: one block per arm of the sweep ({', '.join(view.arms)}); an arm "
+                       f"is a labelled sub-grid (docs/sweeps.md). Fields set per arm: "
+                       f"{', '.join(f for f in view.axis if f not in axis) or 'none'}.")
+    t.notes += [f"Rows: values of {', '.join(axis)}; every other setting as in the sweep. "
                 f"Datasets averaged: {', '.join(view.datasets)}.",
                 "HM (PERL conv.) = mean of per-dataset HMs (each the mean of per-seed HMs); "
                 "HM (CoOp conv.) = HM(Avg Base, Avg Novel)."] + settings_note(view)
-    t.counts = count_cells(pool, all_keys, view.seeds)
+    t.counts = count_cells(pool, list(dict.fromkeys(all_keys)), view.seeds)
     detail.counts = t.counts
     detail.notes = ["Per dataset: mean ± std over seeds; no paper numbers exist at this level."]
+    return t, detail
+
+
+def _seed_averages(pool: Pool, keys: list[Key],
+                   fn: Callable[[SeedRun], float | None]) -> dict[Any, float]:
+    """Per seed, the mean over the datasets that have results of that metric, for the seeds
+    present in every such dataset (the per-seed averages behind `cell_over_datasets`'s ±)."""
+    present = [v for v in (seed_values(pool, k, fn) for k in keys) if v]
+    if not present:
+        return {}
+    common = set.intersection(*(set(v) for v in present))
+    return {s: statistics.fmean(v[s] for v in present) for s in common}
+
+
+def _delta_cell(pool: Pool, keys: list[Key], ref_keys: list[Key], ours: Cell, reference: Cell,
+                fn: Callable[[SeedRun], float | None]) -> Cell:
+    """ours − reference: the difference of the two averages shown in the table; ± = std over the
+    seeds both have of the per-seed differences. Not computed (note) when the two averages cover
+    different datasets."""
+    if ours.status != "ok" or reference.status != "ok":
+        return Cell(n_failed=ours.n_failed, failed_run_ids=ours.failed_run_ids,
+                    failure_reasons=ours.failure_reasons)
+    mine = {kget(k, "dataset") for k in keys if seed_values(pool, k, fn)}
+    theirs = {kget(k, "dataset") for k in ref_keys if seed_values(pool, k, fn)}
+    if mine != theirs:
+        return Cell(note=f"not compared: {len(mine)} vs {len(theirs)} dataset(s) with results")
+    a, b = _seed_averages(pool, keys, fn), _seed_averages(pool, ref_keys, fn)
+    paired = [a[s] - b[s] for s in sorted(set(a) & set(b), key=_seed_order)]
+    return Cell(mean=ours.mean - reference.mean, std=_std(paired), n=len(paired),
+                run_ids=ours.run_ids)
+
+
+_DELTA_OF = (("base", metric("base/acc")), ("novel", metric("novel/acc")), ("hm", seed_hm))
+
+
+def table_sensitivity(pool: Pool, view: SweepView) -> tuple[Table, Table]:
+    """A base-to-novel sweep whose arms each change one setting (`sweeps/sensitivity.yaml`): per
+    arm Base / Novel / HM averaged over the sweep's datasets, and each arm − the first arm (the
+    reference, `default`). Also returns the per-dataset detail."""
+    groups = arm_views(view)
+    reference = groups[0][0]
+    cols = _b2n_columns() + [
+        Column(f"delta_{m}", f"Δ {label} vs {reference}", better="higher",
+               help=f"this arm's average − the {reference} arm's; ± over seeds of the paired "
+                    f"per-seed differences")
+        for m, label in (("base", "Base"), ("novel", "Novel"), ("hm", "HM (PERL conv.)"))]
+    t = Table(name=f"sensitivity__{view.sweep}",
+              title=f"Sensitivity to unstated choices — each arm against `{reference}` (sweep "
+                    f"`{view.sweep}`, base-to-novel averages over {len(view.datasets)} "
+                    f"dataset(s))",
+              index=("arm",), columns=cols, sweep=view.sweep, info_columns=("changes",),
+              plot="bars", x_label="arm",
+              paper_ref="T1 PERL average (beside every arm: each is a candidate reading)")
+    detail = Table(name=f"detail_sensitivity__{view.sweep}",
+                   title=f"Per-dataset detail of the sensitivity table (sweep `{view.sweep}`)",
+                   index=("arm", "dataset"), columns=_b2n_columns(), sweep=view.sweep,
+                   section="detail")
+    ref_keys = _keys_for_datasets(groups[0][1], view.datasets)
+    ref_cells = _b2n_cells(pool, ref_keys)
+    all_keys: list[Key] = []
+    for arm, sub in groups:
+        keys = _keys_for_datasets(sub, view.datasets)
+        all_keys += keys
+        cells = _b2n_cells(pool, keys) if arm != reference else ref_cells
+        for m, fn in _DELTA_OF:
+            cells[f"delta_{m}"] = _delta_cell(pool, keys, ref_keys, cells[m], ref_cells[m], fn)
+        if _real(view):
+            why = _average_comparability(pool, keys, ref.B2N_DATASETS)
+            for m in ("base", "novel", "hm"):
+                attach_paper(cells[m], "T1", "PERL", "average", m, why)
+        # what the arm changes against the reference: the fields whose values differ
+        changed = [f"{f}={fmt_value(kget(sub.template(), f))}" for f in view.axis
+                   if kget(sub.template(), f) != kget(groups[0][1].template(), f)]
+        t.rows.append(Row(label=(arm,), cells=cells, x=arm,
+                          info={"changes": ", ".join(changed) or "(reference)"}))
+        for d, k in zip(view.datasets, keys):
+            detail.rows.append(Row(label=(arm, d), cells=_b2n_cells(pool, [k])))
+    t.counts = count_cells(pool, list(dict.fromkeys(all_keys)), view.seeds)
+    detail.counts = t.counts
+    detail.notes = ["Per dataset: mean ± std over seeds; no paper numbers exist at this level."]
+    t.notes += [f"Rows: the sweep's arms; each changes the settings in `changes` against the "
+                f"`{reference}` arm (the first). Δ = this arm's average − {reference}'s: which "
+                f"unstated choice moves the numbers, and by how much.",
+                f"Datasets averaged: {', '.join(view.datasets)}. HM (PERL conv.) = mean of "
+                f"per-dataset HMs; HM (CoOp conv.) = HM(Avg Base, Avg Novel)."]
+    if t.any_paper:
+        t.notes.append("Paper: Table 1's PERL average beside every arm; the paper does not say "
+                       "which of these readings it used.")
+    t.notes += settings_note(view)
     return t, detail
 
 
@@ -941,25 +1201,117 @@ def _is_default_combo(view: SweepView, combo: tuple) -> bool:
     return True
 
 
+def cell_pooled(pool: Pool, keys: list[Key], evalsets: Callable[[Key], list[str]],
+                name: str) -> tuple[Cell, set[tuple[Key, str]]]:
+    """Fig. 7's convention: per seed, the mean over all test images of the evaluation sets
+    `evalsets(key)` of every key, i.e. sum_e n_e * m_e / sum_e n_e with n_e = `<e>/n` (the test
+    count each run logs) and m_e = `<e>/<name>`; then mean ± std over the seeds common to every
+    key that has a value. Also returns the (key, evalset) pairs that entered (an evalset without
+    its `n` cannot be weighted and is left out)."""
+    per: list[tuple[Key, dict[Any, list[tuple[float, float]]]]] = []
+    used: set[tuple[Key, str]] = set()
+    for k in keys:
+        by_seed: dict[Any, list[tuple[float, float]]] = {}
+        for s_, r in pool.finished_seeds(k).items():
+            parts = []
+            for e in evalsets(k):
+                n, v = metric(f"{e}/n")(r), metric(f"{e}/{name}")(r)
+                if n and v is not None:
+                    parts.append((n, v))
+                    used.add((k, e))
+            if parts:
+                by_seed[s_] = parts
+        per.append((k, by_seed))
+    failed = [r for k in keys for r in pool.failed_seeds(k).values()]
+    cell = Cell(n_failed=len(failed), failed_run_ids=tuple(r.run_id for r in failed),
+                failure_reasons=tuple(r.reason for r in failed if r.reason))
+    present = [(k, v) for k, v in per if v]
+    if not present:
+        return cell, used
+    common = set.intersection(*(set(v) for _, v in present))
+    pooled = []
+    for s_ in sorted(common, key=_seed_order):
+        parts = [p for _, v in present for p in v[s_]]
+        pooled.append(sum(n * v for n, v in parts) / sum(n for n, _ in parts))
+    if pooled:
+        cell.mean, cell.std, cell.n = statistics.fmean(pooled), _std(pooled), len(pooled)
+        cell.run_ids = tuple(pool.finished_seeds(k)[s_].run_id for k, _ in present
+                             for s_ in sorted(common, key=_seed_order))
+    else:
+        cell.note = "no seed common to every dataset: nothing to pool"
+    if len(present) < len(keys):
+        cell.note = f"pooled over {len(present)} of {len(keys)} datasets"
+    return cell, used
+
+
+@dataclass
+class DynColumn:
+    """One column of the dynamics tables: how its cell is computed from the runs."""
+    key: str
+    label: str
+    kind: str  # "set": one evalset, mean over datasets; "targets": mean over targets; "pooled"
+    evalset: str = ""  # kind "set"; kind "pooled" of base2novel: the evalset pooled over datasets
+    f7: str | None = None  # Fig. 7's setting tag (the paper compares its pooled columns only)
+    f7_dataset: str | None = None
+
+
+def _dynamics_columns(view: SweepView) -> tuple[list[DynColumn], tuple[str, ...]]:
+    """The dynamics tables' columns for the view's protocol, and the paper's suite for Fig. 7."""
+    if view.protocol == "base2novel":
+        cols = []
+        for ev in ("base", "novel"):
+            tag = f"B2N-{ev}"
+            cols += [DynColumn(ev, f"B2N {ev} (mean over datasets)", "set", ev),
+                     DynColumn(f"{ev}_pooled", f"B2N {ev} (pooled)", "pooled", ev, tag,
+                               "average")]
+        return cols, ref.B2N_DATASETS
+    if view.protocol in ("cross_dataset", "domain_generalization"):
+        tag = "XD" if view.protocol == "cross_dataset" else "OOD"
+        return [DynColumn("all", "source", "set", "all"),
+                DynColumn("targets", f"{tag} targets (mean over targets)", "targets"),
+                DynColumn("pooled", f"{tag} all images (pooled, source incl.)", "pooled", "",
+                          tag, "target_average")], \
+            ref.XD_TARGETS if view.protocol == "cross_dataset" else ref.DG_TARGETS
+    return [DynColumn("all", "all classes", "set", "all")], ()
+
+
+def _dynamics_cell(pool: Pool, view: SweepView, keys: list[Key], col: DynColumn, name: str,
+                   targets_by_key: dict[Key, list[str]], suite: tuple[str, ...]
+                   ) -> tuple[Cell, str]:
+    """The cell of one dynamics column for the per-step metric `name` (e.g. acc_step2), and why
+    Fig. 7 is not compared with it ('' when its datasets are Fig. 7's; only pooled columns)."""
+    if col.kind == "pooled":
+        if col.evalset:  # base2novel: that evalset of every dataset
+            cell, used = cell_pooled(pool, keys, lambda k: [col.evalset], name)
+            got = {ref.paper_dataset(str(kget(k, "dataset"))) for k, _e in used}
+            ok = got == set(suite)
+        else:  # transfer: the source and every target of the model
+            cell, used = cell_pooled(pool, keys, lambda k: ["all"] + targets_by_key.get(k, []),
+                                     name)
+            got = {ref.paper_dataset(e) for _k, e in used if e != "all"}
+            ok = got == set(suite) and any(e == "all" for _k, e in used)
+        return cell, "" if ok else "not compared: other test sets than Fig. 7's"
+    if col.kind == "targets":
+        def fn(run: SeedRun, _n=name) -> float | None:
+            vals = [run.metrics[f"{x}/{_n}"] for x in targets_by_key.get(run.key, [])
+                    if f"{x}/{_n}" in run.metrics]
+            return statistics.fmean(vals) if vals else None
+    else:
+        fn = metric(f"{col.evalset}/{name}")
+    return (cell_over_datasets(pool, keys, fn) if len(keys) > 1 else
+            cell_over_seeds(pool, keys[0], fn)), ""
+
+
 def tables_dynamics(pool: Pool, view: SweepView) -> list[Table]:
     """Per-step metrics (steps 0..K) averaged over the sweep's datasets, one table per metric;
     rows = steps (per value of the varied field(s), if the sweep varies any), columns =
-    evaluation sets (Fig. 4/7)."""
+    evaluation sets, each as the mean over datasets and pooled over test images (Figs. 4/7);
+    then the drift groups of Fig. 5 (`table_drift`)."""
     groups_k = _dynamics_groups(pool, view)
     if not groups_k:
         return []
     K = max(k for _, _, k in groups_k)
-    if view.protocol == "base2novel":
-        groups = [("base", "B2N base", "B2N-base", "average"),
-                  ("novel", "B2N novel", "B2N-novel", "average")]
-        suite = ref.B2N_DATASETS
-    elif view.protocol in ("cross_dataset", "domain_generalization"):
-        tag = "XD" if view.protocol == "cross_dataset" else "OOD"
-        groups = [("all", "source", None, None), ("@targets", f"{tag} targets", tag,
-                                                   "target_average")]
-        suite = ref.XD_TARGETS if view.protocol == "cross_dataset" else ref.DG_TARGETS
-    else:
-        groups, suite = [("all", "all classes", None, None)], ()
+    cols, suite = _dynamics_columns(view)
     targets_by_key = {k: _target_names(pool, view, str(kget(k, "dataset"))) for k in view.keys}
     all_keys = list(dict.fromkeys(k for _, keys, _ in groups_k for k in keys))
     per = f" per {', '.join(view.axis)}" if view.axis else ""
@@ -969,54 +1321,90 @@ def tables_dynamics(pool: Pool, view: SweepView) -> list[Table]:
                   title=f"Per-step dynamics — {mlabel} at steps 0..{K}{per} "
                         f"(sweep `{view.sweep}`)",
                   index=view.axis + ("step",), sweep=view.sweep,
-                  columns=[Column(g[0].lstrip("@"), g[1], dec, better) for g in groups],  # type: ignore[arg-type]
+                  columns=[Column(c.key, c.label, dec, better) for c in cols],  # type: ignore[arg-type]
                   paper_ref="Fig. 7 (read off the plot, steps 0 and 4 only)", section="dynamics",
                   plot="dynamics", x_label="step k")
         for combo, keys, K_group in groups_k:
             with_paper = _real(view) and (not view.axis or _is_default_combo(view, combo))
             for step in range(K_group + 1):
                 r = Row(label=tuple(fmt_value(v) for v in combo) + (str(step),), x=step)
-                for evalset, _lab, f7, f7_ds in groups:
-                    name = f"{m}_step{step}"
-                    if evalset == "@targets":
-                        def fn(run: SeedRun, _n=name) -> float | None:
-                            vals = [run.metrics[f"{x}/{_n}"]
-                                    for x in targets_by_key.get(run.key, [])
-                                    if f"{x}/{_n}" in run.metrics]
-                            return statistics.fmean(vals) if vals else None
-                    else:
-                        fn = metric(f"{evalset}/{name}")
-                    c = cell_over_datasets(pool, keys, fn) if len(keys) > 1 else \
-                        cell_over_seeds(pool, keys[0], fn)
-                    if f7 and with_paper and m in ("acc", "confidence", "brier"):
-                        if evalset == "@targets":
-                            got = {ref.paper_dataset(x) for k in keys
-                                   for x in targets_by_key.get(k, [])
-                                   if seed_values(pool, k, metric(f"{x}/{name}"))}
-                        else:
-                            got = {ref.paper_dataset(d) for d in _finished_datasets(pool, keys)}
-                        why = "" if got == set(suite) else \
-                            "not compared: other datasets than Fig. 7"
-                        attach_paper(c, "F7", f"PERL {f7} step {step}", f7_ds, m, why)
-                    r.cells[evalset.lstrip("@")] = c
+                for col in cols:
+                    c, why = _dynamics_cell(pool, view, keys, col, f"{m}_step{step}",
+                                            targets_by_key, suite)
+                    if col.f7 and with_paper and m in F7_METRICS:
+                        attach_paper(c, "F7", f"PERL {col.f7} step {step}", col.f7_dataset, m,
+                                     why)
+                    r.cells[col.key] = c
                 t.rows.append(r)
         if not any(c.status != "missing" for r in t.rows for c in r.cells.values()):
             continue
         t.counts = count_cells(pool, all_keys, view.seeds)
         t.notes.append("Per step k: the metric of the model after k thought steps (k=0 is "
                        "zero-shot CLIP); mean over datasets of the per-dataset seed means.")
+        if any(c.kind == "pooled" for c in cols):
+            t.notes.append("(pooled): Fig. 7's convention, every test image weighted once: per "
+                           "seed sum n_e m_e / sum n_e over the evaluation sets e (n_e = its "
+                           "test count; transfer: the source included), then mean over seeds. "
+                           "Fig. 7 is compared with these columns only.")
+        if m == "jacobian":
+            t.notes.append("Jacobian: mean over a fixed subsample (jacobian_samples) of "
+                           "||d logit_k(y) / d x||_2, x = the normalised pixels (docs/method.md).")
         if view.axis:
             t.notes.append(f"Rows: steps 0..K for each value of {', '.join(view.axis)} that the "
                            "sweep ran (K = the largest step its runs logged); datasets averaged: "
                            f"{', '.join(view.datasets)}.")
         if any(c.paper is not None for r in t.rows for c in r.cells.values()):
-            t.notes.append("Fig. 7 averages do not match the paper's table averages "
-                           "(PERL.md §12 item 8); confidence is read as %, Brier in [0, 2].")
+            t.notes.append("Fig. 7 values are pooled over test images: the XD and OOD tables' "
+                           "per-dataset accuracies weighted by test-set size, source included, "
+                           "give them (70.98 vs 71.0, 62.8 vs 62.3; PERL.md §8); B2N is read the"
+                           " same way. Confidence is read as %, Brier in [0, 2].")
             if view.axis:
                 t.notes.append("Fig. 7 values only beside the paper's default setting "
                                "(what Fig. 7 plots).")
         out.append(t)
-    return out
+    drift = table_drift(pool, view, groups_k, cols, targets_by_key, all_keys)
+    return out + ([drift] if drift is not None else [])
+
+
+def table_drift(pool: Pool, view: SweepView, groups_k: list[tuple[tuple, list[Key], int]],
+                cols: list[DynColumn], targets_by_key: dict[Key, list[str]],
+                all_keys: list[Key]) -> Table | None:
+    """Fig. 5: the per-sample KL from step 0 split by correctness at step 0 -> step k; rows =
+    (group, step 1..K), columns = the quartiles and the count per evaluation set. Quartiles do
+    not pool across test sets, so every column is the mean over datasets (and over targets) of
+    the per-set, per-seed quartile; None when no run logged the groups."""
+    from perl_core.metrics import DRIFT_GROUPS, DRIFT_QUANTILES
+
+    sets = [c for c in cols if c.kind != "pooled"]
+    stats = [(f"q{q}", f"q{q}" if q != 50 else "median", 4) for q in DRIFT_QUANTILES] + \
+        [("n", "n", 1)]
+    t = Table(name=f"dynamics_drift__{view.sweep}",
+              title=f"Prediction drift by group (Fig. 5) — KL(p_k || p_0) quartiles per step "
+                    f"(sweep `{view.sweep}`)",
+              index=view.axis + ("group", "step"), sweep=view.sweep, section="dynamics",
+              columns=[Column(f"{c.key}_{st}", f"{c.label.split(' (')[0]} {lab}", dec, "none")
+                       for c in sets for st, lab, dec in stats],
+              paper_ref="Fig. 5 (qualitative: medians ~1e-2 stay correct, ~0.1-0.3 wrong to "
+                        "correct)", plot="drift", x_label="step k")
+    for combo, keys, K_group in groups_k:
+        for g in DRIFT_GROUPS:
+            for step in range(1, K_group + 1):
+                r = Row(label=tuple(fmt_value(v) for v in combo) + (g, str(step)), x=step)
+                for c in sets:
+                    for st, _lab, _dec in stats:
+                        name = f"n_{g}_step{step}" if st == "n" else f"kl_{g}_{st}_step{step}"
+                        r.cells[f"{c.key}_{st}"] = _dynamics_cell(
+                            pool, view, keys, c, name, targets_by_key, ())[0]
+                t.rows.append(r)
+    if not any(c.status == "ok" for r in t.rows for c in r.cells.values()):
+        return None
+    t.counts = count_cells(pool, all_keys, view.seeds)
+    t.notes += ["Groups by the top-1 hit at step 0 -> step k: stay_correct, wrong_to_correct, "
+                "correct_to_wrong, stay_wrong. Per run and test set: the quartiles (linear "
+                "interpolation) of the per-sample KL(p_k || p_0) in nats, and the group's size n;"
+                " then mean over seeds and over datasets (targets: over targets). An empty group"
+                " has no quartiles (its n is 0)."]
+    return t
 
 
 # --- driver --------------------------------------------------------------------------------
@@ -1053,7 +1441,9 @@ def build_tables(pool: Pool, views: list[SweepView]) -> list[Table]:
             continue
         first = len(tables)
         if v.protocol == "base2novel":
-            if v.axis:
+            if v.arms and not arm_axis(v):  # arms that each change settings: sensitivity
+                tables += list(table_sensitivity(pool, v))
+            elif v.axis:
                 main, detail = table_b2n_ablation(pool, v)
                 tables += [main, detail]
             else:
@@ -1067,7 +1457,7 @@ def build_tables(pool: Pool, views: list[SweepView]) -> list[Table]:
         owner.update({id(t): v for t in tables[first:]})
     # the paper's order (Tables 1/5, 2, 8, 3, 4, Fig. 3a, 3b, alignment, the rest), then by sweep
     order = ("table1_5", "table2", "table8", "table3", "table4", "fig3a", "fig3b", "alignment",
-             "ablation", "accuracy", "dynamics", "detail")
+             "sensitivity", "ablation", "accuracy", "dynamics", "detail")
     tables.sort(key=lambda t: (next((i for i, p in enumerate(order) if t.name.startswith(p)),
                                     len(order)), t.sweep))
     # the same file stem must not be produced twice (one sweep with two protocols)

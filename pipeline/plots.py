@@ -24,6 +24,8 @@ _COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#
 # Columns that are plotted (the CoOp-convention HM is derived from Base/Novel and would only
 # crowd the figure; it stays in the tables).
 _SKIP = {"hm_coop", "base_anchor_cos", "novel_anchor_cos"}
+# The alignment ablation's image-text columns (cosines, not accuracies): a panel of their own.
+_ALIGN_SUFFIXES = ("_cos_true", "_margin", "_gap")
 
 
 def _ok(c: Cell | None) -> bool:
@@ -53,18 +55,28 @@ def _title(t: Table, width: int = 90) -> str:
 
 
 def _series(t: Table, keys: list[str] | None = None):
-    cols = [c for c in t.columns if (keys is None and c.key not in _SKIP) or
+    # differences between rows (delta_*, the sensitivity table) are not accuracies: not drawn
+    cols = [c for c in t.columns if (keys is None and c.key not in _SKIP
+                                     and not c.key.startswith("delta_")
+                                     and not c.key.endswith(_ALIGN_SUFFIXES)) or
             (keys is not None and c.key in keys)]
     return cols
 
 
 def _curve_panel(ax, t: Table, cols, ylabel: str) -> None:
     failed_x = []
-    for i, col in enumerate(cols):
-        pts = [(r.x, r.cells.get(col.key)) for r in t.rows if r.kind == "data"]
-        _plot_ours_and_paper(ax, pts, _COLOURS[i % len(_COLOURS)], col.label, "paper",
-                             alpha=0.8)
-        failed_x += [x for x, c in pts if c is not None and c.status == "failed"]
+    # a table with arms (first index "arm") has one curve per arm and column
+    arms = list(dict.fromkeys(r.label[0] for r in t.rows)) if t.index[:1] == ("arm",) else [None]
+    i = 0
+    for arm in arms:
+        for col in cols:
+            pts = [(r.x, r.cells.get(col.key)) for r in t.rows
+                   if r.kind == "data" and (arm is None or r.label[0] == arm)]
+            _plot_ours_and_paper(ax, pts, _COLOURS[i % len(_COLOURS)],
+                                 col.label if arm is None else f"{arm} {col.label}", "paper",
+                                 alpha=0.8)
+            failed_x += [x for x, c in pts if c is not None and c.status == "failed"]
+            i += 1
     if failed_x:
         lo = ax.get_ylim()[0]
         ax.plot(sorted(set(failed_x)), [lo] * len(set(failed_x)), "x", color="red", ms=10, mew=2,
@@ -85,6 +97,9 @@ def plot_curve(t: Table, path: Path) -> Path:
     panels = [(_series(t), "accuracy / HM (%)")]
     if cos:
         panels.append((_series(t, cos), "cos(zero-shot, refined image emb.)"))
+    align = [c.key for c in t.columns if c.key.endswith(_ALIGN_SUFFIXES)]
+    if align:
+        panels.append((_series(t, align), "image-text cos / margin / gap (step K)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
     for ax, (cols, ylabel) in zip(axes[0], panels):
         _curve_panel(ax, t, cols, ylabel)
@@ -135,9 +150,14 @@ def plot_bars(t: Table, path: Path) -> Path:
 
 
 def plot_dynamics(tables: list[Table], path: Path) -> Path:
-    """One panel per per-step metric table of a sweep: x = step, a line per evaluation set."""
-    fig, axes = plt.subplots(1, len(tables), figsize=(4.2 * len(tables), 4), squeeze=False)
-    for ax, t in zip(axes[0], tables):
+    """One panel per per-step metric table of a sweep: x = step, a line per evaluation set; the
+    panels wrap in rows of four (nine metrics since issue 14), unused grid cells are hidden."""
+    ncol = min(4, len(tables))
+    nrow = -(-len(tables) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 4 * nrow), squeeze=False)
+    for ax in axes.flat[len(tables):]:
+        ax.set_visible(False)
+    for ax, t in zip(axes.flat, tables):
         # rows are (varied values..., step): one line per group of varied values and column
         axis = t.index[:-1]
         groups = list(dict.fromkeys(r.label[:-1] for r in t.rows))
@@ -171,6 +191,43 @@ def plot_dynamics(tables: list[Table], path: Path) -> Path:
     return path
 
 
+def plot_drift(t: Table, path: Path) -> Path:
+    """Fig. 5: one panel per evaluation set, x = step, per drift group its median KL (line) and
+    interquartile range (band), log scale (the groups differ by orders of magnitude)."""
+    sets = list(dict.fromkeys(c.key.rsplit("_", 1)[0] for c in t.columns))
+    labels = {c.key.rsplit("_", 1)[0]: c.label.rsplit(" ", 1)[0] for c in t.columns}
+    lead = t.index[:-2]  # varied fields, then group, step
+    fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 4.2), squeeze=False)
+    for ax, ev in zip(axes[0], sets):
+        lines = list(dict.fromkeys(r.label[:-1] for r in t.rows))
+        for i, line in enumerate(lines):
+            rows = [r for r in t.rows if r.label[:-1] == line]
+            pts = [(r.x, r.cells.get(f"{ev}_q25"), r.cells.get(f"{ev}_q50"),
+                    r.cells.get(f"{ev}_q75")) for r in rows]
+            pts = [(x, lo, mid, hi) for x, lo, mid, hi in pts
+                   if _ok(mid) and _ok(lo) and _ok(hi) and mid.mean > 0]
+            if not pts:
+                continue
+            colour = _COLOURS[i % len(_COLOURS)]
+            name = ", ".join(f"{f}={v}" for f, v in zip(lead, line[:-1]))
+            ax.plot([p[0] for p in pts], [p[2].mean for p in pts], "o-", color=colour,
+                    label=f"{name} {line[-1]}".strip())
+            ax.fill_between([p[0] for p in pts], [max(p[1].mean, 1e-12) for p in pts],
+                            [p[3].mean for p in pts], color=colour, alpha=0.15)
+        ax.set_yscale("log")
+        ax.set_title(f"{labels[ev]}: KL(p_k || p_0), median and IQR", fontsize=9)
+        ax.set_xlabel("step k")
+        ax.set_xticks(sorted({r.x for r in t.rows}))
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(_title(t, 130), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def draw_all(tables: list[Table], out: Path,
              warnings: list[str] | None = None) -> dict[str, list[Path]]:
     """Draw every plottable table into `out`; returns table name -> PNG paths.
@@ -192,6 +249,8 @@ def draw_all(tables: list[Table], out: Path,
             jobs.append((t.name, plot_bars, t, out / f"{t.name}.png"))
         elif t.plot == "dynamics":
             dyn.setdefault(t.name.split("__", 1)[-1], []).append(t)
+        elif t.plot == "drift":
+            jobs.append((t.name, plot_drift, t, out / f"{t.name}.png"))
     for suffix, ts in dyn.items():
         # one figure per sweep, attached to its first per-step table (the report shows it once)
         jobs.append((ts[0].name, plot_dynamics, ts, out / f"dynamics__{suffix}.png"))
@@ -205,4 +264,4 @@ def draw_all(tables: list[Table], out: Path,
     return figures
 
 
-__all__ = ["draw_all", "plot_curve", "plot_bars", "plot_dynamics"]
+__all__ = ["draw_all", "plot_curve", "plot_bars", "plot_dynamics", "plot_drift"]

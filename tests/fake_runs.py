@@ -21,6 +21,9 @@ B2N = {"Caltech101": {1: (90.0, 80.0), 2: (92.0, 84.0)},
 # ablation_steps on the synthetic ToyShapes world: num_steps -> seed -> (base, novel)
 STEPS = {1: {1: (50.0, 40.0), 2: (52.0, 44.0)},
          2: {1: (55.0, 45.0), 2: (57.0, 47.0)}}
+# base2novel: dataset -> (base, novel) test counts (`<evalset>/n`): unequal, so the pooled
+# (sample-weighted) averages differ from the means over datasets
+N_TEST = {"Caltech101": (300.0, 200.0), "DTD": (100.0, 100.0)}
 # num_steps=3 seed 1: its only run FAILED; num_steps=3 seed 2: never run
 FAILED_CELL = (3, 1)
 # the ablation_steps cells' fixed settings
@@ -38,16 +41,39 @@ def params_of(cfg: TrainConfig) -> list[Param]:
             for k, v in cfg.to_dict().items()]
 
 
-def b2n_metrics(b: float, n: float, K: int = 0, *, confidence_slope: float = 1.0,
+def step_curves(ev: str, acc: float, K: int, *, confidence_slope: float = 1.0,
                 brier0: float = 0.5, brier_slope: float = 0.01) -> dict[str, float]:
-    """Final base/novel/hm, and per-step curves: step k is (K - k) points below the final value."""
-    m = {"base/acc": b, "novel/acc": n, "hm": HM(b, n)}
+    """One evalset's per-step metrics: accuracy (K - k) points below `acc` at step k, and the
+    issue-14 ones (Jacobian, alignment, drift groups) as simple lines in k."""
+    m: dict[str, float] = {}
     for k in range(K + 1):
-        for ev, acc in (("base", b), ("novel", n)):
-            m[f"{ev}/acc_step{k}"] = acc - (K - k)
-            m[f"{ev}/confidence_step{k}"] = 50.0 + confidence_slope * k
-            m[f"{ev}/brier_step{k}"] = brier0 - brier_slope * k
-            m[f"{ev}/kl_step{k}"] = 0.1 * k
+        m[f"{ev}/acc_step{k}"] = acc - (K - k)
+        m[f"{ev}/confidence_step{k}"] = 50.0 + confidence_slope * k
+        m[f"{ev}/brier_step{k}"] = brier0 - brier_slope * k
+        m[f"{ev}/kl_step{k}"] = 0.1 * k
+        m[f"{ev}/jacobian_step{k}"] = 20.0 - k
+        m[f"{ev}/cos_true_step{k}"] = 0.30 + 0.01 * k
+        m[f"{ev}/cos_wrong_step{k}"] = 0.25
+        m[f"{ev}/margin_step{k}"] = 0.05 + 0.01 * k
+        m[f"{ev}/gap_step{k}"] = 0.8 - 0.02 * k
+        if k >= 1:  # drift groups (Fig. 5): stay_correct drifts little, wrong_to_correct more
+            for g, (n, q50) in {"stay_correct": (40.0, 0.01 * k),
+                                "wrong_to_correct": (5.0 * k, 0.1 * k),
+                                "correct_to_wrong": (2.0, 0.05), "stay_wrong": (10.0, 0.02)
+                                }.items():
+                m[f"{ev}/n_{g}_step{k}"] = n
+                m.update({f"{ev}/kl_{g}_q25_step{k}": q50 / 2, f"{ev}/kl_{g}_q50_step{k}": q50,
+                          f"{ev}/kl_{g}_q75_step{k}": 2 * q50})
+    return m
+
+
+def b2n_metrics(b: float, n: float, K: int = 0, *, n_test: tuple[float, float] = (100.0, 100.0),
+                **curves) -> dict[str, float]:
+    """Final base/novel/hm, their test counts, and per-step curves (`step_curves`)."""
+    m = {"base/acc": b, "novel/acc": n, "hm": HM(b, n), "base/n": n_test[0],
+         "novel/n": n_test[1]}
+    for ev, acc in (("base", b), ("novel", n)):
+        m.update(step_curves(ev, acc, K, **curves))
     return m
 
 
@@ -109,7 +135,8 @@ class Store:
         for d, seeds in B2N.items():
             for seed, (b, n) in seeds.items():
                 ids[(d, seed)] = self.run(exp, "base2novel", base.replace(dataset=d, seed=seed),
-                                          b2n_metrics(b, n, K=2, **metric_kw), parent=parent)
+                                          b2n_metrics(b, n, K=2, n_test=N_TEST[d], **metric_kw),
+                                          parent=parent)
         return parent
 
     def steps_sweep(self, exp: str, ids: dict, detail: str, *, per_step: bool = False,

@@ -340,7 +340,7 @@ def test_modality_ablation_maps_to_table3_and_shows_unrun_rows():
     assert [r.label[0] for r in t.rows] == ["vision", "text", "both"]
     vis = _row(t, "vision")
     assert vis.cells["hm"].paper == pytest.approx(71.72)  # Table 3 "Vision only"
-    assert vis.info["#params"] == "3,841" and vis.info["#params (paper)"] == "4K"
+    assert vis.info[agg_mod.PARAMS_OURS] == "3,841" and vis.info[agg_mod.PARAMS_PAPER] == "4K"
     assert _row(t, "text").cells["base"].status == "missing"
     assert _row(t, "both").cells["hm"].paper == pytest.approx(74.79)
 
@@ -436,7 +436,7 @@ def test_dynamics_of_the_smoke_sweep_average_datasets_per_K():
                                            confidence_slope=slope[d])))
     tables = _build(specs)
     assert [t.name for t in tables if t.section == "dynamics"] == [
-        f"dynamics_{m}__smoke" for m in ("acc", "confidence", "brier", "kl")]
+        f"dynamics_{m}__smoke" for m, *_ in agg_mod.STEP_METRICS] + ["dynamics_drift__smoke"]
     t = _named(tables, "dynamics_acc__smoke")
     assert [r.label for r in t.rows] == [("2", str(k)) for k in range(3)] + \
         [("4", str(k)) for k in range(5)]
@@ -465,10 +465,12 @@ def test_dynamics_of_an_ablation_on_the_paper_suite_compare_only_the_default_row
               _b2n_metrics(70.0, 60.0, K))
              for d in agg_mod.ref.B2N_DATASETS for K in (2, 4)]
     t = _named(_build(specs), "dynamics_acc__ablation_steps")
-    k4 = _lrow(t, "4", "4").cells["base"]
+    # Fig. 7 pools over test images: compared with the pooled columns, not the dataset means
+    k4 = _lrow(t, "4", "4").cells["base_pooled"]
     assert k4.mean == pytest.approx(70.0) and k4.paper == pytest.approx(77.3) and k4.paper_approx
     assert k4.diff == pytest.approx(70.0 - 77.3)
-    assert _lrow(t, "4", "0").cells["novel"].paper == pytest.approx(75.6)
+    assert _lrow(t, "4", "4").cells["base"].paper is None
+    assert _lrow(t, "4", "0").cells["novel_pooled"].paper == pytest.approx(75.6)
     assert all(c.paper is None for r in t.rows if r.label[0] == "2" for c in r.cells.values())
 
 
@@ -583,7 +585,7 @@ def test_table4_loop_all_six_variants_with_unrun_rows_missing():
     for v in paper_hm:
         r = _row(t, v)
         assert r.cells["hm"].paper == pytest.approx(paper_hm[v]), v
-        assert r.info["#params (paper)"] == paper_params[v]
+        assert r.info[agg_mod.PARAMS_PAPER] == paper_params[v]
     for v in ("shared", "deep"):  # every dataset ran: Δ = ours - paper
         c = _row(t, v).cells
         for m, i, p in (("base", 0, "T4"), ("novel", 1, "T4")):
@@ -594,8 +596,8 @@ def test_table4_loop_all_six_variants_with_unrun_rows_missing():
     # by hand: shared base = 60 + mean(0..10) + 0 + mean(1, 2) = 66.5; paper 73.97
     assert _row(t, "shared").cells["base"].mean == pytest.approx(66.5)
     assert _row(t, "shared").cells["base"].diff == pytest.approx(66.5 - 73.97)
-    assert _row(t, "shared").info["#params"] == "6,402"
-    assert _row(t, "deep").info["#params"] == "—"
+    assert _row(t, "shared").info[agg_mod.PARAMS_OURS] == "6,402"
+    assert _row(t, "deep").info[agg_mod.PARAMS_OURS] == "—"
     step = _row(t, "step").cells["base"]
     assert step.mean == pytest.approx(step_truth[("step", "DTD", 1)][0])
     assert step.note == "average over 1 of 11 datasets" and step.diff is None
@@ -638,6 +640,9 @@ def test_fig3a_inject_layer_rows_6_to_11_with_figure_read_paper_values():
     specs, truth = _suite_specs("ablation_layer", "inject_layer", [7, 9])
     part, part_truth = _suite_specs("ablation_layer", "inject_layer", [11],
                                     datasets=("DTD", "EuroSAT"))
+    # the caption's reading: the vision J moves, the text tower stays at 7 (Appendix A)
+    specs, part = ([(sw, c.replace(text_inject_layer=7), m) for sw, c, m in x]
+                   for x in (specs, part))
     t = _named(_build(specs + part), "fig3a_inject_layer__ablation_layer")
     assert [r.label[0] for r in t.rows] == ["6", "7", "8", "9", "10", "11"]
     assert t.plot == "curve" and [r.x for r in t.rows] == [6, 7, 8, 9, 10, 11]
@@ -685,8 +690,8 @@ def test_alignment_accuracy_and_anchor_cosine_vs_anchor_weight(tmp_path, monkeyp
     assert t.title.startswith(agg_mod._ABLATION_TITLES[("anchor_weight",)][1])
     assert [r.label[0] for r in t.rows] == ["0", "1", "10"] and [r.x for r in t.rows] == \
         [0.0, 1.0, 10.0]
-    assert [c.key for c in t.columns][-2:] == ["base_anchor_cos", "novel_anchor_cos"]
-    assert all(c.better == "none" and c.decimals == 4 for c in t.columns[-2:])
+    assert [c.key for c in t.columns][4:6] == ["base_anchor_cos", "novel_anchor_cos"]
+    assert all(c.better == "none" and c.decimals == 4 for c in t.columns[4:])
     assert not t.any_paper  # the paper prints no alignment ablation numbers
     for lam, (cb, cn) in cos.items():
         c = _row(t, fmt := agg_mod.fmt_value(lam)).cells
@@ -709,7 +714,9 @@ def test_alignment_accuracy_and_anchor_cosine_vs_anchor_weight(tmp_path, monkeyp
     png = plots.plot_curve(t, tmp_path / "alignment.png")
     assert panels == [(["base", "novel", "hm"], "accuracy / HM (%)"),
                       (["base_anchor_cos", "novel_anchor_cos"],
-                       "cos(zero-shot, refined image emb.)")]
+                       "cos(zero-shot, refined image emb.)"),
+                      ([f"{ev}_{m}" for ev in ("base", "novel") for m in
+                        ("cos_true", "margin", "gap")], "image-text cos / margin / gap (step K)")]
     from PIL import Image
 
     with Image.open(png) as im:
