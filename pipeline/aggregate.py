@@ -46,7 +46,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pandas as pd
 
-from perl_core.config import EXECUTION_FIELDS, FIELD_NAMES, LEGACY_VALUES, TrainConfig
+from perl_core.config import (CANONICAL_FIELDS, EXECUTION_FIELDS, FIELD_NAMES, LEGACY_VALUES,
+                              TrainConfig, canonical_values)
 from pipeline import reference as ref
 from pipeline.tables import Cell, Column, Counts, Row, Table, to_csv, to_latex, to_markdown
 
@@ -243,6 +244,19 @@ def cast_params(df: pd.DataFrame, warnings: list[str] | None = None) -> pd.DataF
                             f"{getattr(hint, '__name__', hint)} (e.g. {raw[lost].iloc[0]!r}); "
                             "treated as missing")
         df[col] = new
+    return _canonical_params(df)
+
+
+def _canonical_params(df: pd.DataFrame) -> pd.DataFrame:
+    """Two spellings of one model (one config hash) get one table key (`canonical_values`)."""
+    cols = [f for f in CANONICAL_FIELDS if f"params.{f}" in df.columns]
+    if "params.dataset" not in df.columns or not cols:
+        return df
+    for i in df.index[df["params.dataset"].notna()]:
+        vals = {f: _val(df.at[i, f"params.{f}"]) for f in cols}
+        for f, v in canonical_values(vals).items():
+            if v != vals[f]:
+                df.at[i, f"params.{f}"] = v
     return df
 
 
@@ -295,11 +309,13 @@ def kget(key: Key, name: str) -> Any:
     return key[KEY_FIELDS.index(name)]
 
 
-def kreplace(key: Key, **changes: Any) -> Key:
-    k = list(key)
-    for name, v in changes.items():
-        k[KEY_FIELDS.index(name)] = v
-    return tuple(k)
+def kreplace(key: Key, canonical: bool = True, **changes: Any) -> Key:
+    """`key` with fields changed, in the canonical spelling of table keys (`canonical_values`)."""
+    k = dict(zip(KEY_FIELDS, key))
+    k.update(changes)
+    if canonical:
+        k.update(canonical_values({f: k[f] for f in CANONICAL_FIELDS if f in k}))
+    return tuple(k[f] for f in KEY_FIELDS)
 
 
 def sweep_name(tag: Any) -> str:
@@ -490,9 +506,19 @@ class SweepView:
     # two arms share is in both); empty for sweeps without arms and for runs older than arms
     arms: tuple[str, ...] = ()
     arm_keys: dict[str, list[Key]] = field(default_factory=dict)
+    # per arm the values it pins (`spec.arm_signature`); in an arm's own view, that arm's
+    arm_pins: dict[str, dict[str, Any]] = field(default_factory=dict)
+    pins: dict[str, Any] = field(default_factory=dict)
 
     def template(self) -> Key:
-        return self.keys[0]
+        """A key to derive never-run cells from: an observed one, with what the arm pins spelled
+        out (an observed J=7 key reads "text follows"; the vision_J arm pins the text J at 7)."""
+        pins = dict(self.pins)
+        text_j = {_text_j(k) for k in self.keys}
+        if "text_inject_layer" not in pins and len(text_j) == 1:  # a constant text J is pinned
+            pins["text_inject_layer"] = text_j.pop()
+        return kreplace(self.keys[0], **{f: v for f, v in pins.items() if f in KEY_FIELDS},
+                        canonical=False)
 
 
 def dataset_order(names: Iterable[str]) -> list[str]:
@@ -524,17 +550,17 @@ def sweep_views(df: pd.DataFrame) -> list[SweepView]:
             seeds = sorted({_val(s) for s in sub.get("params.seed", pd.Series(dtype="str"))},
                            key=_seed_order)
             distinct = {f: {kget(k, f) for k in keys} for f in KEY_FIELDS}
-            varying = tuple(f for f in KEY_FIELDS if f not in _DATA_FIELDS and len(distinct[f]) > 1)
+            varying = tuple(f for f in KEY_FIELDS if f not in _DATA_FIELDS and _varies(keys, f))
             declared = SWEEP_AXES.get(sw)
             axis = varying if declared is None else \
                 declared + tuple(f for f in varying if f not in declared)
-            arms, arm_keys = _view_arms(sub)
+            arms, arm_keys, arm_pins = _view_arms(sub)
             views.append(SweepView(
                 sweep=sw or "(untagged)", protocol=proto, keys=keys, seeds=seeds, axis=axis,
                 constants={f: next(iter(v)) for f, v in distinct.items() if len(v) == 1},
                 datasets=dataset_order(str(kget(k, "dataset")) for k in keys),
                 experiment_id=str(exp_id), experiment=str(sub["experiment"].iloc[0]),
-                arms=arms, arm_keys=arm_keys))
+                arms=arms, arm_keys=arm_keys, arm_pins=arm_pins))
     return views
 
 
@@ -543,23 +569,61 @@ def _tag_list(v: Any) -> list[str]:
     return [a for a in str(v).split(",") if a] if v is not None else []
 
 
-def _view_arms(sub: pd.DataFrame) -> tuple[tuple[str, ...], dict[str, list[Key]]]:
+def _view_arms(sub: pd.DataFrame
+               ) -> tuple[tuple[str, ...], dict[str, list[Key]], dict[str, dict[str, Any]]]:
     """The arms of one view's runs, from their `arm` / `sweep_arms` tags (none: no arms). The
-    order is the sweep file's (`sweep_arms` of the latest run), then any other arm seen."""
+    order is the sweep file's (`sweep_arms` of the latest run), then any other arm seen. A run
+    without an `arm` tag (finished before the sweep had arms) joins every arm whose
+    `sweep_arm_spec` it fits."""
     if "tags.arm" not in sub:
-        return (), {}
+        return (), {}, {}
     arm_keys: dict[str, list[Key]] = {}
     order: list[str] = []
+    signature: dict[str, dict] = {}
+    untagged = []
     for _, r in sub.sort_values(["end_time", "start_time"], kind="stable").iterrows():
         order = _tag_list(r.get("tags.sweep_arms")) or order
-        for a in _tag_list(r.get("tags.arm")):
+        signature = _arm_spec(r.get("tags.sweep_arm_spec")) or signature
+        arms_of_run = _tag_list(r.get("tags.arm"))
+        if not arms_of_run:
+            untagged.append(r)
+        for a in arms_of_run:
             keys = arm_keys.setdefault(a, [])
             if row_key(r) not in keys:
                 keys.append(row_key(r))
     if not arm_keys:
-        return (), {}
+        return (), {}, {}
+    for r in untagged:
+        for a, sig in signature.items():
+            if _fits_arm(r, sig) and row_key(r) not in arm_keys.setdefault(a, []):
+                arm_keys[a].append(row_key(r))
     arms = tuple(a for a in order if a in arm_keys) + tuple(a for a in arm_keys if a not in order)
-    return arms, arm_keys
+    return arms, arm_keys, {a: dict(signature.get(a, {}).get("fixed") or {}) for a in arms}
+
+
+def _arm_spec(v: Any) -> dict[str, dict]:
+    v = _val(v)
+    try:
+        return json.loads(v) if v else {}
+    except ValueError:
+        return {}
+
+
+def _fits_arm(row: pd.Series, sig: dict) -> bool:
+    """Does a run's config belong to the arm `sig` (`spec.arm_signature`)? Compared in canonical
+    spelling (`canonical_values`), so e.g. text J 7 at J=7 fits an arm that says "text follows"."""
+    def param(f: str) -> Any:
+        v = _val(row.get(f"params.{f}"))
+        return json.loads(v) if isinstance(v, str) and v.startswith("[") else v
+    own = {f: param(f) for f in CANONICAL_FIELDS}
+    mine = canonical_values(own)
+    for f, want in (sig.get("fixed") or {}).items():
+        got = mine[f] if f in mine else param(f)
+        if f in mine:
+            want = canonical_values({**own, f: want})[f]
+        if got != want:
+            return False
+    return all(param(f) in values for f, values in (sig.get("grid") or {}).items())
 
 
 def arm_axis(view: SweepView) -> tuple[str, ...]:
@@ -586,7 +650,8 @@ def arm_views(view: SweepView) -> list[tuple[str | None, SweepView]]:
     if not view.arms:
         return [(None, view)]
     axis = arm_axis(view)
-    return [(a, replace(view, keys=view.arm_keys[a], axis=axis, arms=(), arm_keys={}))
+    return [(a, replace(view, keys=view.arm_keys[a], axis=axis, arms=(), arm_keys={},
+                        arm_pins={}, pins=view.arm_pins.get(a, {})))
             for a in view.arms]
 
 

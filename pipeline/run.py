@@ -52,8 +52,8 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 
 from pipeline import tracking  # noqa: E402
 from pipeline.env import REPO, code_version, versions  # noqa: E402
-from pipeline.spec import (Cell, SpecError, SweepSpec, cells, group_order, load_spec,  # noqa: E402
-                           locate_sweep, preflight, resolve_tracking_uri)
+from pipeline.spec import (Cell, SpecError, SweepSpec, arm_signature, cells,  # noqa: E402
+                           group_order, load_spec, locate_sweep, preflight, resolve_tracking_uri)
 
 # Environment every trial process gets when this driver starts or joins Ray itself.
 TRIAL_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -275,6 +275,9 @@ def trial_context(spec: SweepSpec, uri: str, exp_id: str, parent: str, code: Any
             "rerun": bool(args.rerun), "ignore_code_version": bool(args.ignore_code_version),
             "imports": list(spec.imports),  # imported by every trial on its worker
             "sweep_arms": ",".join(spec.arm_names),  # the arms' order, for the aggregate's rows
+            # how the aggregate places this sweep's runs that carry no arm tag
+            "sweep_arm_spec": json.dumps(arm_signature(spec), sort_keys=True,
+                                         separators=(",", ":")) if spec.arms else "",
             "phase": "final", "ray_job_id": ""}
 
 

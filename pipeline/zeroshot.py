@@ -6,22 +6,27 @@
 No training. For each distinct (dataset, arch, pretrained, data_root, precision) of the sweep's
 cells the model is built once and the base and novel test sets are evaluated at K = 0 through
 the ordinary path (`resolve_task` + `evaluate_task` with `num_steps=0`: step 0 is zero-shot CLIP
-by construction), under both templates (`generic`, `coop`). With the sweep's feature cache on,
-the image features are computed once per dataset and shared by the two templates (and by the
-sweep's own trials later: same keys).
+by construction), under both templates (`generic`, `coop`). A cross_dataset /
+domain_generalization cell is checked as its trials evaluate it: the source and each target of
+its `eval_datasets` (for domain_generalization, empty = the source's registered variants) on
+their full test sets among all their classes (`all/`, `<Target>/`), one check per dataset. With
+the sweep's feature cache on, the image features are computed once per dataset and shared by
+the two templates (and by the sweep's own trials later: same keys).
 
 References (only ever shown as labelled reference columns):
 - a dataset of the paper: the CLIP row of Table 5 (base / novel / HM; the per-dataset numbers of
-  Table 1's CLIP row, from CoCoOp, which used CoOp's per-dataset templates). Only the `coop` row
-  is compared; `generic` is shown for information. Applies to a ViT-B-16 arch only.
+  Table 1's CLIP row, from CoCoOp, which used CoOp's per-dataset templates); for a full test set
+  (`all`) the CLIP row of Table 8 (ImageNet and its four variants). Table 2 has no CLIP row: the
+  ten cross-dataset targets show ours only ("no reference"), their test counts still checked.
+  Only the `coop` row is compared; `generic` is shown for information. ViT-B-16 arch only.
 - the toy world: `perl_core/assets/zero_shot_reference.json` (perl-tiny's model-card numbers on
-  the seed-0 world), for arch perl-tiny / pretrained embedded on a world of the same seed and
-  generator version. Both template rows are compared.
+  the seed-0 world: base / novel, and `all` for every toy dataset), for arch perl-tiny /
+  pretrained embedded on a world of the same seed and generator version. Both rows compared.
 - anything else: ours only.
 
-A row is flagged when |ours - reference| > tolerance for base, novel or HM, or when the number of
-test images differs from the full split's. Exit code 0: nothing flagged; 1: a dataset flagged;
-2: bad input (a sweep file, a tolerance, or a dataset that cannot be evaluated).
+A row is flagged when |ours - reference| > tolerance for base, novel, HM or all, or when the
+number of test images differs from the full split's. Exit code 0: nothing flagged; 1: a dataset
+flagged; 2: bad input (a sweep file, a tolerance, or a dataset that cannot be evaluated).
 """
 
 from __future__ import annotations
@@ -44,12 +49,17 @@ TEMPLATES = ("generic", "coop")
 DEFAULT_TOLERANCE = 1.5
 REFERENCE_FILE = "zero_shot_reference.json"  # in perl_core/assets, next to MODEL_CARD.md
 PAPER_TABLE, PAPER_METHOD = "T5", "CLIP"  # Table 5's CLIP row = Table 1's, with base and novel
+PAPER_TABLE_ALL = "T8"  # Table 8's CLIP row: full test sets of ImageNet and its 4 variants
+TARGET_PROTOCOLS = ("cross_dataset", "domain_generalization")
 # Full test split sizes of CoOp's split files (base + novel test images), from the team's
 # data_protocol.md §1.2; a different count means a partial split or a wrong file.
 COOP_TEST_IMAGES = {"ImageNet": 50000, "Caltech101": 2465, "OxfordPets": 3669,
                     "StanfordCars": 8041, "Flowers102": 2463, "Food101": 30300,
                     "FGVCAircraft": 3333, "SUN397": 19850, "DTD": 1692, "EuroSAT": 8100,
                     "UCF101": 3783}
+# The domain-generalisation targets' full test sets (data_protocol.md §1.2; A and R are 200-way).
+DG_TEST_IMAGES = {"ImageNetV2": 10000, "ImageNetSketch": 50889, "ImageNetA": 7500,
+                  "ImageNetR": 30000}
 # The likely causes of a zero-shot gap, most likely first (the issue's list).
 CAUSES = (
     "class-name file: wrong names, or names in another order than the labels (compare the "
@@ -70,29 +80,38 @@ class CheckError(ValueError):
 @dataclass(frozen=True)
 class Reference:
     source: str  # where the numbers come from, for the table
-    base: float
-    novel: float
-    hm: float
+    base: float | None
+    novel: float | None
+    hm: float | None
     compared: bool  # False: shown for information only (no flag)
-    test_images: int | None = None  # expected base + novel test images (None: unknown)
+    test_images: int | None = None  # expected test images, base + novel or all (None: unknown)
+    all: float | None = None  # a full test set among all its classes
+
+    def has_values(self) -> bool:
+        return any(v is not None for v in (self.base, self.novel, self.hm, self.all))
+
+
+METRICS = ("base", "novel", "hm", "all")
 
 
 @dataclass
 class Row:
     dataset: str
     template: str
-    base: float
-    novel: float
-    hm: float
-    test_images: tuple[int, int]  # (base, novel) evaluated
+    base: float | None
+    novel: float | None
+    hm: float | None
+    test_images: tuple[int, ...]  # (base, novel) evaluated, or (all,) for a full test set
     reference: Reference | None = None
     note: str = ""  # why there is no reference
+    all: float | None = None  # a full test set among all its classes (source / target)
+    classes: int | None = None  # the classes of that full test set
 
     def deltas(self) -> dict[str, float]:
         if self.reference is None:
             return {}
-        r = self.reference
-        return {"base": self.base - r.base, "novel": self.novel - r.novel, "hm": self.hm - r.hm}
+        ours, ref = ({k: getattr(x, k) for k in METRICS} for x in (self, self.reference))
+        return {k: ours[k] - ref[k] for k in METRICS if ours[k] is not None and ref[k] is not None}
 
     def count_mismatch(self) -> bool:
         r = self.reference
@@ -139,13 +158,15 @@ def _world_manifest(data_root: str) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
-def reference_for(cfg: TrainConfig, template: str) -> tuple[Reference | None, str]:
-    """The reference of `cfg.dataset` under `template`, or (None, why there is none)."""
+def reference_for(cfg: TrainConfig, template: str, *, dataset: str | None = None,
+                  full: bool = False) -> tuple[Reference | None, str]:
+    """The reference of `dataset` (default `cfg.dataset`) under `template`, or (None, why there is
+    none): of its base / novel test sets, or with `full` of its full test set (`all`)."""
     from perl_core.data.registry import get_spec
     from perl_core.metrics import harmonic_mean
     from pipeline import reference as ref
 
-    spec = get_spec(cfg.dataset)
+    spec = get_spec(dataset or cfg.dataset)
     if spec.synthetic:
         toy = toy_reference()
         entry = toy["datasets"].get(spec.name)
@@ -161,14 +182,31 @@ def reference_for(cfg: TrainConfig, template: str) -> tuple[Reference | None, st
             return None, (f"{REFERENCE_FILE} is for the world of seed {want['seed']} (generator "
                           f"v{want['generator_version']}); {cfg.data_root} has seed "
                           f"{world.get('seed')} (v{world.get('generator_version')})")
+        count = sum(entry["test_images"].values())  # {"base", "novel"} or {"all"}: every image
+        if full:
+            if "all" not in entry[template]:
+                return None, f"{REFERENCE_FILE} has no all-class number for {spec.name}"
+            return Reference("model card", None, None, None, True, count,
+                             entry[template]["all"]), ""
+        if "base" not in entry[template]:
+            return None, f"{REFERENCE_FILE} has no base / novel numbers for {spec.name}"
         b, n = entry[template]["base"], entry[template]["novel"]
-        return Reference("model card", b, n, harmonic_mean(b, n), True,
-                         sum(entry["test_images"].values())), ""
+        return Reference("model card", b, n, harmonic_mean(b, n), True, count), ""
     paper = ref.paper_dataset(spec.name)
     if paper is None:
         return None, "no reference for this dataset"
     if "vit-b-16" not in cfg.arch.lower():
         return None, f"the paper's CLIP row is ViT-B/16; arch is {cfg.arch}"
+    if full:
+        count = {**COOP_TEST_IMAGES, **DG_TEST_IMAGES}.get(paper)
+        value = ref.paper_value(PAPER_TABLE_ALL, PAPER_METHOD, paper, "acc")
+        if value is None:  # the XD targets: Table 2 prints no CLIP row; the count still checks
+            why = f"no reference: the paper prints no zero-shot {PAPER_METHOD} accuracy for {paper}"
+            if count is None:
+                return None, why
+            return Reference(f"{why}; full split {count}", None, None, None, True, count), ""
+        return Reference(f"paper {PAPER_TABLE_ALL} {PAPER_METHOD}", None, None, None,
+                         template == "coop", count, value), ""
     vals = {m: ref.paper_value(PAPER_TABLE, PAPER_METHOD, paper, m) for m in ("base", "novel",
                                                                                "hm")}
     if any(v is None for v in vals.values()):
@@ -182,37 +220,73 @@ def reference_for(cfg: TrainConfig, template: str) -> tuple[Reference | None, st
 
 
 def check_configs(configs: Iterable[TrainConfig]) -> list[TrainConfig]:
-    """One step-0 config per distinct (dataset, arch, pretrained, data_root, precision), in order.
+    """The step-0 configs of a sweep's cells, one per distinct check, in order.
 
-    Everything that cannot change step 0 is dropped (K, the projectors' layout, the targets);
-    the injection layer stays, so that the cached features are the ones the sweep's trials use.
+    A base2novel (or `all`) cell: its dataset's base and novel test sets (protocol base2novel).
+    A cross_dataset / domain_generalization cell: its source's full test set (protocol `all`)
+    and each target's (the cell's protocol with that one target in `eval_datasets`; for
+    domain_generalization, none listed = the source's registered variants, as in
+    `resolve_task`). Each check once per (dataset, arch, pretrained, data_root, precision).
+    Everything that cannot change step 0 is dropped (K, the projectors' layout); the injection
+    layer stays, so that the cached features are the ones the sweep's trials use.
     """
     from perl_core.data.registry import get_spec
+    from perl_core.train import dg_default_targets
 
     out: dict[tuple, TrainConfig] = {}
     for cfg in configs:
         name = get_spec(cfg.dataset).name
-        key = (name, cfg.arch, cfg.pretrained, cfg.data_root, cfg.precision)
-        if key not in out:
-            out[key] = cfg.replace(dataset=name, protocol="base2novel", eval_datasets=(),
-                                   num_steps=0, variant="shared", inject_layers=(),
-                                   jacobian_samples=0)
+        step0 = dict(dataset=name, num_steps=0, variant="shared", inject_layers=(),
+                     jacobian_samples=0)
+        checks = [("base2novel", name, cfg.replace(protocol="base2novel", eval_datasets=(),
+                                                   **step0))]
+        if cfg.protocol in TARGET_PROTOCOLS:
+            targets = list(cfg.eval_datasets)
+            if not targets and cfg.protocol == "domain_generalization":
+                targets = dg_default_targets(name)
+            checks = [("all", name, cfg.replace(protocol="all", eval_datasets=(), **step0))]
+            checks += [("target", get_spec(t).name, cfg.replace(
+                protocol=cfg.protocol, eval_datasets=(get_spec(t).name,), **step0))
+                for t in targets]
+        for kind, dataset, c in checks:
+            out.setdefault((kind, dataset, cfg.arch, cfg.pretrained, cfg.data_root,
+                            cfg.precision), c)
     return list(out.values())
 
 
+def checked_dataset(cfg: TrainConfig) -> str:
+    """The dataset a check config evaluates: its target, else its dataset."""
+    return cfg.eval_datasets[0] if cfg.protocol in TARGET_PROTOCOLS else cfg.dataset
+
+
 def evaluate_step0(cfg: TrainConfig, model: Any, cache: Any = None) -> list[Row]:
-    """Base and novel accuracy at step 0 of `cfg.dataset`, one Row per template."""
+    """Step-0 accuracy of a check config (`check_configs`), one Row per template: base and novel
+    (protocol base2novel), or the full test set among all classes of the source (`all`) or of
+    the one target (cross_dataset / domain_generalization)."""
+    import dataclasses
+
     from perl_core.train import evaluate_task, resolve_task
 
+    name = {"base2novel": None, "all": "all"}.get(cfg.protocol, checked_dataset(cfg))
     rows = []
     task = None
     for template in TEMPLATES:
         c = cfg.replace(template=template)
-        task = task or resolve_task(c)  # the template changes only the prompts
+        if task is None:  # the template changes only the prompts; only the checked sets run
+            task = resolve_task(c)
+            keep = ("base", "novel") if name is None else (name,)
+            task = dataclasses.replace(task, evalsets=[e for e in task.evalsets if e.name in keep])
         m, _ = evaluate_task(model, task, c, cache=cache)
-        ref, why = reference_for(c, template)
-        rows.append(Row(c.dataset, template, m["base/acc_step0"], m["novel/acc_step0"],
-                        m["hm_step0"], (int(m["base/n"]), int(m["novel/n"])), ref, why))
+        if name is None:
+            ref, why = reference_for(c, template)
+            rows.append(Row(c.dataset, template, m["base/acc_step0"], m["novel/acc_step0"],
+                            m["hm_step0"], (int(m["base/n"]), int(m["novel/n"])), ref, why))
+        else:
+            (es,) = task.evalsets
+            ref, why = reference_for(c, template, dataset=checked_dataset(c), full=True)
+            rows.append(Row(checked_dataset(c), template, None, None, None,
+                            (int(m[f"{name}/n"]),), ref, why, all=m[f"{name}/acc_step0"],
+                            classes=len(es.classnames)))
     return rows
 
 
@@ -235,8 +309,8 @@ def run_check(configs: Iterable[TrainConfig], *, cache_for: Callable[[TrainConfi
             out.rows += evaluate_step0(cfg, models[key],
                                        cache_for(cfg) if cache_for is not None else None)
         except Exception as e:  # one unreadable dataset must not hide the others' numbers
-            out.errors.append(f"{cfg.dataset} (data_root {cfg.data_root or '<empty>'}): "
-                              f"{type(e).__name__}: {e}")
+            out.errors.append(f"{checked_dataset(cfg)} (data_root "
+                              f"{cfg.data_root or '<empty>'}): {type(e).__name__}: {e}")
     out.seconds = time.monotonic() - t0
     return out
 
@@ -251,20 +325,26 @@ def _num(x: float | None, sign: bool = False) -> str:
 
 
 def format_table(rows: list[Row], tolerance: float) -> list[str]:
-    hdr = ["dataset", "template", "base", "novel", "HM", "ref base", "ref novel", "ref HM",
-           "Δ base", "Δ novel", "Δ HM", "test images", "reference", "flag"]
+    # the all-class columns (a source or target of cross_dataset / domain_generalization) only
+    # where there are such rows
+    metrics = [m for m in METRICS if m != "all" or any(r.all is not None for r in rows)]
+    label = {"base": "base", "novel": "novel", "hm": "HM", "all": "all"}
+    hdr = ["dataset", "template", *(label[m] for m in metrics),
+           *(f"ref {label[m]}" for m in metrics), *(f"Δ {label[m]}" for m in metrics),
+           "test images", "reference", "flag"]
     body = []
     for r in rows:
         ref, d = r.reference, r.deltas()
-        flag = ("FLAG" if r.flagged(tolerance) else "ok" if ref is not None and ref.compared
-                else "info" if ref is not None else "no ref")
-        n = f"{r.test_images[0]}+{r.test_images[1]}"
+        valued = ref is not None and ref.has_values()
+        flag = ("FLAG" if r.flagged(tolerance) else "ok" if valued and ref.compared
+                else "info" if valued else "no ref")
+        n = "+".join(map(str, r.test_images))
         if ref is not None and ref.test_images is not None:
             n += f" (ref {ref.test_images})"
-        body.append([r.dataset, r.template, _num(r.base), _num(r.novel), _num(r.hm),
-                     _num(ref and ref.base), _num(ref and ref.novel), _num(ref and ref.hm),
-                     _num(d.get("base"), True), _num(d.get("novel"), True),
-                     _num(d.get("hm"), True), n, ref.source if ref else r.note, flag])
+        body.append([r.dataset, r.template, *(_num(getattr(r, m)) for m in metrics),
+                     *(_num(getattr(ref, m) if ref else None) for m in metrics),
+                     *(_num(d.get(m), True) for m in metrics), n,
+                     ref.source if ref else r.note, flag])
     widths = [max(len(str(x)) for x in col) for col in zip(hdr, *body)]
 
     def line(cells: list[str]) -> str:
@@ -286,14 +366,20 @@ def explain(dataset: str, rows: list[Row], tolerance: float, cfg: TrainConfig | 
             parts.append(f"{sum(r.test_images)} test images, reference {r.reference.test_images}")
         what.append(f"{r.template}: {', '.join(parts)}")
     src = bad[0].reference.source if bad and bad[0].reference else "the reference"
+    if bad and bad[0].reference and not bad[0].reference.has_values():
+        src = "the full split's test count"  # no accuracy reference (Table 2's targets)
     lines = [f"{dataset}: zero-shot differs from {src} beyond ±{tolerance:g} points "
              f"({'; '.join(what)}). Likely causes, most likely first:"]
     evidence = ["", "", "", "", ""]
+    if any(r.classes is not None for r in bad):  # a full test set: how many names were used
+        r = next(r for r in bad if r.classes is not None)
+        evidence[0] = f" <- {dataset} evaluated {r.classes}-way, with its own class names"
     if any(r.count_mismatch() for r in bad):
         r = next(r for r in bad if r.count_mismatch())
-        evidence[1] = (f" <- evaluated {r.test_images[0]} base + {r.test_images[1]} novel = "
-                       f"{sum(r.test_images)} test images, the full split has "
-                       f"{r.reference.test_images}")
+        counted = (f"{r.test_images[0]} base + {r.test_images[1]} novel = "
+                   if len(r.test_images) == 2 else "")
+        evidence[1] = (f" <- evaluated {counted}{sum(r.test_images)} test images, the full "
+                       f"split has {r.reference.test_images}")
     if cfg is not None and cfg.pretrained == "openai" and "quickgelu" not in cfg.arch.lower():
         evidence[3] = f" <- arch {cfg.arch} with pretrained=openai"
     if cfg is not None:
@@ -308,7 +394,9 @@ def report(out: Outcome, tolerance: float, configs: list[TrainConfig] | None = N
     if out.rows:
         for line in format_table(out.rows, tolerance):
             say(line)
-    by_dataset = {c.dataset: c for c in (configs or [])}
+    by_dataset: dict[str, TrainConfig] = {}
+    for c in configs or []:
+        by_dataset.setdefault(checked_dataset(c), c)
     for d in out.flagged(tolerance):
         say("")
         for line in explain(d, [r for r in out.rows if r.dataset == d], tolerance,
@@ -372,6 +460,7 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["check_sweep", "run_check", "check_configs", "evaluate_step0", "reference_for",
+__all__ = ["check_sweep", "run_check", "check_configs", "checked_dataset", "evaluate_step0",
+           "reference_for", "DG_TEST_IMAGES", "TARGET_PROTOCOLS",
            "toy_reference", "report", "format_table", "explain", "Row", "Reference", "Outcome",
            "DEFAULT_TOLERANCE", "TEMPLATES", "CAUSES", "COOP_TEST_IMAGES", "main"]

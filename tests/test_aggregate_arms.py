@@ -8,6 +8,7 @@ round-number metrics, tagged as pipeline/trainable.py tags them; no training hap
 
 from __future__ import annotations
 
+import json
 import statistics
 import textwrap
 
@@ -17,7 +18,7 @@ pytest.importorskip("mlflow")
 
 from fake_runs import HM, memory_runs  # noqa: E402
 from pipeline import aggregate as agg_mod  # noqa: E402
-from pipeline.spec import cells, parse_spec  # noqa: E402
+from pipeline.spec import arm_signature, cells, parse_spec  # noqa: E402
 from pipeline.tables import to_csv, to_markdown  # noqa: E402
 from pipeline.trainable import arm_tags  # noqa: E402
 
@@ -39,7 +40,8 @@ def _runs(name: str, grid: str, arms: str, metrics, drop=lambda cell: False):
         textwrap.dedent(arms), "  "), source=f"{name}.yaml")
     grid_cells = [c for c in cells(spec) if not drop(c)]
     runs = memory_runs([(name, c.config, metrics(c)) for c in grid_cells])
-    context = {"sweep_arms": ",".join(spec.arm_names)}
+    context = {"sweep_arms": ",".join(spec.arm_names),
+               "sweep_arm_spec": json.dumps(arm_signature(spec))}
     for run, c in zip(runs, grid_cells):
         run.data.tags.update(arm_tags({"cell": {"name": c.name, "arm": c.arm}}, context))
     return runs
@@ -122,6 +124,33 @@ def test_table4_shows_both_readings_with_each_rows_trainable_count():
                                                                                + 1)
     # 5 run cells x 2 datasets + 3 never-run variants x 2 datasets, 2 seeds each
     assert (t.counts.expected, t.counts.found) == (32, 20)
+
+
+def test_runs_from_before_the_sweep_had_arms_join_the_arm_they_fit():
+    # Re-submitting the upgraded sweep re-runs only the cells whose hash changed (step under the
+    # new default reading); shared and step/specific_only finished before, with no arm tag and
+    # no variant_projectors param (read as its legacy value, specific_only)
+    arms = """\
+        - {name: shared_plus_specific, fixed: {variant_projectors: shared_plus_specific}}
+        - {name: specific_only, fixed: {variant_projectors: specific_only}, grid: {variant: [step]}}
+        """
+    runs = _runs("ablation_loop", "  variant: [shared, step]\n", arms, _loop_metrics)
+    old = [r for r in runs if r.data.params["variant"] == "shared" or
+           r.data.tags["arm"] == "specific_only"]
+    assert {r.data.params["variant"] for r in old} == {"shared", "step"}
+    for r in old:
+        for k in ("arm", "sweep_arms", "sweep_arm_spec"):
+            r.data.tags.pop(k)
+        r.data.params.pop("variant_projectors")
+    (t,) = [t for t in _tables(runs)[0] if t.name.startswith("table4")]
+    for arm, v in (("shared_plus_specific", "shared"), ("shared_plus_specific", "step"),
+                   ("specific_only", "step")):
+        assert _lrow(t, arm, v).cells["base"].status == "ok", (arm, v)
+    # the old step run (specific_only) is not taken for the new reading's row, nor vice versa
+    offset = OFFSET["step"] + 0.5 + 1.5  # datasets and seeds averaged
+    assert _lrow(t, "shared_plus_specific", "step").cells["base"].mean == pytest.approx(60 + offset)
+    assert _lrow(t, "specific_only", "step").cells["base"].mean == pytest.approx(61 + offset)
+    assert [r.label for r in t.rows if r.label[0] == "specific_only"] == [("specific_only", "step")]
 
 
 def test_counts_that_disagree_within_a_row_are_all_shown():

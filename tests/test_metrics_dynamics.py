@@ -170,6 +170,13 @@ def test_jacobian_in_both_evaluation_paths(tmp_path, tiny_arch, one_thread):
     off, _ = evaluate_task(model, task, cfg.replace(jacobian_samples=0))
     assert not any("jacobian" in k for k in off)
     assert {k: v for k, v in ref.items() if "jacobian" not in k} == off
+    # the few-shot val split (HPO's) gets no Jacobian: it would cost more than its evaluation
+    from dataclasses import replace
+
+    with_val = replace(task, evalsets=task.evalsets + [replace(task.evalsets[0], name="val")])
+    val, _ = evaluate_task(model, with_val, cfg)
+    assert "val/acc" in val and "base/jacobian_step0" in val
+    assert not any(k.startswith("val/jacobian") for k in val)
 
 
 def test_evaluate_alignment_drift_and_jacobian_on_a_tiny_model(tmp_path, tiny_arch, one_thread):

@@ -43,20 +43,20 @@ def _one_thread(one_thread):  # shared 2-core machines: tiny models do not gain 
     yield
 
 
-def _cfgs(root: Path, *datasets: str) -> list[TrainConfig]:
+def _cfgs(root: Path, *datasets: str, **fields) -> list[TrainConfig]:
     return [TrainConfig(dataset=d, arch="perl-tiny", pretrained="embedded", data_root=str(root),
-                        shots=1, device="cpu", seed=s) for d in datasets for s in (1, 2)]
+                        shots=1, device="cpu", seed=s, **fields) for d in datasets for s in (1, 2)]
 
 
 def _check(root: Path, *datasets: str, tolerance: float = zs.DEFAULT_TOLERANCE,
-           cache_dir: Path | None = None) -> tuple[zs.Outcome, list[str], int]:
-    """The check on `datasets`; with `cache_dir`, a fresh fp32 FeatureCache there (the two
-    templates then share the image features; fresh, because its key does not see a patched
-    activation)."""
+           cache_dir: Path | None = None, **fields) -> tuple[zs.Outcome, list[str], int]:
+    """The check on `datasets` (cells with `fields`, e.g. a protocol and its eval_datasets);
+    with `cache_dir`, a fresh fp32 FeatureCache there (the two templates then share the image
+    features; fresh, because its key does not see a patched activation)."""
     from perl_core.cache import FeatureCache
 
     lines: list[str] = []
-    cfgs = _cfgs(root, *datasets)
+    cfgs = _cfgs(root, *datasets, **fields)
     cache = FeatureCache(str(cache_dir), dtype=torch.float32) if cache_dir else None
     out = zs.run_check(cfgs, cache_for=(lambda c: cache) if cache is not None else None,
                        say=lines.append)
@@ -75,19 +75,31 @@ def test_reference_json_agrees_with_model_card():
     ref = zs.toy_reference()
     text = CARD.read_text()
     section = text[text.index("## Zero-shot accuracy"):text.index("## 16-shot PERL")]
-    rows = {m[0]: (float(m[1]), float(m[2])) for m in
-            re.findall(r"^\| (Toy\w+) \| ([\d.]+) \| ([\d.]+) \|", section, re.M)}
-    own = {m[0]: (float(m[1]), float(m[2])) for m in
-           re.findall(r"(Toy\w+) (?:scores )?([\d.]+) / ([\d.]+) / [\d.]+", section)}
+
+    def num(x: str) -> float | None:
+        return None if x == "-" else float(x)
+
+    rows = {m[0]: tuple(map(num, m[1:])) for m in  # (base, novel, all); "-": test-only
+            re.findall(r"^\| (Toy\w+) \| ([\d.]+|-) \| ([\d.]+|-) \| ([\d.]+) \|", section,
+                       re.M)}
+    own = {m[0]: tuple(map(float, m[1:])) for m in
+           re.findall(r"(Toy\w+) (?:scores )?([\d.]+) / ([\d.]+) / (\d+\.\d)", section)}
     assert set(rows) == set(ref["datasets"]) and set(own) == {"ToyPatterns", "ToyCounts"}
+    assert {"ToyWorldV2", "ToyWorldSketch", "ToyWorldClutter"} <= set(rows)  # the DG targets
+
+    def triple(e: dict) -> tuple:
+        return (e.get("base"), e.get("novel"), e["all"])
+
     for name, entry in ref["datasets"].items():
-        assert (entry["generic"]["base"], entry["generic"]["novel"]) == rows[name], name
+        assert triple(entry["generic"]) == rows[name], name
         # "The other datasets use the generic template, so their numbers do not change."
-        assert (entry["coop"]["base"], entry["coop"]["novel"]) == own.get(name, rows[name]), name
+        assert triple(entry["coop"]) == own.get(name, rows[name]), name
         d = toy_dataset(name)
         per_class = ref["world"]["test_per_class"]
-        assert entry["test_images"] == {"base": d.num_base() * per_class,
-                                        "novel": (len(d.classnames()) - d.num_base()) * per_class}
+        want = ({"all": len(d.classnames()) * per_class} if d.test_only else
+                {"base": d.num_base() * per_class,
+                 "novel": (len(d.classnames()) - d.num_base()) * per_class})
+        assert entry["test_images"] == want, name
     assert f"({ref['world']['test_per_class']} images per class)" in section
     assert "seed-0 world" in section and ref["world"]["seed"] == 0
     assert ref["world"]["test_per_class"] == DEFAULT_SIZES["test"]
@@ -211,6 +223,111 @@ def test_partial_split_is_flagged_with_the_counts(card_world, monkeypatch, tmp_p
     assert "the full split has 480" in "\n".join(lines)
 
 
+# --- cross-dataset / domain-generalisation targets: full test sets among all classes -----------
+
+XD = dict(protocol="cross_dataset", eval_datasets=("ToyCounts",))  # ToyShapes -> one small target
+
+
+@pytest.fixture(scope="module")
+def dg_world(tmp_path_factory) -> Path:
+    """ToyWorld and one shifted variant, with the card's test splits (the DG sweep's roles)."""
+    from perl_core.data.synthetic import generate_world
+
+    root = tmp_path_factory.mktemp("dg-world")
+    generate_world(root, seed=zs.toy_reference()["world"]["seed"],
+                   datasets=["ToyWorld", "ToyWorldSketch"],
+                   sizes={"train": 1, "val": 1,
+                          "test": zs.toy_reference()["world"]["test_per_class"]})
+    return root
+
+
+def _assert_all_rows_reproduce_the_card(out: zs.Outcome, lines: list[str], rc: int,
+                                        datasets: tuple[str, ...]) -> None:
+    assert rc == 0 and not out.errors, "\n".join(lines)
+    assert [(r.dataset, r.template) for r in out.rows] == [(d, t) for d in datasets
+                                                           for t in zs.TEMPLATES]
+    for r in out.rows:  # each on its full test set, among all its classes, to the card's rounding
+        assert r.base is None and r.all is not None and r.reference.compared, r
+        assert set(r.deltas()) == {"all"} and abs(r.deltas()["all"]) <= 0.05 + 1e-9, (r, lines)
+        assert r.test_images == (r.reference.test_images,)
+
+
+def test_known_answer_cross_dataset_source_and_target(card_world, tmp_path):
+    out, lines, rc = _check(card_world, "ToyShapes", cache_dir=tmp_path, **XD)
+    _assert_all_rows_reproduce_the_card(out, lines, rc, ("ToyShapes", "ToyCounts"))
+    counts = {r.template: r for r in out.rows if r.dataset == "ToyCounts"}
+    # the card: ToyCounts all 34.4 (generic), 35.3 (its own template): the templates do differ
+    assert (counts["generic"].reference.all, counts["coop"].reference.all) == (34.4, 35.3)
+    assert counts["coop"].classes == 15 and counts["coop"].test_images == (360,)
+    assert "ref all" in lines[0] and "Δ all" in lines[0]
+
+
+def test_known_answer_domain_generalization_target(dg_world, tmp_path):
+    out, lines, rc = _check(dg_world, "ToyWorld", cache_dir=tmp_path,
+                            protocol="domain_generalization", eval_datasets=("ToyWorldSketch",))
+    _assert_all_rows_reproduce_the_card(out, lines, rc, ("ToyWorld", "ToyWorldSketch"))
+    assert {r.reference.all for r in out.rows} == {38.5, 23.6}  # the card's "all" column
+
+
+def _rotated_names(monkeypatch, dataset: str) -> None:
+    import perl_core.data.coop as coop
+
+    load = coop.load_splits
+
+    def rotated(name, *a, **kw):  # one dataset's class-name list in another order than its labels
+        s = load(name, *a, **kw)
+        if name != dataset:
+            return s
+        names = list(s.classnames)
+        return dataclasses.replace(s, classnames=tuple(names[1:] + names[:1]))
+
+    monkeypatch.setattr(coop, "load_splits", rotated)
+
+
+def test_broken_class_list_of_one_target_is_flagged(card_world, monkeypatch, tmp_path):
+    _rotated_names(monkeypatch, "ToyCounts")
+    out, lines, rc = _check(card_world, "ToyShapes", cache_dir=tmp_path, **XD)
+    _assert_flags(out, lines, rc, "ToyCounts")  # the target only, both templates; not the source
+    assert "ToyCounts evaluated 15-way, with its own class names" in "\n".join(lines)
+
+
+def test_partial_target_split_is_flagged_with_the_counts(card_world, monkeypatch, tmp_path):
+    import perl_core.data.coop as coop
+
+    load = coop.load_splits
+
+    def partial(name, *a, **kw):  # the target's copy lost every other test image
+        s = load(name, *a, **kw)
+        return dataclasses.replace(s, test=s.test[::2]) if name == "ToyCounts" else s
+
+    monkeypatch.setattr(coop, "load_splits", partial)
+    out, lines, rc = _check(card_world, "ToyShapes", tolerance=100.0, cache_dir=tmp_path, **XD)
+    assert rc == 1 and out.flagged(100.0) == ["ToyCounts"], "\n".join(lines)
+    assert "evaluated 180 test images, the full split has 360" in "\n".join(lines)
+
+
+def test_missing_target_is_exit_2_and_keeps_the_source(card_world, tmp_path):
+    out, lines, rc = _check(card_world, "ToyShapes", cache_dir=None, protocol="cross_dataset",
+                            eval_datasets=("DTD",))  # a real benchmark that is not there
+    assert rc == 2 and [r.dataset for r in out.rows] == ["ToyShapes"] * 2
+    assert len(out.errors) == 1 and out.errors[0].startswith("DTD (data_root")
+
+
+def test_check_configs_of_target_sweeps():
+    base = TrainConfig(arch="ViT-B-16-quickgelu", pretrained="openai", data_root="/data",
+                       num_steps=4, jacobian_samples=8)
+    dg = [base.replace(dataset="imagenet", protocol="domain_generalization", seed=s)
+          for s in (1, 2)]  # no eval_datasets: ImageNet's four registered variants
+    xd = base.replace(dataset="ImageNet", protocol="cross_dataset",
+                      eval_datasets=("DTD", "eurosat"))
+    checks = zs.check_configs([*dg, xd, base.replace(dataset="DTD")])
+    assert [(c.protocol, zs.checked_dataset(c)) for c in checks] == [
+        ("all", "ImageNet"), *(("domain_generalization", t) for t in
+                               ("ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR")),
+        ("cross_dataset", "DTD"), ("cross_dataset", "EuroSAT"), ("base2novel", "DTD")]
+    assert all(c.num_steps == 0 and c.jacobian_samples == 0 for c in checks)
+
+
 # --- references, messages, exit codes -----------------------------------------------------
 
 
@@ -231,6 +348,35 @@ def test_paper_reference_is_the_clip_row_and_only_coop_is_compared():
     msg = "\n".join(zs.explain("DTD", [row], 1.5, cfg.replace(arch="ViT-B-16")))
     assert "Δ base −" in msg.replace("-", "−") and "arch ViT-B-16 with pretrained=openai" in msg
     assert "'{} texture.'" in msg  # the coop template in use
+
+
+def test_paper_reference_of_full_test_sets_is_table_8s_clip_row():
+    cfg = TrainConfig(dataset="ImageNet", arch="ViT-B-16-quickgelu", pretrained="openai",
+                      protocol="domain_generalization")
+    # Table 8's CLIP row (pipeline/reference/reference_results.csv) and the full test sets
+    want = {"ImageNet": (66.73, 50000), "ImageNetV2": (60.83, 10000),
+            "ImageNetSketch": (46.15, 50889), "ImageNetA": (47.77, 7500),
+            "ImageNetR": (73.96, 30000)}
+    for name, (acc, n) in want.items():
+        coop, _ = zs.reference_for(cfg, "coop", dataset=name, full=True)
+        generic, _ = zs.reference_for(cfg, "generic", dataset=name, full=True)
+        assert (coop.all, coop.test_images, coop.source) == (acc, n, "paper T8 CLIP"), name
+        assert coop.base is None and coop.compared and not generic.compared
+    a, _ = zs.reference_for(cfg, "coop", dataset="ImageNetA", full=True)
+    assert zs.Row("ImageNetA", "coop", None, None, None, (7500,), a, all=44.0).flagged(1.5)
+    assert not zs.Row("ImageNetA", "coop", None, None, None, (7500,), a, all=47.0).flagged(1.5)
+    assert zs.Row("ImageNetA", "coop", None, None, None, (7000,), a, all=47.77).flagged(1.5)
+    assert zs.reference_for(cfg.replace(arch="ViT-L-14"), "coop", dataset="ImageNetA",
+                            full=True)[0] is None
+    # Table 2 has no CLIP row: ours only, "no reference", but the full split's count is checked
+    dtd, _ = zs.reference_for(cfg, "coop", dataset="DTD", full=True)
+    assert not dtd.has_values() and dtd.test_images == 1692 and "no reference" in dtd.source
+    ok = zs.Row("DTD", "coop", None, None, None, (1692,), dtd, all=10.0)
+    short = zs.Row("DTD", "coop", None, None, None, (1000,), dtd, all=44.0)
+    assert not ok.flagged(1.5) and ok.deltas() == {} and short.flagged(1.5)
+    table = zs.format_table([ok, short], 1.5)
+    assert table[2].endswith("no ref") and table[3].endswith("FLAG") and "no reference" in table[2]
+    assert "the full split's test count" in zs.explain("DTD", [short], 1.5, cfg)[0]
 
 
 def test_other_world_seed_has_no_reference(tmp_path):
