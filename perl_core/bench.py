@@ -5,7 +5,9 @@ ablation_steps-like sweep run naively vs with one backbone + one FeatureCache.
     python -m perl_core.bench [--arch ViT-B-16-quickgelu] [--pretrained TAG] [--quick] [--json]
                               [--threads N]
 
-Runs on CUDA with bf16 autocast when a GPU is present, else fp32 on the CPU. `--quick` uses the
+On CUDA the eval, FLOP-rate and training stages run in fp32 (what the paper sweeps run; the
+top-level keys) and in bf16 autocast (`by_precision`), timed with CUDA events over CUDA_ITERS
+calls per round at the sweeps' eval batch (128); the CPU runs fp32 only. `--quick` uses the
 `perl-tiny` arch (ViT-B/16 block structure, 48 px) with its embedded weights for the throughput
 and sweep stages, and ViT-B/16 (random init) for the FLOP-rate stage. Every comparison is
 interleaved (A B A B ... rounds, medians or ratios of sums) so that a load change on a shared
@@ -44,25 +46,51 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _ac(device: torch.device) -> contextlib.AbstractContextManager:
-    if device.type == "cuda":
+# What the paper sweeps run (`precision: fp32`, TF32 matmuls off: fidelity) and the fast mode;
+# on CUDA the bench measures both (docs/benchmarks.md), on the CPU fp32 only (bf16 on a CPU is
+# neither what a sweep runs nor faster there).
+PRECISIONS_CUDA = ("fp32", "bf16")
+# calls per timed round on CUDA: one call of a small kernel mostly measures launch overhead
+CUDA_ITERS = 20
+
+
+def precisions_for(device: torch.device) -> tuple[str, ...]:
+    return PRECISIONS_CUDA if device.type == "cuda" else ("fp32",)
+
+
+def _ac(device: torch.device, precision: str = "bf16") -> contextlib.AbstractContextManager:
+    if device.type == "cuda" and precision == "bf16":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 def _interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, reps: int,
-                 warmup: int = 1) -> dict[str, float]:
+                 warmup: int = 1, iters: int | None = None) -> dict[str, float]:
     """Median seconds per call of each fn, timed in rounds (a b c a b c ...): a load change on a
-    shared machine lands on every contender instead of on whichever ran last."""
+    shared machine lands on every contender instead of on whichever ran last. On CUDA each round
+    runs `iters` calls (default CUDA_ITERS) between two CUDA events, so the figure is device
+    time per call rather than one launch's host latency; on the CPU one call, perf_counter."""
+    cuda = device.type == "cuda"
+    n = (CUDA_ITERS if iters is None else iters) if cuda else 1
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(warmup + reps):
         for name, fn in fns.items():
             _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), \
+                    torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(n):
+                    fn()
+                end.record()
+                end.synchronize()
+                dt = start.elapsed_time(end) / 1e3 / n
+            else:
+                t0 = time.perf_counter()
+                fn()
+                dt = time.perf_counter() - t0
             if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(dt)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -107,8 +135,8 @@ def vision_flops(model: PerlModel, steps: int | None = None, read_rows: bool = T
     return plain, perl
 
 
-def _matmul(device: torch.device, n: int) -> Callable[[], Any]:
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def _matmul(device: torch.device, n: int, precision: str = "bf16") -> Callable[[], Any]:
+    dtype = torch.bfloat16 if device.type == "cuda" and precision == "bf16" else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     return lambda: a @ b
@@ -134,6 +162,9 @@ class PeakMemory:
     def __init__(self, device: torch.device):
         self.device = device
         self.method = "cuda.max_memory_allocated" if device.type == "cuda" else "unavailable"
+        # CUDA: what the caching allocator holds (>= allocated; what another trial on the same
+        # GPU cannot use); None elsewhere
+        self.reserved: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._sampled = 0.0
@@ -172,6 +203,7 @@ class PeakMemory:
     def __exit__(self, *exc: Any) -> None:
         if self.device.type == "cuda":
             self.peak = torch.cuda.max_memory_allocated() / 2 ** 20
+            self.reserved = torch.cuda.max_memory_reserved() / 2 ** 20
         elif self.method.startswith("VmHWM"):
             self.peak = self._status("VmHWM") or 0.0
         elif self._thread is not None:
@@ -191,13 +223,13 @@ def _images(model: PerlModel, batch: int, device: torch.device) -> torch.Tensor:
 
 
 def _eval_rates(model: PerlModel, device: torch.device, batch: int, reps: int,
-                cache_dir: str) -> dict[str, float]:
+                cache_dir: str, precision: str = "fp32") -> dict[str, float]:
     """img/s of plain CLIP, PERL eval uncached, PERL eval from a FeatureCache hit (S_v and h(0)
-    read from disk, only the K thought passes run), timed in interleaved rounds."""
+    read from disk, only the K thought passes run), timed in interleaved rounds. The cache
+    stores fp32, the pipeline's default (`cache.dtype`)."""
     images = _images(model, batch, device)
     clip = model.clip
-    cache = FeatureCache(cache_dir, dtype=torch.float16 if device.type == "cuda"
-                         else torch.float32)
+    cache = FeatureCache(cache_dir, dtype=torch.float32)
     key = dict(dataset="bench", split="test", transform="randn", items=list(range(batch)))
 
     def cached() -> torch.Tensor:
@@ -205,7 +237,7 @@ def _eval_rates(model: PerlModel, device: torch.device, batch: int, reps: int,
         return model.image_from_prefix(f["prefix"].to(device), all_steps=True,
                                        h0=f["h0"].to(device))
 
-    with torch.no_grad(), _ac(device):
+    with torch.no_grad(), _ac(device, precision):
         cache.image_features(model, images, **key)  # the miss: computed and stored
         t = _interleaved({"plain": lambda: clip.encode_image(images),
                           "perl": lambda: model.encode_image_all_steps(images),
@@ -216,7 +248,7 @@ def _eval_rates(model: PerlModel, device: torch.device, batch: int, reps: int,
 
 
 def _roofline(arch: str, pretrained: str, device: torch.device, batch: int, reps: int,
-              matmul_n: int) -> dict[str, Any]:
+              matmul_n: int, precision: str = "fp32") -> dict[str, Any]:
     """Achieved GFLOP/s of the PERL eval forward (J=7, K=4) at `arch` size vs a dense matmul,
     timed in interleaved rounds."""
     torch.manual_seed(0)
@@ -224,9 +256,9 @@ def _roofline(arch: str, pretrained: str, device: torch.device, batch: int, reps
     depth = len(clip.visual.transformer.resblocks)
     model = PerlModel(clip, inject_layer=min(7, depth - 1), num_steps=4).to(device).eval()
     images = _images(model, batch, device)
-    with torch.no_grad(), _ac(device):
+    with torch.no_grad(), _ac(device, precision):
         t = _interleaved({"perl": lambda: model.encode_image_all_steps(images),
-                          "matmul": _matmul(device, matmul_n)}, device, reps)
+                          "matmul": _matmul(device, matmul_n, precision)}, device, reps)
     plain_f, perl_f = vision_flops(model)  # what runs: the last upper block reads CLS only
     achieved = perl_f * batch / t["perl"] / 1e9
     mm = 2.0 * matmul_n ** 3 / t["matmul"] / 1e9
@@ -239,7 +271,8 @@ def _roofline(arch: str, pretrained: str, device: torch.device, batch: int, reps
 
 
 def _train_steps(model: PerlModel, device: torch.device, classes: Sequence[int], batch: int,
-                 reps: int, cache_dir: str) -> dict[str, dict[str, float]]:
+                 reps: int, cache_dir: str, precision: str = "fp32"
+                 ) -> dict[str, dict[str, float]]:
     """Seconds per optimizer step (batch images, C classes).
 
     cached: as `fit(cache=...)` runs it: the text S_t and h(0) of the C prompts read from the
@@ -251,8 +284,7 @@ def _train_steps(model: PerlModel, device: torch.device, classes: Sequence[int],
     opt = torch.optim.AdamW(params, lr=1e-4)
     images = _images(model, batch, device)
     labels = torch.randint(0, min(classes), (batch,), device=device)
-    cache = FeatureCache(cache_dir, dtype=torch.float16 if device.type == "cuda"
-                         else torch.float32)
+    cache = FeatureCache(cache_dir, dtype=torch.float32)  # the pipeline's default
     key = dict(dataset="bench", split="train", transform="randn", items=list(range(batch)))
     out: dict[str, dict[str, float]] = {}
     model.train()
@@ -260,13 +292,13 @@ def _train_steps(model: PerlModel, device: torch.device, classes: Sequence[int],
         tokens = model.tokenize([f"a photo of a class {i}." for i in range(c)]).to(device)
         names = [str(i) for i in range(c)]
 
-        with _ac(device):
+        with _ac(device, precision):
             cache.text_features(model, tokens, dataset="bench", template="t", classnames=names)
             hoisted = {k: v.to(device) for k, v in cache.text_features(
                 model, tokens, dataset="bench", template="t", classnames=names).items()}
 
         def step(use_cache: bool) -> None:
-            with _ac(device):
+            with _ac(device, precision):
                 if use_cache:
                     tf = hoisted
                     vf = {k: v.to(device) for k, v in
@@ -302,7 +334,7 @@ def _sweep(arch: str, pretrained: str, root: str, datasets: Sequence[str], ks: S
     base = dict(data_root=root, arch=arch, pretrained=pretrained, inject_layer=7, shots=shots,
                 epochs=1, batch_size=4, lr=1e-2, device=str(device), eval_batch_size=64)
     cuda = device.type == "cuda"
-    cache = FeatureCache(cache_dir, dtype=torch.float16 if cuda else torch.float32)
+    cache = FeatureCache(cache_dir, dtype=torch.float32)  # the pipeline's default
     clip: list[torch.nn.Module] = []  # the optimized side's one backbone, built in its 1st trial
     records: list[dict[str, Any]] = []
     same: list[bool] = []
@@ -331,6 +363,7 @@ def _sweep(arch: str, pretrained: str, root: str, datasets: Sequence[str], ks: S
                             "train_s": results[mode].train_seconds,
                             "eval_s": results[mode].eval_seconds,
                             "peak_memory_mb": mem.peak, "peak_memory_delta_mb": mem.delta,
+                            "peak_memory_reserved_mb": mem.reserved,
                             "memory_method": mem.method, "cache_hits": cache.hits - hits})
         a, b = results["naive"], results["optimized"]
         same.append(a.metrics == b.metrics and all(
@@ -354,18 +387,28 @@ def _sweep(arch: str, pretrained: str, root: str, datasets: Sequence[str], ks: S
 
 
 def run(arch: str = "ViT-B-16-quickgelu", pretrained: str = "", *, quick: bool = False,
-        batch: int = 16, reps: int = 5, classes: Sequence[int] = (10, 100, 1000),
+        batch: int | None = None, reps: int = 5, classes: Sequence[int] = (10, 100, 1000),
         train_reps: int | None = None, sweep_ks: Sequence[int] = (1, 2, 3, 4),
         sweep_seeds: Sequence[int] = (1, 2),
         sweep_datasets: Sequence[str] = ("ToyShapes", "ToyPatterns"), sweep_shots: int = 16,
-        world_sizes: dict | None = None, matmul_n: int = 1024,
-        roofline_arch: str | None = "ViT-B-16-quickgelu", roofline_batch: int = 2
+        world_sizes: dict | None = None, matmul_n: int | None = None,
+        roofline_arch: str | None = "ViT-B-16-quickgelu", roofline_batch: int | None = None
         ) -> dict[str, Any]:
     """Every stage; `quick` = perl-tiny with its embedded weights for throughput and sweep.
-    roofline_arch: the arch of the FLOP-rate stage (None: the bench arch)."""
+    roofline_arch: the arch of the FLOP-rate stage (None: the bench arch).
+
+    Sizes (None: by device): batch, the eval batch, 128 on CUDA (the sweeps' eval_batch_size)
+    and 16 on the CPU (quick); roofline_batch 128 / 2; matmul_n 8192 / 1024 (a matmul large
+    enough to reach the device's rate, not its launch latency). On CUDA the eval, roofline and
+    train stages run in each of PRECISIONS_CUDA: the top-level keys are fp32's (what the paper
+    sweeps run), `by_precision` holds every precision's."""
     from perl_core.data.synthetic import generate_world
 
     device = _device()
+    cuda = device.type == "cuda"
+    batch = batch or (128 if cuda else 16)
+    roofline_batch = roofline_batch or (128 if cuda else 2)
+    matmul_n = matmul_n or (8192 if cuda else 1024)
     if quick:
         arch, pretrained = "perl-tiny", pretrained or "embedded"
     torch.manual_seed(0)
@@ -376,16 +419,21 @@ def run(arch: str = "ViT-B-16-quickgelu", pretrained: str = "", *, quick: bool =
     started = time.perf_counter()
     try:
         res: dict[str, Any] = {"device": str(device), "arch": arch, "pretrained": pretrained,
-                               "precision": "bf16" if device.type == "cuda" else "fp32",
+                               "precision": "fp32", "precisions": list(precisions_for(device)),
                                "torch_threads": torch.get_num_threads(), "batch": batch,
-                               "load_avg_start": _loadavg()}
-        res.update(_eval_rates(model, device, batch, reps, f"{tmp}/eval-cache"))
-        res.update(_roofline(roofline_arch or arch, "" if roofline_arch else pretrained, device,
-                             roofline_batch if roofline_arch else batch, max(2, reps // 2),
-                             matmul_n))
-        res["train_step_s_by_classes"] = _train_steps(model, device, classes, 4,
-                                                      train_reps or max(2, reps // 2),
-                                                      f"{tmp}/train-cache")
+                               "matmul_n": matmul_n, "load_avg_start": _loadavg()}
+        by: dict[str, dict[str, Any]] = {}
+        for prec in precisions_for(device):
+            r = _eval_rates(model, device, batch, reps, f"{tmp}/eval-cache-{prec}", prec)
+            r.update(_roofline(roofline_arch or arch, "" if roofline_arch else pretrained,
+                               device, roofline_batch if roofline_arch else batch,
+                               max(2, reps // 2), matmul_n, prec))
+            r["train_step_s_by_classes"] = _train_steps(
+                model, device, classes, 4, train_reps or max(2, reps // 2),
+                f"{tmp}/train-cache-{prec}", prec)
+            by[prec] = r
+        res.update(by["fp32"])
+        res["by_precision"] = by
         del model
         if not pretrained:  # random init: one fixed file, so naive rebuilds the same weights
             from safetensors.torch import save_file

@@ -45,6 +45,7 @@ there every trial computes what it misses, as before.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import hashlib
 import json
 import logging
@@ -53,7 +54,7 @@ import socket
 import time
 import uuid
 import weakref
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import fsspec
 import torch
@@ -92,12 +93,19 @@ def compute_id(device: torch.device) -> str:
     """How features computed now on `device` are rounded: fp32 or the active autocast dtype.
 
     Part of every key, so a bf16 trial never feeds an fp32 trial (and CPU/GPU kernels, whose
-    rounding differs, do not mix either).
+    rounding differs, do not mix either). On CUDA it also holds the GPU's name and compute
+    capability (which pick the kernels) and both TF32 flags: a cache shared between nodes then
+    never mixes GPU architectures or TF32 and true fp32 features, so an fp32 cache stays bitwise.
     """
+    from perl_core.factory import gpu_info, tf32_flags
+
     dt = torch.device(device).type
-    if torch.is_autocast_enabled(dt):
-        return f"{dt}/autocast-{torch.get_autocast_dtype(dt)}"
-    return f"{dt}/fp32"
+    mode = f"autocast-{torch.get_autocast_dtype(dt)}" if torch.is_autocast_enabled(dt) else "fp32"
+    if dt != "cuda":  # CPU keys as before (the TF32 flags do not reach CPU kernels)
+        return f"{dt}/{mode}"
+    info, tf32 = gpu_info(device), tf32_flags()
+    return (f"cuda/{mode}/{info['gpu']}/sm{info['gpu_capability']}/"
+            f"tf32-matmul={int(tf32['tf32_matmul'])},cudnn={int(tf32['tf32_cudnn'])}")
 
 
 def info_mtime(info: dict) -> float | None:
@@ -121,6 +129,25 @@ def _env() -> str:
     import torchvision
 
     return f"torch={torch.__version__},torchvision={torchvision.__version__},PIL={PIL.__version__}"
+
+
+class StoredBlob(NamedTuple):
+    """A blob as read (`FeatureCache.read`): tensors in the storage dtype on the CPU, the dtype
+    each was computed in, and whether it was put as a single tensor."""
+    tensors: dict[str, torch.Tensor]
+    computed: dict[str, torch.dtype]
+    single: bool
+
+
+def restore(blob: StoredBlob | None, device: torch.device | None = None
+            ) -> torch.Tensor | Features | None:
+    """A read blob as `FeatureCache.get` returns it: copied to `device` (if any) first, then
+    cast to the computed dtypes, so the copy moves the storage dtype's bytes."""
+    if blob is None:
+        return None
+    out = {k: (t if device is None else t.to(device, non_blocking=True)).to(blob.computed[k])
+           for k, t in blob.tensors.items()}
+    return out["x"] if blob.single else out
 
 
 class FeatureCache:
@@ -207,8 +234,19 @@ class FeatureCache:
         names = {self.fs._strip_protocol(i["name"]).rstrip("/") for i in self._files()}
         return [self.fs._strip_protocol(self._path(k)) in names for k in keys]
 
-    def get(self, key: str) -> torch.Tensor | Features | None:
-        """The stored tensor (or dict of tensors, as put), on the CPU; None when absent/corrupt."""
+    def get(self, key: str, device: torch.device | str | None = None
+            ) -> torch.Tensor | Features | None:
+        """The stored tensor (or dict of tensors, as put), on the CPU (or on `device`); None when
+        absent/corrupt. With an accelerator `device` the blob travels in the storage dtype
+        (pinned, non-blocking) and is cast back to its computed dtype there: half the bytes of
+        an fp16 blob upcast on the CPU first, and the same values (a widening cast is exact)."""
+        dev = None if device is None else torch.device(device)
+        return restore(self.read(key, pin=dev is not None and dev.type == "cuda"), dev)
+
+    def read(self, key: str, pin: bool = False) -> "StoredBlob | None":
+        """The blob of `key` read and checked, its tensors still in the storage dtype on the CPU
+        (pinned when `pin`); None when absent/corrupt. Only I/O and parsing: `cached_batches`
+        runs it in a background thread. `restore` finishes it."""
         path = self._path(key)
         try:
             with self.fs.open(path, "rb") as f:
@@ -221,9 +259,8 @@ class FeatureCache:
             shapes, dtypes = json.loads(meta["shapes"]), json.loads(meta["dtypes"])
             if meta.get("key") != key or {k: list(t.shape) for k, t in tensors.items()} != shapes:
                 raise ValueError("metadata mismatch")
-            # back to the dtype it was computed in (what the uncached path would hand on)
-            tensors = {k: t.to(getattr(torch, dtypes[k].removeprefix("torch.")))
-                       for k, t in tensors.items()}
+            # the dtype it was computed in (what the uncached path would hand on); cast in restore
+            computed = {k: getattr(torch, dtypes[k].removeprefix("torch.")) for k in tensors}
         except Exception as e:  # truncated / corrupt: a miss, and the bad file goes
             self.corrupt += 1
             logger.warning("feature cache: dropping unreadable blob %s (%s)", path, e)
@@ -233,7 +270,9 @@ class FeatureCache:
             self.fs.touch(path, truncate=False)  # LRU-ish: a hit refreshes the mtime
         except Exception:  # some filesystems (s3) cannot touch without truncating
             pass
-        return tensors["x"] if meta.get("single") == "1" else tensors
+        if pin:  # a pinned source makes the later non_blocking copy truly asynchronous
+            tensors = {k: t.pin_memory() for k, t in tensors.items()}
+        return StoredBlob(tensors, computed, meta.get("single") == "1")
 
     def put(self, key: str, x: torch.Tensor | Features) -> None:
         single = isinstance(x, torch.Tensor)
@@ -469,11 +508,16 @@ def to_device(features: Features, device: torch.device) -> Features:
     return {k: t.to(device, non_blocking=True) for k, t in features.items()}
 
 
+# blobs read ahead of the batch being used (each at most ~eval_batch_size x 197 x 768 x 4 bytes:
+# ~77 MB of host memory at ViT-B/16, 128 images, fp32)
+PREFETCH = 1
+
+
 def cached_batches(cache: FeatureCache, keys: Sequence[str],
                    decode_misses: Callable[[list[int]], Iterable[Any]],
                    decode_one: Callable[[int], Any],
-                   compute: Callable[[Any], Features], kind: str = "image"
-                   ) -> Iterator[Features]:
+                   compute: Callable[[Any], Features], kind: str = "image",
+                   device: torch.device | str | None = None) -> Iterator[Features]:
     """Features of batch i = 0..len(keys)-1, in order: read from `cache`, or computed.
 
     Only batches absent when this starts are decoded, all through one `decode_misses(indices)`
@@ -482,8 +526,16 @@ def cached_batches(cache: FeatureCache, keys: Sequence[str],
     `compute(decoded_batch)` gives the features of a decoded batch (then stored).
     On a local store the missing batches are claimed first; those another live process already
     claimed are waited for and read (counted as hits and as `<kind>/waited`), not computed again.
+
+    Hits are read ahead: the next PREFETCH present blobs are read and parsed in a background
+    thread while the caller works on the current batch (on a GPU that work is queued kernels, so
+    a synchronous read would leave the device idle); with `device` each hit is copied there in
+    the storage dtype and cast back on the device (`FeatureCache.get`). The values are the same
+    either way.
     """
     present = cache.exists_many(keys)
+    dev = None if device is None else torch.device(device)
+    pin = dev is not None and dev.type == "cuda"
     mine: list[int] = []  # missing, claimed by us: decoded by the loader, in order
     theirs: set[int] = set()  # missing, being computed by another live holder
     for i, p in enumerate(present):
@@ -496,9 +548,17 @@ def cached_batches(cache: FeatureCache, keys: Sequence[str],
     if mine:
         cache.heartbeat()
     decoded = iter(decode_misses(mine)) if mine else iter(())
+    hits = [i for i, p in enumerate(present) if p]
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="feature-cache-read") \
+        if hits else None
+    ahead: dict[int, concurrent.futures.Future] = {}
+    nxt = 0  # position in `hits` of the next blob to submit
     try:
         for i, key in enumerate(keys):
-            feats = cache.get(key) if present[i] else None
+            while pool is not None and nxt < len(hits) and len(ahead) < PREFETCH + 1:
+                ahead[hits[nxt]] = pool.submit(cache.read, keys[hits[nxt]], pin)
+                nxt += 1
+            feats = restore(ahead.pop(i).result(), dev) if present[i] else None
             if i in theirs:
                 feats = cache.wait_for(key)
                 if feats is not None:
@@ -518,6 +578,8 @@ def cached_batches(cache: FeatureCache, keys: Sequence[str],
     finally:  # stopped early (an error, a kill): nobody must wait for what we will not write
         for key in outstanding:
             cache.release(key)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 @torch.no_grad()
@@ -534,7 +596,8 @@ def evaluate_cached(model: Any, items: Sequence[Any], classnames: Sequence[str],
     from perl_core.data.images import ImageListDataset
     from perl_core.data.transforms import eval_transform
     from perl_core.evaluate import (autocast, check_eval_inputs, class_text_tokens,
-                                    decode_images, jacobian_metrics, model_device)
+                                    decode_images, jacobian_metrics, model_device,
+                                    resolve_num_workers)
     from perl_core.metrics import StepMetricAccumulator
 
     items, classnames = list(items), list(classnames)
@@ -565,16 +628,17 @@ def evaluate_cached(model: Any, items: Sequence[Any], classnames: Sequence[str],
 
         def decode_misses(which: list[int]) -> DataLoader:
             return DataLoader(dataset, batch_sampler=[batches[i] for i in which],
-                              num_workers=cfg.num_workers)
+                              num_workers=resolve_num_workers(cfg.num_workers, device),
+                              pin_memory=device.type == "cuda")
 
         def compute(batch: Any) -> Features:
             with autocast(cfg, device):
-                return image_features(model, batch[0].to(device))
+                return image_features(model, batch[0].to(device, non_blocking=True))
 
         acc = StepMetricAccumulator(num_classes=len(classnames))
         feats = cached_batches(cache, keys, decode_misses,
                                lambda i: default_collate([dataset[j] for j in batches[i]]),
-                               compute)
+                               compute, device=device)
         for b, f in zip(batches, feats):
             f = to_device(f, device)
             with autocast(cfg, device):
@@ -600,4 +664,5 @@ def evaluate_cached(model: Any, items: Sequence[Any], classnames: Sequence[str],
 
 
 __all__ = ["FeatureCache", "model_fingerprint", "items_hash", "compute_id", "info_mtime",
-           "evaluate_cached", "image_features", "text_features", "cached_batches", "to_device"]
+           "evaluate_cached", "image_features", "text_features", "cached_batches", "to_device",
+           "StoredBlob", "restore", "PREFETCH"]

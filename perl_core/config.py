@@ -68,7 +68,9 @@ class TrainConfig:
     data_root: str = ""
     device: str = "auto"
     eval_batch_size: int = 128
-    num_workers: int = 0
+    # DataLoader workers; -1 (auto): 0 on the CPU, else the trial's CPU share
+    # (`perl_core.evaluate.resolve_num_workers`; the pipeline passes resources.cpu)
+    num_workers: int = -1
     # seeded test images per evaluation set for the per-step Jacobian norm (0: not measured);
     # a diagnostic of the evaluation, not of the training, so it is left out of the hash;
     # 16: one image's Jacobian (K=4) costs ~9-25 evaluated images, so 16 stay under 10 % of a
@@ -107,7 +109,7 @@ class TrainConfig:
         return cls.from_dict({**{k: v for k, v in LEGACY_VALUES.items() if k not in d}, **d})
 
     def hashed_fields(self) -> dict[str, Any]:
-        d = self.to_dict()
+        d = canonical_values(self.to_dict())
         for k in EXECUTION_FIELDS:
             d.pop(k)
         # a field added after schema 1 enters the hash only when it differs from the value that
@@ -117,8 +119,6 @@ class TrainConfig:
                 d.pop(k)
         if self.variant not in SPECIFIC_VARIANTS:  # no specific projectors: nothing to combine
             d.pop("variant_projectors", None)
-        if self.text_inject_layer == self.inject_layer:  # the same model as "text follows J"
-            d["text_inject_layer"] = -1
         d["schema_version"] = SCHEMA_VERSION
         return d
 
@@ -133,6 +133,24 @@ EXECUTION_FIELDS = ("data_root", "device", "eval_batch_size", "num_workers", "ja
 LEGACY_VALUES: dict[str, Any] = {"fewshot_source": "sample", "variant_projectors": "specific_only",
                                  "projector_init": "default"}
 FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
+CANONICAL_FIELDS = ("variant", "variant_projectors", "inject_layer", "text_inject_layer")
+
+
+def canonical_values(d: dict[str, Any]) -> dict[str, Any]:
+    """One spelling for each model that can be written two ways (the hash and the aggregate's
+    table keys both use it): variant_projectors of a variant without specific projectors is the
+    default (it changes nothing), and a text_inject_layer equal to inject_layer is -1 ("text
+    follows J"). A copy of `d`, which may hold any subset of the fields."""
+    d = dict(d)
+    if "variant_projectors" in d and d.get("variant") not in SPECIFIC_VARIANTS:
+        d["variant_projectors"] = _DEFAULT_VARIANT_PROJECTORS
+    if d.get("text_inject_layer") is not None and d.get("text_inject_layer") == d.get(
+            "inject_layer"):
+        d["text_inject_layer"] = -1
+    return d
+
+
+_DEFAULT_VARIANT_PROJECTORS = TrainConfig.variant_projectors
 
 
 def literal_choices(name: str) -> tuple[str, ...] | None:
@@ -164,4 +182,4 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
 
 
 __all__ = ["TrainConfig", "SCHEMA_VERSION", "FIELD_NAMES", "EXECUTION_FIELDS", "LEGACY_VALUES",
-           "SPECIFIC_VARIANTS", "literal_choices"]
+           "SPECIFIC_VARIANTS", "CANONICAL_FIELDS", "canonical_values", "literal_choices"]

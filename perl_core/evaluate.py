@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import os
 from typing import Any, Callable, Sequence
 
 import torch
@@ -32,6 +34,39 @@ logger = logging.getLogger(__name__)
 def model_device(model: PerlModel) -> torch.device:
     """The device the frozen CLIP lives on (the projectors follow it)."""
     return next(model.clip.parameters()).device
+
+
+# num_workers = -1: derived from the CPU share (`resolve_num_workers`)
+AUTO_WORKERS = -1
+# beyond this, more decoding processes rarely feed a single-GPU trial faster, and each holds a
+# copy of the dataset object and torch
+MAX_AUTO_WORKERS = 8
+
+
+def cpu_share_of_process() -> int:
+    """CPUs this process may run on (its affinity mask; os.cpu_count where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def resolve_num_workers(num_workers: int, device: torch.device | str,
+                        cpu_share: float | None = None) -> int:
+    """The DataLoader worker count for cfg.num_workers: itself when >= 0; for AUTO_WORKERS (-1),
+    0 when the device is the CPU (the forward already uses the trial's cores: decoding processes
+    would compete with it for them) and otherwise the trial's CPU share (`cpu_share`: the Ray
+    trial's `resources.cpu`; default: this process's CPUs), floored, in [1, MAX_AUTO_WORKERS]:
+    on an accelerator the main thread mostly waits on the device, so the share can decode."""
+    if num_workers >= 0:
+        return int(num_workers)
+    if num_workers != AUTO_WORKERS:
+        raise ValueError(f"num_workers={num_workers}: set a worker count >= 0, or "
+                         f"{AUTO_WORKERS} (auto: from the CPU share)")
+    if torch.device(device).type == "cpu":
+        return 0
+    share = cpu_share_of_process() if cpu_share is None else cpu_share
+    return max(1, min(MAX_AUTO_WORKERS, int(math.floor(share))))
 
 
 def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -83,8 +118,10 @@ def check_eval_inputs(items: Sequence[Any], classnames: Sequence[str], dataset_n
 # measured on the same images (their numbers compare without subsampling noise between them).
 JACOBIAN_SEED = 0
 # Images per gradient pass: the graph through all K+1 passes of the tower is kept for K+1
-# backward passes, so memory grows with this (not with eval_batch_size).
-JACOBIAN_BATCH = 16
+# backward passes, so memory grows with this (not with eval_batch_size): at ViT-B/16 in fp32
+# about 32 block passes of 197 x 768 activations, ~0.4 GB an image; 4 keeps it near 1.5 GB, which
+# four trials at gpu: 0.25 can afford on a 24 GB card
+JACOBIAN_BATCH = 4
 
 
 def jacobian_subsample(n_items: int, m: int) -> list[int]:
@@ -108,13 +145,23 @@ def jacobian_norms(model: PerlModel, images: torch.Tensor, labels: torch.Tensor,
     rounding would disturb most. Images do not interact in the tower, so d(sum_i logit_k(i)) /
     d x_i is sample i's own gradient: one backward pass per step gives the whole batch.
     """
+    from perl_core.factory import frozen_matmul_dtype
+
     device = model_device(model)
     dtype = next(model.clip.parameters()).dtype  # fp32 (float64 in the tests' check)
+    matmul = frozen_matmul_dtype(model.clip)
+    # a bf16 copy of the frozen weights (a bf16 CUDA trial: `train.build_model`) has no fp32
+    # weights to differentiate through: the tower then runs under bf16 autocast, as its forward
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if matmul == torch.bfloat16 \
+        else contextlib.nullcontext()
+    if matmul == torch.bfloat16:
+        dtype = torch.float32
     x = images.to(device, dtype).requires_grad_(True)
     labels = torch.as_tensor(labels).to(device)
     with torch.enable_grad():
-        logits = model.logits(model.encode_image_all_steps_differentiable(x),
-                              text.detach().to(device, dtype))  # (K+1, n, C)
+        with ctx:
+            image = model.encode_image_all_steps_differentiable(x).to(dtype)
+        logits = model.logits(image, text.detach().to(device, dtype))  # (K+1, n, C)
         target = logits.gather(-1, labels.view(1, -1, 1).expand(logits.shape[0], -1, 1))[..., 0]
         norms = []
         for k in range(target.shape[0]):
@@ -172,7 +219,8 @@ def evaluate(model: PerlModel, items: Sequence[Any], classnames: Sequence[str], 
                                                        cfg.template), cfg)
         loader = DataLoader(ImageListDataset(list(items), eval_transform(model.image_size)),
                             batch_size=cfg.eval_batch_size, shuffle=False,
-                            num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+                            num_workers=resolve_num_workers(cfg.num_workers, device),
+                            pin_memory=device.type == "cuda")
         acc = StepMetricAccumulator(num_classes=len(classnames))
         batches = loader
         if progress:
@@ -195,7 +243,8 @@ def evaluate(model: PerlModel, items: Sequence[Any], classnames: Sequence[str], 
     return out
 
 
-__all__ = ["evaluate", "autocast", "model_device", "encode_classes", "class_text_tokens",
+__all__ = ["evaluate", "autocast", "model_device", "resolve_num_workers", "AUTO_WORKERS",
+           "MAX_AUTO_WORKERS", "cpu_share_of_process", "encode_classes", "class_text_tokens",
            "check_eval_inputs", "jacobian_subsample", "jacobian_norms", "jacobian_metrics",
            "decode_images",
            "JACOBIAN_SEED", "JACOBIAN_BATCH"]

@@ -17,6 +17,7 @@ tell whose weights a file holds, and open_clip itself says nothing in that case)
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 import warnings
@@ -25,6 +26,7 @@ from typing import Any, Sequence
 
 import open_clip
 import torch
+from torch import nn
 from open_clip.model import CLIP
 
 from perl_core.backbone import TEXT_PLACEMENTS, uses_quick_gelu
@@ -48,11 +50,87 @@ def register_model_configs() -> None:
         open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """"auto" -> cuda when available, else cpu; anything else is passed to torch.device."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+def resolve_device(device: str | torch.device,
+                   gpu_ids: Sequence[int | str] | None = None) -> torch.device:
+    """The torch device of `device` ("auto", "cpu", "cuda", "cuda:1", ...).
+
+    gpu_ids: the GPUs a scheduler assigned to this process (a Ray trial: `ray.get_gpu_ids()`,
+    read by the caller: perl_core stays Ray-free); None when nothing schedules it, and then
+    "auto" is cuda when available, else cpu. With gpu_ids given:
+    - none assigned: "auto" is the CPU and a cuda device is refused. Such a process may still
+      see every GPU of its node (Ray leaves CUDA_VISIBLE_DEVICES unset for num_gpus=0), so
+      "cuda" would land on physical GPU 0, uncounted, with every other such trial;
+    - some assigned: "auto" is cuda, and CUDA must be usable: never a silent fall-back to the CPU
+      (a trial meant for a GPU would run ~100x slower and hold its GPU share idle).
+    """
+    name = str(device)
+    if gpu_ids is None:
+        if name == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(device)
+    if name == "auto":
+        name = "cuda" if len(gpu_ids) else "cpu"
+    if torch.device(name).type != "cuda":  # an explicit cpu on a GPU share is the user's call
+        return torch.device(name)
+    if not gpu_ids:
+        raise ValueError(f"device={name!r} but this trial was assigned no GPU (Ray: "
+                         f"resources.gpu: 0): it would run on a GPU the scheduler does not count. "
+                         f"Set resources.gpu > 0 (0.25 packs four trials on one GPU), or device: "
+                         f"auto / cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"GPU(s) {list(gpu_ids)} were assigned to this trial but CUDA is "
+                           f"unusable here (torch.cuda.is_available() is False; torch "
+                           f"{torch.__version__}, CUDA build {torch.version.cuda}): fix the "
+                           f"node's driver / torch build, or run on the CPU with resources.gpu: "
+                           f"0 and device: cpu. Not falling back to the CPU silently")
+    return torch.device(name)
+
+
+# TF32 (10-bit mantissa) for fp32 cuBLAS matmuls and cuDNN convolutions (the patch embedding),
+# per precision: fp32 means fp32, so both off; a bf16 run has already traded precision for speed,
+# and TF32 is finer than bf16 (7-bit), so the ops that stay fp32 under autocast (the fp32
+# logits, ...) keep it and run on tensor cores
+TF32_BY_PRECISION = {"fp32": False, "bf16": True}
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse a precision the device cannot run, before any model is built (a V100 or T4 has no
+    bf16: it would fail, or crawl through emulation, only after the model is on the GPU)."""
+    if precision not in TF32_BY_PRECISION:
+        raise ValueError(f"precision={precision!r} is not one of {list(TF32_BY_PRECISION)}")
+    # including_emulation=False: torch's default counts a V100's emulated (slow) bf16 as support
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(
+            including_emulation=False):
+        info = gpu_info(device)
+        raise ValueError(f"precision='bf16' but {info['gpu']} (compute capability "
+                         f"{info['gpu_capability']}) has no bf16 support (it needs 8.0+): set "
+                         f"precision: fp32")
+
+
+def set_precision_flags(precision: str) -> dict[str, bool]:
+    """Set both TF32 flags for `precision` (`TF32_BY_PRECISION`; process-wide, so every run sets
+    them at its start instead of inheriting torch's defaults: matmul off, cuDNN on) and return
+    them (`tf32_flags`)."""
+    if precision not in TF32_BY_PRECISION:
+        raise ValueError(f"precision={precision!r} is not one of {list(TF32_BY_PRECISION)}")
+    torch.backends.cuda.matmul.allow_tf32 = TF32_BY_PRECISION[precision]
+    torch.backends.cudnn.allow_tf32 = TF32_BY_PRECISION[precision]
+    return tf32_flags()
+
+
+def tf32_flags() -> dict[str, bool]:
+    """Whether fp32 matmuls (cuBLAS) and convolutions (cuDNN) may use TF32 now."""
+    return {"tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+            "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32)}
+
+
+def gpu_info(device: torch.device | str | None) -> dict[str, str]:
+    """{"gpu": device name, "gpu_capability": "major.minor"} of a cuda device; "none" for any
+    other device (what decides the GPU kernels, and so the rounding, beside the TF32 flags)."""
+    if device is None or torch.device(device).type != "cuda":
+        return {"gpu": "none", "gpu_capability": "none"}
+    major, minor = torch.cuda.get_device_capability(device)
+    return {"gpu": torch.cuda.get_device_name(device), "gpu_capability": f"{major}.{minor}"}
 
 
 def _check_cfg(cfg: dict[str, Any], what: str) -> None:
@@ -191,6 +269,59 @@ def build_perl(arch: str = "ViT-B-16-quickgelu", pretrained: str | None = None,
                       text_inject_layer=text_inject_layer, text_placement=text_placement,
                       variant_projectors=variant_projectors, projector_init=projector_init)
     return model.to(resolve_device(device))
+
+
+def wants_bf16_frozen(precision: str, device: str | torch.device) -> bool:
+    """Whether a model built for `precision` on `device` keeps a bf16 copy of the frozen CLIP's
+    matmul weights (`cast_frozen_matmul_weights`): bf16 on CUDA only. On the CPU the casts are
+    cheap next to the matmuls and fp32 runs must stay bitwise as they are."""
+    return precision == "bf16" and torch.device(device).type == "cuda"
+
+
+def cast_frozen_matmul_weights(clip: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """In place: the frozen weights (and biases) that autocast casts to `dtype` on every matmul
+    (Linear, Conv2d, attention in/out projections, the towers' output projections) are stored
+    in `dtype`; everything else (embeddings, LayerNorms, logit_scale) stays fp32.
+
+    Why: autocast caches its casts only for weights that require grad, so a frozen CLIP's
+    weights are re-cast on every pass (81 casts per K=4 vision forward at ViT-B/16). Casting
+    them once gives the same numbers (autocast's cast is the same round-to-nearest), so a bf16
+    trial's results do not move. Only for use under autocast (a bf16 matmul weight meets an
+    fp32 input otherwise); the projectors, the only trained weights, stay fp32 masters. Returns
+    `clip`.
+    """
+    # open_clip's Transformer takes the text embedding's dtype from its first MLP weight
+    # (get_cast_dtype): pin it to the current one, so the residual stream stays as under
+    # autocast (fp32) instead of turning bf16 with the weights
+    for tower in (getattr(clip, "transformer", None), getattr(clip, "visual", None)):
+        t = getattr(tower, "transformer", tower)
+        if t is not None and hasattr(t, "get_cast_dtype"):
+            t.get_cast_dtype = functools.partial(lambda d: d, t.get_cast_dtype())
+    for m in clip.modules():
+        names: tuple[str, ...] = ()
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            names = ("weight", "bias")
+        elif isinstance(m, nn.MultiheadAttention):
+            names = ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight",
+                     "v_proj_weight")
+        for name in names:
+            p = getattr(m, name, None)
+            if isinstance(p, torch.Tensor) and not p.requires_grad and p.is_floating_point():
+                p.data = p.data.to(dtype)
+    for owner, name in ((getattr(clip, "visual", None), "proj"), (clip, "text_projection")):
+        p = getattr(owner, name, None) if owner is not None else None
+        if isinstance(p, nn.Parameter) and not p.requires_grad:
+            p.data = p.data.to(dtype)
+    return clip
+
+
+def frozen_matmul_dtype(clip: nn.Module) -> torch.dtype:
+    """The dtype the frozen CLIP's matmul weights are stored in (fp32, or bf16 after
+    `cast_frozen_matmul_weights`), read from its first Linear/Conv2d."""
+    for m in clip.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            return m.weight.dtype
+    return next(clip.parameters()).dtype
 
 
 def perl_kwargs(cfg: TrainConfig) -> dict[str, Any]:

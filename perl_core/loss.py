@@ -16,7 +16,9 @@ def perl_loss(logits: torch.Tensor, labels: torch.Tensor, v0: torch.Tensor, vK: 
 
     Returns (loss, {"ce": ..., "anchor": ...}); the parts are detached 0-d tensors (no device
     sync here; call float() when logging). "anchor" is the unweighted 1 - mean cos.
-    Computed in fp32 so that a bf16 autocast forward does not round the loss.
+    The CE and anchor are computed in fp32, but that upcast cannot undo logits that an autocast
+    matmul already rounded to bf16: pass fp32 logits, computed outside autocast from the fp32
+    embeddings (`perl_core.train._train_step` does; evaluation does the same).
     """
     if logits.ndim != 2 or labels.shape != logits.shape[:1]:
         raise ValueError(f"logits must be (N, C) and labels (N,); got {tuple(logits.shape)} and "

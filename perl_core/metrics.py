@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,15 +57,26 @@ import torch.nn.functional as F
 # --- per-sample quantities (..., N) --------------------------------------------------------------
 
 
-def _check(logits: torch.Tensor, labels: torch.Tensor) -> None:
+def _check_shapes(logits: torch.Tensor, labels: torch.Tensor) -> None:
     if logits.ndim not in (2, 3):
         raise ValueError(f"logits must be (N, C) or (steps, N, C); got {tuple(logits.shape)}")
     if labels.ndim != 1 or labels.shape[0] != logits.shape[-2]:
         raise ValueError(f"labels must be (N,) with N={logits.shape[-2]}; got "
                          f"{tuple(labels.shape)}")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[-1]):
-        raise ValueError(f"labels must lie in [0, {logits.shape[-1]}); got range "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
+
+
+def _label_range_error(lo: int, hi: int, num_classes: int) -> ValueError | None:
+    if lo < 0 or hi >= num_classes:
+        return ValueError(f"labels must lie in [0, {num_classes}); got range [{lo}, {hi}]")
+    return None
+
+
+def _check(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    _check_shapes(logits, labels)
+    if labels.numel():
+        err = _label_range_error(int(labels.min()), int(labels.max()), logits.shape[-1])
+        if err is not None:
+            raise err
 
 
 def _gather_true(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -74,23 +85,37 @@ def _gather_true(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return x.gather(-1, idx).squeeze(-1)
 
 
+# The `_unchecked` forms skip the label-range check, which reads the labels on the host (a
+# device sync per call): the accumulator checks once per batch without one (`update`).
+def _correct_unchecked(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1) == labels
+
+
+def _true_prob_unchecked(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return _gather_true(logits.float().softmax(dim=-1), labels)
+
+
+def _brier_unchecked(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    p = logits.float().softmax(dim=-1)
+    return (p * p).sum(dim=-1) - 2.0 * _gather_true(p, labels) + 1.0
+
+
 def correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(..., N) bool: top-1 prediction equals the label."""
     _check(logits, labels)
-    return logits.argmax(dim=-1) == labels
+    return _correct_unchecked(logits, labels)
 
 
 def true_class_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(..., N): softmax probability of the true class."""
     _check(logits, labels)
-    return _gather_true(logits.float().softmax(dim=-1), labels)
+    return _true_prob_unchecked(logits, labels)
 
 
 def brier(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(..., N): sum_c (p_c - onehot_c)^2 = sum_c p_c^2 - 2 p_y + 1."""
     _check(logits, labels)
-    p = logits.float().softmax(dim=-1)
-    return (p * p).sum(dim=-1) - 2.0 * _gather_true(p, labels) + 1.0
+    return _brier_unchecked(logits, labels)
 
 
 def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
@@ -115,11 +140,16 @@ def class_cosines(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor
     """(cos to the true class, cos to the nearest wrong class), each (..., N), for image
     embeddings (..., N, D) and class text embeddings (..., C, D) (normalised here). The second is
     None with a single class (no wrong class exists)."""
+    return _class_cosines(image, text, labels, check=True)
+
+
+def _class_cosines(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor, *,
+                   check: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     if image.shape[:-2] != text.shape[:-2] or image.shape[-1] != text.shape[-1]:
         raise ValueError(f"image embeddings {tuple(image.shape)} and text embeddings "
                          f"{tuple(text.shape)} do not pair up as (..., N, D) / (..., C, D)")
     cos = F.normalize(image.float(), dim=-1) @ F.normalize(text.float(), dim=-1).transpose(-1, -2)
-    _check(cos, labels)
+    (_check if check else _check_shapes)(cos, labels)
     true = _gather_true(cos, labels)
     if cos.shape[-1] < 2:
         return true, None
@@ -254,8 +284,11 @@ class StepMetricAccumulator:
     _conf: torch.Tensor | None = None
     _brier: torch.Tensor | None = None
     _kl: torch.Tensor | None = None
-    _cos_sum: float = 0.0
+    _cos_sum: torch.Tensor | float = 0.0
     _cos_n: int = 0
+    # labels outside [0, C) seen on the device (checked in compute(): reading them per batch
+    # would sync)
+    _bad_labels: torch.Tensor | None = None
     # per-sample KL and hits (S, n) per batch, for the drift-group quantiles (Fig. 5)
     _kl_parts: list = field(default_factory=list)
     _hit_parts: list = field(default_factory=list)
@@ -267,12 +300,8 @@ class StepMetricAccumulator:
     _align_n: int = 0
     _jac: list = field(default_factory=list)  # per-sample input-gradient norms (S, m) per batch
     # final-step per-class hit counts, for per-class accuracy
-    _class_hits: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
-    _class_n: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
-
-    def __post_init__(self) -> None:
-        self._class_hits = torch.zeros(self.num_classes, dtype=torch.float64)
-        self._class_n = torch.zeros(self.num_classes, dtype=torch.float64)
+    _class_hits: torch.Tensor | None = None
+    _class_n: torch.Tensor | None = None
 
     def update(self, logits_steps: torch.Tensor, labels: torch.Tensor,
                v0: torch.Tensor | None = None, vk: torch.Tensor | None = None, *,
@@ -280,24 +309,31 @@ class StepMetricAccumulator:
                text_steps: torch.Tensor | None = None) -> None:
         """logits (K+1, N, C) (or (N, C) = one step), labels (N,), optional v0/vK (N, D);
         image_steps (K+1, N, D) with text_steps (K+1, C, D): the alignment metrics too (and v0 /
-        vK default to image_steps' first and last step)."""
+        vK default to image_steps' first and last step).
+
+        Everything stays on the logits' device (no host sync, no per-batch copy of the
+        (K+1, N, C) logits); `compute()` copies the sums and per-sample values once. Labels on
+        the CPU (both evaluation paths) are range-checked here from their host memory; labels
+        already on an accelerator are checked in `compute()`.
+        """
         if image_steps is not None:
             v0 = image_steps[0] if v0 is None else v0
             vk = image_steps[-1] if vk is None else vk
         if logits_steps.ndim == 2:
             logits_steps = logits_steps.unsqueeze(0)
-        _check(logits_steps, labels)
+        _check_shapes(logits_steps, labels)
         if logits_steps.shape[-1] != self.num_classes:
             raise ValueError(f"logits have {logits_steps.shape[-1]} classes, expected "
                              f"{self.num_classes}")
-        logits_steps = logits_steps.detach().float().cpu()
-        labels = labels.detach().cpu()
-        hits = correct(logits_steps, labels).double()
+        logits_steps = logits_steps.detach().float()
+        device = logits_steps.device
+        labels = self._checked_labels(labels.detach(), device)
+        hits = _correct_unchecked(logits_steps, labels).double()
         kl = kl_divergence(logits_steps, logits_steps[:1])
         parts = {
             "_correct": hits.sum(dim=-1),
-            "_conf": true_class_prob(logits_steps, labels).double().sum(dim=-1),
-            "_brier": brier(logits_steps, labels).double().sum(dim=-1),
+            "_conf": _true_prob_unchecked(logits_steps, labels).double().sum(dim=-1),
+            "_brier": _brier_unchecked(logits_steps, labels).double().sum(dim=-1),
             "_kl": kl.double().sum(dim=-1),
         }
         for name, value in parts.items():
@@ -311,12 +347,30 @@ class StepMetricAccumulator:
         self._hit_parts.append(hits.bool())
         if image_steps is not None and text_steps is not None:
             self._update_alignment(image_steps, text_steps, labels)
+        if self._class_hits is None or self._class_n is None:
+            self._class_hits = torch.zeros(self.num_classes, dtype=torch.float64, device=device)
+            self._class_n = torch.zeros(self.num_classes, dtype=torch.float64, device=device)
         self._class_hits.index_add_(0, labels, hits[-1])
         self._class_n.index_add_(0, labels, torch.ones_like(hits[-1]))
         if v0 is not None and vk is not None:
-            cos = cosine(v0.detach().cpu(), vk.detach().cpu()).double()
-            self._cos_sum += float(cos.sum())
+            cos = cosine(v0.detach().to(device), vk.detach().to(device)).double()
+            self._cos_sum = self._cos_sum + cos.sum()
             self._cos_n += cos.shape[0]
+
+    def _checked_labels(self, labels: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """`labels` on `device`, range-checked without a device sync."""
+        if labels.numel() and labels.device.type == "cpu":
+            # host memory: numpy reads it without a torch op (no aten::item)
+            host = labels.numpy()
+            err = _label_range_error(int(host.min()), int(host.max()), self.num_classes)
+            if err is not None:
+                raise err
+            return labels.to(device, non_blocking=True)
+        if labels.numel():  # on an accelerator: flag now, raise in compute()
+            bad = ((labels < 0) | (labels >= self.num_classes)).any()
+            self._bad_labels = bad if self._bad_labels is None else self._bad_labels | bad
+            labels = labels.clamp(0, self.num_classes - 1)  # no device-side assert meanwhile
+        return labels.to(device)
 
     def _update_alignment(self, image: torch.Tensor, text: torch.Tensor,
                           labels: torch.Tensor) -> None:
@@ -324,8 +378,9 @@ class StepMetricAccumulator:
             raise ValueError(f"image_steps {tuple(image.shape)} / text_steps {tuple(text.shape)}"
                              f" must be (steps, N, D) / (steps, C, D) with the logits' "
                              f"{self._correct.shape[0]} steps")
-        image, text = image.detach().float().cpu(), text.detach().float().cpu()
-        true, wrong = class_cosines(image, text, labels)
+        device = self._correct.device
+        image, text = image.detach().float().to(device), text.detach().float().to(device)
+        true, wrong = _class_cosines(image, text, labels, check=False)
         sums = {"cos_true": true.double().sum(dim=-1)}
         if wrong is not None:
             sums["cos_wrong"] = wrong.double().sum(dim=-1)
@@ -344,11 +399,15 @@ class StepMetricAccumulator:
                                self._correct.shape[0]):
             raise ValueError(f"jacobian norms must be (steps, m) with the logits' steps; got "
                              f"{tuple(norms.shape)}")
-        self._jac.append(norms.detach().double().cpu())
+        self._jac.append(norms.detach().double())  # copied with the rest in compute()
 
     def compute(self) -> dict[str, float]:
         if self.n == 0 or self._correct is None:
             raise ValueError("no samples were accumulated")
+        if self._bad_labels is not None and bool(self._bad_labels):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}); some batch had "
+                             f"labels outside it")
+        self._to_host()
         out: dict[str, float] = {}
         steps = self._correct.shape[0]
         out["acc"] = 100.0 * float(self._correct[-1]) / self.n
@@ -358,7 +417,7 @@ class StepMetricAccumulator:
             for k in range(steps):
                 out[f"{name}_step{k}"] = scale * float(sums[k]) / self.n
         if self._cos_n:
-            out["anchor_cos"] = self._cos_sum / self._cos_n
+            out["anchor_cos"] = float(self._cos_sum) / self._cos_n
         for name, sums in self._align.items():
             for k in range(steps):
                 out[f"{name}_step{k}"] = float(sums[k]) / self._align_n
@@ -373,10 +432,27 @@ class StepMetricAccumulator:
         out["n"] = float(self.n)
         return out
 
+    def _to_host(self) -> None:
+        """Copy the accumulated state to the CPU, once (the per-batch updates never sync)."""
+        def host(x: Any) -> Any:
+            return x.cpu() if isinstance(x, torch.Tensor) else x
+
+        for name in ("_correct", "_conf", "_brier", "_kl", "_cos_sum", "_image_sum",
+                     "_text_mean", "_class_hits", "_class_n"):
+            setattr(self, name, host(getattr(self, name)))
+        self._align = {k: host(v) for k, v in self._align.items()}
+        for name in ("_kl_parts", "_hit_parts", "_jac"):
+            parts = getattr(self, name)
+            if parts and parts[0].device.type != "cpu":  # one copy of the whole set
+                setattr(self, name, [torch.cat(parts, dim=1).cpu()])
+
     def per_class(self, classnames: Sequence[str]) -> dict[str, float]:
         """{classname: final-step accuracy in percent} for the classes that had samples."""
         if len(classnames) != self.num_classes:
             raise ValueError(f"{len(classnames)} classnames for {self.num_classes} classes")
+        if self._class_hits is None or self._class_n is None:
+            return {}
+        self._to_host()
         return {name: 100.0 * float(self._class_hits[c] / self._class_n[c])
                 for c, name in enumerate(classnames) if self._class_n[c] > 0}
 

@@ -212,6 +212,8 @@ class PerlModel(nn.Module):
         The text tower is causal and every step reads the EOS row, so the positions after the
         last EOS of the batch cannot reach any readout, at any step (thought tokens sit before
         EOS). A prompt cut by the tokenizer has its EOS at ctx - 1: then L_eff = ctx (no cut).
+        A Python int: on CUDA tokens reading it is a host sync, so per-step callers take it once
+        from the CPU tokens (`text_from_prefix`'s `length`).
         """
         if tokens.ndim != 2 or tokens.shape[0] == 0:
             return tokens.shape[-1]
@@ -309,13 +311,15 @@ class PerlModel(nn.Module):
     def _cls_index(prefix: torch.Tensor) -> torch.Tensor:
         return torch.zeros(prefix.shape[0], dtype=torch.long, device=prefix.device)
 
-    def _eos_index(self, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def _eos_index(self, prefix: torch.Tensor, tokens: torch.Tensor,
+                   length: int | None = None) -> torch.Tensor:
         if tokens.shape[0] != prefix.shape[0]:
             raise ValueError(f"tokens has {tokens.shape[0]} rows but the text prefix has "
                              f"{prefix.shape[0]}")
         # a prefix cut after the last EOS (text_prefix) or any longer one up to ctx is exact;
         # a shorter one would lose an EOS row (a prefix of other prompts)
-        n, ctx = self.text_length(tokens), self.context_length
+        n = self.text_length(tokens) if length is None else length
+        ctx = self.context_length
         if not n <= prefix.shape[1] <= ctx:
             raise ValueError(f"the text prefix has {prefix.shape[1]} positions; these tokens "
                              f"need {n} to {ctx} (their last EOS is at {n - 1})")
@@ -344,14 +348,18 @@ class PerlModel(nn.Module):
 
     def text_from_prefix(self, prefix: torch.Tensor, tokens: torch.Tensor,
                          steps: int | None = None, all_steps: bool = False,
-                         h0: torch.Tensor | None = None) -> torch.Tensor:
+                         h0: torch.Tensor | None = None, length: int | None = None
+                         ) -> torch.Tensor:
         """S_t and its tokens (for the EOS index) -> (C, D), or (steps+1, C, D) if all_steps.
 
         prefix: `text_prefix(tokens)` (C, L_eff, D), or rows of a prefix of a superset of the
         prompts (longer than their own L_eff: still exact); tokens: the original (C, ctx).
         h0: `text_zero_shot_state(prefix, tokens)` when already known.
+        length: `text_length(tokens)` when already known. It checks the prefix against the
+        tokens, and reading it from CUDA tokens is a host sync: a caller that runs this every
+        step (training) computes it once, from the CPU tokens, and passes it here.
         """
-        return self._from_prefix("text", prefix, self._eos_index(prefix, tokens), steps,
+        return self._from_prefix("text", prefix, self._eos_index(prefix, tokens, length), steps,
                                  all_steps, h0)
 
     def encode_image(self, images: torch.Tensor, steps: int | None = None) -> torch.Tensor:

@@ -21,7 +21,8 @@ What `fit` does (PERL.md §2.5-2.6, §4; data_protocol.md §5-§9):
      empty `eval_datasets` means every registered test-only variant whose source is cfg.dataset.
 2. Builds the model (`build_model`: the projectors' init is drawn right after seeding with
    cfg.seed), seeds python/numpy/torch again, and moves the model to cfg.device ("auto": cuda
-   if available).
+   if available), or to the `device` a scheduler resolved (`fit(device=...)`); the precision is
+   checked against that device and both TF32 flags are set for it first.
 3. Trains the projectors only: AdamW(lr, weight_decay), constant lr, batch_size, epochs, Dassl's
    drop_last (when the train set has >= batch_size images). Per step: the image side runs every
    step in one pass (v0 is the zero-shot embedding, no grad; vK the refined one), the text side
@@ -49,6 +50,7 @@ every TrainConfig field is a flag (`--inject-layer 7`, tuples as comma lists).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -67,8 +69,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from perl_core.checkpoint import Checkpoint, DirCheckpoint
 from perl_core.config import FIELD_NAMES, TrainConfig, literal_choices
-from perl_core.evaluate import autocast, class_text_tokens, evaluate
-from perl_core.factory import build_perl_from_config, create_clip, resolve_device
+from perl_core.evaluate import (AUTO_WORKERS, autocast, class_text_tokens, evaluate,
+                                resolve_num_workers)
+from perl_core.factory import (build_perl_from_config, cast_frozen_matmul_weights,
+                               check_precision, create_clip, frozen_matmul_dtype, resolve_device,
+                               set_precision_flags, wants_bf16_frozen)
 from perl_core.loss import perl_loss
 from perl_core.metrics import harmonic_mean
 from perl_core.model import PerlModel
@@ -230,17 +235,30 @@ def resolve_task(cfg: TrainConfig) -> Task:
 # --- model -------------------------------------------------------------------------------------
 
 
-def build_model(cfg: TrainConfig, clip: torch.nn.Module | None = None) -> PerlModel:
+def build_model(cfg: TrainConfig, clip: torch.nn.Module | None = None,
+                frozen_dtype: torch.dtype | None = None) -> PerlModel:
     """The PerlModel `fit` trains: a frozen CLIP, then fresh projectors (`fit` moves it).
 
     The RNGs are seeded with cfg.seed right before the projectors are made, so their initial
     weights depend on the seed only, not on how the CLIP was obtained (built here on the CPU
     from a seeded RNG, or passed in, e.g. a backbone shared across trials, which stays on its
     device).
+
+    frozen_dtype: store the frozen CLIP's matmul weights in this dtype
+    (`factory.cast_frozen_matmul_weights`: the same numbers under autocast, without re-casting
+    them on every pass). Default: bf16 when cfg.precision is bf16 and cfg.device is CUDA
+    (`factory.wants_bf16_frozen`), else as built (fp32). A passed CLIP in another dtype is
+    copied first, since fp32 trials may share it.
     """
+    if frozen_dtype is None and wants_bf16_frozen(cfg.precision, resolve_device(cfg.device)):
+        frozen_dtype = torch.bfloat16
     if clip is None:
         seed_everything(cfg.seed)  # random-init CLIPs (pretrained="") come from the seed too
         clip = create_clip(cfg.arch, cfg.pretrained or None)
+        if frozen_dtype is not None:
+            cast_frozen_matmul_weights(clip, frozen_dtype)
+    elif frozen_dtype is not None and frozen_matmul_dtype(clip) != frozen_dtype:
+        clip = cast_frozen_matmul_weights(copy.deepcopy(clip), frozen_dtype)
     seed_everything(cfg.seed)
     return build_perl_from_config(cfg, device=next(clip.parameters()).device, clip=clip)
 
@@ -294,6 +312,9 @@ class SeededItems(Dataset):
 
 
 class _ListBatchSampler(Sampler):
+    """Yields `batches`; the list can be swapped between iterations (one persistent loader
+    serves every epoch: the sampler is iterated in the main process, the workers only load)."""
+
     def __init__(self, batches: list[list[tuple[int, int]]]):
         self.batches = batches
 
@@ -351,7 +372,7 @@ def _validate(cfg: TrainConfig, checkpoint_every: int) -> None:
                             ("epochs", cfg.epochs, cfg.epochs >= 0),
                             ("eval_batch_size", cfg.eval_batch_size, cfg.eval_batch_size >= 1),
                             ("lr", cfg.lr, cfg.lr >= 0), ("num_workers", cfg.num_workers,
-                                                          cfg.num_workers >= 0),
+                                                          cfg.num_workers >= AUTO_WORKERS),
                             ("checkpoint_every", checkpoint_every, checkpoint_every >= 0)):
         if not ok:
             raise ValueError(f"{name}={value!r} is out of range")
@@ -363,8 +384,8 @@ def _epoch_means(records: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 def fit(cfg: TrainConfig, callbacks: Sequence[Callback] | None = None,
         model: PerlModel | None = None, checkpoint: Checkpoint | None = None, *,
-        progress: bool | None = None, checkpoint_every: int = 0, cache: Any = None
-        ) -> TrainResult:
+        progress: bool | None = None, checkpoint_every: int = 0, cache: Any = None,
+        device: str | torch.device | None = None) -> TrainResult:
     """Train PERL's projectors as described by `cfg`, evaluate, and return everything.
 
     model: a prebuilt PerlModel to train in place (default: `build_model(cfg)`, whose initial
@@ -379,12 +400,18 @@ def fit(cfg: TrainConfig, callbacks: Sequence[Callback] | None = None,
         differ only in K, lr, anchor_weight, weight_decay read the same ones; a hit decodes no
         image) and of the evaluation sets come from it. Same numbers as without it (bitwise
         with an fp32 cache; at the storage rounding otherwise).
+    device: where to train (None: `resolve_device(cfg.device)`); a scheduler that assigns GPUs
+        resolves it itself (`pipeline.trainable.trial_device`).
+    Before any model is built, the precision is checked against the device (`check_precision`)
+    and both TF32 flags are set for it (`set_precision_flags`: fp32 means no TF32).
     Raises FloatingPointError on a non-finite loss (naming the step and the loss parts).
     """
     _validate(cfg, checkpoint_every)
     callbacks = list(callbacks or [])
     show = _want_progress(progress)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device) if device is None else torch.device(device)
+    check_precision(cfg.precision, device)
+    set_precision_flags(cfg.precision)
     if model is None:
         model = build_model(cfg)
     seed_everything(cfg.seed)  # a given model was built by the caller; the RNGs restart anyway
@@ -453,7 +480,9 @@ def _train(cfg: TrainConfig, task: Task, model: PerlModel, optimizer: torch.opti
     dataset = SeededItems(ImageListDataset(task.train_items, transform))
     # a view is a pure function of (image, label, per-item seed, transform): SeededItems
     view_transform = f"SeededItems({transform!r})"
-    tokens = class_text_tokens(model, task.train_classnames, task.dataset, cfg.template).to(device)
+    tokens = class_text_tokens(model, task.train_classnames, task.dataset, cfg.template)
+    text_len = model.text_length(tokens)  # once, on the CPU: no host sync per step
+    tokens = tokens.to(device)
     with torch.no_grad(), autocast(cfg, device):
         # The lower text blocks and the zero-shot pass h(0) are frozen and the prompts fixed:
         # compute them once. Only the recurrent steps (which the projectors feed) are re-run,
@@ -465,7 +494,7 @@ def _train(cfg: TrainConfig, task: Task, model: PerlModel, optimizer: torch.opti
                 model, tokens, dataset=task.dataset, template=cfg.template,
                 classnames=task.train_classnames), device)
         fixed_text = None if "text" in model.projectors else \
-            model.text_from_prefix(text["prefix"], tokens, h0=text["h0"])  # not adapted
+            model.text_from_prefix(text["prefix"], tokens, h0=text["h0"], length=text_len)
 
     def compute(batch: Any) -> dict[str, torch.Tensor]:
         with autocast(cfg, device):
@@ -477,6 +506,16 @@ def _train(cfg: TrainConfig, task: Task, model: PerlModel, optimizer: torch.opti
 
         bar = tqdm(total=total_steps, initial=state.global_step, desc=f"train {task.dataset}",
                    unit="step", dynamic_ncols=True)
+    # One loader for every epoch: with workers they stay alive between epochs
+    # (persistent_workers) instead of being forked again; `decode` swaps the epoch's batches in.
+    sampler = _ListBatchSampler([])
+    workers = resolve_num_workers(cfg.num_workers, device)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                        # the loader draws its workers' base seed from this generator;
+                        # augmentation does not use it (SeededItems), it only keeps the
+                        # global RNG untouched
+                        generator=torch.Generator().manual_seed(cfg.seed))
     t_start = time.perf_counter() - state.train_seconds
     model.train()
     try:
@@ -486,12 +525,8 @@ def _train(cfg: TrainConfig, task: Task, model: PerlModel, optimizer: torch.opti
             todo = batches[state.step_in_epoch:]
 
             def decode(which: Sequence[int], todo: list = todo) -> DataLoader:
-                return DataLoader(
-                    dataset, batch_sampler=_ListBatchSampler([todo[i] for i in which]),
-                    num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                    # the loader draws its workers' base seed from this generator; augmentation
-                    # does not use it (SeededItems), it only keeps the global RNG untouched
-                    generator=torch.Generator().manual_seed(cfg.seed))
+                sampler.batches = [todo[i] for i in which]
+                return loader
 
             if cache is None:
                 features: Iterator[dict[str, torch.Tensor]] = map(compute,
@@ -505,11 +540,12 @@ def _train(cfg: TrainConfig, task: Task, model: PerlModel, optimizer: torch.opti
                 # on a hit the batch is not decoded at all (labels come from the items)
                 features = cached_batches(
                     cache, keys, decode,
-                    lambda i, todo=todo: default_collate([dataset[k] for k in todo[i]]), compute)
+                    lambda i, todo=todo: default_collate([dataset[k] for k in todo[i]]), compute,
+                    device=device)
             for batch, feats in zip(todo, features):
                 labels = torch.tensor([task.train_items[i].label for i, _ in batch])
                 record = _train_step(cfg, model, optimizer, to_device(feats, device), labels,
-                                     tokens, text, fixed_text, device, state)
+                                     tokens, text, fixed_text, device, state, text_len)
                 state.step_in_epoch += 1
                 state.global_step += 1
                 state.history.append(record)
@@ -547,26 +583,33 @@ def _train(cfg: TrainConfig, task: Task, model: PerlModel, optimizer: torch.opti
 def _train_step(cfg: TrainConfig, model: PerlModel, optimizer: torch.optim.Optimizer | None,
                 image_feats: dict[str, torch.Tensor], labels: torch.Tensor, tokens: torch.Tensor,
                 text_feats: dict[str, torch.Tensor], fixed_text: torch.Tensor | None,
-                device: torch.device, state: _Progress) -> dict[str, Any]:
+                device: torch.device, state: _Progress, text_len: int) -> dict[str, Any]:
     labels = labels.to(device, non_blocking=True)
     with autocast(cfg, device):
         image = model.image_from_prefix(image_feats["prefix"], all_steps=True,
                                         h0=image_feats["h0"])
         v0, vk = image[0].detach(), image[-1]  # zero-shot (a constant) and step K
         text = fixed_text if fixed_text is not None else \
-            model.text_from_prefix(text_feats["prefix"], tokens, h0=text_feats["h0"])
-        logits = model.logits(vk, text)
+            model.text_from_prefix(text_feats["prefix"], tokens, h0=text_feats["h0"],
+                                   length=text_len)
+    # the logits in fp32 from the fp32 embeddings, outside autocast, as evaluation computes them:
+    # an autocast matmul rounds them to bf16 (at logit scale 100 that moves the CE by ~2 % and the
+    # projector gradient by ~4 %), which the fp32 upcast in perl_loss comes too late to undo
+    logits = model.logits(vk.float(), text.float())
     loss, parts = perl_loss(logits, labels, v0, vk, cfg.anchor_weight)
-    values = {"loss": float(loss.detach()), "ce": float(parts["ce"]),
-              "anchor": float(parts["anchor"])}
+    if optimizer is not None:  # queued before the host waits for the values below
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    # the one host sync of the step: the three logged values in one copy, then the finiteness
+    # check, before the optimizer step can spread a non-finite gradient into the projectors
+    loss_v, ce_v, anchor_v = torch.stack([loss.detach(), parts["ce"], parts["anchor"]]).tolist()
+    values = {"loss": loss_v, "ce": ce_v, "anchor": anchor_v}
     if not all(math.isfinite(v) for v in values.values()):
         raise FloatingPointError(
             f"non-finite training loss at step {state.global_step + 1} (epoch {state.epoch + 1}, "
             f"batch {state.step_in_epoch + 1}): loss={values['loss']}, ce={values['ce']}, "
             f"anchor={values['anchor']} (lr={cfg.lr}, precision={cfg.precision})")
     if optimizer is not None:
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         optimizer.step()
     lr = optimizer.param_groups[0]["lr"] if optimizer is not None else 0.0
     return {"step": state.global_step + 1, "epoch": state.epoch + 1, **values, "lr": lr}
@@ -632,13 +675,16 @@ def evaluate_task(model: PerlModel, task: Task, cfg: TrainConfig, *, progress: b
     metrics: dict[str, float] = {}
     per_class: dict[str, dict[str, float]] = {}
     for es in task.evalsets:
+        # the Jacobian is a test-set diagnostic (Figs. 4/7); on the ~100-image few-shot val split
+        # its 16 images would cost more than the evaluation itself
+        es_cfg = cfg.replace(jacobian_samples=0) if es.name == "val" else cfg
         if cache is not None:
             from perl_core.cache import evaluate_cached
 
-            out = evaluate_cached(model, es.items, es.classnames, es.dataset, cfg, cache,
+            out = evaluate_cached(model, es.items, es.classnames, es.dataset, es_cfg, cache,
                                   split=es.name)
         else:
-            out = evaluate(model, es.items, es.classnames, es.dataset, cfg, progress=progress)
+            out = evaluate(model, es.items, es.classnames, es.dataset, es_cfg, progress=progress)
         per_class[es.name] = out.pop("per_class")
         metrics.update({f"{es.name}/{k}": float(v) for k, v in out.items()})
     if "base/acc" in metrics and "novel/acc" in metrics:

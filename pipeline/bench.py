@@ -60,7 +60,7 @@ PHASES = ("setup", "mlflow_lookup", "tags", "mlflow_start", "build_model", "fit_
 
 
 def sweep_text(*, world: str, storage: str, tracking_uri: str, cache_dir: str, trials: int,
-               epochs: int, shots: int) -> str:
+               epochs: int, shots: int, device: str = "cpu", gpu: float = 0) -> str:
     # num_steps before seed: YAML order is K-major, group_order puts the two K of a data seed
     # (which share their training views) back to back, so the run checks that order end to end
     seeds = ", ".join(str(s) for s in range(1, trials // 2 + 1))
@@ -76,12 +76,12 @@ fixed:
   shots: {shots}
   epochs: {epochs}
   lr: 1.0e-2
-  device: cpu
+  device: {device}
   eval_batch_size: 64
 grid:
   num_steps: [1, 2]
   seed: [{seeds}]
-resources: {{cpu: 1, gpu: 0}}
+resources: {{cpu: 1, gpu: {gpu:g}}}
 storage: {storage}
 tracking_uri: {tracking_uri}
 max_failures: 0

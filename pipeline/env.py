@@ -5,8 +5,8 @@
   on the *driver* (the submitting side), because Ray's working-dir upload usually leaves `.git`
   behind: `$GIT_SHA` (set by the submitter, e.g. `--runtime-env-json '{"env_vars": {"GIT_SHA":
   ...}}'`) wins, then `git` in the repository, else "unknown". `$GIT_DIRTY` likewise.
-- `versions()`: torch / open_clip / ray / mlflow / optuna versions (+ CUDA, GPU name in the
-  trial process, where the GPU is visible).
+- `versions()`: torch / open_clip / ray / mlflow / optuna versions; `device_info(device)`: CUDA,
+  the trial's device, GPU name and compute capability, and the TF32 flags (in the trial).
 """
 
 from __future__ import annotations
@@ -85,16 +85,27 @@ def versions() -> dict[str, str]:
     return out
 
 
-def device_info() -> dict[str, str]:
-    """CUDA / GPU of the current process (call inside the trial: the driver may have no GPU)."""
+def device_info(device: object = None) -> dict[str, str]:
+    """CUDA / GPU of the current process (call inside the trial: the driver may have no GPU).
+
+    device: the trial's resolved device (`pipeline.trainable.trial_device`): `device_resolved`,
+    `gpu` and `gpu_capability` are then of that device ("none" on the CPU, even on a GPU node);
+    None: the process's first visible GPU, as before. Always: the TF32 flags as set now
+    (`tf32_matmul`, `tf32_cudnn`; the trial sets them for its precision before the tags).
+    """
     import torch
 
+    from perl_core.factory import gpu_info, tf32_flags
+
     info = {"version.cuda": str(torch.version.cuda or "none")}
+    if device is not None:
+        info["device_resolved"] = str(device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", 0)
+    info.update(gpu_info(device))
     if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
         info["version.cudnn"] = str(torch.backends.cudnn.version())
-    else:
-        info["gpu"] = "none"
+    info.update({k: str(v).lower() for k, v in tf32_flags().items()})
     return info
 
 

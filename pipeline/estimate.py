@@ -30,6 +30,9 @@ Per cell, with a bench file (`estimate`):
   another arch, J or K is scaled by the analytic vision FLOPs (`perl_core.bench.vision_flops`)
   of the full PERL forward (uncached) or of the K thought passes only (cached); a different arch
   is warned about (memory-bound small models do not scale with FLOPs);
+- precision: each cell uses the figures measured in its own `precision` (a CUDA bench has fp32
+  and bf16: `by_precision`); when the bench lacks it the bench's own are used and a warning
+  says so (the paper sweeps run fp32, an older CUDA bench measured bf16 only);
 - overhead: per trial, from `--trial-overhead-s`, else the bench file's `trial_overhead_s`,
   else the mean `timing/overhead_s` of this sweep's finished runs in MLflow, else 0 (said so).
 
@@ -42,6 +45,7 @@ No number here is invented: without a bench file only the workload is printed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -103,6 +107,9 @@ class Bench:
     num_steps: int
     precision: str = ""
     trial_overhead_s: float | None = None
+    # precision -> the same figures measured in it (a CUDA bench measures fp32 and bf16:
+    # `by_precision`); the top-level ones are `precision`'s
+    by_precision: dict[str, "Bench"] = field(default_factory=dict)
 
     def step_s(self, classes: int, cached: bool) -> float:
         """Seconds per batch-4 step at `classes` classes: linear in log(classes) between the
@@ -119,6 +126,12 @@ class Bench:
                 t = (math.log(c) - math.log(lo)) / (math.log(hi) - math.log(lo))
                 return self.steps[lo][i] + t * (self.steps[hi][i] - self.steps[lo][i])
         raise AssertionError("unreachable")
+
+    def for_precision(self, precision: str) -> "Bench | None":
+        """The figures measured in `precision`; None when the bench did not measure it."""
+        if precision in self.by_precision:
+            return self.by_precision[precision]
+        return self if self.precision in (precision, "") else None
 
 
 def _positive(path: str, key: str, value: Any) -> float:
@@ -154,13 +167,24 @@ def load_bench(path: str) -> Bench:
     for k in ("device", "arch"):
         if not isinstance(res[k], str) or not res[k]:
             raise EstimateError(f"{path}: key {k!r} must be a non-empty string, got {res[k]!r}")
+    by: dict[str, Bench] = {}
+    for prec, sub in (res.get("by_precision") or {}).items():
+        if not isinstance(sub, dict):
+            raise EstimateError(f"{path}: key 'by_precision.{prec}' must be an object of bench "
+                                f"figures, got {sub!r}")
+        by[str(prec)] = _figures(path, {**res, **sub, "precision": prec, "by_precision": {}},
+                                 f"by_precision.{prec}.")
+    return dataclasses.replace(_figures(path, res, ""), by_precision=by)
+
+
+def _figures(path: str, res: dict[str, Any], where_prefix: str) -> Bench:
     by_classes = res["train_step_s_by_classes"]
     if not isinstance(by_classes, dict) or not by_classes:
         raise EstimateError(f"{path}: key 'train_step_s_by_classes' must map class counts to "
                             f"{{'cached': s, 'uncached': s}}, got {by_classes!r}")
     steps: dict[int, tuple[float, float]] = {}
     for c, d in by_classes.items():
-        where = f"train_step_s_by_classes.{c}"
+        where = f"{where_prefix}train_step_s_by_classes.{c}"
         try:
             n = int(c)
         except (TypeError, ValueError):
@@ -384,6 +408,7 @@ def estimate(named: Iterable[tuple], bench: Bench | None, *,
     seen_eval: set[tuple] = set()
     seen_view: set[tuple] = set()
     scaled: set[tuple] = set()
+    warned_precision: set[str] = set()
     for item in named:
         name, cfg = item[0], item[1]
         try:
@@ -400,6 +425,16 @@ def estimate(named: Iterable[tuple], bench: Bench | None, *,
         c.train_cached = cache_enabled and bool(cfg.pretrained) and view in seen_view
         seen_eval.add(group)
         seen_view.add(view)
+        b = bench.for_precision(cfg.precision)
+        if b is None:  # timed in another precision: used, and said so once per precision
+            b = bench
+            if cfg.precision not in warned_precision:
+                warned_precision.add(cfg.precision)
+                est.warnings.append(
+                    f"the sweep runs precision {cfg.precision} but the bench measured "
+                    f"{bench.precision} only: times are {bench.precision}'s (bf16 vs fp32 can "
+                    f"differ by several x on a GPU); bench on the target CUDA device, which "
+                    f"measures both (`python -m perl_core.bench --json`)")
         full, thought = flops(cfg.arch, cfg.inject_layer, cfg.num_steps)
         r_full, r_thought = full / ref[0], thought / ref[1]
         key = (cfg.arch, cfg.inject_layer, cfg.num_steps)
@@ -413,9 +448,9 @@ def estimate(named: Iterable[tuple], bench: Bench | None, *,
                 f"(x{r_full:.3g} full forward, x{r_thought:.3g} thought passes)"
                 + ("; FLOPs do not carry across archs well, bench the sweep's arch"
                    if what == "arch" else ""))
-        step = bench.step_s(work.train_classes, c.train_cached) * cfg.batch_size / BENCH_BATCH
+        step = b.step_s(work.train_classes, c.train_cached) * cfg.batch_size / BENCH_BATCH
         c.train_s = work.steps * step * (r_thought if c.train_cached else r_full)
-        rate = bench.eval_cached if c.eval_cached else bench.eval_uncached
+        rate = b.eval_cached if c.eval_cached else b.eval_uncached
         c.eval_s = work.eval_images / rate * (r_thought if c.eval_cached else r_full)
         c.overhead_s = est.overhead_s
     return est

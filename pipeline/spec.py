@@ -677,9 +677,17 @@ def _dataset_problem(name: str, *, training: bool) -> str | None:
     return None
 
 
-def check_config(cfg: TrainConfig) -> list[tuple[str, str]]:
-    """Semantic problems of one cell as (field, message); [] when the config can run."""
+def check_config(cfg: TrainConfig, gpu: float | None = None) -> list[tuple[str, str]]:
+    """Semantic problems of one cell as (field, message); [] when the config can run.
+
+    gpu: the sweep's resources.gpu per trial, where known: `device: cuda` needs one (a trial with
+    none is given no GPU by Ray, and `perl_core.factory.resolve_device` refuses cuda there)."""
     out: list[tuple[str, str]] = []
+    if gpu is not None and gpu <= 0 and cfg.device.startswith("cuda"):
+        out.append(("device", f"device {cfg.device!r} with resources.gpu {gpu:g}: Ray gives such "
+                              f"trials no GPU (and counts none), so they would share the node's "
+                              f"GPUs unscheduled; set resources.gpu > 0 (0.25 packs four trials on "
+                              f"one GPU), or device 'auto' (the CPU at gpu 0) or 'cpu'"))
     if not cfg.dataset:
         out.append(("dataset", "dataset is required (a registered dataset name)"))
     else:
@@ -704,7 +712,7 @@ def check_config(cfg: TrainConfig) -> list[tuple[str, str]]:
             ("anchor_weight", cfg.anchor_weight >= 0, ">= 0"),
             ("aug_scale_min", 0 < cfg.aug_scale_min <= 1, "in (0, 1]"),
             ("eval_batch_size", cfg.eval_batch_size >= 1, ">= 1"),
-            ("num_workers", cfg.num_workers >= 0, ">= 0"),
+            ("num_workers", cfg.num_workers >= -1, ">= 0, or -1 (auto: from resources.cpu)"),
             ("text_inject_layer", cfg.text_inject_layer >= -1, ">= -1 (-1: same as inject_layer)")):
         if not ok:
             out.append((name, f"{name}={getattr(cfg, name)!r} must be {rule}"))
@@ -777,7 +785,7 @@ def _check_cells(spec: SweepSpec) -> list[tuple[tuple, str]]:
         except ValueError as e:  # only from fields that _check_fields already accepted
             return [((), str(e))]
         for cfg in configs:
-            for name, msg in check_config(cfg):
+            for name, msg in check_config(cfg, spec.resources.gpu):
                 origin = _field_origin(spec, name, getattr(cfg, name), block)
                 suffix = "" if name in block.origin else " (not set: TrainConfig default)"
                 problems.append((origin, msg + suffix))
@@ -801,7 +809,7 @@ def _check_cells(spec: SweepSpec) -> list[tuple[tuple, str]]:
                     cfg = base.replace(**{name: coerce_field(name, v)})
                 except ValueError:
                     continue
-                for field, msg in check_config(cfg):
+                for field, msg in check_config(cfg, spec.resources.gpu):
                     path = ("search", "space", name) + (("values", i) if param.type == "choice"
                                                         else ())
                     if field == name:
@@ -835,6 +843,26 @@ def expand_block(block: Block) -> list[TrainConfig]:
     values = [[coerce_field(k, v) for v in block.grid[k]] for k in keys]
     return [TrainConfig(**{**base, **dict(zip(keys, combo))})
             for combo in itertools.product(*values)]
+
+
+def arm_signature(spec: SweepSpec) -> dict[str, dict[str, Any]]:
+    """Per arm, {"fixed": its value of every field some arm pins, "grid": its own grid axes}:
+    what the aggregate needs to place a run that has no `arm` tag (one that finished before the
+    sweep had arms and whose config hash did not change, so it was not run again). JSON values."""
+    if not spec.arms:
+        return {}
+    pinned = sorted({k for a in spec.arms for k in a.fixed} - set(EXECUTION_FIELDS))
+
+    def plain(v: Any) -> Any:
+        return list(v) if isinstance(v, tuple) else v
+    out = {}
+    for arm, block in zip(spec.arms, blocks(spec)):
+        first = expand_block(block)[0]
+        out[arm.name] = {
+            "fixed": {f: plain(getattr(first, f)) for f in pinned if f not in block.grid},
+            "grid": {f: [plain(coerce_field(f, v)) for v in vs] for f, vs in arm.grid.items()
+                     if f not in EXECUTION_FIELDS}}
+    return out
 
 
 def _expand_arms(spec: SweepSpec) -> list[tuple[TrainConfig, tuple[str, ...]]]:

@@ -116,6 +116,29 @@ def _empty_cuda_cache() -> None:
         torch.cuda.empty_cache()
 
 
+def ray_gpu_ids() -> list[int | str] | None:
+    """The GPUs Ray assigned to this trial (`ray.get_gpu_ids()`: [] for resources.gpu 0); None
+    outside Ray (a direct call), where `get_gpu_ids` would start a local Ray instance."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    return list(ray.get_gpu_ids()) if ray.is_initialized() else None
+
+
+def trial_device(cfg: TrainConfig) -> Any:
+    """The torch device of this trial, from cfg.device and the GPUs Ray assigned to it
+    (`perl_core.factory.resolve_device(gpu_ids=...)`: a gpu 0 trial never lands on a GPU), with
+    the precision checked against it and both TF32 flags set for it (as `fit` does again), so
+    the run tags record them. Raises before any model is built."""
+    from perl_core.factory import check_precision, resolve_device, set_precision_flags
+
+    device = resolve_device(cfg.device, gpu_ids=ray_gpu_ids())
+    check_precision(cfg.precision, device)
+    set_precision_flags(cfg.precision)
+    return device
+
+
 def build_model(cfg: TrainConfig) -> Any:
     """The trial's PerlModel via `perl_core.train.build_model` (projector init depends on the seed
     only), around the cached backbone when the weights are named."""
@@ -124,6 +147,26 @@ def build_model(cfg: TrainConfig) -> Any:
     if not cfg.pretrained:  # random init drawn from the seed: never shared between trials
         return build(cfg)
     return build(cfg, clip=backbone(cfg.arch, cfg.pretrained))
+
+
+def ray_cpu_share() -> float | None:
+    """The CPUs Ray assigned to this trial (its `resources.cpu`); None outside a Ray worker."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_assigned_resources().get("CPU")
+    except Exception:  # no Ray, or not in a worker: the process's own CPUs are used instead
+        return None
+
+
+def with_trial_workers(cfg: TrainConfig, device: Any) -> TrainConfig:
+    """cfg with num_workers -1 (auto) resolved from the trial's CPU share (an execution field:
+    the config hash does not change)."""
+    from perl_core.evaluate import AUTO_WORKERS, resolve_num_workers
+
+    if cfg.num_workers != AUTO_WORKERS:
+        return cfg
+    return cfg.replace(num_workers=resolve_num_workers(cfg.num_workers, device, ray_cpu_share()))
 
 
 # --- feature cache --------------------------------------------------------------------------------
@@ -335,8 +378,9 @@ def trial_config(config: dict[str, Any], context: dict[str, Any]) -> tuple[str, 
     """(run name, TrainConfig) of this trial: a grid cell, or fixed settings + the sample."""
     if "cell" in config:
         cell = config["cell"]
-        return cell["name"], TrainConfig.from_dict(cell["config"])
-    base = TrainConfig.from_dict(context["base_config"])
+        # from_record: a Tune state saved by an older pipeline lacks the newer fields
+        return cell["name"], TrainConfig.from_record(cell["config"])
+    base = TrainConfig.from_record(context["base_config"])
     sample = {k: config[k] for k in context["search_fields"]}
     cfg = TrainConfig.from_dict({**base.to_dict(), **sample})  # coerces numpy scalars too
     label = ",".join(f"{k}={_short(v)}" for k, v in sample.items())
@@ -347,7 +391,8 @@ def _short(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def trial_tags(cfg: TrainConfig, name: str, context: dict[str, Any]) -> dict[str, str]:
+def trial_tags(cfg: TrainConfig, name: str, context: dict[str, Any], device: Any = None
+               ) -> dict[str, str]:
     from ray import tune
 
     try:
@@ -361,7 +406,7 @@ def trial_tags(cfg: TrainConfig, name: str, context: dict[str, Any]) -> dict[str
         "phase": context["phase"], "dataset": cfg.dataset, "protocol": cfg.protocol,
         "cell": name, "ray_node_id": _node_id(), "trial_id": trial_id,
         "ray_job_id": context.get("ray_job_id", ""), "sweep_file": context.get("sweep_file", ""),
-        **versions(), **device_info(),
+        **versions(), **device_info(device),
     }
     return {k: str(v) for k, v in tags.items()}
 
@@ -370,7 +415,8 @@ def arm_tags(config: dict[str, Any], context: dict[str, Any]) -> dict[str, str]:
     """`arm` (the grid cell's arms, comma-joined) and `sweep_arms` (the sweep's arms in order),
     only in a sweep with arms: the aggregate's row labels (older runs have neither)."""
     arm = (config.get("cell") or {}).get("arm") or ""
-    return {"arm": arm, "sweep_arms": context.get("sweep_arms", "")} if arm else {}
+    return {"arm": arm, "sweep_arms": context.get("sweep_arms", ""),
+            "sweep_arm_spec": context.get("sweep_arm_spec", "")} if arm else {}
 
 
 def import_sweep_modules(context: dict[str, Any]) -> None:
@@ -448,7 +494,11 @@ def train_cell(config: dict[str, Any], context: dict[str, Any] | None = None) ->
         cache = None
         cache_tag = {"feature_cache": f"off (unavailable: {type(e).__name__})",
                      "feature_cache_dtype": "none"}
-    tags = {**trial_tags(cfg, name, context), **cache_tag, **arm_tags(config, context)}
+    try:  # before the tags, which record the device; a refusal fails the run below
+        device, device_error = trial_device(cfg), None
+    except (ValueError, RuntimeError) as e:
+        device, device_error = None, e
+    tags = {**trial_tags(cfg, name, context, device), **cache_tag, **arm_tags(config, context)}
     clock.lap("tags")
     started_ms = int(time.time() * 1000)
     run_id = None
@@ -462,13 +512,19 @@ def train_cell(config: dict[str, Any], context: dict[str, Any] | None = None) ->
             tracker = None
     clock.lap("mlflow_start")
     try:
+        if device_error is not None:
+            raise device_error
         model = build_model(cfg)
+        cfg = with_trial_workers(cfg, device)  # the backbone is still on the CPU here
         clock.lap("build_model")
         before = cache.stats() if cache is not None else {}
         ckpt = TuneCheckpoint()
         result = fit(cfg, callbacks=[_progress_callback(name, cfg.dataset)], model=model,
                      checkpoint=ckpt, progress=False,
-                     checkpoint_every=CHECKPOINT_EVERY, cache=cache)
+                     checkpoint_every=CHECKPOINT_EVERY, cache=cache, device=device)
+        # the trial's activations and optimizer state are freed now: give the allocator's
+        # cached blocks back to the GPU, or a reused actor keeps this trial's peak reserved
+        _empty_cuda_cache()
         clock.laps.update(fit_phases(clock.lap("fit"), result, ckpt))
         del clock.laps["fit"]
         metrics = dict(result.metrics)  # val/* included: what the search phase selects on
@@ -490,7 +546,7 @@ def train_cell(config: dict[str, Any], context: dict[str, Any] | None = None) ->
         tracking.write_record(context["storage"], record, blob)
         clock.lap("record")
     except BaseException as e:
-        oom = _is_oom(e)
+        oom = is_oom(e)
         detail = f"{type(e).__name__}: {e}\n" + "".join(
             traceback.format_exception(type(e), e, e.__traceback__)[-6:])
         if oom:  # free this trial's memory now, so the worker is not left holding it
@@ -523,12 +579,26 @@ def train_cell(config: dict[str, Any], context: dict[str, Any] | None = None) ->
                  "eval_seconds": result.eval_seconds})
 
 
-def _is_oom(e: BaseException) -> bool:
-    """torch.OutOfMemoryError (what CUDA raises; torch.cuda.OutOfMemoryError is the same class)
-    or a plain MemoryError."""
+# what cuBLAS / cuDNN raise when their workspace or handle cannot be allocated: a RuntimeError,
+# not torch.OutOfMemoryError, though the cause is the same full GPU
+OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
+def is_oom(e: BaseException) -> bool:
+    """torch.OutOfMemoryError (what the CUDA caching allocator raises; torch.cuda's is the same
+    class), a plain MemoryError, or a RuntimeError whose message is a cuBLAS/cuDNN allocation
+    failure or says "out of memory" (`OOM_MESSAGES`), here or in its `raise ... from` causes."""
     import torch
 
-    return isinstance(e, (torch.OutOfMemoryError, MemoryError))
+    for _ in range(8):  # a short chain: wrappers name their cause
+        if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+            return True
+        if isinstance(e, RuntimeError) and any(m in str(e) for m in OOM_MESSAGES):
+            return True
+        if e.__cause__ is None:
+            return False
+        e = e.__cause__
+    return False
 
 
 def _release_after_oom(e: BaseException, cell: str) -> None:
@@ -591,4 +661,5 @@ class _Clock:
 __all__ = ["train_cell", "import_sweep_modules", "backbone", "clear_backbone", "build_model",
            "trial_config", "trial_tags", "arm_tags", "TuneCheckpoint", "fit_phases",
            "cache_settings", "feature_cache", "cache_tags", "cache_metrics", "cache_url",
-           "TIMINGS_ENV"]
+           "TIMINGS_ENV", "ray_cpu_share", "with_trial_workers", "ray_gpu_ids", "trial_device",
+           "is_oom"]

@@ -18,7 +18,7 @@ from pipeline import estimate as E
 REAL_SPLITS = Path(__file__).resolve().parents[2] / "shared" / "data" / "coop_real" / "splits"
 
 BENCH = {
-    "device": "cuda", "arch": "perl-tiny", "precision": "bf16", "pretrained": "embedded",
+    "device": "cuda", "arch": "perl-tiny", "precision": "fp32", "pretrained": "embedded",
     "perl_eval_img_per_s_uncached": 100.0, "perl_eval_img_per_s_cached": 400.0,
     "train_step_s_by_classes": {"10": {"cached": 0.5, "uncached": 1.0, "speedup": 2.0},
                                 "100": {"cached": 1.5, "uncached": 3.0, "speedup": 2.0},
@@ -97,7 +97,7 @@ def test_known_bench_figures_give_the_exact_estimate(tmp_path, shapes_world, cap
     assert "sizes from: data" in out
     assert f"estimated GPU time: {total / 3600:.3g} GPU-h (15 s: train 10 s, eval 1 s, " \
            "overhead 4 s)" in out, out
-    assert "device cuda, arch perl-tiny, bf16, bench J=7 K=4" in out
+    assert "device cuda, arch perl-tiny, fp32, bench J=7 K=4" in out
     assert "trial_overhead_s" in out and "warning" not in out
     assert not (tmp_path / "mlflow.db").exists()
 
