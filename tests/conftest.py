@@ -40,6 +40,18 @@ def tiny_arch() -> str:
 
 
 @pytest.fixture
+def images():
+    """Three random 32 px images for the tiny CLIP (fixed seed)."""
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def tokens():
+    """Three prompts of different lengths (EOS at different positions)."""
+    return open_clip.tokenize(["a photo of a cat.", "a dog", "an origami crane on a table"])
+
+
+@pytest.fixture
 def make_tiny_perl(tiny_clip_cfg):
     def make(seed: int = 0, **kwargs):
         torch.manual_seed(seed)

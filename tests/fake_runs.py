@@ -77,6 +77,18 @@ def b2n_metrics(b: float, n: float, K: int = 0, *, n_test: tuple[float, float] =
     return m
 
 
+def named(tables, name: str):
+    """The one table called `name`."""
+    (t,) = [t for t in tables if t.name == name]
+    return t
+
+
+def lrow(t, *label):
+    """The one row of table `t` labelled `label`."""
+    (r,) = [r for r in t.rows if r.label == label]
+    return r
+
+
 def memory_runs(specs, experiment_id: str = "7") -> list:
     """specs: (sweep, TrainConfig, metrics[, status]) -> objects shaped like the mlflow Runs that
     `MlflowClient.search_runs` returns (run ids run0000, run0001, ... in spec order), for the

@@ -25,6 +25,7 @@ from pipeline.tables import to_markdown  # noqa: E402
 
 from fake_runs import B2N, HM, STEPS, TOY, Store, memory_runs  # noqa: E402
 from fake_runs import b2n_metrics as _b2n_metrics  # noqa: E402
+from fake_runs import lrow as _lrow, named as _named  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -343,16 +344,6 @@ def test_modality_ablation_maps_to_table3_and_shows_unrun_rows():
     assert vis.info[agg_mod.PARAMS_OURS] == "3,841" and vis.info[agg_mod.PARAMS_PAPER] == "4K"
     assert _row(t, "text").cells["base"].status == "missing"
     assert _row(t, "both").cells["hm"].paper == pytest.approx(74.79)
-
-
-def _named(tables, name):
-    (t,) = [t for t in tables if t.name == name]
-    return t
-
-
-def _lrow(t, *label):
-    (r,) = [r for r in t.rows if r.label == label]
-    return r
 
 
 def _csv_rows(t):

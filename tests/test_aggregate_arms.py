@@ -17,6 +17,7 @@ import pytest
 pytest.importorskip("mlflow")
 
 from fake_runs import HM, memory_runs  # noqa: E402
+from fake_runs import lrow as _lrow, named as _named  # noqa: E402
 from pipeline import aggregate as agg_mod  # noqa: E402
 from pipeline.spec import arm_signature, cells, parse_spec  # noqa: E402
 from pipeline.tables import to_csv, to_markdown  # noqa: E402
@@ -52,16 +53,6 @@ def _tables(runs):
     pool, df = agg_mod.resolve(df)
     views = agg_mod.sweep_views(df)
     return agg_mod.build_tables(pool, views), views
-
-
-def _named(tables, name):
-    (t,) = [t for t in tables if t.name == name]
-    return t
-
-
-def _lrow(t, *label):
-    (r,) = [r for r in t.rows if r.label == label]
-    return r
 
 
 # --- Table 4: both readings, each row's own count -----------------------------------------------

@@ -18,6 +18,7 @@ from perl_core.config import TrainConfig
 pytest.importorskip("mlflow")
 
 from fake_runs import B2N, N_TEST, b2n_metrics, memory_runs, step_curves  # noqa: E402
+from fake_runs import lrow as _lrow, named as _named  # noqa: E402
 
 from pipeline import aggregate as agg_mod  # noqa: E402
 from pipeline import reference as ref  # noqa: E402
@@ -33,16 +34,6 @@ def _build(specs):
     df = agg_mod.cast_params(agg_mod.runs_frame(memory_runs(specs), {"7": "perl/x"}))
     pool, df = agg_mod.resolve(df)
     return agg_mod.build_tables(pool, agg_mod.sweep_views(df))
-
-
-def _named(tables, name):
-    (t,) = [t for t in tables if t.name == name]
-    return t
-
-
-def _lrow(t, *label):
-    (r,) = [r for r in t.rows if r.label == label]
-    return r
 
 
 def _b2n_specs(K=2):

@@ -14,20 +14,10 @@ from open_clip.model import CLIP
 
 from perl_core import PerlModel, ThoughtProjector, TrainConfig
 from perl_core.projector import NEAR_IDENTITY_SCALE
+from test_model import TINY_UNIT, ref_image, ref_text
 
 READINGS = ("shared_plus_specific", "specific_only")
 SPECIFIC = ("step", "layer", "layerstep")
-TINY_UNIT = 5 * 64 + 1 + 5 * 32 + 1  # one projector pair on the tiny test CLIP
-
-
-@pytest.fixture
-def images():
-    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-
-
-@pytest.fixture
-def tokens():
-    return open_clip.tokenize(["a photo of a cat.", "a dog", "an origami crane on a table"])
 
 
 def _close(a, b, tol=1e-5):
@@ -64,46 +54,19 @@ def test_vitb16_counts_both_readings():
         assert PerlModel(clip, variant="step").num_trainable_parameters() == 32010
 
 
-# ---- a reference recurrence written out by hand (single depth, J=2, after-BOS text) ------------
+# ---- the hand-written reference recurrence of test_model, with a per-step projector -----------
+def _stepwise(phi, K):
+    """phi(step, h) as the phi(h) that test_model's references call once per step, in order."""
+    steps = iter(range(1, K + 1))
+    return lambda h: phi(next(steps), h)
+
+
 def _ref_image(clip, phi, images, J, K):
-    """phi(step, h) -> thought token; the upper blocks re-run with every earlier thought."""
-    x = clip.visual._embeds(images)
-    for blk in clip.visual.transformer.resblocks[:J]:
-        x = blk(x)
-
-    def upper(z):
-        k = 0 if z is None else z.shape[1]
-        y = x if k == 0 else torch.cat([z, x], dim=1)
-        for blk in clip.visual.transformer.resblocks[J:]:
-            y = blk(y)
-        return y[:, k]
-
-    h, zs = upper(None), []
-    for step in range(1, K + 1):
-        zs.append(phi(step, h).unsqueeze(1))
-        h = upper(torch.cat(zs, 1))
-    return clip.visual.ln_post(h) @ clip.visual.proj
+    return ref_image(clip, _stepwise(phi, K), images, J, K)
 
 
 def _ref_text(clip, phi, text, J, K):
-    x = clip.token_embedding(text) + clip.positional_embedding
-    for blk in clip.transformer.resblocks[:J]:
-        x = blk(x, attn_mask=clip.attn_mask)
-    eos = text.argmax(-1)
-
-    def upper(z):
-        k = 0 if z is None else z.shape[1]
-        y = x if k == 0 else torch.cat([x[:, :1], z, x[:, 1:]], dim=1)
-        mask = torch.full((y.shape[1], y.shape[1]), float("-inf")).triu_(1)
-        for blk in clip.transformer.resblocks[J:]:
-            y = blk(y, attn_mask=mask)
-        return y[torch.arange(y.shape[0]), eos + k]
-
-    h, zs = upper(None), []
-    for step in range(1, K + 1):
-        zs.append(phi(step, h).unsqueeze(1))
-        h = upper(torch.cat(zs, 1))
-    return clip.ln_final(h) @ clip.text_projection
+    return ref_text(clip, _stepwise(phi, K), text, J, K, "after_bos")
 
 
 def _bump(model):

@@ -141,19 +141,25 @@ def test_jacobian_norms_against_central_finite_differences(jac_model, one_thread
     assert not torch.allclose(got[0], got[-1])  # the steps really differ
 
 
+def _toy_eval_config(tmp_path, arch: str, test: int, **kw):
+    """A ToyShapes world with `test` images per class and an untrained tiny model's config."""
+    from perl_core.config import TrainConfig
+    from perl_core.data.synthetic import generate_world
+
+    generate_world(tmp_path / "w", datasets=["ToyShapes"], sizes={"train": 1, "val": 1,
+                                                                  "test": test})
+    return TrainConfig(dataset="ToyShapes", data_root=str(tmp_path / "w"), arch=arch,
+                       pretrained="", inject_layer=2, num_steps=2, shots=1, epochs=0,
+                       device="cpu", **kw)
+
+
 def test_jacobian_in_both_evaluation_paths(tmp_path, tiny_arch, one_thread):
     """evaluate and evaluate_cached report the same jacobian_step{k} (and every other metric),
     measured on cfg.jacobian_samples images; 0 turns it off."""
     from perl_core.cache import FeatureCache
-    from perl_core.config import TrainConfig
-    from perl_core.data.synthetic import generate_world
     from perl_core.train import build_model, evaluate_task, resolve_task
 
-    generate_world(tmp_path / "w", datasets=["ToyShapes"], sizes={"train": 1, "val": 1,
-                                                                  "test": 2})
-    cfg = TrainConfig(dataset="ToyShapes", data_root=str(tmp_path / "w"), arch=tiny_arch,
-                      pretrained="", inject_layer=2, num_steps=2, shots=1, epochs=0,
-                      device="cpu", eval_batch_size=8, jacobian_samples=3)
+    cfg = _toy_eval_config(tmp_path, tiny_arch, test=2, eval_batch_size=8, jacobian_samples=3)
     torch.manual_seed(0)
     model = build_model(cfg)
     task = resolve_task(cfg)
@@ -183,17 +189,11 @@ def test_evaluate_alignment_drift_and_jacobian_on_a_tiny_model(tmp_path, tiny_ar
     """`evaluate` on a tiny model against numpy over embeddings computed one step at a time
     (`encode_image(steps=k)` / `encode_text(steps=k)`), and the Jacobian against a per-sample
     autograd loop over its seeded subsample."""
-    from perl_core.config import TrainConfig
-    from perl_core.data.synthetic import generate_world
     from perl_core.data.templates import class_prompts
     from perl_core.evaluate import decode_images, evaluate
     from perl_core.train import build_model, resolve_task
 
-    generate_world(tmp_path / "w", datasets=["ToyShapes"], sizes={"train": 1, "val": 1,
-                                                                  "test": 3})
-    cfg = TrainConfig(dataset="ToyShapes", data_root=str(tmp_path / "w"), arch=tiny_arch,
-                      pretrained="", inject_layer=2, num_steps=2, shots=1, epochs=0,
-                      device="cpu", eval_batch_size=7, jacobian_samples=5)
+    cfg = _toy_eval_config(tmp_path, tiny_arch, test=3, eval_batch_size=7, jacobian_samples=5)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     with torch.no_grad():  # steps must differ from step 0

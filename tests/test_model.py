@@ -20,16 +20,6 @@ PLACEMENTS = ("after_bos", "front")
 TINY_UNIT = 5 * 64 + 1 + 5 * 32 + 1  # one projector pair on the tiny CLIP: 482
 
 
-@pytest.fixture
-def images():
-    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-
-
-@pytest.fixture
-def tokens():
-    return open_clip.tokenize(["a photo of a cat.", "a dog", "an origami crane on a table"])
-
-
 def _fp32_close(a, b, tol=1e-5):
     return torch.allclose(a, b, atol=tol, rtol=0)
 
