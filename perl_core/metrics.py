@@ -166,8 +166,7 @@ def modality_gap(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     return (v - t).norm(dim=-1)
 
 
-DRIFT_GROUPS = ("stay_correct", "wrong_to_correct", "correct_to_wrong", "stay_wrong")
-DRIFT_QUANTILES = (25, 50, 75)
+from perl_core.metric_names import DRIFT_GROUPS, DRIFT_QUANTILES  # noqa: E402
 
 
 def drift_group_stats(kl_steps: torch.Tensor, hits_steps: torch.Tensor) -> dict[str, float]:

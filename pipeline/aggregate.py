@@ -48,6 +48,7 @@ import pandas as pd
 
 from perl_core.config import (CANONICAL_FIELDS, EXECUTION_FIELDS, FIELD_NAMES, LEGACY_VALUES,
                               TrainConfig, canonical_values)
+from perl_core.metric_names import DRIFT_GROUPS, DRIFT_QUANTILES
 from pipeline import reference as ref
 from pipeline.tables import Cell, Column, Counts, Row, Table, to_csv, to_latex, to_markdown
 
@@ -1438,7 +1439,6 @@ def table_drift(pool: Pool, view: SweepView, groups_k: list[tuple[tuple, list[Ke
     (group, step 1..K), columns = the quartiles and the count per evaluation set. Quartiles do
     not pool across test sets, so every column is the mean over datasets (and over targets) of
     the per-set, per-seed quartile; None when no run logged the groups."""
-    from perl_core.metrics import DRIFT_GROUPS, DRIFT_QUANTILES
 
     sets = [c for c in cols if c.kind != "pooled"]
     stats = [(f"q{q}", f"q{q}" if q != 50 else "median", 4) for q in DRIFT_QUANTILES] + \
@@ -1663,6 +1663,9 @@ def log_to_mlflow(agg: Aggregate, out: Path, client=None) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.aggregate",
                                  description=__doc__.strip().splitlines()[0])
+    ap.add_argument("sweep", nargs="?", default=None, metavar="SWEEP.yaml",
+                    help="summarise this sweep: its experiment and tracking URI come from the "
+                         "file (as pipeline.run reads them); --experiment adds more")
     ap.add_argument("--experiment", action="append", nargs="+", metavar="NAME",
                     help="experiment name(s) to read (default: every experiment whose runs carry "
                          "a `sweep` tag)")
@@ -1678,8 +1681,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true", help="do not print the Markdown tables")
     args = ap.parse_args(argv)
 
-    uri = args.tracking_uri or default_tracking_uri()
     names = [n for group in (args.experiment or []) for n in group] or None
+    uri = args.tracking_uri or default_tracking_uri()
+    if args.sweep:
+        from pipeline.spec import SpecError, load_spec, locate_sweep, resolve_tracking_uri
+
+        try:
+            spec = load_spec(locate_sweep(args.sweep))
+            uri = resolve_tracking_uri(spec, args.tracking_uri)
+        except (SpecError, OSError) as e:
+            print(str(e), file=sys.stderr)
+            return 2
+        names = [spec.experiment] + [n for n in names or [] if n != spec.experiment]
     client = make_client(uri)
     agg = aggregate(uri, names, client=client)
     out = Path(args.out)
