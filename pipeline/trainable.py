@@ -415,8 +415,11 @@ def arm_tags(config: dict[str, Any], context: dict[str, Any]) -> dict[str, str]:
     """`arm` (the grid cell's arms, comma-joined) and `sweep_arms` (the sweep's arms in order),
     only in a sweep with arms: the aggregate's row labels (older runs have neither)."""
     arm = (config.get("cell") or {}).get("arm") or ""
+    if not arm:
+        return {}
+    spec = context.get("sweep_arm_spec", "")
     return {"arm": arm, "sweep_arms": context.get("sweep_arms", ""),
-            "sweep_arm_spec": context.get("sweep_arm_spec", "")} if arm else {}
+            **({"sweep_arm_spec": spec} if spec else {})}
 
 
 def import_sweep_modules(context: dict[str, Any]) -> None:
@@ -515,11 +518,13 @@ def train_cell(config: dict[str, Any], context: dict[str, Any] | None = None) ->
         if device_error is not None:
             raise device_error
         model = build_model(cfg)
-        cfg = with_trial_workers(cfg, device)  # the backbone is still on the CPU here
+        # workers from the trial's CPU share, for fit only: the run's params and its record keep
+        # the submitted value (-1 = auto), so a replay logs the same params
+        fit_cfg = with_trial_workers(cfg, device)  # the backbone is still on the CPU here
         clock.lap("build_model")
         before = cache.stats() if cache is not None else {}
         ckpt = TuneCheckpoint()
-        result = fit(cfg, callbacks=[_progress_callback(name, cfg.dataset)], model=model,
+        result = fit(fit_cfg, callbacks=[_progress_callback(name, cfg.dataset)], model=model,
                      checkpoint=ckpt, progress=False,
                      checkpoint_every=CHECKPOINT_EVERY, cache=cache, device=device)
         # the trial's activations and optimizer state are freed now: give the allocator's
