@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_CELLS = sorted(f"b2n/{d}/16shot/seed1/J7/K{k}"
-                     for d in ("ToyShapes", "ToyPatterns", "ToyCounts") for k in (2, 4))
+                     for d in ("ToyShapesSensor", "ToyShapes", "ToyCounts") for k in (4,))
 
 
 def _demo(runs: Path) -> subprocess.CompletedProcess:
@@ -42,7 +42,7 @@ def demo(tmp_path_factory):
 
 def test_every_smoke_cell_is_a_finished_run_with_weights(demo):
     runs, stdout = demo
-    assert "=== smoke: 6 finished, 0 skipped (already FINISHED), 0 failed ===" in stdout, stdout
+    assert "=== smoke: 3 finished, 0 skipped (already FINISHED), 0 failed ===" in stdout, stdout
     uri = f"sqlite:///{runs / 'mlflow.db'}"
     cells = children(uri, "perl/smoke")
     assert sorted(r.info.run_name for r in cells) == SMOKE_CELLS
@@ -64,9 +64,9 @@ def test_report_holds_the_rebuilt_tables(demo):
     assert "Demo finished" in stdout
     report = runs / "aggregate" / "report.html"
     html = report.read_text()
-    for name in ("ToyShapes", "ToyPatterns", "ToyCounts", "<table", "data:image/png;base64,"):
+    for name in ("ToyShapesSensor", "ToyShapes", "ToyCounts", "<table", "data:image/png;base64,"):
         assert name in html, name
-    assert "found 6 FINISHED, 0 FAILED, 0 missing" in stdout
+    assert "found 3 FINISHED, 0 FAILED, 0 missing" in stdout
     # the world went where the demo said, and nothing outside the runs folder was needed
     assert (runs / "world").is_dir()
 
@@ -75,6 +75,6 @@ def test_second_demo_skips_every_cell(demo):
     runs, _ = demo
     out = _demo(runs)
     assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
-    assert "=== smoke: 0 finished, 6 skipped (already FINISHED), 0 failed ===" in out.stdout
+    assert "=== smoke: 0 finished, 3 skipped (already FINISHED), 0 failed ===" in out.stdout
     uri = f"sqlite:///{runs / 'mlflow.db'}"
-    assert len(children(uri, "perl/smoke")) == 6  # no second run of any cell
+    assert len(children(uri, "perl/smoke")) == 3  # no second run of any cell

@@ -35,7 +35,7 @@ PAPER = {
     "alignment.yaml": (198, {"anchor_weight": {0.0, 0.1, 0.3, 1.0, 3.0, 10.0}}),
     "hpo.yaml": (3, {}),
 }
-TOY = {"smoke.yaml": 6, "toy/base2novel.yaml": 9, "toy/cross_dataset.yaml": 2,
+TOY = {"smoke.yaml": 3, "toy/base2novel.yaml": 12, "toy/cross_dataset.yaml": 2,
        "toy/domain_generalization.yaml": 2, "toy/ablation_steps.yaml": 5,
        "toy/ablation_layer.yaml": 11, "toy/ablation_modality.yaml": 3,
        "toy/ablation_loop.yaml": 9, "toy/sensitivity.yaml": 5, "toy/alignment.yaml": 6,
@@ -295,7 +295,7 @@ def test_project_sweep_found_from_another_folder(tmp_path, monkeypatch, capsys):
         out = capsys.readouterr().out
         assert (f"sweeps/smoke.yaml is not in {tmp_path}; using {repo / 'sweeps' / 'smoke.yaml'}"
                 f" and running from {repo}") in out, out
-        assert "6 cells" in out and os.getcwd() == str(repo), out
+        assert "3 cells" in out and os.getcwd() == str(repo), out
     monkeypatch.chdir(tmp_path)
     assert main(["sweeps/none.yaml", "--dry-run"]) == 2
     assert "sweeps/none.yaml: cannot read the sweep file" in capsys.readouterr().out

@@ -28,6 +28,14 @@ Benchmarks (per class: 20 train / 6 val / 24 test images, 48 x 48 RGB PNG):
 - ToyWorldSketch (test only, source ToyWorld; 42): outlines on paper (ImageNet-Sketch's role).
 - ToyWorldClutter (test only, source ToyWorld; 42): smaller objects, heavy clutter and noise
   (ImageNet-A's role).
+- ToyShapesSensor (base2novel, 20: 10/10; issue 15): ToyShapes' classes, split and checkerboard,
+  seen through a simulated imaging sensor (style "sensor") that perl-tiny's pretraining never
+  rendered: achromatic per-column striping (the detector-to-detector gain/offset non-uniformity of
+  pushbroom satellite sensors, e.g. Landsat / Sentinel-2 striping) and a regular bright reseau
+  grid every 4 px. Both are shared by all classes and achromatic, so every colour keeps its hue
+  and every shape stays readable; only the domain moves. It plays EuroSAT's role: a task whose
+  images come from a sensor far from the web photos CLIP was pretrained on, a shift shared by base
+  and novel classes (its novel classes are ToyShapes' held-out compositions).
 
 Determinism: every image draws from its own `numpy` generator keyed by (seed, dataset, split,
 label, index), so the same seed writes identical images and byte-identical split files whatever
@@ -74,7 +82,7 @@ SHAPES = ("circle", "square", "triangle", "star", "heart", "cross", "moon")
 PLURAL = {s: s + ("es" if s.endswith("s") else "s") for s in SHAPES}  # crosses
 PATTERNS = ("stripes", "dots", "checks", "waves")
 COUNTS = {"two": 2, "three": 3, "four": 4}
-STYLES = ("photo", "sketch", "clutter")
+STYLES = ("photo", "sketch", "clutter", "sensor")
 
 DEFAULT_SIZES = {"train": 20, "val": 6, "test": 24}
 SPLITS = ("train", "val", "test")
@@ -89,7 +97,8 @@ class Scene:
     shape: str | None = None
     pattern: str | None = None
     count: str | None = None  # a COUNTS word
-    style: str = "photo"  # "photo", "sketch" (outline on paper), "clutter" (busy background)
+    style: str = "photo"  # "photo", "sketch" (outline on paper), "clutter" (busy background),
+    # "sensor" (a photo seen through a striped, gridded sensor; never in pretraining)
 
     def words(self) -> dict[str, str]:
         """The attribute words an exact caption of this scene uses (kind -> word)."""
@@ -178,7 +187,16 @@ DATASETS: tuple[ToyDataset, ...] = (
     replace(_WORLD, name="ToyWorldClutter", dataset_dir="toy_world_clutter", style="clutter",
             test_only=True, source="ToyWorld"),
 )
+# issue 15: base-to-novel under a domain shift shared by all classes (listed after the others, so
+# the recipes, images and split files of the existing datasets are unchanged)
+DATASETS += (
+    ToyDataset("ToyShapesSensor", "toy_shapes_sensor", "a photo of a {}.", "object", _COL4,
+               _SHAPES5, style="sensor"),
+)
+# the benchmarks whose novel classes are held out of pretraining (ToyShapesSensor shares
+# ToyShapes' classes and checkerboard, so its novel classes are held out too)
 BASE2NOVEL = ("ToyShapes", "ToyPatterns", "ToyCounts")
+SHIFTED = ("ToyShapesSensor",)  # base2novel benchmarks with a domain shift unseen in pretraining
 _BY_NAME = {d.name: d for d in DATASETS}
 
 
@@ -401,10 +419,24 @@ def render_scene(scene: Scene, rng: np.random.Generator,
             _clutter(img, rng, n_lines=int(rng.integers(1, 3)), n_blobs=0)
 
     img = img.resize((image_size, image_size), Image.Resampling.BOX)
-    sigma = {"photo": (3, 12), "sketch": (2, 5), "clutter": (15, 30)}[style]
+    sigma = {"photo": (3, 12), "sketch": (2, 5), "clutter": (15, 30), "sensor": (3, 12)}[style]
     arr = np.asarray(img, dtype=np.float64) + rng.normal(0, rng.uniform(*sigma),
                                                          (image_size, image_size, 3))
+    if style == "sensor":
+        arr = _sensor(arr, rng)
     return Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), "RGB")
+
+
+def _sensor(arr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The "sensor" style on a rendered photo (float HxWx3): per-column striping and a reseau grid.
+
+    Both are achromatic (the same offset / blend on R, G and B), so hue is kept: a red circle stays
+    red, only brighter or darker in some columns and crossed by light grid lines."""
+    size = arr.shape[0]
+    arr = arr + rng.normal(0, 25, (1, size, 1))  # column offsets (detector non-uniformity)
+    yy, xx = np.mgrid[0:size, 0:size]
+    grid = ((yy % 4 == 0) | (xx % 4 == 0))[..., None]  # fixed 4 px reseau, 50 % light grey
+    return np.where(grid, 0.5 * arr + 0.5 * 235.0, arr)
 
 
 # ------------------------------------------------------------------------------------------------
