@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 import torch
@@ -139,6 +140,11 @@ def test_cached_batches_read_ahead_in_a_thread(tmp_path):
     gen = cached_batches(cache, keys, lambda w: iter(()), lambda i: None, lambda b: {},
                          device="cpu")
     first = next(gen)
+    # the next blob is read while the consumer holds the first, without being asked for (the
+    # read-ahead thread may not have started yet on a loaded machine: wait for it, bounded)
+    deadline = time.monotonic() + 10.0
+    while len(threads) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert len(threads) == 2  # the current blob and the next one
     out = [first, *gen]
     assert all(name.startswith("feature-cache-read") for name in threads)
