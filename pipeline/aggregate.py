@@ -463,6 +463,12 @@ def cell_over_datasets(pool: Pool, keys: list[Key],
     return cell
 
 
+def cell_over(pool: Pool, keys: list[Key], fn: Callable[[SeedRun], float | None]) -> Cell:
+    """One cell key: its mean over seeds; several (one per dataset): their average."""
+    return cell_over_seeds(pool, keys[0], fn) if len(keys) == 1 else \
+        cell_over_datasets(pool, keys, fn)
+
+
 def hm_of_cells(b: Cell, n: Cell) -> Cell:
     """CoOp convention: HM of the (already averaged) Base and Novel cells; no ± of its own."""
     if b.status != "ok" or n.status != "ok":
@@ -730,28 +736,14 @@ def final_step_metric(name: str) -> Callable[[SeedRun], float | None]:
 
 
 def _b2n_cells(pool: Pool, keys: list[Key], with_cos: bool = False) -> dict[str, Cell]:
-    if len(keys) == 1:
-        k = keys[0]
-        cells = {"base": cell_over_seeds(pool, k, metric("base/acc")),
-                 "novel": cell_over_seeds(pool, k, metric("novel/acc")),
-                 "hm": cell_over_seeds(pool, k, seed_hm)}
-        extra = [("base_anchor_cos", "base/anchor_cos"), ("novel_anchor_cos", "novel/anchor_cos")]
-        if with_cos:
-            cells.update({c: cell_over_seeds(pool, k, metric(m)) for c, m in extra})
-            cells.update({f"{ev}_{stem}": cell_over_seeds(pool, k, final_step_metric(f"{ev}/{m}"))
-                          for ev in ("base", "novel") for stem, m, _l in ALIGNMENT_COLUMNS})
-    else:
-        cells = {"base": cell_over_datasets(pool, keys, metric("base/acc")),
-                 "novel": cell_over_datasets(pool, keys, metric("novel/acc")),
-                 "hm": cell_over_datasets(pool, keys, seed_hm)}
-        if with_cos:
-            cells.update({"base_anchor_cos": cell_over_datasets(pool, keys,
-                                                                metric("base/anchor_cos")),
-                          "novel_anchor_cos": cell_over_datasets(pool, keys,
-                                                                 metric("novel/anchor_cos"))})
-            cells.update({f"{ev}_{stem}": cell_over_datasets(pool, keys,
-                                                             final_step_metric(f"{ev}/{m}"))
-                          for ev in ("base", "novel") for stem, m, _l in ALIGNMENT_COLUMNS})
+    cells = {"base": cell_over(pool, keys, metric("base/acc")),
+             "novel": cell_over(pool, keys, metric("novel/acc")),
+             "hm": cell_over(pool, keys, seed_hm)}
+    if with_cos:
+        cells.update({f"{ev}_anchor_cos": cell_over(pool, keys, metric(f"{ev}/anchor_cos"))
+                      for ev in ("base", "novel")})
+        cells.update({f"{ev}_{stem}": cell_over(pool, keys, final_step_metric(f"{ev}/{m}"))
+                      for ev in ("base", "novel") for stem, m, _l in ALIGNMENT_COLUMNS})
     cells["hm_coop"] = hm_of_cells(cells["base"], cells["novel"])
     return cells
 
@@ -789,10 +781,9 @@ def _step0_cells(pool: Pool, keys: list[Key]) -> dict[str, Cell]:
     def hm0(r: SeedRun) -> float | None:
         return hm(metric("base/acc_step0")(r), metric("novel/acc_step0")(r))
 
-    over = ((lambda fn: cell_over_seeds(pool, keys[0], fn)) if len(keys) == 1 else
-            (lambda fn: cell_over_datasets(pool, keys, fn)))
-    return {"base0": over(metric("base/acc_step0")), "novel0": over(metric("novel/acc_step0")),
-            "hm0": over(hm0)}
+    return {"base0": cell_over(pool, keys, metric("base/acc_step0")),
+            "novel0": cell_over(pool, keys, metric("novel/acc_step0")),
+            "hm0": cell_over(pool, keys, hm0)}
 
 
 def table_base2novel(pool: Pool, view: SweepView) -> Table:
@@ -1364,8 +1355,7 @@ def _dynamics_cell(pool: Pool, view: SweepView, keys: list[Key], col: DynColumn,
             return statistics.fmean(vals) if vals else None
     else:
         fn = metric(f"{col.evalset}/{name}")
-    return (cell_over_datasets(pool, keys, fn) if len(keys) > 1 else
-            cell_over_seeds(pool, keys[0], fn)), ""
+    return cell_over(pool, keys, fn), ""
 
 
 def tables_dynamics(pool: Pool, view: SweepView) -> list[Table]:
