@@ -122,13 +122,13 @@ def _sqlite_path(uri: str) -> Path | None:
 
 
 def make_client(tracking_uri: str, *, must_exist: bool = True):
-    from mlflow import MlflowClient
+    from pipeline.tracking import mlflow_client
 
     db = _sqlite_path(tracking_uri)
     if must_exist and db is not None and str(db) not in ("", ":memory:") and not db.exists():
         raise SystemExit(f"no MLflow store at {tracking_uri} (run a sweep first, or pass "
                          "--tracking-uri)")
-    return MlflowClient(tracking_uri=tracking_uri)
+    return mlflow_client(tracking_uri)
 
 
 def search_all_runs(client, experiment_ids: list[str], filter_string: str = "") -> list:

@@ -389,17 +389,34 @@ def read_bytes(url: str) -> bytes:
 # --- MLflow --------------------------------------------------------------------------------------
 
 
+def mlflow_client(tracking_uri: str) -> Any:
+    """An MlflowClient, opened under an inter-process lock where the store is a SQLite file: the
+    first MlflowClient on a new file creates and migrates its tables; two processes doing that at
+    once (the driver starting and a `pipeline.status` beside it, or two drivers) collide in alembic
+    ("table _alembic_tmp_... already exists") and one of them dies. SQLite is one host's file, so
+    a lock file beside it serialises the opening; servers (http) and other databases migrate on
+    their own and need none."""
+    from mlflow import MlflowClient
+
+    if not tracking_uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=tracking_uri)
+    from filelock import FileLock
+
+    db = Path(tracking_uri[len("sqlite:///"):].split("?", 1)[0])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db) + ".lock", timeout=300):
+        return MlflowClient(tracking_uri=tracking_uri)
+
+
 class Tracker:
     """A thin MlflowClient wrapper with the sweep's conventions."""
 
     def __init__(self, tracking_uri: str):
-        from mlflow import MlflowClient
-
         if tracking_uri.startswith(("http://", "https://")):
             for k, v in HTTP_DEFAULTS.items():
                 os.environ.setdefault(k, v)
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.client = mlflow_client(tracking_uri)
 
     def check(self) -> None:
         """Raise TrackingUnavailable (naming the redacted URI) when the store does not answer."""
