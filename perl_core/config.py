@@ -10,8 +10,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, fields
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from dataclasses import fields
+from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
+
+from pydantic import (ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo,
+                      field_validator)
+from pydantic.dataclasses import dataclass
 
 # Bump when the meaning of a field changes, so that old runs stop matching new cells.
 SCHEMA_VERSION = 1
@@ -30,55 +34,72 @@ Precision = Literal["fp32", "bf16"]
 TextPlacement = Literal["after_bos", "front"]
 
 
-@dataclass(frozen=True)
+# The one set of rules for every value of every source (sweep YAML, single-run CLI and config files,
+# trial records, MLflow params): strict types (no bool for an int, no list for a scalar), finite
+# numbers only, and ranges whose upper ends refuse the absurd (a typo such as `num_steps: 1000` or
+# `rank: 1e9`), not the unusual. Strings from params and the CLI are decoded first (`_decode`).
+_RULES = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+_LAYER = Field(ge=0, le=255)  # a transformer depth; each arch's own depth is checked per cell
+
+
+@dataclass(frozen=True, config=_RULES)
 class TrainConfig:
     # --- data ------------------------------------------------------------------------------
     dataset: str = ""  # registry name, e.g. "Caltech101" (case-insensitive, CoOp names accepted)
     protocol: Protocol = "base2novel"
     # cross_dataset / domain_generalization: datasets evaluated with the trained projectors
     eval_datasets: tuple[str, ...] = ()
-    shots: int = 16
-    seed: int = 1
+    shots: Annotated[int, Field(gt=0, le=1024)] = 16
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 1  # numpy's seed range
     template: Template = "generic"
     # where the few-shot picks come from: our seeded sampler, or CoOp's split_fewshot/*.pkl files
     fewshot_source: FewshotSource = "sample"
-    aug_scale_min: float = 0.08  # RandomResizedCrop lower scale (Dassl default 0.08)
+    # RandomResizedCrop lower scale (Dassl default 0.08)
+    aug_scale_min: Annotated[float, Field(gt=0, le=1)] = 0.08
     # --- model -----------------------------------------------------------------------------
-    arch: str = "ViT-B-16-quickgelu"
+    arch: Annotated[str, Field(min_length=1)] = "ViT-B-16-quickgelu"
     pretrained: str = "openai"  # open_clip tag, local checkpoint path, "" for random init
-    inject_layer: int = 7
-    text_inject_layer: int = -1  # -1: same as inject_layer (paper: J=7 for both encoders)
-    num_steps: int = 4
-    rank: int = 1
+    inject_layer: Annotated[int, _LAYER] = 7
+    # -1: same as inject_layer (paper: J=7 for both encoders)
+    text_inject_layer: Annotated[int, Field(ge=-1, le=255)] = -1
+    num_steps: Annotated[int, Field(ge=0, le=64)] = 4  # the paper sweeps K = 1..5
+    rank: Annotated[int, Field(ge=1, le=1024)] = 1  # at most a ViT-L width
     modality: Modality = "both"
     variant: Variant = "shared"
     # multi-depth variants (deep/layer/layerstep); empty = the variant's default depths
-    inject_layers: tuple[int, ...] = ()
+    inject_layers: tuple[Annotated[int, _LAYER], ...] = ()
     text_placement: TextPlacement = "after_bos"
     variant_projectors: VariantProjectors = "shared_plus_specific"
     projector_init: ProjectorInit = "default"
     # --- objective and optimiser -------------------------------------------------------------
-    anchor_weight: float = 1.0
-    lr: float = 1e-4
-    weight_decay: float = 0.0  # [INF] paper silent; 0 keeps a 6K-param adapter unregularised
-    batch_size: int = 4
-    epochs: int = 1
+    anchor_weight: Annotated[float, Field(ge=0, le=1000)] = 1.0
+    lr: Annotated[float, Field(gt=0, le=10)] = 1e-4
+    # [INF] paper silent; 0 keeps a 6K-param adapter unregularised
+    weight_decay: Annotated[float, Field(ge=0, le=10)] = 0.0
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = 4
+    epochs: Annotated[int, Field(ge=0, le=10000)] = 1
     precision: Precision = "fp32"
     # --- execution (not part of the config hash: they do not change the result) ------------
     data_root: str = ""
-    device: str = "auto"
-    eval_batch_size: int = 128
+    device: Annotated[str, Field(min_length=1)] = "auto"
+    eval_batch_size: Annotated[int, Field(ge=1, le=65536)] = 128
     # DataLoader workers; -1 (auto): 0 on the CPU, else the trial's CPU share
     # (`perl_core.evaluate.resolve_num_workers`; the pipeline passes resources.cpu)
-    num_workers: int = -1
+    num_workers: Annotated[int, Field(ge=-1, le=512)] = -1
     # seeded test images per evaluation set for the per-step Jacobian norm (0: not measured);
     # a diagnostic of the evaluation, not of the training, so it is left out of the hash;
     # 16: one image's Jacobian (K=4) costs ~9-25 evaluated images, so 16 stay under 10 % of a
     # typical B2N half test set (~1,900 images; docs/method.md)
-    jacobian_samples: int = 16
+    jacobian_samples: Annotated[int, Field(ge=0, le=100_000)] = 16
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _decode(cls, value: Any, info: ValidationInfo) -> Any:
+        return _decode(info.field_name, value)
 
     def replace(self, **changes: Any) -> "TrainConfig":
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`, validated like any other source (ConfigError)."""
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
 
     @property
     def effective_text_inject_layer(self) -> int:
@@ -93,13 +114,15 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        """Build from a mapping (YAML, JSON, MLflow params as strings); unknown keys are errors."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig key(s) {unknown}; allowed: {sorted(known)}")
-        hints = get_type_hints(cls)
-        return cls(**{k: _coerce(k, v, hints[k]) for k, v in d.items()})
+        """Build from a mapping (YAML, JSON, MLflow params as strings); every problem of every
+        key (unknown keys included) is in the one ConfigError."""
+        problems = [(k, _unknown_field(k)) for k in d if k not in _FIELD_INFO]
+        if problems:
+            raise ConfigError(problems)
+        try:
+            return cls(**d)
+        except ValidationError as e:
+            raise ConfigError([(_field_of(err), _message(err)) for err in e.errors()]) from None
 
     @classmethod
     def from_record(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -159,27 +182,113 @@ def literal_choices(name: str) -> tuple[str, ...] | None:
     return tuple(get_args(hint)) if get_origin(hint) is Literal else None
 
 
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    origin = get_origin(hint)
-    if origin is Literal:
-        if value not in get_args(hint):
-            raise ValueError(f"{name}={value!r} is not one of {list(get_args(hint))}")
+class ConfigError(ValueError):
+    """Invalid TrainConfig values; `problems` are (field, message) pairs, all of them at once.
+    Callers that know where a value came from (a sweep file's line, a CLI flag) prefix that."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{k}: {m}" for k, m in problems))
+
+
+_FIELD_INFO = TrainConfig.__pydantic_fields__
+_KIND = {name: get_type_hints(TrainConfig)[name] for name in _FIELD_INFO}
+_WHAT = {int: "an integer", float: "a number", str: "a string"}
+
+
+def _decode(name: str, value: Any) -> Any:
+    """Text (MLflow params, CLI flags, YAML 1.1's `1e-4`) and numpy scalars (Optuna samples) ->
+    the field's Python type, where the text is unambiguous; anything else is left for the strict
+    check to refuse (a bool stays a bool, so `shots: true` is an error, not 1)."""
+    kind = _KIND.get(name)
+    if hasattr(value, "item") and not isinstance(value, (str, bytes, list, tuple)):
+        value = value.item()  # numpy scalar
+    if get_origin(kind) is tuple:
+        if isinstance(value, str):  # a param's JSON list, or a CLI comma list
+            text = value.strip()
+            value = json.loads(text) if text.startswith("[") else [
+                v.strip() for v in text.split(",") if v.strip()]
+        return tuple(_decode_scalar(get_args(kind)[0], v) for v in value) \
+            if isinstance(value, list) else value
+    return _decode_scalar(kind, value)
+
+
+def _decode_scalar(kind: Any, value: Any) -> Any:
+    if isinstance(value, bool):
         return value
-    if origin is tuple:
-        if isinstance(value, str):
-            value = json.loads(value) if value.strip().startswith("[") else [
-                v for v in value.split(",") if v.strip()]
-        (item_t, _ellipsis) = get_args(hint)
-        return tuple(_coerce(name, v, item_t) for v in value)
+    if kind is int and isinstance(value, (str, float)):
+        try:
+            f = float(value)
+        except ValueError:
+            return value
+        return int(f) if f.is_integer() else value
+    if kind is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if kind is str and isinstance(value, (int, float)):
+        return str(value)
+    return value
+
+
+def validate_field(name: str, value: Any) -> Any:
+    """One value of one field, checked by the field's own rules -> its decoded value; ConfigError
+    (one problem) otherwise. Sweep checks use it to name the exact key or grid entry at fault."""
+    if name not in _FIELD_INFO:
+        raise ConfigError([(name, _unknown_field(name))])
     try:
-        if hint is bool and isinstance(value, str):
-            return value.lower() in ("1", "true", "yes")
-        if hint is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        return hint(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}={value!r} is not a valid {hint.__name__}") from None
+        return _ADAPTERS[name].validate_python(_decode(name, value))
+    except ValidationError as e:
+        err = e.errors()[0]  # an adapter's loc lacks the field name: add it (tuple items)
+        raise ConfigError([(name, _message({**err, "loc": (name, *err["loc"])}))]) from None
 
 
-__all__ = ["TrainConfig", "SCHEMA_VERSION", "FIELD_NAMES", "EXECUTION_FIELDS", "LEGACY_VALUES",
+def field_rule(name: str) -> str:
+    """The allowed range of a numeric field as text ("> 0 and <= 1024"), '' if none."""
+    ops = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    return " and ".join(f"{op} {getattr(m, attr):g}" for m in _FIELD_INFO[name].metadata
+                        for attr, op in ops.items() if getattr(m, attr, None) is not None)
+
+
+def _unknown_field(name: str) -> str:
+    return f"unknown TrainConfig field {name!r}; allowed: {', '.join(FIELD_NAMES)}"
+
+
+def _field_of(err: dict) -> str:
+    return str(err["loc"][0]) if err["loc"] else ""
+
+
+def _message(err: dict, name: str | None = None) -> str:
+    """A pydantic error as our message: what is allowed, and the value given."""
+    name = name or _field_of(err)
+    value, kind = err.get("input"), err["type"]
+    if kind == "literal_error":
+        return f"{value!r} is not one of {list(literal_choices(name) or ())}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        if len(err["loc"]) > 1:  # an item of a tuple field: its own bound
+            ops = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+            rule = " and ".join(f"{ops[k]} {v:g}" for k, v in err.get("ctx", {}).items())
+            return f"{name}[{err['loc'][1]}]={value!r} must be {rule}"
+        return f"{name}={value!r} must be {field_rule(name)}"
+    if kind == "finite_number":
+        return f"{name}={value!r} must be a finite number"
+    if kind == "string_too_short":
+        return f"{name} must not be empty"
+    if kind == "unexpected_keyword_argument":
+        return _unknown_field(name)
+    base = _KIND.get(name)
+    plural = {int: "integers", float: "numbers", str: "strings"}
+    what = (f"a list of {plural.get(get_args(base)[0], 'values')}" if get_origin(base) is tuple
+            else _WHAT.get(base, err["msg"].lower()))
+    return f"expected {what} (got {value!r})"
+
+
+_ADAPTERS = {name: TypeAdapter(Annotated[(info.annotation, *info.metadata)] if info.metadata
+                               else info.annotation, config=_RULES)
+             for name, info in _FIELD_INFO.items()}
+
+
+__all__ = ["TrainConfig", "ConfigError", "validate_field", "field_rule", "SCHEMA_VERSION",
+           "FIELD_NAMES", "EXECUTION_FIELDS", "LEGACY_VALUES",
            "SPECIFIC_VARIANTS", "CANONICAL_FIELDS", "canonical_values", "literal_choices"]

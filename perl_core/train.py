@@ -68,8 +68,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from perl_core.checkpoint import Checkpoint, DirCheckpoint
-from perl_core.config import FIELD_NAMES, TrainConfig, literal_choices
-from perl_core.evaluate import (AUTO_WORKERS, autocast, class_text_tokens, evaluate,
+from perl_core.config import FIELD_NAMES, ConfigError, TrainConfig, literal_choices
+from perl_core.configfile import ConfigFileError, read_yaml
+from perl_core.evaluate import (autocast, class_text_tokens, evaluate,
                                 resolve_num_workers)
 from perl_core.factory import (build_perl_from_config, cast_frozen_matmul_weights,
                                check_precision, create_clip, frozen_matmul_dtype, resolve_device,
@@ -368,14 +369,9 @@ def _want_progress(progress: bool | None) -> bool:
 
 
 def _validate(cfg: TrainConfig, checkpoint_every: int) -> None:
-    for name, value, ok in (("batch_size", cfg.batch_size, cfg.batch_size >= 1),
-                            ("epochs", cfg.epochs, cfg.epochs >= 0),
-                            ("eval_batch_size", cfg.eval_batch_size, cfg.eval_batch_size >= 1),
-                            ("lr", cfg.lr, cfg.lr >= 0), ("num_workers", cfg.num_workers,
-                                                          cfg.num_workers >= AUTO_WORKERS),
-                            ("checkpoint_every", checkpoint_every, checkpoint_every >= 0)):
-        if not ok:
-            raise ValueError(f"{name}={value!r} is out of range")
+    # the config's own values were checked when it was made (TrainConfig's rules)
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every={checkpoint_every!r} must be >= 0")
 
 
 def _epoch_means(records: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -809,17 +805,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """--config's fields, then the flags over them, through TrainConfig's one set of rules; a
+    ValueError names each bad value's origin: `file: line N, key` or `--flag`."""
     values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
     if args.config:
-        text = Path(args.config).read_text()
-        if args.config.endswith((".yaml", ".yml")):
-            import yaml
-
-            values.update(yaml.safe_load(text) or {})
-        else:
-            values.update(json.loads(text))
-    values.update({k: getattr(args, k) for k in FIELD_NAMES if hasattr(args, k)})
-    return TrainConfig.from_dict(values)
+        try:
+            text = Path(args.config).read_text()
+        except OSError as e:
+            raise ConfigFileError(args.config, [("", f"cannot read it: {e.strerror or e}")]) \
+                from None
+        raw, lines = read_yaml(text, args.config)
+        if not isinstance(raw, (dict, type(None))):
+            raise ConfigFileError(args.config, [("line 1", "expected a mapping of TrainConfig "
+                                                           "fields (dataset: ..., lr: ...)")])
+        values.update(raw or {})
+        origin.update({k: f"{args.config}: line {lines[(k,)]}, {k}" for k in raw or {}})
+    flags = {k: getattr(args, k) for k in FIELD_NAMES if hasattr(args, k)}
+    values.update(flags)
+    origin.update({k: f"--{k.replace('_', '-')}" for k in flags})
+    try:
+        return TrainConfig.from_dict(values)
+    except ConfigError as e:
+        raise ValueError("\n".join(f"{origin.get(k, k)}: {m}" for k, m in e.problems)) from None
 
 
 def format_metrics(result: TrainResult) -> list[Any]:

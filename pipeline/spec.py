@@ -50,14 +50,15 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Iterable, Literal, get_type_hints
 
-import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from pipeline.env import REPO
-from perl_core.config import EXECUTION_FIELDS, FIELD_NAMES, TrainConfig, literal_choices
+from perl_core.config import (EXECUTION_FIELDS, FIELD_NAMES, ConfigError, TrainConfig,
+                              validate_field)
+from perl_core.configfile import ConfigFileError, Locator, format_path, read_yaml
 from perl_core.data.registry import import_modules
 
 # Keys whose string values get ${VAR} substitution (and path absolutisation).
@@ -74,21 +75,26 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
-class SpecError(ValueError):
+class SpecError(ConfigFileError):
     """A sweep file is invalid; `problems` are (location, message) pairs, all of them at once."""
 
-    def __init__(self, source: str, problems: list[tuple[str, str]]):
-        self.source, self.problems = source, problems
-        lines = [f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}" for loc, msg in problems]
-        head = f"invalid sweep file ({len(problems)} problems):\n  " if len(problems) > 1 else ""
-        super().__init__(head + "\n  ".join(lines))
+    what = "sweep file"
 
 
 # --- the schema ---------------------------------------------------------------------------------
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # finite numbers only: `high: .inf` or `max_gb: .inf` are typos, never settings
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads `true` as 1; a bool is only ever meant for a bool key
+        if isinstance(v, bool) and cls.model_fields[info.field_name].annotation is not bool:
+            raise ValueError(f"expected a number, not {str(v).lower()}")
+        return v
 
 
 class SearchParam(_Strict):
@@ -135,9 +141,9 @@ class SearchSpec(_Strict):
     space: dict[str, SearchParam]
     metric: str
     mode: Literal["max", "min"] = "max"
-    num_samples: int = Field(16, gt=0)
+    num_samples: int = Field(16, gt=0, le=100_000)
     seed: int = 0
-    max_concurrent: int | None = Field(None, gt=0)
+    max_concurrent: int | None = Field(None, gt=0, le=100_000)
 
     @field_validator("space")
     @classmethod
@@ -158,8 +164,17 @@ class SearchSpec(_Strict):
 
 
 class Resources(_Strict):
-    cpu: float = Field(1.0, gt=0)
-    gpu: float = Field(0.0, ge=0)  # fractional: 0.25 packs four trials on one GPU
+    cpu: float = Field(1.0, gt=0, le=1024)
+    gpu: float = Field(0.0, ge=0, le=64)  # fractional: 0.25 packs four trials on one GPU
+
+    @field_validator("gpu")
+    @classmethod
+    def _packable(cls, v: float) -> float:
+        # Ray packs fractions of one GPU; 2.5 GPUs cannot be placed on any node
+        if v > 1 and not float(v).is_integer():
+            raise ValueError(f"gpu={v:g}: a fraction must be at most 1 (0.25 packs four trials "
+                             f"on one GPU), above 1 give a whole number of GPUs")
+        return v
 
 
 class CacheSpec(_Strict):
@@ -173,7 +188,7 @@ class CacheSpec(_Strict):
     # None: node-local `<tempdir>/perl-feature-cache`, resolved on each node (fast, not shared
     # between nodes); a shared path or s3://bucket/prefix shares it across nodes.
     url: str | None = None
-    max_gb: float = Field(20.0, gt=0)
+    max_gb: float = Field(20.0, gt=0, le=1_000_000)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
     @field_validator("url")
@@ -206,7 +221,7 @@ class SweepSpec(_Strict):
     resources: Resources = Resources()
     storage: str = "runs"
     tracking_uri: str | None = None
-    max_failures: int = Field(0, ge=-1)  # -1: retry forever (Tune's convention)
+    max_failures: int = Field(0, ge=-1, le=1000)  # -1: retry forever (Tune's convention)
     cache: CacheSpec = CacheSpec()
     # modules imported before the cells are checked, and by every trial (dataset registrations)
     imports: list[str] = Field(default_factory=list)
@@ -326,7 +341,7 @@ def parse_spec(text: str, *, source: str = "<string>", env: dict[str, str] | Non
         raise SpecError(source, [("line 1", "the sweep file must be a mapping (name:, "
                                             "experiment:, fixed:, grid:, ...)")])
     raw = _substitute(raw, env, cwd, problems)
-    where = _Locator(lines)
+    where = Locator(lines)
     if problems:
         raise SpecError(source, [(where(p), m) for p, m in problems])
     try:
@@ -359,63 +374,10 @@ def _import_problems(names: list[str]) -> list[tuple[tuple, str]]:
 
 
 def _read_yaml(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
-    """Parse YAML and map each key path to its line (for messages); duplicate keys are errors."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        msg = f"YAML syntax error: {e.problem or e}" + (f" ({e.context})" if e.context else "")
-        raise SpecError(source, [(where, msg)]) from None
-    except yaml.YAMLError as e:
-        raise SpecError(source, [("", f"YAML error: {e}")]) from None
-    lines: dict[tuple, int] = {}
-    problems: list[tuple[tuple, str]] = []
-
-    def walk(n: Any, path: tuple) -> None:
-        if isinstance(n, yaml.MappingNode):
-            seen: set = set()
-            for k, v in n.value:
-                key = k.value
-                lines.setdefault(path + (key,), k.start_mark.line + 1)
-                if key in seen:
-                    problems.append((path + (key,), f"duplicate key {key!r} (line "
-                                                     f"{k.start_mark.line + 1})"))
-                seen.add(key)
-                walk(v, path + (key,))
-        elif isinstance(n, yaml.SequenceNode):
-            for i, v in enumerate(n.value):
-                lines[path + (i,)] = v.start_mark.line + 1
-                walk(v, path + (i,))
-
-    if node is not None:
-        walk(node, ())
-    if problems:
-        where = _Locator(lines)
-        raise SpecError(source, [(where(p), m) for p, m in problems])
-    return raw, lines
-
-
-class _Locator:
-    """Key path -> 'line N, a.b[2]' using the nearest known line of the path or a parent."""
-
-    def __init__(self, lines: dict[tuple, int]):
-        self.lines = lines
-
-    def __call__(self, path: tuple) -> str:
-        dotted = format_path(path)
-        for n in range(len(path), 0, -1):
-            if path[:n] in self.lines:
-                return f"line {self.lines[path[:n]]}, {dotted}"
-        return dotted
-
-
-def format_path(path: Iterable) -> str:
-    out = ""
-    for p in path:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out
+        return read_yaml(text, source)
+    except ConfigFileError as e:
+        raise SpecError(e.source, e.problems) from None
 
 
 def _substitute(raw: dict, env: dict[str, str], cwd: Path, problems: list) -> dict:
@@ -523,49 +485,15 @@ def _pydantic_message(err: dict) -> str:
 
 
 def coerce_field(name: str, value: Any) -> Any:
-    """One YAML value -> the TrainConfig field's type; ValueError says what is allowed."""
+    """One YAML value -> the TrainConfig field's value, by the field's own rules
+    (`perl_core.config.validate_field`); KeyError for an unknown field, ValueError (the
+    message says what is allowed) for a bad value."""
     if name not in FIELD_NAMES:
         raise KeyError(name)
-    hint = _HINTS[name]
-    origin = get_origin(hint)
-    choices = literal_choices(name)
-    if choices is not None:
-        if value not in choices:
-            raise ValueError(f"{value!r} is not one of {list(choices)}")
-        return value
-    if origin is tuple:
-        item_t = get_args(hint)[0]
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"expected a list of {item_t.__name__} (got {value!r})")
-        return tuple(coerce_field_scalar(name, v, item_t) for v in value)
-    return coerce_field_scalar(name, value, hint)
-
-
-def coerce_field_scalar(name: str, value: Any, hint: type) -> Any:
-    # YAML writes 1e-4 as a *string* (YAML 1.1 floats need a dot), so numeric strings are parsed;
-    # booleans, lists and mappings are never silently turned into numbers or strings.
-    what = {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
-        hint, hint.__name__)
-    if isinstance(value, (list, dict)) or (isinstance(value, bool) and hint is not bool) or \
-            value is None:
-        raise ValueError(f"expected {what} (got {value!r})")
-    if hint is str:
-        if not isinstance(value, (str, int, float)):
-            raise ValueError(f"expected {what} (got {value!r})")
-        return str(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"expected {what} (got {value!r})")
-        return value
     try:
-        if hint is int:
-            f = float(value)
-            if not f.is_integer():
-                raise ValueError
-            return int(f)
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"expected {what} (got {value!r})") from None
+        return validate_field(name, value)
+    except ConfigError as e:
+        raise ValueError(e.problems[0][1]) from None
 
 
 def _check_fields(spec: SweepSpec) -> list[tuple[tuple, str]]:
@@ -577,7 +505,8 @@ def _check_fields(spec: SweepSpec) -> list[tuple[tuple, str]]:
         try:
             return coerce_field(name, value)
         except ValueError as e:
-            problems.append((path, f"{name}: {e}"))
+            msg = str(e)  # range messages already read "name=value must be ..."
+            problems.append((path, msg if msg.startswith(f"{name}") else f"{name}: {msg}"))
 
     def check_block(prefix: tuple, fixed: dict, grid: dict) -> None:
         # the same rules for the sweep's fixed/grid and for each arm's (prefix ("arms", i))
@@ -642,8 +571,11 @@ def _check_fields(spec: SweepSpec) -> list[tuple[tuple, str]]:
             elif param.type == "int" and hint is not int:
                 problems.append((path, f"type 'int' needs an integer field; {name} is "
                                        f"{getattr(hint, '__name__', hint)}"))
-            for i, v in enumerate(param.bounds() if param.type == "choice" else []):
-                check(path + ("values", i), name, v)
+            # every choice, and both ends of a range, must be a valid value of the field
+            where = ([("values", i) for i in range(len(param.values or ()))]
+                     if param.type == "choice" else [("low",), ("high",)])
+            for key, v in zip(where, param.bounds()):
+                check(path + key, name, v)
     return problems
 
 
@@ -704,18 +636,6 @@ def check_config(cfg: TrainConfig, gpu: float | None = None) -> list[tuple[str, 
     if cfg.protocol not in TARGET_PROTOCOLS and cfg.eval_datasets:
         out.append(("eval_datasets", f"eval_datasets is only used by protocols "
                                      f"{list(TARGET_PROTOCOLS)}; protocol is {cfg.protocol!r}"))
-    for name, ok, rule in (
-            ("shots", cfg.shots > 0, "> 0"), ("num_steps", cfg.num_steps >= 0, ">= 0"),
-            ("rank", cfg.rank >= 1, ">= 1"), ("batch_size", cfg.batch_size >= 1, ">= 1"),
-            ("epochs", cfg.epochs >= 0, ">= 0"), ("lr", cfg.lr > 0, "> 0"),
-            ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
-            ("anchor_weight", cfg.anchor_weight >= 0, ">= 0"),
-            ("aug_scale_min", 0 < cfg.aug_scale_min <= 1, "in (0, 1]"),
-            ("eval_batch_size", cfg.eval_batch_size >= 1, ">= 1"),
-            ("num_workers", cfg.num_workers >= -1, ">= 0, or -1 (auto: from resources.cpu)"),
-            ("text_inject_layer", cfg.text_inject_layer >= -1, ">= -1 (-1: same as inject_layer)")):
-        if not ok:
-            out.append((name, f"{name}={getattr(cfg, name)!r} must be {rule}"))
     if cfg.pretrained == "embedded" and cfg.arch != "perl-tiny":
         out.append(("pretrained", f"pretrained 'embedded' is the perl-tiny checkpoint; set arch "
                                   f"'perl-tiny' (got {cfg.arch!r})"))

@@ -35,6 +35,7 @@ fixed:
   shots: 2
 {seed_fixed}  device: cpu
   eval_batch_size: 64
+  jacobian_samples: 0  # the Jacobian has its own tests; trials here test the pipeline
 {lr_line}{fixed}grid:
   dataset: [ToyShapes, ToyCounts]
   num_steps: [{', '.join(map(str, steps))}]

@@ -1,0 +1,87 @@
+"""One set of rules for every TrainConfig value (issue 16 part 3): the sweep YAML, the single-run
+CLI and its --config file, trial records and MLflow params all go through `TrainConfig`'s typed
+model; non-finite numbers, absurd ranges, bools for ints and lists for scalars are refused, and
+every message names where the value came from."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from perl_core.config import ConfigError, TrainConfig, validate_field
+from pipeline.tracking import config_params
+from tests.test_spec import BASE, assert_spec_error
+
+SEARCH = BASE + "search:\n  space:\n    lr: {type: loguniform, low: 1.0e-5, high: %s}\n" \
+                "  metric: val/acc\n"
+# (case, YAML, fragments of the message: file and line are checked by assert_spec_error's path)
+SWEEP_CASES = [
+    ("lr_inf", BASE + "  lr: .inf\n", ["line 7, fixed.lr", "finite"]),
+    ("anchor_inf", BASE + "  anchor_weight: .inf\n", ["line 7, fixed.anchor_weight", "finite"]),
+    ("lr_zero", BASE + "  lr: 0\n", ["fixed.lr", "lr=0 must be > 0"]),
+    ("num_steps_absurd", BASE + "  num_steps: 1000\n", ["line 7, fixed.num_steps", "<= 64"]),
+    ("rank_absurd", BASE + "  rank: 1e9\n", ["fixed.rank", "<= 1024"]),
+    ("shots_bool", BASE + "  shots: true\n", ["fixed.shots", "expected an integer (got True)"]),
+    ("list_for_scalar", BASE + "  lr: [0.1]\n", ["fixed.lr", "expected a number"]),
+    ("grid_item_range", BASE + "grid:\n  num_steps: [1, 999]\n", ["line 8, grid.num_steps[1]: num_steps=999 must be"]),
+    ("layers_item", BASE + "  variant: deep\n  inject_layers: [3, -1]\n",
+     ["fixed.inject_layers", "inject_layers[1]=-1 must be >= 0"]),
+    ("cache_inf", BASE + "cache: {max_gb: .inf}\n", ["line 7, cache.max_gb", "finite"]),
+    ("search_high_inf", SEARCH % ".inf", ["search.space.lr.high", "finite"]),
+    ("search_high_field_rule", SEARCH % "100", ["search.space.lr.high", "lr=100"]),
+    ("gpu_fraction", BASE + "resources: {gpu: 2.5}\n", ["resources.gpu", "at most 1"]),
+    ("gpu_bool", BASE + "resources: {gpu: true}\n", ["resources.gpu", "expected a number"]),
+    ("max_failures_bool", BASE + "max_failures: true\n", ["max_failures", "not true"]),
+]
+
+
+@pytest.mark.parametrize("case,text,fragments", SWEEP_CASES, ids=[c[0] for c in SWEEP_CASES])
+def test_sweep_values_follow_the_config_rules(case, text, fragments, tmp_path):
+    path = tmp_path / f"{case}.yaml"
+    path.write_text(text)
+    assert_spec_error(path, fragments)
+
+
+def test_whole_gpus_and_fractions_up_to_one_pass(tmp_path):
+    from pipeline.spec import load_spec
+
+    for gpu in ("0.25", "1", "2"):
+        (tmp_path / "g.yaml").write_text(BASE + f"resources: {{gpu: {gpu}}}\n")
+        assert load_spec(tmp_path / "g.yaml").resources.gpu == float(gpu)
+
+
+def test_cli_and_its_config_file_name_the_origin(tmp_path):
+    from perl_core.train import build_parser, config_from_args
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("dataset: ToyShapes\nshots: true\nlr: [0.1]\n")
+    args = build_parser().parse_args(["--config", str(cfg_file), "--num-steps", "1000",
+                                      "--lr", "0"])
+    with pytest.raises(ValueError) as e:
+        config_from_args(args)
+    msg = str(e.value)
+    # the file's shots (line 2) stays; its lr is overridden by the flag, which is named
+    assert f"{cfg_file}: line 2, shots: expected an integer (got True)" in msg, msg
+    assert "--num-steps: num_steps=1000 must be >= 0 and <= 64" in msg, msg
+    assert "--lr: lr=0.0 must be > 0" in msg, msg
+    ok = build_parser().parse_args(["--dataset", "ToyShapes", "--lr", "1e-3", "--shots", "4"])
+    assert config_from_args(ok) == TrainConfig(dataset="ToyShapes", lr=1e-3, shots=4)
+
+
+def test_records_and_params_round_trip_and_are_checked():
+    cfg = TrainConfig(dataset="ToyShapes", eval_datasets=("A", "B"), lr=3e-4, inject_layers=(),
+                      protocol="cross_dataset")
+    params = config_params(cfg)  # MLflow's strings
+    back = TrainConfig.from_record(params)
+    assert back == cfg and back.config_hash() == cfg.config_hash()
+    with pytest.raises(ConfigError, match=r"shots: expected an integer \(got 'True'\)"):
+        TrainConfig.from_record({**params, "shots": "True"})
+    with pytest.raises(ConfigError, match="lr=nan must be a finite number"):
+        TrainConfig.from_record({**params, "lr": "nan"})
+    # numpy scalars (Optuna's samples) are plain numbers
+    assert TrainConfig(lr=np.float64(0.01), shots=np.int64(4)) == TrainConfig(lr=0.01, shots=4)
+    with pytest.raises(ConfigError, match="rank=0 must be >= 1"):
+        cfg.replace(rank=0)  # replace is checked too
+    assert validate_field("eval_datasets", "A,B") == ("A", "B")
+    with pytest.raises(ConfigError, match="unknown TrainConfig field 'nope'"):
+        TrainConfig.from_dict({"nope": 1, "shots": 2})
