@@ -52,6 +52,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Literal, get_type_hints
 
+import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
@@ -226,6 +227,8 @@ class SweepSpec(_Strict):
     # modules imported before the cells are checked, and by every trial (dataset registrations)
     imports: list[str] = Field(default_factory=list)
     _source: str = PrivateAttr("")  # the YAML file it was read from (not a YAML key)
+    # the sweep after `base:` and `--set`, before ${VAR} substitution (the parent run's artifact)
+    _resolved: str = PrivateAttr("")
 
     @field_validator("imports")
     @classmethod
@@ -246,6 +249,11 @@ class SweepSpec(_Strict):
     @property
     def source(self) -> str:
         return self._source
+
+    @property
+    def resolved_yaml(self) -> str:
+        """The sweep as run: its `base:` files merged in and the `--set` overrides applied."""
+        return self._resolved
 
     def base_config(self) -> TrainConfig:
         """The fixed settings over TrainConfig's defaults (the search phase's starting point)."""
@@ -320,26 +328,26 @@ def locate_sweep(sweep: str, tell: Any = print) -> str:
 
 
 def load_spec(path: str | os.PathLike, *, env: dict[str, str] | None = None,
-              cwd: str | os.PathLike | None = None) -> SweepSpec:
-    """Read, substitute, validate and fully check a sweep file (every cell is checked too)."""
+              cwd: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> SweepSpec:
+    """Read, include, override, substitute, validate and fully check a sweep file (every cell is
+    checked too). `overrides` are `--set key=value` strings (`fixed.lr=1e-3`, `grid.seed=[1,2]`)."""
     path = Path(path)
     source = str(path)
     try:
         text = path.read_text()
     except OSError as e:
         raise SpecError(source, [("", f"cannot read the sweep file: {e.strerror or e}")]) from None
-    return parse_spec(text, source=source, env=env, cwd=cwd)
+    return parse_spec(text, source=source, env=env, cwd=cwd, overrides=overrides)
 
 
 def parse_spec(text: str, *, source: str = "<string>", env: dict[str, str] | None = None,
-               cwd: str | os.PathLike | None = None) -> SweepSpec:
+               cwd: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> SweepSpec:
     env = dict(os.environ) if env is None else env
     cwd = Path(cwd or os.getcwd()).resolve()
-    raw, lines = _read_yaml(text, source)
+    raw, lines = _read_with_bases(text, source, ())
+    raw = _apply_overrides(raw, lines, list(overrides), source)
+    resolved = yaml.safe_dump(raw, sort_keys=False)  # before ${VAR}: no secret values in it
     problems: list[tuple[tuple, str]] = []
-    if not isinstance(raw, dict):
-        raise SpecError(source, [("line 1", "the sweep file must be a mapping (name:, "
-                                            "experiment:, fixed:, grid:, ...)")])
     raw = _substitute(raw, env, cwd, problems)
     where = Locator(lines)
     if problems:
@@ -349,7 +357,7 @@ def parse_spec(text: str, *, source: str = "<string>", env: dict[str, str] | Non
     except ValidationError as e:
         raise SpecError(source, [(where(tuple(err["loc"])), _pydantic_message(err))
                                  for err in e.errors()]) from None
-    spec._source = source
+    spec._source, spec._resolved = source, resolved
     problems = _import_problems(spec.imports)  # before the cells: they may register datasets
     if problems:
         raise SpecError(source, [(where(p), m) for p, m in problems])
@@ -357,6 +365,110 @@ def parse_spec(text: str, *, source: str = "<string>", env: dict[str, str] | Non
     if problems:
         raise SpecError(source, [(where(p), m) for p, m in _dedupe(problems)])
     return spec
+
+
+# --- composition: `base:` includes and `--set` overrides ------------------------------------------
+
+
+def _read_with_bases(text: str, source: str, chain: tuple[str, ...]) -> tuple[dict, dict]:
+    """The file's mapping over its `base:` file(s) (paths relative to the file; later bases and
+    then the file itself win; mappings merge key by key, lists and scalars are replaced), with
+    the line of every key: an int in this file, (file, line) in a base."""
+    raw, lines = _read_yaml(text, source)
+    if not isinstance(raw, dict):
+        raise SpecError(source, [("line 1", "the sweep file must be a mapping (name:, "
+                                            "experiment:, fixed:, grid:, ...)")])
+    bases = raw.pop("base", None)
+    if bases is None:
+        return raw, lines
+    names = [bases] if isinstance(bases, str) else bases
+    if not isinstance(names, list) or not all(isinstance(b, str) and b for b in names):
+        raise SpecError(source, [(Locator(lines)(("base",)), "base: give a sweep file path, or a "
+                                                           "list of them (relative to this file)")])
+    merged: dict = {}
+    merged_lines: dict[tuple, Any] = {}
+    folder = Path(source).parent
+    for i, name in enumerate(names):
+        base = (folder / name).resolve()
+        if str(base) in chain + (str(Path(source).resolve()),):
+            raise SpecError(source, [(Locator(lines)(("base",)), f"base {name!r} includes "
+                                                               f"itself (through {base})")])
+        try:
+            base_text = base.read_text()
+        except OSError as e:
+            raise SpecError(source, [(Locator(lines)(("base",)), f"cannot read base {name!r} "
+                                                               f"({e.strerror or e})")]) from None
+        b_raw, b_lines = _read_with_bases(base_text, str(base),
+                                          chain + (str(Path(source).resolve()),))
+        merged = _merge(merged, b_raw)
+        merged_lines.update({k: v if isinstance(v, tuple) else (str(base), v)
+                             for k, v in b_lines.items()})
+    lines = {k: v for k, v in lines.items() if k[:1] != ("base",)}
+    for path in _leaf_paths(raw):  # what this file sets replaces the bases' lines below it
+        merged_lines = {k: v for k, v in merged_lines.items() if k[:len(path)] != path}
+    merged_lines.update(lines)
+    out = _merge(merged, raw)
+    # a field this file's grid varies is no longer the base's fixed value (paper.yaml fixes K=4;
+    # ablation_steps varies it)
+    for name in (raw.get("grid") or {}) if isinstance(raw.get("grid"), dict) else ():
+        if name not in (raw.get("fixed") or {}) and isinstance(out.get("fixed"), dict):
+            out["fixed"].pop(name, None)
+    return out, merged_lines
+
+
+def _merge(under: dict, over: dict) -> dict:
+    out = dict(under)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _leaf_paths(d: dict, prefix: tuple = ()) -> list[tuple]:
+    out = []
+    for k, v in d.items():
+        out += _leaf_paths(v, prefix + (k,)) if isinstance(v, dict) and v else [prefix + (k,)]
+    return out
+
+
+def add_set_argument(ap: Any) -> None:
+    """`--set KEY=VALUE` (repeatable) on a CLI that loads a sweep (run, status): one spelling."""
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a sweep key, validated like the file: fixed.lr=1e-3, "
+                         "grid.seed=[1,2], resources.gpu=0.5 (repeatable; the resolved sweep is "
+                         "the parent run's artifact sweep/resolved.yaml)")
+
+
+def _apply_overrides(raw: dict, lines: dict, overrides: list[str], source: str) -> dict:
+    """`key.path=value` (value in YAML: `1e-3`, `[1, 2]`, `{gpu: 0.5}`) set into the mapping; the
+    result is validated like the file itself, and messages name `--set key.path`."""
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        path = tuple(key.strip().split("."))
+        if not sep or not all(path):
+            problems.append(("--set", f"{item!r} is not key=value (e.g. fixed.lr=1e-3, "
+                                      f"grid.seed=[1,2], resources.gpu=0.5)"))
+            continue
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            problems.append((f"--set {key}", f"the value {text!r} is not YAML ({e})"))
+            continue
+        holder = raw
+        for i, part in enumerate(path[:-1]):
+            nxt = holder.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                problems.append((f"--set {key}", f"{'.'.join(path[:i + 1])} is not a mapping"))
+                break
+            holder = nxt
+        else:
+            holder[path[-1]] = value
+            for k in [k for k in lines if k[:len(path)] == path]:
+                del lines[k]
+            lines[path] = (f"--set {key}", "")
+    if problems:
+        raise SpecError(source, problems)
+    return raw
 
 
 def _import_problems(names: list[str]) -> list[tuple[tuple, str]]:
@@ -1035,4 +1147,5 @@ __all__ = ["SweepSpec", "SearchSpec", "SearchParam", "Resources", "CacheSpec", "
            "Arm", "Block", "blocks", "expand_block",
            "backbone_key", "cache_group", "train_view_key",
            "load_spec", "parse_spec", "expand", "cells", "cell_name", "group_order",
-           "check_config", "coerce_field", "resolve_tracking_uri", "format_path", "preflight"]
+           "check_config", "coerce_field", "add_set_argument", "resolve_tracking_uri",
+           "check_tracking_uri", "format_path", "preflight"]
