@@ -264,4 +264,30 @@ def draw_all(tables: list[Table], out: Path,
     return figures
 
 
-__all__ = ["draw_all", "plot_curve", "plot_bars", "plot_dynamics", "plot_drift"]
+def plot_search(study, stem: str, out: Path, source: str,
+                warnings: list[str] | None = None) -> list[Path]:
+    """Optuna's optimisation history and parameter importances of one search, drawn by
+    `optuna.visualization.matplotlib` from `study` (persistent or rebuilt: `source` says which,
+    in the title). Importances need two or more finished samples; a plot that fails is a
+    warning (see draw_all)."""
+    from optuna.visualization import matplotlib as ovm
+
+    paths = []
+    for suffix, fn in (("history", ovm.plot_optimization_history),
+                       ("importance", ovm.plot_param_importances)):
+        path = out / f"{stem}_{suffix}.png"
+        try:
+            ax = fn(study)
+            ax.figure.set_size_inches(7, 4)
+            ax.figure.text(0.01, -0.04, f"study {study.study_name} ({source})", fontsize=8)
+            ax.figure.savefig(path, dpi=110, bbox_inches="tight")  # (the legend sits outside)
+            paths.append(path)
+        except Exception as e:  # noqa: BLE001 - see docstring
+            if warnings is not None:
+                warnings.append(f"plot {path.name} not drawn: {type(e).__name__}: {e}")
+        finally:
+            plt.close("all")
+    return paths
+
+
+__all__ = ["draw_all", "plot_curve", "plot_bars", "plot_dynamics", "plot_drift", "plot_search"]

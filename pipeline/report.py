@@ -184,7 +184,7 @@ def render(agg: "Aggregate", out: Path, ui_url: str | None = None) -> str:
     base = ui_base(agg.tracking_uri, ui_url)
     c = agg.counts
     sections = {"tables": "Rebuilt tables", "dynamics": "Per-step dynamics",
-                "detail": "Per-dataset detail"}
+                "detail": "Per-dataset detail", "search": "Hyper-parameter search (Optuna)"}
     toc, parts = [], []
     for sec, title in sections.items():
         ts = [t for t in agg.tables if t.section == sec]

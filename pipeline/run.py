@@ -17,8 +17,9 @@
    so that cells sharing (arch, pretrained, inject_layer, dataset) run back to back (backbone and
    cache reuse). An interrupted identical submission is resumed with `Tuner.restore`.
 5. Search phase (if the YAML has `search`): a second Tuner with `OptunaSearch` over the space,
-   selecting on a validation metric; finished samples from earlier submissions are given to
-   Optuna as evaluated points instead of being re-run.
+   selecting on a validation metric, in a persistent Optuna study (SQLite beside the records,
+   `pipeline.study`): a re-submission resumes it and runs only the missing samples; finished
+   samples in MLflow that the study lacks are added to it as evaluated, never re-run.
 6. A summary (finished / skipped / failed with reasons, where the runs are, the `mlflow ui`
    command). The exit code is 1 when a cell failed, 2 for an invalid sweep file or a tracking
    store that cannot be reached at the start, 3 when every cell finished but MLflow went away
@@ -52,8 +53,9 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 
 from pipeline import tracking  # noqa: E402
 from pipeline.env import REPO, code_version, versions  # noqa: E402
-from pipeline.spec import (Cell, SpecError, SweepSpec, arm_signature, cells,  # noqa: E402
-                           group_order, load_spec, locate_sweep, preflight, resolve_tracking_uri)
+from pipeline.spec import (Cell, SpecError, SweepSpec, add_set_argument, arm_signature,  # noqa: E402
+                           cells, group_order, load_spec, locate_sweep, preflight,
+                           resolve_tracking_uri)
 
 # Environment every trial process gets when this driver starts or joins Ray itself.
 TRIAL_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pipeline.run",
                                  description="Run a PERL sweep on Ray Tune, tracked in MLflow.")
     ap.add_argument("sweep", help="sweep YAML (sweeps/*.yaml)")
+    add_set_argument(ap)
     ap.add_argument("--dry-run", action="store_true",
                     help="print the cells (name, hash, done/todo) and totals; start no trial")
     ap.add_argument("--rerun", action="store_true",
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.sweep = locate_sweep(args.sweep, say)
     try:
-        spec = load_spec(args.sweep)
+        spec = load_spec(args.sweep, overrides=args.overrides)
         uri = resolve_tracking_uri(spec, args.tracking_uri)
     except SpecError as e:
         say(str(e))
@@ -142,6 +145,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             preflight(spec, [c.config for c in grid] +
                       ([spec.base_config()] if spec.search else []))
+            from pipeline import cluster_check
+
+            if cluster_check.joins_cluster():  # (a Ray this driver starts is one node)
+                init_ray()  # before any MLflow run: the nodes decide what may be node-local
+                import ray
+
+                cluster_check.refuse_node_local(spec, uri, ray.nodes())
         except SpecError as e:
             say(str(e))
             return 2
@@ -165,11 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Outcome()
     run_name = f"{spec.name} {time.strftime('%Y-%m-%d %H:%M')}" + (" (replay)" if args.replay
                                                                    else "")
+    user = tracking.submitter()  # the parent's and every child's mlflow.user
     try:
         parent = tracker.start_parent(exp_id, spec.name, run_name, {
             "sweep_file": os.path.abspath(args.sweep), "code_sha": code.sha,
             "code_dirty": code.dirty, "code_version": code.fingerprint,
-            "num_cells": str(len(grid)), **versions()})
+            "num_cells": str(len(grid)), **versions(), **tracking.source_tags(code.sha, user),
+            tracking.NOTE_TAG: tracking.sweep_note(spec.description, spec.name, spec.source,
+                                                   len(grid))})
+        tracker.log_text(parent, spec.resolved_yaml, tracking.RESOLVED_SWEEP)
     except Exception as e:  # MLflow went away right after the check: nothing has run yet
         say(f"{spec.source}: MLflow tracking at {tracking.redact_uri(uri)} stopped answering "
             f"before the sweep started ({type(e).__name__}: {tracking._short_error(e)}); "
@@ -195,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"replay done: {out.replayed} record(s) from "
                     f"{tracking.records_dir(spec.storage, spec.experiment)}")
                 return 0
-            finished = {} if args.rerun else tracker.finished_by_hash(exp_id, phase="final",
-                                                                      code_version=match_code)
+            finished = {} if args.rerun else tracker.finished_by_hash(
+                exp_id, phase="final", code_version=match_code, warn=say,
+                data=tracking.grid_data_digests([c.config for c in grid], say))
         except tracking.TrackingUnavailable as e:  # from replay: says how far it got
             lost = str(e)
         except tracking.tracking_errors() as e:  # orphans / lookup (replay: as it raises)
@@ -215,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"sweep {spec.name}: {len(grid)} cells, {len(out.done_before)} already FINISHED, "
             f"{len(todo)} to run; experiment {spec.experiment!r} at {tracking.redact_uri(uri)}")
         context = trial_context(spec, uri, exp_id, parent, code, args)
-        context.update(grid_hashes=[c.config_hash for c in grid], match_code=match_code)
+        context.update(grid_hashes=[c.config_hash for c in grid], match_code=match_code,
+                       user=user, varied_fields=list(spec.varied_fields))  # (for run notes)
         if todo or spec.search is not None:
             prepare_data(todo, spec)
             init_ray()
@@ -306,8 +322,9 @@ def dry_run(spec: SweepSpec, grid: list[Cell], uri: str, match_code: str | None,
             tracker.check()
             exp = tracker.client.get_experiment_by_name(spec.experiment)
             if exp is not None:
-                finished = tracker.finished_by_hash(exp.experiment_id, phase="final",
-                                                    code_version=match_code)
+                finished = tracker.finished_by_hash(
+                    exp.experiment_id, phase="final", code_version=match_code, warn=say,
+                    data=tracking.grid_data_digests([c.config for c in grid], say))
         except Exception as e:  # a dry run still shows the work; a real run refuses (exit 2)
             say(f"warning: {spec.source}: tracking store {tracking.redact_uri(uri)} not "
                 f"readable ({type(e).__name__}): every cell is shown as todo; a real run "
@@ -575,88 +592,181 @@ def _tune_fit(tuner: Any, phase: str, spec: SweepSpec, out: Outcome) -> Any | No
 def run_search(spec: SweepSpec, tracker: tracking.Tracker, exp_id: str,
                context: dict[str, Any], args: argparse.Namespace, out: Outcome,
                match_code: str | None) -> None:
-    """Optuna over spec.search.space on top of `fixed`; earlier samples count as evaluated."""
+    """Optuna over spec.search.space on top of `fixed`, in a persistent study (pipeline.study):
+    a re-submission resumes it and runs only the missing samples; finished samples in MLflow
+    that the study lacks are added to it as evaluated."""
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
+
+    from pipeline import study as st
+    from pipeline.spec import cell_name
 
     search = spec.search
     assert search is not None
     base = spec.base_config()
     fields_ = list(search.space)
+    st.quiet_optuna()
+    sf = st.StudyFile.of(spec.storage, spec.experiment)
+    name = st.study_name(spec.name, cell_name(base), base.config_hash(), search, match_code)
     prior = [] if args.rerun else _prior_samples(tracker, exp_id, spec, base, fields_,
                                                  search.metric, match_code)
-    remaining = max(0, search.num_samples - len(prior))
-    say(f"search phase: {len(prior)} earlier sample(s) of {search.num_samples}, {remaining} to run "
+    study = _resume_study(sf, name, base, prior, search, fresh=args.rerun)
+    done = len(_study_samples(study, base))
+    remaining = max(0, search.num_samples - done)
+    say(f"search phase: {done} earlier sample(s) of {search.num_samples}, {remaining} to run "
         f"(Optuna TPE, seed {search.seed}, selecting on {search.metric}, {search.mode})")
-    best = None
+    _tag_search(tracker, context, sf, name, search)
     if remaining:
-        from pipeline.spec import cell_name
-
         ctx = {**context, "phase": "hpo", "base_config": base.to_dict(),
                "search_fields": fields_, "base_name": cell_name(base)}
-        searcher = _final_only(OptunaSearch)(
-            space=_optuna_space(search), metric=search.metric, mode=search.mode,
-            seed=search.seed,
-            points_to_evaluate=[p for p, _ in prior] or None,
-            evaluated_rewards=[r for _, r in prior] or None)
         concurrent = args.max_concurrent or search.max_concurrent
-        name = (f"{tracking.experiment_slug(spec.experiment)}-hpo-"
-                f"{_digest(base.config_hash(), search.model_dump(), len(prior))}")
+        tune_name = f"{tracking.experiment_slug(spec.experiment)}-hpo-{_digest(name, done)}"
         tuner, marker = _tuner(
-            _trainable(spec, ctx), name, spec, {},
-            tune.TuneConfig(search_alg=searcher, num_samples=remaining,
-                            max_concurrent_trials=concurrent, reuse_actors=True,
-                            trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname),
+            _trainable(spec, ctx), tune_name, spec, {},
+            tune.TuneConfig(search_alg=_searcher(sf, name, search, len(study.trials)),
+                            num_samples=remaining, max_concurrent_trials=concurrent,
+                            reuse_actors=True, trial_name_creator=_trial_name,
+                            trial_dirname_creator=_trial_dirname),
             args.rerun)
         grid = _tune_fit(tuner, "search", spec, out)
-        if grid is None:  # finished samples are in MLflow; the next submission counts them
+        if grid is None:  # finished samples are in the study and MLflow; the next one resumes
+            _push_study(sf)
             return
         _mark_complete(marker, spec)
         collect(grid, out, ctx)
-        try:
-            r = grid.get_best_result(metric=search.metric, mode=search.mode, scope="last")
-            best = {"value": r.metrics.get(search.metric), "cell": r.metrics.get("cell"),
-                    **{k: r.config.get(k) for k in fields_}}
-        except Exception:  # no trial reported the metric
-            best = None
-    prior_best = _best_prior(prior, search.mode)
-    if prior_best is not None and (best is None or best["value"] is None or
-                                   _better(prior_best["value"], best["value"], search.mode)):
-        best = prior_best
-    out.hpo_best = best
+        study = st.open_study(sf, name, search.mode)
+        st.close_orphans(study)  # trials of a killed driver that this run did not resume
+    _push_study(sf)
+    out.hpo_best = _study_best(study)
+    say(f"study {name!r} in {tracking.redact_uri(sf.location)}; browse it with "
+        f"`optuna-dashboard {sf.url}`" + (" (the driver's local copy)" if sf.remote else ""))
+
+
+def _resume_study(sf: Any, name: str, base: Any, prior: list[tuple[dict, float, str, str]],
+                  search: Any, fresh: bool) -> Any:
+    """Open (or create) the study and add the MLflow samples it does not hold yet."""
+    from pipeline import study as st
+
+    try:
+        sf.pull()
+    except Exception as e:  # refilled from MLflow below; uploaded again after each sample
+        say(f"warning: cannot download the study file {tracking.redact_uri(sf.location)} "
+            f"({type(e).__name__}: {tracking._short_error(e)}); starting a new local copy")
+    study = st.open_study(sf, name, search.mode, fresh=fresh)
+    had, existed = _study_samples(study, base), bool(study.trials)
+    before, space = len(had), st.optuna_space(search)
+    for sample, value, run_id, cell in prior:
+        h = _sample_hash(base, sample)
+        if h in had:  # the study already holds it (told by the searcher that ran it)
+            continue
+        study.add_trial(st.sample_trial(sample, value, space, {
+            "mlflow_run_id": run_id, "cell": cell, "added_from": "mlflow"}))
+        had[h] = value
+    added = len(had) - before
+    where = tracking.redact_uri(sf.location)
+    if existed:
+        say(f"resuming study {name!r} with {len(had)} finished samples ({before} in the study "
+            f"file, {added} added from MLflow) at {where}")
+    else:
+        say(f"new study {name!r} at {where}" +
+            (f" with {added} finished sample(s) from MLflow" if added else ""))
+    return study
+
+
+def _searcher(sf: Any, name: str, search: Any, n_trials: int) -> Any:
+    """OptunaSearch on the persistent study. TPE is seeded with seed + the study's trial count:
+    a resumed study would otherwise replay the first submission's random start-up samples."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    from pipeline import study as st
+
+    searcher = _final_only(OptunaSearch)(
+        space=st.optuna_space(search), metric=search.metric, mode=search.mode,
+        sampler=optuna.samplers.TPESampler(seed=search.seed + n_trials),
+        study_name=name, storage=optuna.storages.RDBStorage(sf.url))
+    searcher.perl_study_file = sf  # uploaded after each finished sample (s3://)
+    return searcher
 
 
 def _final_only(searcher_cls: type) -> type:
     """The searcher, told only of results that carry its metric: progress and checkpoint reports
-    (which have no validation number yet) would otherwise raise KeyError in OptunaSearch."""
+    (which have no validation number yet) would otherwise raise KeyError in OptunaSearch. Each
+    finished sample's study trial gets the MLflow run id and cell name (shown by the dashboard),
+    and the study file is uploaded when it lives on object storage."""
 
     class FinalOnly(searcher_cls):
+        perl_study_file = None
+
         def on_trial_result(self, trial_id: str, result: dict) -> None:
             if self.metric in result:
                 super().on_trial_result(trial_id, result)
 
+        def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                              error: bool = False) -> None:
+            ot_trial = self._ot_trials.get(trial_id)  # (OptunaSearch's own map)
+            for k in ("mlflow_run_id", "cell"):
+                if ot_trial is not None and result and result.get(k):
+                    try:
+                        ot_trial.set_user_attr(k, str(result[k]))
+                    except Exception:  # already finished (a duplicate completion)
+                        pass
+            super().on_trial_complete(trial_id, result, error)
+            if self.perl_study_file is not None:
+                _push_study(self.perl_study_file)
+
     return FinalOnly
 
 
-def _optuna_space(search: Any) -> dict[str, Any]:
-    import optuna.distributions as d
+def _push_study(sf: Any) -> None:
+    try:
+        sf.push()
+    except Exception as e:  # the MLflow runs refill the study at the next submission
+        say(f"warning: cannot upload the study file to {tracking.redact_uri(sf.location)} "
+            f"({type(e).__name__}: {tracking._short_error(e)})")
 
-    space = {}
-    for name, p in search.space.items():
-        if p.type == "loguniform":
-            space[name] = d.FloatDistribution(p.low, p.high, log=True)
-        elif p.type == "uniform":
-            space[name] = d.FloatDistribution(p.low, p.high)
-        elif p.type == "int":
-            space[name] = d.IntDistribution(int(p.low), int(p.high))  # inclusive bounds
-        else:
-            space[name] = d.CategoricalDistribution(list(p.values))
-    return space
+
+def _tag_search(tracker: tracking.Tracker, context: dict[str, Any], sf: Any, name: str,
+                search: Any) -> None:
+    """Where the study is, on the parent run: the aggregate reads it from there."""
+    from pipeline import study as st
+
+    try:
+        tracker.set_tags(context["parent_run_id"], {
+            "search_study": name, "search_study_file": tracking.redact_uri(sf.location),
+            "search_space": st.space_json(search), "search_metric": search.metric,
+            "search_mode": search.mode})
+    except Exception as e:  # the study and the runs are still there; only the link is missing
+        say(f"warning: could not tag the parent run with the study: {tracking._short_error(e)}")
+
+
+def _sample_hash(base: Any, sample: dict[str, Any]) -> str:
+    from perl_core.config import TrainConfig
+
+    return TrainConfig.from_dict({**base.to_dict(), **sample}).config_hash()  # as the trial
+
+
+def _study_samples(study: Any, base: Any) -> dict[str, float]:
+    """{config hash: objective} of the study's COMPLETE trials (distinct samples)."""
+    from optuna.trial import TrialState
+
+    return {_sample_hash(base, t.params): t.value
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+
+
+def _study_best(study: Any) -> dict[str, Any] | None:
+    try:
+        t = study.best_trial
+    except ValueError:  # no COMPLETE trial
+        return None
+    return {"value": t.value, "cell": t.user_attrs.get("cell", f"study trial {t.number}"),
+            **t.params}
 
 
 def _prior_samples(tracker: tracking.Tracker, exp_id: str, spec: SweepSpec, base: Any,
-                   fields_: list[str], metric: str, code: str | None) -> list[tuple[dict, float]]:
-    """(sample, metric) of FINISHED hpo-phase runs of this sweep on the same fixed settings."""
+                   fields_: list[str], metric: str, code: str | None
+                   ) -> list[tuple[dict, float, str, str]]:
+    """(sample, metric, run id, cell) of FINISHED hpo-phase runs of this sweep on the same
+    fixed settings."""
     flt = f"attributes.status = 'FINISHED' and tags.phase = 'hpo' and tags.sweep = '{spec.name}'"
     if code is not None:
         flt += f" and tags.code_version = '{code}'"
@@ -677,7 +787,8 @@ def _prior_samples(tracker: tracking.Tracker, exp_id: str, spec: SweepSpec, base
         sample = {f: getattr(cfg, f) for f in fields_}
         if not _in_space(sample, spec.search):
             continue
-        out.append((sample, float(r.data.metrics[metric])))
+        out.append((sample, float(r.data.metrics[metric]), r.info.run_id,
+                    r.data.tags.get("cell", "")))
     return out
 
 
@@ -690,17 +801,6 @@ def _in_space(sample: dict[str, Any], search: Any) -> bool:
         elif not p.low <= v <= p.high:
             return False
     return True
-
-
-def _better(a: float, b: float, mode: str) -> bool:
-    return a > b if mode == "max" else a < b
-
-
-def _best_prior(prior: list[tuple[dict, float]], mode: str) -> dict[str, Any] | None:
-    if not prior:
-        return None
-    sample, value = (max if mode == "max" else min)(prior, key=lambda p: p[1])
-    return {"value": value, "cell": "(earlier submission)", **sample}
 
 
 def collect(grid: Any, out: Outcome, context: dict[str, Any]) -> None:
@@ -803,13 +903,37 @@ class _Heartbeat:
 
 
 def _progress_printer_cls():
+    import atexit
+    import sys
+
     from ray import tune
 
+    from pipeline.status import progress_from_metrics, progress_line, progress_table
+    from pipeline.trainable import PROGRESS_KEYS
+
     class ProgressPrinter(tune.Callback):
-        """One line per finished/failed trial and a status line every 30 s."""
+        """One line per finished/failed trial, a status line every 30 s, and each running trial's
+        progress (cell, step/total, epoch, loss, elapsed; from the trainable's reports): on a
+        terminal a transient rich.live table refreshed about once a second; otherwise (job logs,
+        CI) one `progress: <cell>: ...` line per running trial at most every
+        $PERL_PROGRESS_EVERY_S (30 s), at most MAX_LINES of them, so logs stay readable."""
+
+        MAX_LINES = 20
 
         def __init__(self) -> None:
             self.t0, self.last, self.done, self.failed = time.time(), 0.0, 0, 0
+            self.every = float(os.environ.get("PERL_PROGRESS_EVERY_S") or 30)
+            self.tty, self.live, self.shown = sys.stdout.isatty(), None, 0.0
+            self.started: dict[str, float] = {}  # trial id -> when it (last) started running
+            self.reports: dict[str, tuple[dict, float]] = {}  # trial id -> (report, received)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.started[trial.trial_id] = time.time()
+            self.reports.pop(trial.trial_id, None)  # (a retried trial starts over)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if PROGRESS_KEYS["step"] in result:  # (checkpoint reports carry no step)
+                self.reports[trial.trial_id] = (dict(result), time.time())
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.done += 1
@@ -826,6 +950,7 @@ def _progress_printer_cls():
             say(f"[{self.done + self.failed}/{len(trials)}] FAILED {_trial_name(trial)}")
 
         def on_step_end(self, iteration, trials, **info):
+            self._show_progress(trials)
             if time.time() - self.last < 30:
                 return
             self.last = time.time()
@@ -834,6 +959,48 @@ def _progress_printer_cls():
                 states[t.status] = states.get(t.status, 0) + 1
             say("status: " + ", ".join(f"{v} {k.lower()}" for k, v in sorted(states.items()))
                 + f" ({time.time() - self.t0:.0f} s)")
+
+        def on_experiment_end(self, trials, **info):
+            self._stop_live()
+
+        def _running(self, trials, now: float) -> list:
+            out = []
+            for t in trials:
+                if t.status == "RUNNING":
+                    report, at = self.reports.get(t.trial_id, ({}, None))
+                    out.append(progress_from_metrics(
+                        _trial_name(t), report, at, self.started.setdefault(t.trial_id, now)))
+            return out
+
+        def _show_progress(self, trials) -> None:
+            now = time.time()
+            if now - self.shown < (1.0 if self.tty else self.every):
+                return
+            running = self._running(trials, now)
+            if self.tty:
+                self.shown = now
+                self._live().update(progress_table(running, now))
+                return
+            if running:  # (the clock starts at the first print, not while nothing runs)
+                self.shown = now
+            for p in running[:self.MAX_LINES]:
+                say(f"progress: {progress_line(p, now)}")
+            if len(running) > self.MAX_LINES:
+                say(f"progress: ... and {len(running) - self.MAX_LINES} more trials running")
+
+        def _live(self) -> Any:
+            if self.live is None:
+                from rich.live import Live
+
+                self.live = Live(refresh_per_second=1, transient=True)
+                self.live.start()
+                atexit.register(self._stop_live)  # (a Tune error skips on_experiment_end)
+            return self.live
+
+        def _stop_live(self) -> None:
+            if self.live is not None:
+                self.live.stop()
+                self.live = None
 
     return ProgressPrinter
 

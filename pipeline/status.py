@@ -11,7 +11,8 @@ Three sources, each optional but MLflow:
   `tracking.HEARTBEAT_S` by a live driver).
 - **Tune's state** in the sweep's storage (`<storage>/tune/<experiment>-final-*/experiment_state-*
   .json`, local or s3://; read as plain JSON, nothing unpickled, no Ray needed): each trial's
-  status (PENDING / RUNNING / TERMINATED / ERROR) as of the driver's last snapshot.
+  status (PENDING / RUNNING / TERMINATED / ERROR) and its trainable's last progress report
+  (step / total, epoch, loss) as of the driver's last snapshot.
 - **Ray** (only when `$RAY_ADDRESS` is set or a head started by `ray start` runs on this
   machine; status never starts Ray): the state of the Ray jobs the trials ran under (their
   `ray_job_id` tag).
@@ -32,7 +33,8 @@ A cell is
 Printed: one line on the latest submission (its parent run's status, driver and heartbeat), one
 line on the Tune view and one on the Ray view (each says why it is unavailable when it is), the
 counts, the mean trial time of the finished runs and an ETA (cells not done x mean time / trials
-running now, or / 1 when nothing runs), the failures with their reasons, the stale cells with
+running now, or / 1 when nothing runs), the failures with their reasons, each running cell's
+progress (`progress_line`: the line `pipeline.run` prints for it too), the stale cells with
 their reason, and for a sweep with a search phase the samples done and the best one. With
 `--bench BENCH.json` (a `python -m perl_core.bench --json` file from the target GPU) it also
 prints the GPU time of the cells not done yet, from the same estimator as `pipeline.run --dry-run
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import statistics
@@ -57,7 +60,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from pipeline import tracking  # noqa: E402
 from pipeline.env import code_fingerprint  # noqa: E402
-from pipeline.spec import (SpecError, cells, load_spec, locate_sweep,  # noqa: E402
+from pipeline.spec import (SpecError, add_set_argument, cells, load_spec, locate_sweep,  # noqa: E402
                            resolve_tracking_uri)
 
 STATES = ("done", "running", "failed", "left", "stale")
@@ -76,6 +79,7 @@ class CellStatus:
     seconds: float | None = None
     tune: str = ""  # Tune's status of the cell's trial in the newest saved state ("" unknown)
     queued: bool = False  # left, and PENDING in the Tune state of a live submission
+    started: float | None = None  # running: when its MLflow run started (epoch seconds)
 
 
 @dataclass
@@ -98,6 +102,76 @@ class TuneView:
     experiment: str = ""
     complete: bool = False  # pipeline.run marked the phase complete
     unavailable: str = ""  # why there is no view ("" when there is one)
+    # config_hash -> the trial's last progress report in that state (TrialProgress, no cell yet)
+    progress: dict[str, TrialProgress] = field(default_factory=dict)
+
+
+# --- live progress of a running trial (pipeline.run's display and this command) -------------------
+
+
+@dataclass
+class TrialProgress:
+    """A running trial: its trainable's last progress report to Tune (`trainable.PROGRESS_KEYS`;
+    None where it has not reported yet) and when the trial started."""
+
+    cell: str
+    started: float | None = None  # epoch seconds
+    step: int | None = None
+    total: int | None = None
+    epoch: int | None = None
+    epochs: int | None = None
+    loss: float | None = None
+    reported_at: float | None = None  # epoch seconds of that report (None: unknown)
+
+
+def progress_from_metrics(cell: str, metrics: dict[str, Any], reported_at: float | None = None,
+                          started: float | None = None) -> TrialProgress:
+    """The progress in a Tune result (or the last values of a saved state's metrics)."""
+    from pipeline.trainable import PROGRESS_KEYS
+
+    def num(key: str) -> float | None:
+        v = metrics.get(PROGRESS_KEYS[key])
+        return float(v) if isinstance(v, (int, float)) and v == v else None  # (not NaN)
+
+    def whole(key: str) -> int | None:
+        v = num(key)
+        return int(v) if v is not None and v > 0 else None  # 0: unknown (no epochs yet)
+
+    step = num("step")
+    return TrialProgress(cell, started, None if step is None else int(step), whole("total"),
+                         whole("epoch"), whole("epochs"), num("loss"), reported_at)
+
+
+def progress_parts(p: TrialProgress, now: float) -> dict[str, str]:
+    """The columns of one running trial: step, epoch, loss, elapsed (`-` where unknown)."""
+    return {"step": "-" if p.step is None else f"{p.step}/{p.total or '?'}",
+            "epoch": f"{p.epoch}/{p.epochs or '?'}" if p.epoch else "-",
+            "loss": "-" if p.loss is None else f"{p.loss:.4g}",
+            "elapsed": _fmt_s(max(0.0, now - p.started)) if p.started else "unknown"}
+
+
+def progress_line(p: TrialProgress, now: float) -> str:
+    """`<cell>: step 5/12, epoch 1/1, loss 0.6931, elapsed 00:01:05` (one plain line)."""
+    c = progress_parts(p, now)
+    if p.step is None:
+        return f"{p.cell}: no progress report yet, elapsed {c['elapsed']}"
+    return (f"{p.cell}: step {c['step']}"
+            + (f", epoch {c['epoch']}" if p.epoch else "")
+            + (f", loss {c['loss']}" if p.loss is not None else "")
+            + f", elapsed {c['elapsed']}")
+
+
+def progress_table(progress: list[TrialProgress], now: float) -> Any:
+    """The same as a rich Table (pipeline.run's live display on a terminal)."""
+    from rich.table import Table
+
+    table = Table(title=f"{len(progress)} trial(s) running", title_justify="left")
+    for col in ("cell", "step", "epoch", "loss", "elapsed"):
+        table.add_column(col, justify="left" if col == "cell" else "right", no_wrap=True)
+    for p in progress:
+        c = progress_parts(p, now)
+        table.add_row(p.cell, c["step"], c["epoch"], c["loss"], c["elapsed"])
+    return table
 
 
 # --- MLflow ---------------------------------------------------------------------------------------
@@ -116,10 +190,12 @@ def driver_state(parent: Any, now: float | None = None) -> Driver:
 
 def cell_states(runs: list, grid: list, code_version: str | None,
                 drivers: dict[str, Driver] | None = None,
-                tune: TuneView | None = None) -> list[CellStatus]:
+                tune: TuneView | None = None,
+                data: dict[str, Any] | None = None) -> list[CellStatus]:
     """The state of every grid cell from its runs (latest start wins, FINISHED beats all),
     told apart from stale RUNNING runs with the drivers (parent run id -> Driver) and Tune's
-    saved state when given."""
+    saved state when given. `data` (dataset -> digest, `tracking.grid_data_digests`): a run of
+    other data is not done (`tracking.data_changed`, the driver's rule)."""
     drivers = drivers or {}
     tune = tune or TuneView(unavailable="not read")
     by_hash: dict[str, list] = {}
@@ -130,7 +206,8 @@ def cell_states(runs: list, grid: list, code_version: str | None,
         rs = sorted(by_hash.get(c.config_hash, []), key=lambda r: r.info.start_time or 0)
         t = tune.trials.get(c.config_hash, "")
         done = [r for r in rs if r.info.status == "FINISHED" and
-                (code_version is None or r.data.tags.get("code_version") == code_version)]
+                (code_version is None or r.data.tags.get("code_version") == code_version) and
+                not tracking.data_changed(r.data.tags, data or {})]
         if done:
             r = done[-1]
             secs = ((r.info.end_time or 0) - (r.info.start_time or 0)) / 1000 or None
@@ -142,7 +219,7 @@ def cell_states(runs: list, grid: list, code_version: str | None,
         elif last.info.status == "RUNNING":
             why = _stale_reason(last, drivers, tune, t)
             out.append(CellStatus(c.name, c.config_hash, "stale" if why else "running", why,
-                                  tune=t))
+                                  tune=t, started=(last.info.start_time or 0) / 1000 or None))
         elif last.info.status == "FAILED":
             detail = [ln.strip() for ln in last.data.tags.get("status_detail", "").splitlines()
                       if ln.strip()]
@@ -255,10 +332,11 @@ def _read_tune_states(root: str, experiment: str) -> TuneView:
     for saved_at, name, state_file, d in sorted(states, key=lambda s: s[0] or 0):
         with fs.open(state_file, "rb") as f:
             data = json.loads(f.read())
-        for trial_json, _meta in data.get("trial_data", []):
+        for trial_json, meta in data.get("trial_data", []):
             h, status = _trial_entry(trial_json)
             if h:
                 view.trials[h] = status
+                view.progress[h] = _trial_progress(meta)
         view.saved_at, view.experiment = saved_at, name
         view.complete = fs.exists(f"{d.rstrip('/')}/perl_phase_complete.json")
     return view
@@ -274,6 +352,21 @@ def _trial_entry(trial_json: str) -> tuple[str, str]:
         return TrainConfig.from_record(cfg).config_hash(), str(state.get("status", ""))
     except Exception:
         return "", ""
+
+
+def _trial_progress(meta_json: str) -> TrialProgress:
+    """The last progress report in a trial's saved run metadata: the last value of each metric
+    (`metric_analysis`, so a later checkpoint-only report does not hide the step) and when Tune
+    received the last result; nothing when unreadable."""
+    try:
+        meta = json.loads(meta_json)
+        last = {k: v.get("last") for k, v in (meta.get("metric_analysis") or {}).items()
+                if isinstance(v, dict)}
+        at = meta.get("last_result_time")
+        return progress_from_metrics("", last, at if isinstance(at, (int, float)) and
+                                     0 < at < float("inf") else None)
+    except Exception:
+        return TrialProgress("")
 
 
 def _mtime(fs: Any, path: str) -> float | None:
@@ -336,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.status",
                                  description="Progress of a sweep from MLflow, Tune and Ray.")
     ap.add_argument("sweep")
+    add_set_argument(ap)  # the same overrides as the run it follows
     ap.add_argument("--tracking-uri", default=None)
     ap.add_argument("--ignore-code-version", action="store_true")
     ap.add_argument("--cells", action="store_true", help="list every cell with its state")
@@ -345,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.sweep = locate_sweep(args.sweep)
     try:
-        spec = load_spec(args.sweep)
+        spec = load_spec(args.sweep, overrides=args.overrides)
         uri = resolve_tracking_uri(spec, args.tracking_uri)
     except SpecError as e:
         print(e)
@@ -382,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
             ray_line = (f"unavailable: the cluster at {tracking.redact_uri(address)} did not "
                         f"answer ({type(e).__name__}: {tracking._short_error(e)})")
     tune = tune_view(spec.storage, spec.experiment)
-    states = cell_states(final, grid, code, drivers, tune)
+    states = cell_states(final, grid, code, drivers, tune,
+                         tracking.grid_data_digests([c.config for c in grid]))
     latest = drivers[parents[-1].info.run_id] if parents else None
     queue_from_tune(states, live=bool(latest and latest.alive))
     counts = {k: sum(s.state == k for s in states) for k in STATES}
@@ -427,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         say("failures:")
         for s in failed:
             say(f"  {s.name}: {s.detail}")
+    print_running(states, tune, say)
     stale = [s for s in states if s.state == "stale"]
     if stale:
         say(f"{STALE_LABEL}: RUNNING in MLflow but not running:")
@@ -457,6 +553,25 @@ def main(argv: list[str] | None = None) -> int:
                      f"{best.data.metrics[spec.search.metric]:.4g} ({params})")
         say(line)
     return 0
+
+
+def print_running(states: list[CellStatus], tune: TuneView, say: Callable[[str], None],
+                  now: float | None = None) -> None:
+    """`running (...):` then one `  <cell>: step 5/12, epoch 1/1, loss 0.69, elapsed ...` line per
+    running cell (`progress_line`, the lines `pipeline.run` prints), from Tune's saved state."""
+    running = [s for s in states if s.state == "running"]
+    if not running:
+        return
+    now = time.time() if now is None else now
+    source = (f"Tune's state saved {now - tune.saved_at:.0f} s ago" if tune.saved_at else
+              "no Tune state" if tune.unavailable else "Tune's saved state")
+    say(f"running (step/total and loss from {source}):")
+    for s in running:
+        p = tune.progress.get(s.config_hash) or TrialProgress("")
+        if p.reported_at and s.started and p.reported_at < s.started:
+            p = TrialProgress("")  # a report of an earlier attempt, not of this run
+        p = dataclasses.replace(p, cell=s.name, started=s.started)
+        say(f"  {progress_line(p, now)}")
 
 
 def _bench_estimate(spec, grid: list, states: list[CellStatus], runs: list, bench_file: str,

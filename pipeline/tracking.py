@@ -9,7 +9,11 @@ Layout in MLflow (one name per concept: params are TrainConfig field names):
   (`b2n/ToyShapes/16shot/seed1/J7/K4`), with params = every TrainConfig field, the tags in
   `trial_tags`, final metrics at step 0, the per-step training curve under `train_step/*`, the
   per-epoch curve under `train_epoch/*` (MLflow step = epoch, from 1), and the artifacts
-  `projectors/projectors.safetensors`, `config.json`, `per_class.json`, `metrics.json`.
+  `projectors/projectors.safetensors`, `config.json`, `per_class.json`, `metrics.json`;
+- what the UI shows besides (docs/tracking.md): `source_tags` (Source, User), notes
+  (`mlflow.note.content`: Description), each `<family>_step{k}` metric charted as `<family>` over
+  the reasoning step (`step_charted`), and one dataset input per dataset a trial read, with its
+  digest (`data_digests`, `data_inputs`); `data_changed` is the done-match's rule on data.
 
 The `TrialRecord` is the other copy of a trial's result: JSON + safetensors in the sweep's
 storage (local or s3), written by the trial *before* it talks to MLflow. `replay` turns records
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import tempfile
 import time
@@ -126,6 +131,12 @@ def new_record_id() -> str:
 
 def records_dir(storage: str, experiment: str) -> str:
     return f"{storage.rstrip('/')}/records/{experiment_slug(experiment)}"
+
+
+def study_path(storage: str, experiment: str) -> str:
+    """The Optuna study file (SQLite) of an experiment's search phase, beside its records; on
+    s3:// the driver works on a local copy and uploads it (`pipeline.study.StudyFile`)."""
+    return f"{storage.rstrip('/')}/optuna/{experiment_slug(experiment)}.sqlite3"
 
 
 # One record write (all its steps, s3fs's and botocore's retries included) gives up after this
@@ -386,7 +397,217 @@ def read_bytes(url: str) -> bytes:
         return f.read()
 
 
+# --- MLflow conventions: source, user, notes, step-charted metrics, dataset inputs ---------------
+
+NOTE_TAG = "mlflow.note.content"  # the UI's Description column and a run page's description
+DATA_DIGEST_TAG = "data_digest."  # + canonical dataset name: `DataDigest.digest` of what it read
+SOURCE_NAME = "pipeline/run.py"  # the entry point of every sweep run (repository-relative)
+_NOTE_MAX = 6000  # MLflow tag values hold 8000 characters
+_STEP_KEY = re.compile(r"^(?P<family>.+)_step(?P<k>\d+)$")
+_HEADLINE = ("base/acc", "novel/acc", "hm", "all/acc", "target_avg", "val/acc")
+_NOT_TARGETS = ("base", "novel", "all", "val")
+
+
+def submitter() -> str:
+    """Who submits, as MLflow's own runs record it: the tracking server's user name
+    ($MLFLOW_TRACKING_USERNAME or ~/.mlflow/credentials), else the login (getpass: $LOGNAME,
+    $USER, the password database), else "unknown"."""
+    import getpass
+
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    try:
+        return read_mlflow_creds().username or getpass.getuser()
+    except Exception:  # no login name in a bare container
+        return "unknown"
+
+
+def source_tags(code_sha: str, user: str) -> dict[str, str]:
+    """The tags behind the UI's Source and User columns, as MLflow's fluent API sets them: the
+    entry point, type LOCAL, the git commit (`pipeline.env.code_version().sha`; left out when
+    unknown) and the submitter."""
+    tags = {"mlflow.source.name": SOURCE_NAME, "mlflow.source.type": "LOCAL",
+            "mlflow.user": user or "unknown"}
+    if code_sha and code_sha != "unknown":
+        tags["mlflow.source.git.commit"] = code_sha
+    return tags
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _NOTE_MAX else text[:_NOTE_MAX - 20] + "\n\n(cut)"
+
+
+def sweep_note(description: str, sweep: str, sweep_file: str, num_cells: int) -> str:
+    """The parent run's note: the sweep's `description:`, then the file and its cell count."""
+    head = description.strip() or f"A submission of sweep `{sweep}` (no `description:`)."
+    return _clip(f"{head}\n\nSweep file `{sweep_file}`, {num_cells} grid cell(s).")
+
+
+def _protocol_text(cfg: TrainConfig) -> str:
+    if cfg.protocol == "base2novel":
+        return (f"trained on the base classes of {cfg.dataset}, tested on its base and novel "
+                f"classes")
+    if cfg.protocol == "all":
+        return f"trained and tested on all classes of {cfg.dataset}"
+    targets = ", ".join(cfg.eval_datasets) or "its registered variants"
+    return f"trained on all classes of {cfg.dataset}, tested on it and on {targets}"
+
+
+def trial_note(name: str, cfg: TrainConfig, *, sweep: str, phase: str,
+               varied: Iterable[str], data: Iterable[Any]) -> str:
+    """A child run's note (Markdown): the cell, the values its sweep varies, the protocol, the
+    model and training settings and the data it read; `results_note` adds the numbers."""
+    what = "an Optuna sample" if phase == "hpo" else "a grid cell"
+    values = ", ".join(f"`{f}` = {getattr(cfg, f)}" for f in varied if hasattr(cfg, f))
+    lines = [f"**{name}**: {what} of sweep `{sweep}`.", "",
+             f"- varied: {values or 'nothing (a single cell)'}",
+             f"- protocol `{cfg.protocol}`: {_protocol_text(cfg)}",
+             f"- model: `{cfg.arch}`, J={cfg.inject_layer}, K={cfg.num_steps} steps, "
+             f"rank {cfg.rank}, modality {cfg.modality}, variant {cfg.variant}",
+             f"- training: {cfg.shots} shots, seed {cfg.seed}, {cfg.epochs} epoch(s), lr {cfg.lr}, "
+             f"batch {cfg.batch_size}, anchor weight {cfg.anchor_weight}"]
+    lines += [f"- data: {d.dataset}, {d.kind} `{redact_uri(d.source)}` (digest `{d.digest}`)"
+              for d in data]
+    return _clip("\n".join(lines))
+
+
+def results_note(metrics: dict[str, float]) -> str:
+    """The headline numbers of a finished run (% top-1 after K steps, and at step 0, zero-shot
+    CLIP), as a Markdown paragraph; "" when there are none."""
+    keys = [k for k in _HEADLINE if k in metrics]
+    keys += sorted(k for k in metrics if k.endswith("/acc") and k not in keys
+                   and k.split("/")[0] not in _NOT_TARGETS)
+    if not keys:
+        return ""
+    final = ", ".join(f"{k} **{metrics[k]:.2f}**" for k in keys if _finite(metrics[k]))
+    zero = ", ".join(f"{k} {metrics[f'{k}_step0']:.2f}" for k in keys
+                     if _finite(metrics.get(f"{k}_step0")))
+    return f"**Results** (% top-1 after K steps): {final}." + (
+        f" Step 0 (zero-shot CLIP): {zero}." if zero else "")
+
+
+def step_charted(metrics: dict[str, float]) -> list[tuple[str, float, int]]:
+    """(key, value, MLflow step) for every finite metric, with the per-step ones charted: each
+    `<family>_step{k}` is also logged as `<family>` at step k (`base/acc_step2` -> `base/acc` at
+    step 2, `hm_step0` -> `hm` at 0). A flat key that is itself a family (`base/acc`, `hm`: the
+    value after K steps) is logged at the family's last step K instead of 0, in place of that
+    step's point, so its latest value (what search_runs, the UI's columns and the aggregate read)
+    is the flat one. Other flat keys stay at step 0."""
+    families: dict[str, dict[int, float]] = {}
+    for key, value in metrics.items():
+        m = _STEP_KEY.match(key)
+        if m and _finite(value):
+            families.setdefault(m["family"], {})[int(m["k"])] = float(value)
+    out = [(k, float(v), max(families[k]) if k in families else 0)
+           for k, v in metrics.items() if _finite(v)]
+    for family, points in families.items():
+        flat_at = max(points) if _finite(metrics.get(family)) else None
+        out += [(family, v, k) for k, v in sorted(points.items()) if k != flat_at]
+    return out
+
+
+# What each trial read: one DataDigest per (dataset, data root), computed once per process
+# (afterwards one stat per split file tells whether it changed; `dataset_digest(known=...)`).
+_DATA_DIGESTS: dict[tuple[str, str], Any] = {}
+
+
+def datasets_read(cfg: TrainConfig) -> list[str]:
+    """The datasets a trial of `cfg` reads: the training dataset first, then its targets."""
+    names = [cfg.dataset, *cfg.eval_datasets]
+    if cfg.protocol == "domain_generalization" and not cfg.eval_datasets:
+        from perl_core.train import dg_default_targets
+
+        names += dg_default_targets(cfg.dataset)
+    return list(dict.fromkeys(names))
+
+
+def _digest(name: str, data_root: str) -> Any:
+    from perl_core.data import dataset_digest, get_spec
+
+    key = (get_spec(name).name, data_root)
+    _DATA_DIGESTS[key] = dataset_digest(name, data_root, known=_DATA_DIGESTS.get(key))
+    return _DATA_DIGESTS[key]
+
+
+def data_digests(cfg: TrainConfig) -> list[Any]:
+    """The `perl_core.data.DataDigest` of every dataset `cfg` reads (training dataset first).
+    Raises what `dataset_digest` raises (a missing root or split file, named)."""
+    return [_digest(name, cfg.data_root) for name in datasets_read(cfg)]
+
+
+def grid_data_digests(configs: Iterable[TrainConfig],
+                      warn: Any = None) -> dict[str, Any]:
+    """dataset -> DataDigest over the configs (the driver's side of the done-match). A dataset
+    not there yet (the synthetic world is generated later) is left out; one that cannot be read
+    for another reason too, with a line through `warn`: its finished runs then count as done
+    whatever data they read."""
+    out: dict[str, Any] = {}
+    seen: set[tuple[str, str]] = set()
+    for cfg in configs:
+        for name in datasets_read(cfg):
+            if (name, cfg.data_root) in seen:
+                continue
+            seen.add((name, cfg.data_root))
+            try:
+                d = _digest(name, cfg.data_root)
+            except FileNotFoundError:
+                continue
+            except Exception as e:
+                if warn is not None:
+                    warn(f"warning: cannot digest dataset {name} under "
+                         f"{redact_uri(cfg.data_root)} ({type(e).__name__}: {_short_error(e)}): "
+                         f"its finished runs count as done whatever data they read")
+                continue
+            out[d.dataset] = d
+    return out
+
+
+def data_tags(digests: Iterable[Any]) -> dict[str, str]:
+    return {f"{DATA_DIGEST_TAG}{d.dataset}": d.digest for d in digests}
+
+
+def data_inputs(digests: list[Any]) -> list[dict[str, str]]:
+    """The MLflow dataset inputs of a trial (JSON, kept in its record for the replay): the
+    first dataset is the training one (context `train`), the others targets (`eval`)."""
+    return [{"name": d.dataset, "digest": d.digest, "source": redact_uri(d.source),
+             "kind": d.kind, "context": "train" if i == 0 else "eval"}
+            for i, d in enumerate(digests)]
+
+
+def data_changed(tags: dict[str, str], digests: dict[str, Any]) -> list[str]:
+    """The datasets whose digest a run recorded (`data_digest.<dataset>`) differs from the
+    current one: such a run is not done for the current data. THE rule of the done-match on
+    data: a run without the tag (logged before it existed) or a dataset not digested now
+    matches, so nothing is recomputed for want of a digest."""
+    return [name for name, d in digests.items()
+            if tags.get(f"{DATA_DIGEST_TAG}{name}", d.digest) != d.digest]
+
+
+def _data_key(tags: dict[str, str]) -> tuple:
+    return tuple(sorted((k, v) for k, v in tags.items() if k.startswith(DATA_DIGEST_TAG)))
+
+
+def _stale_data_lines(stale: dict[str, tuple[Any, list[str]]], digests: dict[str, Any]
+                      ) -> list[str]:
+    """One warning per dataset whose change makes finished cells run again."""
+    by_dataset: dict[str, list[str]] = {}
+    for run, names in stale.values():
+        for name in names:
+            by_dataset.setdefault(name, []).append(
+                run.data.tags.get(f"{DATA_DIGEST_TAG}{name}", "?"))
+    lines = []
+    for name, old in sorted(by_dataset.items()):
+        d = digests[name]
+        lines.append(f"warning: dataset {name} changed: its {d.kind} {redact_uri(d.source)} has "
+                     f"digest {d.digest} now, {len(old)} finished cell(s) read "
+                     f"{', '.join(sorted(set(old)))}; they are not counted as done and run "
+                     f"again on the new data")
+    return lines
+
+
 # --- MLflow --------------------------------------------------------------------------------------
+
+RESOLVED_SWEEP = "sweep/resolved.yaml"  # the parent run's artifact: the sweep as run (base, --set)
 
 
 def mlflow_client(tracking_uri: str) -> Any:
@@ -419,14 +640,22 @@ class Tracker:
         self.client = mlflow_client(tracking_uri)
 
     def check(self) -> None:
-        """Raise TrackingUnavailable (naming the redacted URI) when the store does not answer."""
+        """Raise TrackingUnavailable (naming the redacted URI) when the store does not answer,
+        or refuses this client's credentials (naming the user and where they came from, never
+        the password)."""
         try:
             self.client.search_experiments(max_results=1)
         except Exception as e:
+            where = redact_uri(self.tracking_uri)
+            why = f"{type(e).__name__}: {_short_error(e)}"
+            if _http_status(e) in (401, 403):
+                raise TrackingUnavailable(
+                    f"MLflow tracking at {where} refused {credentials_source()} ({why}); fix "
+                    f"the user name / password there (docs/tracking.md, Credentials)") from None
             raise TrackingUnavailable(
-                f"MLflow tracking at {redact_uri(self.tracking_uri)} is unreachable "
-                f"({type(e).__name__}: {_short_error(e)}); start the server or fix tracking_uri "
-                f"(--tracking-uri, the sweep's tracking_uri:, $MLFLOW_TRACKING_URI)") from None
+                f"MLflow tracking at {where} is unreachable ({why}); start the server or fix "
+                f"tracking_uri (--tracking-uri, the sweep's tracking_uri:, $MLFLOW_TRACKING_URI)"
+            ) from None
 
     # experiments -------------------------------------------------------------------------------
     def default_artifact_location(self, experiment: str) -> str | None:
@@ -470,27 +699,40 @@ class Tracker:
                 return runs
 
     def finished_by_hash(self, experiment_id: str, *, phase: str = "final",
-                         code_version: str | None = None) -> dict[str, Any]:
-        """config_hash -> the latest FINISHED run of that phase (same code_version unless None)."""
+                         code_version: str | None = None, data: dict[str, Any] | None = None,
+                         warn: Any = None) -> dict[str, Any]:
+        """config_hash -> the latest FINISHED run of that phase (same code_version unless None)
+        that read the same data (`data`: dataset -> DataDigest now; the rule is
+        `data_changed`). With `warn`, one line per dataset whose change leaves cells to run."""
         flt = f"attributes.status = 'FINISHED' and tags.phase = '{phase}'"
         if code_version is not None:
             flt += f" and tags.code_version = '{code_version}'"
         out: dict[str, Any] = {}
+        stale: dict[str, tuple[Any, list[str]]] = {}
         for r in sorted(self.search(experiment_id, flt), key=lambda r: r.info.end_time or 0):
             h = r.data.tags.get("config_hash")
-            if h:
+            changed = data_changed(r.data.tags, data or {}) if h else []
+            if h and changed:
+                stale[h] = (r, changed)
+            elif h:
                 out[h] = r
+        if warn is not None:
+            for line in _stale_data_lines({h: v for h, v in stale.items() if h not in out},
+                                          data or {}):
+                warn(line)
         return out
 
     def finished_run(self, experiment_id: str, config_hash: str, *, phase: str,
-                     code_version: str | None) -> Any | None:
+                     code_version: str | None, data: dict[str, Any] | None = None
+                     ) -> Any | None:
+        """The latest FINISHED run of this hash, as `finished_by_hash` matches it."""
         flt = (f"attributes.status = 'FINISHED' and tags.config_hash = '{config_hash}' "
                f"and tags.phase = '{phase}'")
         if code_version is not None:
             flt += f" and tags.code_version = '{code_version}'"
-        runs = self.client.search_runs([experiment_id], filter_string=flt, max_results=1,
+        runs = self.client.search_runs([experiment_id], filter_string=flt, max_results=100,
                                        order_by=["attributes.end_time DESC"])
-        return runs[0] if runs else None
+        return next((r for r in runs if not data_changed(r.data.tags, data or {})), None)
 
     # runs --------------------------------------------------------------------------------------
     def start_parent(self, experiment_id: str, sweep: str, run_name: str,
@@ -507,8 +749,10 @@ class Tracker:
     _CREATE_TAGS = ("mlflow.parentRunId", "sweep", "phase", "cell")
 
     def start_trial(self, experiment_id: str, parent_run_id: str, run_name: str,
-                    cfg: TrainConfig, tags: dict[str, str], start_ms: int | None = None) -> str:
-        """A RUNNING child run with every param and tag. If MLflow goes away between creating
+                    cfg: TrainConfig, tags: dict[str, str], start_ms: int | None = None,
+                    inputs: list[dict[str, str]] | None = None) -> str:
+        """A RUNNING child run with every param and tag, and the datasets it reads (`inputs`,
+        from `data_inputs`). If MLflow goes away between creating
         the run and logging its params, the run is a shell without `config_hash` (which readers
         such as pipeline.aggregate skip) that the next submission marks KILLED; never a trial
         run with tags but no params."""
@@ -523,7 +767,30 @@ class Tracker:
         params = [Param(k, v) for k, v in config_params(cfg).items()]
         rest = [RunTag(k, str(v)) for k, v in tags.items() if k not in first]
         self.client.log_batch(run.info.run_id, params=params, tags=rest)
+        if inputs:
+            self.log_inputs(run.info.run_id, inputs)
         return run.info.run_id
+
+    def log_inputs(self, run_id: str, inputs: list[dict[str, str]]) -> None:
+        """The run's dataset inputs (the UI's Datasets column): name, digest, source (the split
+        file or folder, as MLflow's own dataset sources write it), context train / eval."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        from perl_core.data.storage import protocol_of
+
+        def entity(i: dict[str, str]) -> Any:
+            kind = protocol_of(i["source"])
+            return Dataset(name=i["name"], digest=i["digest"],
+                           source_type="local" if kind == "file" else kind,
+                           source=json.dumps({"uri": i["source"]}),
+                           profile=json.dumps({"digest_of": i["kind"]}))
+
+        self.client.log_inputs(run_id, datasets=[
+            DatasetInput(entity(i), tags=[InputTag("mlflow.data.context", i["context"])])
+            for i in inputs])
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
@@ -531,13 +798,13 @@ class Tracker:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_result(self, run_id: str, record: TrialRecord, projectors: bytes) -> None:
-        """Final metrics (step 0), the training curves (`train_step/*`, step = optimizer step N;
-        `train_epoch/*`, step = epoch E, both from 1), artifacts."""
+        """Final metrics (step 0; the per-step ones charted over the step too, `step_charted`),
+        the training curves (`train_step/*`, step = optimizer step N; `train_epoch/*`, step =
+        epoch E, both from 1), artifacts, and the results in the run's note."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, 0) for k, v in record.metrics.items()
-                   if _finite(v)]
+        metrics = [Metric(k, v, now, step) for k, v, step in step_charted(record.metrics)]
         metrics.append(Metric("num_trainable_parameters",
                               float(record.num_trainable_parameters), now, 0))
         for h in record.history:
@@ -558,8 +825,12 @@ class Tracker:
             (t / "per_class.json").write_text(json.dumps(record.per_class, indent=1))
             (t / "metrics.json").write_text(json.dumps(record.metrics, indent=1, sort_keys=True))
             self.client.log_artifacts(run_id, str(t))
-        self.set_tags(run_id, {"num_trainable_parameters": str(record.num_trainable_parameters),
-                               "record_id": record.record_id})
+        done = {"num_trainable_parameters": str(record.num_trainable_parameters),
+                "record_id": record.record_id}
+        if record.tags.get(NOTE_TAG):
+            results = results_note(record.metrics)
+            done[NOTE_TAG] = _clip(record.tags[NOTE_TAG] + (f"\n\n{results}" if results else ""))
+        self.set_tags(run_id, done)
 
     def end(self, run_id: str, status: str = "FINISHED", detail: str | None = None,
             end_ms: int | None = None) -> None:
@@ -600,6 +871,32 @@ class Tracker:
             self.end(rid, "KILLED", f"marked KILLED by a later submission: {why}")
             killed.append(rid)
         return killed
+
+
+def _http_status(e: BaseException) -> int | None:
+    """The HTTP status of a failed MLflow REST call (MLflow raises a RestException with it, or an
+    MlflowException whose message says `error code 401 != 200`)."""
+    import re
+
+    get = getattr(e, "get_http_status_code", None)
+    found = re.search(r"error code (\d{3}) != 200", str(e))
+    code = int(found.group(1)) if found else (get() if callable(get) else None)
+    return code if isinstance(code, int) else None
+
+
+def credentials_source() -> str:
+    """Which MLflow user this process authenticates as, and where MLflow found it (the
+    environment wins over ~/.mlflow/credentials); never the password."""
+    from mlflow.environment_variables import MLFLOW_TRACKING_USERNAME
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    user = read_mlflow_creds().username
+    if not user:
+        return ("a request without credentials ($MLFLOW_TRACKING_USERNAME unset, no "
+                "mlflow_tracking_username in ~/.mlflow/credentials)")
+    where = ("$MLFLOW_TRACKING_USERNAME/_PASSWORD" if MLFLOW_TRACKING_USERNAME.get() else
+             f"{Path('~/.mlflow/credentials').expanduser()}, section [mlflow]")
+    return f"user {user!r} ({where})"
 
 
 def _short_error(e: BaseException) -> str:
@@ -652,7 +949,8 @@ def log_record(tracker: Tracker, experiment_id: str, record: TrialRecord, projec
     cfg = record.train_config
     tags = {**record.tags, **(extra_tags or {})}
     run_id = tracker.start_trial(experiment_id, parent_run_id or record.parent_run_id,
-                                 record.run_name, cfg, tags, start_ms=record.started_ms or None)
+                                 record.run_name, cfg, tags, start_ms=record.started_ms or None,
+                                 inputs=record.extra.get("data_inputs"))
     tracker.log_result(run_id, record, projectors)
     tracker.end(run_id, "FINISHED", end_ms=record.ended_ms or None)
     return run_id
@@ -663,7 +961,8 @@ def replay(tracker: Tracker, storage: str, experiment: str, *, parent_run_id: st
     """Log every storage record of `experiment` that MLflow lacks; returns the new run ids.
 
     A record is present when a FINISHED run carries its `record_id`, or a FINISHED run of the
-    same (config_hash, code_version, phase) exists (no duplicate for an already-tracked result).
+    same (config_hash, code_version, phase, data digests) exists (no duplicate for an
+    already-tracked result).
     Incomplete records (blob missing or not matching its sha256) are never logged; their reasons
     go to `skipped` when given.
 
@@ -684,11 +983,13 @@ def replay(tracker: Tracker, storage: str, experiment: str, *, parent_run_id: st
     except down as e:
         raise _replay_stopped(tracker, e, 0, len(records)) from e
     known_ids = {r.data.tags.get("record_id") for r in done}
+    # (a result of other data is another result: its record is logged beside the old run)
     known_keys = {(r.data.tags.get("config_hash"), r.data.tags.get("code_version"),
-                   r.data.tags.get("phase")) for r in done}
+                   r.data.tags.get("phase"), _data_key(r.data.tags)) for r in done}
     todo = []
     for rec, url in records:  # one per result: of two records of one result, the first
-        key = (rec.config_hash, rec.tags.get("code_version"), rec.tags.get("phase"))
+        key = (rec.config_hash, rec.tags.get("code_version"), rec.tags.get("phase"),
+               _data_key(rec.tags))
         if rec.record_id not in known_ids and key not in known_keys:
             known_keys.add(key)
             todo.append((rec, url))
@@ -727,4 +1028,7 @@ __all__ = ["Tracker", "TrialRecord", "TrackingUnavailable", "RecordError", "HTTP
            "PHASES", "PARENT_PHASE", "config_params", "redact_uri", "write_record",
            "iter_records", "read_bytes", "records_dir", "replay", "log_record", "new_record_id",
            "experiment_slug", "iter_children", "HEARTBEAT_S", "tracking_errors",
-           "driver_liveness"]
+           "driver_liveness", "NOTE_TAG", "DATA_DIGEST_TAG", "SOURCE_NAME", "submitter",
+           "source_tags", "sweep_note", "trial_note", "results_note", "step_charted",
+           "datasets_read", "data_digests", "grid_data_digests", "data_tags", "data_inputs",
+           "data_changed"]

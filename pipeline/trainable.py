@@ -69,6 +69,10 @@ logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
 # overrides it (the worker-kill test lowers it; results do not depend on it).
 CHECKPOINT_EVERY = int(os.environ.get("PERL_CHECKPOINT_EVERY") or 500)
 REPORT_EVERY_S = 10.0  # progress reports to Tune at most this often (each is a driver round trip)
+# The keys of those progress reports (with "progress", the fraction done): pipeline.run's live
+# display and pipeline.status (from Tune's saved state) read them by these names.
+PROGRESS_KEYS = {"step": "step", "total": "total_steps", "epoch": "epoch", "epochs": "epochs",
+                 "loss": "train_step/loss"}
 # Test hook, off unless set: sleep this long after every optimizer step, so a fault-injection test
 # can kill a worker mid-training (tests/reliability/test_worker_kill.py). Timing only.
 STEP_DELAY_S = float(os.environ.get("PERL_TEST_STEP_DELAY_S") or 0)
@@ -347,10 +351,11 @@ def _progress_callback(cell: str, dataset: str = ""):
         """Throttled progress reports (step, fraction done, loss) for Tune's status table."""
 
         def __init__(self) -> None:
-            self.total, self.last = 0, 0.0
+            self.total, self.epochs, self.last = 0, 0, 0.0
 
         def on_train_start(self, info: dict[str, Any]) -> None:
             self.total = int(info.get("total_steps") or 0)
+            self.epochs = self.total // max(1, int(info.get("steps_per_epoch") or 0))
 
         def on_step_end(self, step: int, logs: dict[str, Any]) -> None:
             if STEP_DELAY_S:
@@ -365,8 +370,11 @@ def _progress_callback(cell: str, dataset: str = ""):
             if now - self.last < REPORT_EVERY_S and step < self.total:
                 return
             self.last = now
-            tune.report({"step": float(step), "progress": step / max(1, self.total),
-                         "train_step/loss": float(logs.get("loss", float("nan")))})
+            k = PROGRESS_KEYS
+            tune.report({k["step"]: float(step), "progress": step / max(1, self.total),
+                         k["loss"]: float(logs.get("loss", float("nan"))),
+                         k["total"]: float(self.total), k["epochs"]: float(self.epochs),
+                         k["epoch"]: float(logs.get("epoch") or 0)})
 
     return TuneProgress()
 
@@ -407,8 +415,33 @@ def trial_tags(cfg: TrainConfig, name: str, context: dict[str, Any], device: Any
         "cell": name, "ray_node_id": _node_id(), "trial_id": trial_id,
         "ray_job_id": context.get("ray_job_id", ""), "sweep_file": context.get("sweep_file", ""),
         **versions(), **device_info(device),
+        # the UI's Source and User columns (the user is the driver's: the submitter)
+        **tracking.source_tags(context["code_sha"], context.get("user", "")),
     }
     return {k: str(v) for k, v in tags.items()}
+
+
+def trial_data(cfg: TrainConfig, name: str) -> list[Any]:
+    """The DataDigest of every dataset the trial reads (`tracking.data_digests`: once per
+    process); [] when they cannot be read here: the run then records no inputs, and `fit` fails
+    with its own error naming what is missing."""
+    try:
+        return tracking.data_digests(cfg)
+    except Exception as e:
+        logger.warning("cannot digest the data of %s (%s: %s): its run records no dataset "
+                       "inputs", name, type(e).__name__, e)
+        return []
+
+
+def note_tags(cfg: TrainConfig, name: str, context: dict[str, Any], data: list[Any]
+              ) -> dict[str, str]:
+    """The data digest tags and the run's note (the varied values: the grid's, or the searched
+    fields of an Optuna sample); `Tracker.log_result` adds the results to the note."""
+    varied = context.get("search_fields") if context["phase"] == "hpo" else \
+        context.get("varied_fields")
+    return {**tracking.data_tags(data), tracking.NOTE_TAG: tracking.trial_note(
+        name, cfg, sweep=context["sweep"], phase=context["phase"], varied=varied or (),
+        data=data)}
 
 
 def arm_tags(config: dict[str, Any], context: dict[str, Any]) -> dict[str, str]:
@@ -471,12 +504,14 @@ def train_cell(config: dict[str, Any], context: dict[str, Any] | None = None) ->
     phase = context["phase"]
     tracker = _tracker(context)
     code = None if context.get("ignore_code_version") else context["code_version"]
+    data = trial_data(cfg, name)  # before the lookup: a run of other data is not done
     clock.lap("setup")
 
     if tracker is not None and not context.get("rerun"):
         try:
             done = tracker.finished_run(context["experiment_id"], h, phase=phase,
-                                          code_version=code)
+                                          code_version=code,
+                                          data={d.dataset: d for d in data})
         except Exception as e:  # unreachable: do not wait for it a second time below
             logger.warning("MLflow lookup failed (%s); training without a run, the storage "
                            "record will be replayed into MLflow later", e)
@@ -501,14 +536,16 @@ def train_cell(config: dict[str, Any], context: dict[str, Any] | None = None) ->
         device, device_error = trial_device(cfg), None
     except (ValueError, RuntimeError) as e:
         device, device_error = None, e
-    tags = {**trial_tags(cfg, name, context, device), **cache_tag, **arm_tags(config, context)}
+    tags = {**trial_tags(cfg, name, context, device), **cache_tag, **arm_tags(config, context),
+            **note_tags(cfg, name, context, data)}
     clock.lap("tags")
     started_ms = int(time.time() * 1000)
     run_id = None
     if tracker is not None:
         try:
             run_id = tracker.start_trial(context["experiment_id"], context["parent_run_id"], name,
-                                         cfg, tags, start_ms=started_ms)
+                                         cfg, tags, start_ms=started_ms,
+                                         inputs=tracking.data_inputs(data))
         except Exception as e:
             logger.warning("cannot create the MLflow run (%s); the storage record will be "
                            "replayed into MLflow later", e)
@@ -543,7 +580,8 @@ def train_cell(config: dict[str, Any], context: dict[str, Any] | None = None) ->
             tags=tags, parent_run_id=context["parent_run_id"], started_ms=started_ms,
             ended_ms=int(time.time() * 1000),
             extra={"train_seconds": result.train_seconds, "eval_seconds": result.eval_seconds,
-                   "resumed_from_step": ckpt.resumed_step})
+                   "resumed_from_step": ckpt.resumed_step,
+                   "data_inputs": tracking.data_inputs(data)})
         with tempfile.TemporaryDirectory(prefix="perl-proj-") as d:
             save_projectors(Path(d) / "projectors.safetensors", result)
             blob = (Path(d) / "projectors.safetensors").read_bytes()
@@ -667,4 +705,4 @@ __all__ = ["train_cell", "import_sweep_modules", "backbone", "clear_backbone", "
            "trial_config", "trial_tags", "arm_tags", "TuneCheckpoint", "fit_phases",
            "cache_settings", "feature_cache", "cache_tags", "cache_metrics", "cache_url",
            "TIMINGS_ENV", "ray_cpu_share", "with_trial_workers", "ray_gpu_ids", "trial_device",
-           "is_oom"]
+           "is_oom", "PROGRESS_KEYS", "trial_data", "note_tags"]

@@ -8,6 +8,12 @@
 - `S3Endpoint()`: moto's S3 server in a thread of this process; `stop()` / `start()` take it
   down and bring it back on the same port with the same buckets (an outage).
 - `free_port()`: a free TCP port on 127.0.0.1.
+- `Postgres(password)`: a real PostgreSQL (Debian's binaries) in a temporary folder: `initdb`
+  (superuser `mlflow`, scram password), `pg_ctl start` on a free 127.0.0.1 port (its unix socket
+  in that folder), `createdb(name)`, `dump(name)`, `stop()`. As root it runs the server as
+  `nobody` (initdb refuses root); `postgres_missing()` says why it cannot run here, or "".
+- `RecipeMlflowServer(tmp, env)`: `mlflow server` started by cluster/mlflow/mlflow-server.sh
+  itself with the recipe's variables in `env` (same start/wait/kill/stop as `MlflowServer`).
 - `start_cli(args, log, env)`: `python -m pipeline.run ARGS` as a subprocess in its own process
   group (its own local Ray), output to `log`; `finish(p)` waits and then `kill_group(p)` kills
   what is left of the group (the Ray workers of a killed driver); `cli_env` is its environment.
@@ -16,11 +22,14 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -142,6 +151,124 @@ class S3Endpoint:
 
 
 
+class RecipeMlflowServer(MlflowServer):
+    """`mlflow server` as cluster/mlflow/mlflow-server.sh starts it: `env` holds the recipe's
+    variables (MLFLOW_BACKEND_STORE_URI, MLFLOW_ARTIFACTS_DESTINATION, MLFLOW_AUTH, ...) on top of
+    this process's environment; the port is this object's. The script finds `mlflow` on PATH:
+    this interpreter's bin folder first."""
+
+    SCRIPT = REPO / "cluster" / "mlflow" / "mlflow-server.sh"
+
+    def __init__(self, tmp: Path | str, env: dict[str, str], *, workers: int = 1,
+                 log: Path | str | None = None, port: int | None = None):
+        base = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        super().__init__(tmp, env={**base, **env}, log=log, port=port, workers=workers)
+        self.env.update({"MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(self.port),
+                         "MLFLOW_WORKERS": str(workers),
+                         "PATH": os.pathsep.join([str(Path(sys.executable).parent),
+                                                  self.env.get("PATH", "")])})
+
+    def start(self, timeout: float = 120, wait: bool = True) -> "RecipeMlflowServer":
+        with open(self.log, "a") as out:
+            self.proc = subprocess.Popen(["bash", str(self.SCRIPT)], env=self.env, stdout=out,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         cwd=self.tmp, start_new_session=True)
+        return self.wait_healthy(timeout) if wait else self
+
+
+def postgres_bindir() -> Path | None:
+    """The folder of PostgreSQL's server binaries: `initdb` on PATH, else Debian's
+    /usr/lib/postgresql/<major>/bin (not on PATH there), the newest major."""
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    dirs = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+                  key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0)
+    return Path(dirs[-1]).parent if dirs else None
+
+
+def postgres_missing() -> str:
+    """Why `Postgres` cannot run on this machine ("" when it can)."""
+    if postgres_bindir() is None:
+        return "PostgreSQL's initdb not found (apt-get install postgresql; .ci/run does)"
+    if os.geteuid() == 0:
+        import pwd
+
+        if shutil.which("runuser") is None:
+            return "running as root without runuser: initdb refuses root"
+        try:
+            pwd.getpwnam("nobody")
+        except KeyError:
+            return "running as root without a `nobody` user to run PostgreSQL as"
+    return ""
+
+
+class Postgres:
+    """A PostgreSQL server of its own: data and unix socket in a fresh /tmp folder (outside
+    pytest's root-only tmp, so that `nobody` can use it), TCP on 127.0.0.1:`port`, superuser
+    `mlflow` with a scram password (clients give it as PGPASSWORD, never in the URI)."""
+
+    USER = "mlflow"
+
+    def __init__(self, password: str):
+        self.bindir, self.password = postgres_bindir(), password
+        assert self.bindir is not None, postgres_missing()
+        self.root = Path(tempfile.mkdtemp(prefix="pg", dir="/tmp"))
+        self.data, self.port = self.root / "data", free_port()
+        # initdb and postgres refuse to run as root: as root, run them as nobody
+        self.as_user = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+        if self.as_user:
+            import pwd
+
+            nobody = pwd.getpwnam("nobody")
+            os.chown(self.root, nobody.pw_uid, nobody.pw_gid)
+        self.env = {**os.environ, "PGPASSWORD": password, "LC_ALL": "C"}
+        self.env.pop("PGDATABASE", None)
+
+    def _run(self, tool: str, *args: str, timeout: float = 120) -> str:
+        p = subprocess.run([*self.as_user, str(self.bindir / tool), *args], cwd=self.root,
+                           env=self.env, capture_output=True, text=True, timeout=timeout)
+        if p.returncode != 0:
+            raise AssertionError(f"{tool} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+        return p.stdout
+
+    def start(self) -> "Postgres":
+        pwfile = self.root / "pwfile"
+        pwfile.write_text(self.password + "\n")
+        if self.as_user:
+            os.chown(pwfile, *(os.stat(self.root)[4:6]))
+        try:
+            self._run("initdb", "-D", str(self.data), "-U", self.USER, f"--pwfile={pwfile}",
+                      "--auth=scram-sha-256", "-E", "UTF8", "--no-locale", "--no-sync")
+        finally:
+            pwfile.unlink()
+        opts = (f"-c listen_addresses=127.0.0.1 -c port={self.port} "
+                f"-c unix_socket_directories={self.root} -c fsync=off")
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "postgres.log"),
+                  "-o", opts, "-w", "-t", "60", "start")
+        return self
+
+    def createdb(self, name: str) -> str:
+        """Create database `name`; returns its URI (no password in it)."""
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.USER, name)
+        return self.uri(name)
+
+    def uri(self, name: str) -> str:
+        return f"postgresql+psycopg2://{self.USER}@127.0.0.1:{self.port}/{name}"
+
+    def dump(self, name: str) -> str:
+        """Everything in database `name`, as SQL (pg_dump)."""
+        return self._run("pg_dump", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.USER,
+                         name)
+
+    def stop(self) -> None:
+        with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
+            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop",
+                      timeout=60)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+
 # --- pipeline.run as a subprocess -----------------------------------------------------------------
 
 
@@ -182,4 +309,4 @@ def kill_group(p: subprocess.Popen) -> None:
 
 
 __all__ = ["MlflowServer", "S3Endpoint", "free_port", "cli_env", "start_cli", "finish",
-           "kill_group"]
+           "kill_group", "RecipeMlflowServer", "Postgres", "postgres_bindir", "postgres_missing"]

@@ -85,6 +85,7 @@ fixed:
   seed: 1
   device: cpu
   eval_batch_size: 64
+  jacobian_samples: 0  # the Jacobian has its own tests; trials here test the pipeline
 grid:
   dataset: [{', '.join(datasets)}]
   num_steps: [{', '.join(map(str, steps))}]
@@ -122,9 +123,11 @@ def first_run(tmp_path_factory, world, weights, ray_local):
     from pipeline.run import main
 
     t0 = time.time()
-    rc = main([str(yaml_path)])
+    # an override of an execution field (outside the hash): later runs without it find the cells
+    overrides = ["fixed.eval_batch_size=32"]
+    rc = main([str(yaml_path), "--set", overrides[0]])
     return {"tmp": tmp, "uri": uri, "yaml": yaml_path, "rc": rc, "seconds": time.time() - t0,
-            "world": world, "weights": weights}
+            "world": world, "weights": weights, "overrides": overrides}
 
 
 # --- tests ---------------------------------------------------------------------------------------
@@ -165,6 +168,24 @@ def test_tracking_lost_before_the_parent_run_is_a_message_not_a_traceback(
     assert not (tmp_path / "runs" / "tune").exists()
 
 
+def test_the_parent_run_keeps_the_resolved_sweep(first_run):
+    import yaml
+
+    from pipeline.tracking import PARENT_PHASE, RESOLVED_SWEEP, Tracker
+
+    t = Tracker(first_run["uri"])
+    exp = t.client.get_experiment_by_name("test/tiny")
+    parent = min((r for r in t.search(exp.experiment_id)
+                  if r.data.tags.get("phase") == PARENT_PHASE), key=lambda r: r.info.start_time)
+    local = t.client.download_artifacts(parent.info.run_id, RESOLVED_SWEEP,
+                                        str(first_run["tmp"] / "resolved"))
+    resolved = yaml.safe_load(open(local).read())
+    assert resolved["fixed"]["eval_batch_size"] == 32  # the --set, applied
+    assert resolved["grid"]["num_steps"] == [1, 2]
+    assert {r.data.params["eval_batch_size"] for r in children(first_run["uri"], "test/tiny")} \
+        == {"32"}
+
+
 def test_every_cell_is_a_finished_child_run(first_run):
     from perl_core.config import TrainConfig
     from perl_core.train import load_projectors
@@ -182,7 +203,8 @@ def test_every_cell_is_a_finished_child_run(first_run):
     parent = tracker.client.get_run(parents.pop())
     assert parent.info.status == "FINISHED" and parent.data.tags["num_finished"] == "4"
 
-    expected = {c.name: c for c in cells(load_spec(first_run["yaml"]))}
+    expected = {c.name: c for c in cells(load_spec(first_run["yaml"],
+                                                   overrides=first_run["overrides"]))}
     for r in runs:
         cell = expected[r.info.run_name]
         cfg = cell.config
@@ -287,6 +309,12 @@ def test_replay_rebuilds_an_empty_store(first_run, capsys):
         # the per-epoch curve travels in the record too
         epochs = tracker.client.get_metric_history(r.info.run_id, "train_epoch/loss")
         assert sorted(p.step for p in epochs) == list(range(1, FIRST_RUN_EPOCHS + 1))
+        # and the note, the dataset inputs and the per-step charts (tests/test_mlflow_conventions)
+        assert r.data.tags["mlflow.note.content"] == o.data.tags["mlflow.note.content"]
+        [inp] = tracker.client.get_run(r.info.run_id).inputs.dataset_inputs
+        assert inp.dataset.digest == o.data.tags[f"data_digest.{o.data.tags['dataset']}"]
+        assert len(tracker.client.get_metric_history(r.info.run_id, "base/acc")) == \
+            int(o.data.params["num_steps"]) + 1
     # idempotent: a second replay adds nothing, and a run of the sweep finds every cell done
     rc, out = run([str(first_run["yaml"]), "--replay", "--tracking-uri", uri], capsys)
     assert rc == 0 and len(children(uri, "test/tiny")) == 4

@@ -193,6 +193,9 @@ def test_ray_job_submit_smoke_yaml_runs_on_both_nodes(cluster, tmp_path):
                    "env_vars": {"PERL_DATA_ROOT": str(tmp_path / "world"),
                                 "PERL_RUNS_DIR": str(tmp_path / "runs"),
                                 "MLFLOW_TRACKING_URI": uri,
+                                # both nodes are on this host: they see the same sqlite file
+                                # and storage folder (else pipeline.cluster_check refuses)
+                                "PERL_SHARED_FS": "1",
                                 "GIT_SHA": _git("rev-parse", "HEAD") or "unknown",
                                 "GIT_DIRTY": "true" if _git("status", "--porcelain") else "false",
                                 # Tune reuses the head's actor for the next trial: on loaded

@@ -8,7 +8,8 @@ Tune and Ray views, and the progress lines of `pipeline.run` itself.
   status is asked while it runs (done + running + failed with the injected OOM's reason, an ETA,
   the real Tune state read back), then the driver is SIGKILLed with its Ray processes, leaving
   RUNNING runs that status must call stale. The driver's stdout must show the `[i/n] done`,
-  `[i/n] FAILED` and `status:` progress lines.
+  `[i/n] FAILED` and `status:` progress lines and a running trial's `progress:` line (step/total,
+  loss; no TTY), and status the same trial's step and loss from Tune's saved state.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 COUNTS = re.compile(r"(\d+) cells: (\d+) done, (\d+) running, (\d+) failed, (\d+) left")
 DONE_LINE = r"^\[\d/6\] done   b2n/ToyShapes/\S+: hm \d"  # pipeline.run's progress lines
 FAILED_LINE = r"^\[\d/6\] FAILED b2n/ToyCounts/"
+# a running trial's progress: pipeline.run's non-TTY line and pipeline.status's line
+PROGRESS = r"b2n/ToyShapes/\S+: step \d+/\d+, epoch 1/1, loss \d[\d.e+-]*, elapsed \d\d:\d\d:\d\d$"
+PROGRESS_LINE, STATUS_PROGRESS = rf"^progress: {PROGRESS}", rf"^  {PROGRESS}"
 
 
 def sweep_file(path: Path, *, storage: Path, tracking: str, world: Path | str = "data",
@@ -148,13 +152,14 @@ def test_running_runs_of_a_dead_driver_are_stale(sweep, capsys, no_ray):
     assert "mean trial time 00:00:04; ETA 00:00:12\n" in out, out
 
 
-def tune_state(sweep, statuses: dict[int, str]) -> Path:
-    """A saved Tune state for the grid phase, in the layout Tune writes it (see module doc)."""
+def tune_state(sweep, statuses: dict[int, str], meta: dict[int, dict] | None = None) -> Path:
+    """A saved Tune state for the grid phase, in the layout Tune writes it (see module doc);
+    `meta`: a trial's run metadata (Tune's `_TrainingRunMetadata` JSON: last_result, ...)."""
     d = sweep["tmp"] / "runs" / "tune" / "test__st-final-0123456789"
     d.mkdir(parents=True)
     trials = [[json.dumps({"trial_id": f"t{i}", "status": st, "config": {"cell": {
-        "name": sweep["cells"][i].name, "config": sweep["cells"][i].config.to_dict()}}}), "{}"]
-        for i, st in statuses.items()]
+        "name": sweep["cells"][i].name, "config": sweep["cells"][i].config.to_dict()}}}),
+        json.dumps((meta or {}).get(i, {}))] for i, st in statuses.items()]
     f = d / "experiment_state-2030-01-01_00-00-00.json"
     f.write_text(json.dumps({"trial_data": trials, "runner_data": {}, "stats": {}}))
     return f
@@ -180,6 +185,37 @@ def test_tune_ended_trial_makes_a_running_run_stale_and_pending_is_queued(sweep,
     sweep["tracker"].end(parent, "KILLED")
     out = status([str(sweep["yaml"]), "--ignore-code-version"], capsys)
     assert "queued" not in out and "2 stale (driver gone?)" in out, out
+
+
+def progress_meta(reported: float, step: float, loss: float) -> dict:
+    """Run metadata as Tune saves it after a progress report then a checkpoint-only report."""
+    values = {"step": step, "total_steps": 12.0, "epoch": 1.0, "epochs": 1.0,
+              "train_step/loss": loss, "checkpoint_step": step}
+    return {"last_result": {"checkpoint_step": step}, "last_result_time": reported,
+            "metric_analysis": {k: {"max": v, "min": v, "avg": v, "last": v}
+                                for k, v in values.items()}}
+
+
+def test_running_trials_show_their_progress_from_tune_state(sweep, capsys, no_ray):
+    c = sweep["cells"]
+    parent = parent_run(sweep, pid=os.getpid())
+    now_ms = int(time.time() * 1000)
+    child_run(sweep, c[0], parent, "RUNNING", start_ms=now_ms - 65_000)
+    child_run(sweep, c[1], parent, "RUNNING")  # has not reported yet
+    child_run(sweep, c[2], parent, "RUNNING", start_ms=now_ms - 5_000)  # report: earlier attempt
+    tune_state(sweep, {0: "RUNNING", 1: "RUNNING", 2: "RUNNING"},
+               meta={0: progress_meta(time.time() - 2, 5.0, 0.693147),
+                     2: progress_meta(time.time() - 60, 9.0, 0.5)})
+    out = status([str(sweep["yaml"]), "--ignore-code-version"], capsys)
+    assert counts(out)["running"] == 3, out
+    assert re.search(r"^running \(step/total and loss from Tune's state saved \d+ s ago\):$", out,
+                     re.M), out
+    assert re.search(rf"^  {re.escape(c[0].name)}: step 5/12, epoch 1/1, loss 0.6931, "
+                     rf"elapsed 00:01:(0[5-9]|[1-5]\d)$", out, re.M), out
+    for i in (1, 2):
+        assert re.search(rf"^  {re.escape(c[i].name)}: no progress report yet, elapsed "
+                         rf"00:00:\d\d$", out, re.M), out
+    assert c[3].name not in out, out  # left: no progress line
 
 
 def test_unreachable_ray_cluster_is_one_line(sweep, capsys, no_ray, monkeypatch):
@@ -209,9 +245,11 @@ def test_real_sweep_status_while_running_then_stale_after_driver_kill(
     # tests/reliability/test_oom.py); a pause after each step keeps ToyShapes trials running
     # RAY_TMPDIR removed: a fresh local Ray in Ray's default temp dir (`no_ray`'s is too long
     # for Ray's socket paths)
+    # (progress lines every 2 s instead of 30 s: the test sees one before the first trial ends)
     p = start_cli([str(y), "--ignore-code-version"], log,
                   {"PERL_TEST_FAULT": "oom:ToyCounts:1", "PERL_TEST_STEP_DELAY_S": "3.0",
-                   "RAY_TMPDIR": None})
+                   "PERL_PROGRESS_EVERY_S": "2", "RAY_TMPDIR": None})
+    t0 = time.time()
     argv = [str(y), "--ignore-code-version", "--cells"]
     try:
         deadline, seen, out = time.time() + 300, [], ""
@@ -224,11 +262,13 @@ def test_real_sweep_status_while_running_then_stale_after_driver_kill(
                 if COUNTS.search(out):
                     seen.append(out)
                     n = counts(out)
-                    # (and the driver has printed both kinds of progress line: Tune learns of a
-                    # trial's end after MLflow does)
+                    # (and the driver has printed both kinds of end line: Tune learns of a
+                    # trial's end after MLflow does, and a running trial's progress line; status
+                    # has a running trial's step and loss from Tune's saved state)
                     if n["done"] >= 1 and n["failed"] >= 1 and n["running"] >= 1 and \
+                            re.search(STATUS_PROGRESS, out, re.M) and \
                             all(re.search(rx, log.read_text(errors="replace"), re.M)
-                                for rx in (DONE_LINE, FAILED_LINE)):
+                                for rx in (DONE_LINE, FAILED_LINE, PROGRESS_LINE)):
                         break
             time.sleep(0.5)
         else:
@@ -239,7 +279,10 @@ def test_real_sweep_status_while_running_then_stale_after_driver_kill(
         p.wait(60)
     finally:
         kill_group(p)
+    wall = time.time() - t0
     live = seen[-1]
+    assert re.search(r"^running \(step/total and loss from Tune's state saved \d+ s ago\):$",
+                     live, re.M), live
     assert "stale" not in live, live
     assert "driver alive: driver pid" in live, live
     # the failure reason, not just the cell name
@@ -263,3 +306,6 @@ def test_real_sweep_status_while_running_then_stale_after_driver_kill(
     text = log.read_text(errors="replace")
     assert re.search(DONE_LINE, text, re.M) and re.search(FAILED_LINE, text, re.M), text
     assert re.search(r"^status: \d+ (pending|running)", text, re.M), text
+    # no flood: at most one progress line per running trial (<= 6) every 2 s
+    lines = re.findall(r"^progress: .*$", text, re.M)
+    assert 0 < len(lines) <= 6 * (wall / 2 + 1), (wall, text)

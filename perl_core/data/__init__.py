@@ -8,7 +8,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from perl_core.data.coop import DatasetError, Datum, Splits, load_splits, read_split_file
+from perl_core.data.coop import (DataDigest, DatasetError, Datum, Splits, dataset_digest,
+                                 load_splits, read_split_file)
 from perl_core.data.fewshot import (check_shots, fewshot_index, fewshot_splits, sample_fewshot,
                                     subsample_classes)
 from perl_core.data.registry import DatasetSpec, get_spec, list_datasets, register
@@ -34,6 +35,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["DatasetSpec", "register", "get_spec", "list_datasets", "Datum", "Splits",
+           "DataDigest", "dataset_digest",
            "DatasetError", "load_splits", "read_split_file", "sample_fewshot", "fewshot_splits",
            "check_shots", "subsample_classes", "fewshot_index", "class_prompts", "open_fs",
            *_LAZY]

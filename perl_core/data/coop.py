@@ -444,4 +444,92 @@ _LOADERS: dict[str, Callable[[DatasetSpec, _Root], Splits]] = {
     "imagenet_variant": _load_imagenet_variant,
 }
 
-__all__ = ["Datum", "Splits", "DatasetError", "load_splits", "read_split_file", "SPLIT_NAMES"]
+
+# ------------------------------------------------------------------------------------------------
+# content digest (what a tracked run read)
+
+
+@dataclass(frozen=True)
+class DataDigest:
+    """The identity of a dataset's content under one data root.
+
+    digest: 16 hex of a sha256. A single split file (`split_json`): of its bytes, so
+    `sha256sum split_zhou_X.json | cut -c1-16` gives the same; several (`fgvc`): of each file's
+    name and sha256; a listing (`imagenet`, `imagenet_variant`): of the class-name file and the
+    sorted relative image paths (`train/<wnid>/<file>`; images are not read).
+    source: the split file, or the folder the digest covers. stamp: size and modification time
+    of the files read, to tell cheaply that they did not change (for a listing: of its class-name
+    file only; listing again is what costs, so a `known` listing digest is kept while that file
+    stays)."""
+
+    dataset: str  # canonical name
+    digest: str
+    source: str  # URL or local path
+    kind: str  # "split file", "split files" or "file listing"
+    stamp: tuple[str, ...] = ()
+
+
+def dataset_digest(name_or_spec: str | DatasetSpec, data_root: str, *,
+                   known: DataDigest | None = None, **storage_options: Any) -> DataDigest:
+    """The content digest of a registered dataset under `data_root`. With `known` (an earlier
+    result for the same dataset and root) whose files still have the same size and modification
+    time, `known` is returned without reading them again (one stat per file). Raises
+    FileNotFoundError naming the missing root, folder or file."""
+    spec = name_or_spec if isinstance(name_or_spec, DatasetSpec) else get_spec(name_or_spec)
+    root = _Root.open(data_root, spec, storage_options)
+    files, listed = _digest_inputs(spec, root)
+    for f in files:
+        if not f.fs.isfile(f.path):
+            raise FileNotFoundError(f"{spec.name}: split file not found: {f.url}")
+    stamp = tuple(_file_stamp(f) for f in files)
+    if known is not None and known.dataset == spec.name and known.stamp == stamp:
+        return known
+    import hashlib
+
+    sums = []
+    for f in files:
+        with f.fs.open(f.path, "rb") as fh:
+            sums.append((f.url[len(root.url):].lstrip("/"), hashlib.sha256(fh.read())))
+    if len(files) == 1 and not listed:
+        return DataDigest(spec.name, sums[0][1].hexdigest()[:16], files[0].url, "split file", stamp)
+    h = hashlib.sha256()
+    for rel, s in sums:
+        h.update(f"{rel}\0{s.hexdigest()}\n".encode())
+    for prefix, folder in listed:  # sorted: class_folders sorts folders and files
+        for cls, names in folder.class_folders().items():
+            h.update("".join(f"{prefix}{cls}/{n}\n" for n in names).encode())
+    if listed:
+        source = root.sub(spec.image_dir).url
+        return DataDigest(spec.name, h.hexdigest()[:16], source, "file listing", stamp)
+    return DataDigest(spec.name, h.hexdigest()[:16], root.url, "split files", stamp)
+
+
+def _digest_inputs(spec: DatasetSpec, root: _Root) -> tuple[list[_Root], list[tuple[str, _Root]]]:
+    """(files hashed by content, (prefix, folder) pairs hashed by listing) of a dataset."""
+    images = root.sub(spec.image_dir)
+    names = root.sub(spec.extra.get("classnames_file", CLASSNAMES_FILE))
+    if spec.loader == "split_json":
+        if not spec.split_file:
+            raise ValueError(f"DatasetSpec({spec.name!r}) has loader 'split_json' but no "
+                             f"split_file")
+        return [root.sub(spec.split_file)], []
+    if spec.loader == "fgvc":
+        pattern = spec.extra.get("split_file_pattern", FGVC_SPLIT_FILE)
+        return [root.sub(spec.extra.get("variants_file", FGVC_VARIANTS_FILE)),
+                *(root.sub(pattern.format(s)) for s in SPLIT_NAMES)], []
+    if spec.loader == "imagenet":
+        return [names], [("train/", images.sub("train")), ("val/", images.sub("val"))]
+    if spec.loader == "imagenet_variant":
+        return [names], [("", images)]
+    raise ValueError(f"DatasetSpec({spec.name!r}).loader = {spec.loader!r} is not one of "
+                     f"{sorted(_LOADERS)}")
+
+
+def _file_stamp(f: _Root) -> str:
+    info = f.fs.info(f.path)
+    when = info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""
+    return f"{f.url}|{info.get('size')}|{when}"
+
+
+__all__ = ["Datum", "Splits", "DatasetError", "load_splits", "read_split_file", "SPLIT_NAMES",
+           "DataDigest", "dataset_digest"]

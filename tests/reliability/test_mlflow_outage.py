@@ -30,8 +30,9 @@ def _children(db) -> list[dict]:
     return [r for r in runs(db) if r["tags"].get("phase") == "final"]
 
 
-def _check_against_records(server, experiment: str, storage) -> dict:
-    """Every record's final metrics and curve points are in its FINISHED run; one per cell."""
+def check_against_records(server, experiment: str, storage, cells: int = 8) -> dict:
+    """Every record's final metrics and curve points are in its FINISHED run; one per cell.
+    (Also run against the cluster's stack by tests/test_tracking_stack.py.)"""
     from mlflow import MlflowClient
 
     from pipeline.tracking import iter_records, read_bytes
@@ -41,7 +42,7 @@ def _check_against_records(server, experiment: str, storage) -> dict:
     all_runs = client.search_runs([exp.experiment_id], "tags.phase = 'final'", max_results=1000)
     finished = [r for r in all_runs if r.info.status == "FINISHED"]
     per_hash = collections.Counter(r.data.tags["config_hash"] for r in finished)
-    assert len(per_hash) == 8 and set(per_hash.values()) == {1}, per_hash
+    assert len(per_hash) == cells and set(per_hash.values()) == {1}, per_hash
     assert not [r for r in all_runs if r.info.status == "RUNNING"]
     # a run cut short by the outage is a shell without config_hash, never a trial without params
     shells = [r for r in client.search_runs([exp.experiment_id], "", max_results=1000)
@@ -78,7 +79,7 @@ def test_parallel_trials_then_an_outage_lose_nothing(tmp_path, world, weights, m
     spans = sorted((r["start"], r["end"]) for r in _spans(server.db, "rel/srv-base"))
     overlap = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
     assert overlap >= 3, spans  # trials really logged concurrently
-    base_counts = _check_against_records(server, "rel/srv-base", tmp_path / "runs-base")
+    base_counts = check_against_records(server, "rel/srv-base", tmp_path / "runs-base")
     t_base = time.monotonic() - t0
 
     # 2. the same grid, the server killed while trials run
@@ -113,7 +114,7 @@ def test_parallel_trials_then_an_outage_lose_nothing(tmp_path, world, weights, m
     assert "8 already FINISHED, 0 to run" in out, out
     rc, out = cli([str(y), "--replay"], tmp_path / "replay.log")
     assert rc == 0 and "replay done: 0 record(s)" in out, out
-    counts = _check_against_records(server, "rel/srv-outage", tmp_path / "runs-outage")
+    counts = check_against_records(server, "rel/srv-outage", tmp_path / "runs-outage")
     # runs left RUNNING by the outage were closed (KILLED) by the next submission
     after = {r["id"]: r["status"] for r in _children(server.db)}
     assert all(after[r["id"]] in ("KILLED", "FINISHED") for r in before)
