@@ -308,5 +308,30 @@ def kill_group(p: subprocess.Popen) -> None:
         pass
 
 
+def processes_naming(marker: str) -> list[int]:
+    """Pids whose command line names `marker` (a test cluster's private temp dir): what to kill
+    without touching any other Ray on the machine."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+def signal_pids(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
 __all__ = ["MlflowServer", "S3Endpoint", "free_port", "cli_env", "start_cli", "finish",
-           "kill_group", "RecipeMlflowServer", "Postgres", "postgres_bindir", "postgres_missing"]
+           "kill_group", "processes_naming", "signal_pids", "RecipeMlflowServer", "Postgres",
+           "postgres_bindir", "postgres_missing"]

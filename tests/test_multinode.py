@@ -29,7 +29,7 @@ import pytest
 
 from pipeline.cluster_check import SHARED_FS_ENV, joins_cluster, refuse_node_local
 from pipeline.spec import SpecError, parse_spec
-from servers import cli_env, free_port
+from servers import cli_env, free_port, processes_naming, signal_pids
 from test_pipeline_run import sweep_yaml
 
 BIN = Path(sys.executable).parent
@@ -76,27 +76,6 @@ def test_an_explicit_ray_address_joins_a_cluster():
 
 
 # --- a real two-node Ray -------------------------------------------------------------------------
-
-
-def _our_processes(marker: str) -> list[int]:
-    """Processes whose command line names `marker` (this cluster's temp dirs)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            pids += [int(proc.name)] if marker in cmd else []
-    return pids
-
-
-def _signal(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def _wait_for_nodes(address: str, n: int, procs: list, logs: Path, auth: dict) -> None:
@@ -152,7 +131,7 @@ def two_nodes(tmp_path_factory):
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
         for temp_dir in temp_dirs:
-            _signal(_our_processes(temp_dir), signal.SIGKILL)
+            signal_pids(processes_naming(temp_dir), signal.SIGKILL)
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 

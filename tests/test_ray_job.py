@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 # shared helper (tests/ is on sys.path: pytest rootdir-less imports)
+from servers import processes_naming, signal_pids
 from test_pipeline_run import children
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -48,29 +49,6 @@ def _free_ports(n: int) -> list[int]:
         for s in socks:
             s.bind(("127.0.0.1", 0))
         return [s.getsockname()[1] for s in socks]
-
-
-def _our_pids(marker: str) -> list[int]:
-    """Processes whose command line names this cluster's private temp dir."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmd:
-            pids.append(int(proc.name))
-    return pids
-
-
-def _kill(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.fixture
@@ -123,10 +101,10 @@ def cluster(tmp_path):
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
         for temp_dir in temp_dirs:
-            leftovers = _our_pids(temp_dir)
-            _kill(leftovers, signal.SIGTERM)
+            leftovers = processes_naming(temp_dir)
+            signal_pids(leftovers, signal.SIGTERM)
             time.sleep(1 if leftovers else 0)
-            _kill(_our_pids(temp_dir), signal.SIGKILL)
+            signal_pids(processes_naming(temp_dir), signal.SIGKILL)
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 
