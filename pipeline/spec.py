@@ -463,6 +463,10 @@ def _apply_overrides(raw: dict, lines: dict, overrides: list[str], source: str) 
             holder = nxt
         else:
             holder[path[-1]] = value
+            # as in a file over its base: a grid axis set here is no longer a fixed value
+            if path[0] == "grid" and len(path) == 2 and isinstance(raw.get("fixed"), dict) \
+                    and f"fixed.{path[1]}=" not in " ".join(overrides):
+                raw["fixed"].pop(path[1], None)
             for k in [k for k in lines if k[:len(path)] == path]:
                 del lines[k]
             lines[path] = (f"--set {key}", "")

@@ -29,7 +29,9 @@ SWEEP_CASES = [
      ["fixed.inject_layers", "inject_layers[1]=-1 must be >= 0"]),
     ("cache_inf", BASE + "cache: {max_gb: .inf}\n", ["line 7, cache.max_gb", "finite"]),
     ("search_high_inf", SEARCH % ".inf", ["search.space.lr.high", "finite"]),
-    ("search_high_field_rule", SEARCH % "100", ["search.space.lr.high", "lr=100"]),
+    ("search_high_field_rule", BASE + "search:\n  space:\n    rank: {type: int, low: 1, "
+                                      "high: 100000}\n  metric: val/acc\n",
+     ["search.space.rank.high", "rank=100000 must be >= 1 and <= 1024"]),
     ("gpu_fraction", BASE + "resources: {gpu: 2.5}\n", ["resources.gpu", "at most 1"]),
     ("gpu_bool", BASE + "resources: {gpu: true}\n", ["resources.gpu", "expected a number"]),
     ("max_failures_bool", BASE + "max_failures: true\n", ["max_failures", "not true"]),

@@ -93,6 +93,12 @@ def test_set_overrides_are_validated_like_the_file(files):
         assert fragment in str(e.value), str(e.value)
 
 
+def test_set_a_grid_axis_the_base_fixes(monkeypatch):
+    monkeypatch.setenv("PERL_DATA_ROOT", "/data/coop")
+    spec = load_spec(SWEEPS / "base2novel.yaml", overrides=["grid.num_steps=[2,4]"])
+    assert {c.config.num_steps for c in cells(spec)} == {2, 4}
+
+
 def test_paper_sweeps_share_one_base():
     """The paper's settings live in sweeps/base/paper.yaml only: no paper sweep repeats them."""
     base = yaml.safe_load((SWEEPS / "base" / "paper.yaml").read_text())["fixed"]
