@@ -117,7 +117,7 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         """Build from a mapping (YAML, JSON, MLflow params as strings); every problem of every
         key (unknown keys included) is in the one ConfigError."""
-        problems = [(k, _unknown_field(k)) for k in d if k not in _FIELD_INFO]
+        problems = [(k, unknown_field(k)) for k in d if k not in _FIELD_INFO]
         if problems:
             raise ConfigError(problems)
         try:
@@ -237,7 +237,7 @@ def validate_field(name: str, value: Any) -> Any:
     """One value of one field, checked by the field's own rules -> its decoded value; ConfigError
     (one problem) otherwise. Sweep checks use it to name the exact key or grid entry at fault."""
     if name not in _FIELD_INFO:
-        raise ConfigError([(name, _unknown_field(name))])
+        raise ConfigError([(name, unknown_field(name))])
     try:
         return _ADAPTERS[name].validate_python(_decode(name, value))
     except ValidationError as e:
@@ -245,14 +245,17 @@ def validate_field(name: str, value: Any) -> Any:
         raise ConfigError([(name, _message({**err, "loc": (name, *err["loc"])}))]) from None
 
 
+_OPS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}  # pydantic's bound names, as we write them
+
+
 def field_rule(name: str) -> str:
     """The allowed range of a numeric field as text ("> 0 and <= 1024"), '' if none."""
-    ops = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
     return " and ".join(f"{op} {getattr(m, attr):g}" for m in _FIELD_INFO[name].metadata
-                        for attr, op in ops.items() if getattr(m, attr, None) is not None)
+                        for attr, op in _OPS.items() if getattr(m, attr, None) is not None)
 
 
-def _unknown_field(name: str) -> str:
+def unknown_field(name: str) -> str:
+    """The message for a key that is no TrainConfig field (sweep checks use it too)."""
     return f"unknown TrainConfig field {name!r}; allowed: {', '.join(FIELD_NAMES)}"
 
 
@@ -260,16 +263,15 @@ def _field_of(err: dict) -> str:
     return str(err["loc"][0]) if err["loc"] else ""
 
 
-def _message(err: dict, name: str | None = None) -> str:
+def _message(err: dict) -> str:
     """A pydantic error as our message: what is allowed, and the value given."""
-    name = name or _field_of(err)
+    name = _field_of(err)
     value, kind = err.get("input"), err["type"]
     if kind == "literal_error":
         return f"{value!r} is not one of {list(literal_choices(name) or ())}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         if len(err["loc"]) > 1:  # an item of a tuple field: its own bound
-            ops = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
-            rule = " and ".join(f"{ops[k]} {v:g}" for k, v in err.get("ctx", {}).items())
+            rule = " and ".join(f"{_OPS[k]} {v:g}" for k, v in err.get("ctx", {}).items())
             return f"{name}[{err['loc'][1]}]={value!r} must be {rule}"
         return f"{name}={value!r} must be {field_rule(name)}"
     if kind == "finite_number":
@@ -277,7 +279,7 @@ def _message(err: dict, name: str | None = None) -> str:
     if kind == "string_too_short":
         return f"{name} must not be empty"
     if kind == "unexpected_keyword_argument":
-        return _unknown_field(name)
+        return unknown_field(name)
     base = _KIND.get(name)
     plural = {int: "integers", float: "numbers", str: "strings"}
     what = (f"a list of {plural.get(get_args(base)[0], 'values')}" if get_origin(base) is tuple
@@ -290,6 +292,6 @@ _ADAPTERS = {name: TypeAdapter(Annotated[(info.annotation, *info.metadata)] if i
              for name, info in _FIELD_INFO.items()}
 
 
-__all__ = ["TrainConfig", "ConfigError", "validate_field", "field_rule", "SCHEMA_VERSION",
-           "FIELD_NAMES", "EXECUTION_FIELDS", "LEGACY_VALUES",
+__all__ = ["TrainConfig", "ConfigError", "validate_field", "field_rule", "unknown_field",
+           "SCHEMA_VERSION", "FIELD_NAMES", "EXECUTION_FIELDS", "LEGACY_VALUES",
            "SPECIFIC_VARIANTS", "CANONICAL_FIELDS", "canonical_values", "literal_choices"]

@@ -115,16 +115,10 @@ def redact_uri(uri: str) -> str:
     return uri
 
 
-def _sqlite_path(uri: str) -> Path | None:
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(uri[len("sqlite:///"):])
-
-
 def make_client(tracking_uri: str, *, must_exist: bool = True):
-    from pipeline.tracking import mlflow_client
+    from pipeline.tracking import mlflow_client, sqlite_path
 
-    db = _sqlite_path(tracking_uri)
+    db = sqlite_path(tracking_uri)
     if must_exist and db is not None and str(db) not in ("", ":memory:") and not db.exists():
         raise SystemExit(f"no MLflow store at {tracking_uri} (run a sweep first, or pass "
                          "--tracking-uri)")
@@ -1845,7 +1839,9 @@ def summary_markdown(agg: Aggregate) -> str:
 
 
 def _sqlite_artifact_location(tracking_uri: str) -> str | None:
-    db = _sqlite_path(tracking_uri)
+    from pipeline.tracking import sqlite_path
+
+    db = sqlite_path(tracking_uri)
     if db is None:
         return None
     # beside the DB, not in the cwd (MLflow's default for SQLite stores is ./mlruns)

@@ -58,7 +58,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from pipeline.env import REPO
 from perl_core.config import (EXECUTION_FIELDS, FIELD_NAMES, ConfigError, TrainConfig,
-                              validate_field)
+                              unknown_field, validate_field)
 from perl_core.configfile import ConfigFileError, Locator, format_path, read_yaml
 from perl_core.data.registry import import_modules
 
@@ -615,7 +615,6 @@ def coerce_field(name: str, value: Any) -> Any:
 def _check_fields(spec: SweepSpec) -> list[tuple[tuple, str]]:
     """Keys are TrainConfig fields and values have the field's type; grid/search are sane."""
     problems: list[tuple[tuple, str]] = []
-    allowed = ", ".join(FIELD_NAMES)
 
     def check(path: tuple, name: str, value: Any) -> Any:
         try:
@@ -628,15 +627,14 @@ def _check_fields(spec: SweepSpec) -> list[tuple[tuple, str]]:
         # the same rules for the sweep's fixed/grid and for each arm's (prefix ("arms", i))
         for name, value in fixed.items():
             if name not in FIELD_NAMES:
-                problems.append((prefix + ("fixed", name), f"unknown TrainConfig field {name!r}; "
-                                                           f"allowed: {allowed}"))
+                problems.append((prefix + ("fixed", name), unknown_field(name)))
                 continue
             check(prefix + ("fixed", name), name, value)
         for name, values in grid.items():
             path = prefix + ("grid", name)
             dotted = format_path(path)
             if name not in FIELD_NAMES:
-                problems.append((path, f"unknown TrainConfig field {name!r}; allowed: {allowed}"))
+                problems.append((path, unknown_field(name)))
                 continue
             if name in fixed:
                 problems.append((path, f"{name} is set in both 'fixed' and 'grid'"
@@ -673,7 +671,7 @@ def _check_fields(spec: SweepSpec) -> list[tuple[tuple, str]]:
         for name, param in spec.search.space.items():
             path = ("search", "space", name)
             if name not in FIELD_NAMES:
-                problems.append((path, f"unknown TrainConfig field {name!r}; allowed: {allowed}"))
+                problems.append((path, unknown_field(name)))
                 continue
             if name in EXECUTION_FIELDS:
                 problems.append((path, f"{name} does not change the result; it cannot be searched"))

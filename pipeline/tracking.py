@@ -610,6 +610,13 @@ def _stale_data_lines(stale: dict[str, tuple[Any, list[str]]], digests: dict[str
 RESOLVED_SWEEP = "sweep/resolved.yaml"  # the parent run's artifact: the sweep as run (base, --set)
 
 
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a `sqlite:///` tracking URI (its query left off), else None."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri[len("sqlite:///"):].split("?", 1)[0])
+
+
 def mlflow_client(tracking_uri: str) -> Any:
     """An MlflowClient, opened under an inter-process lock where the store is a SQLite file: the
     first MlflowClient on a new file creates and migrates its tables; two processes doing that at
@@ -619,11 +626,11 @@ def mlflow_client(tracking_uri: str) -> Any:
     their own and need none."""
     from mlflow import MlflowClient
 
-    if not tracking_uri.startswith("sqlite:///"):
+    db = sqlite_path(tracking_uri)
+    if db is None:
         return MlflowClient(tracking_uri=tracking_uri)
     from filelock import FileLock
 
-    db = Path(tracking_uri[len("sqlite:///"):].split("?", 1)[0])
     db.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(db) + ".lock", timeout=300):
         return MlflowClient(tracking_uri=tracking_uri)
@@ -661,8 +668,8 @@ class Tracker:
     def default_artifact_location(self, experiment: str) -> str | None:
         """Absolute artifact root beside a SQLite store (MLflow's default would be ./mlruns of
         whichever process created the experiment); None lets a tracking server decide."""
-        if self.tracking_uri.startswith("sqlite:///"):
-            db = Path(self.tracking_uri[len("sqlite:///"):])
+        db = sqlite_path(self.tracking_uri)
+        if db is not None:
             return (db.parent / "mlartifacts" / experiment_slug(experiment)).as_uri()
         return None
 
