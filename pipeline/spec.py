@@ -408,12 +408,20 @@ def _read_with_bases(text: str, source: str, chain: tuple[str, ...]) -> tuple[di
         merged_lines = {k: v for k, v in merged_lines.items() if k[:len(path)] != path}
     merged_lines.update(lines)
     out = _merge(merged, raw)
-    # a field this file's grid varies is no longer the base's fixed value (paper.yaml fixes K=4;
-    # ablation_steps varies it)
-    for name in (raw.get("grid") or {}) if isinstance(raw.get("grid"), dict) else ():
-        if name not in (raw.get("fixed") or {}) and isinstance(out.get("fixed"), dict):
-            out["fixed"].pop(name, None)
+    _unfix_grid_axes(out, raw)
     return out, merged_lines
+
+
+def _unfix_grid_axes(merged: dict, layer: dict) -> None:
+    """A field the upper layer (a file over its bases, or the `--set`s) varies in its grid, and
+    does not fix itself, is no longer fixed by what lies under it (paper.yaml fixes K=4;
+    ablation_steps varies it)."""
+    grid, fixed = layer.get("grid"), layer.get("fixed")
+    if not isinstance(grid, dict) or not isinstance(merged.get("fixed"), dict):
+        return
+    for name in grid:
+        if not (isinstance(fixed, dict) and name in fixed):
+            merged["fixed"].pop(name, None)
 
 
 def _merge(under: dict, over: dict) -> dict:
@@ -442,6 +450,7 @@ def _apply_overrides(raw: dict, lines: dict, overrides: list[str], source: str) 
     """`key.path=value` (value in YAML: `1e-3`, `[1, 2]`, `{gpu: 0.5}`) set into the mapping; the
     result is validated like the file itself, and messages name `--set key.path`."""
     problems = []
+    layer: dict = {}  # the overrides alone, as a mapping (for the grid-over-fixed rule)
     for item in overrides:
         key, sep, text = item.partition("=")
         path = tuple(key.strip().split("."))
@@ -463,16 +472,20 @@ def _apply_overrides(raw: dict, lines: dict, overrides: list[str], source: str) 
             holder = nxt
         else:
             holder[path[-1]] = value
-            # as in a file over its base: a grid axis set here is no longer a fixed value
-            if path[0] == "grid" and len(path) == 2 and isinstance(raw.get("fixed"), dict) \
-                    and f"fixed.{path[1]}=" not in " ".join(overrides):
-                raw["fixed"].pop(path[1], None)
+            _merge_into(layer, path, value)
             for k in [k for k in lines if k[:len(path)] == path]:
                 del lines[k]
             lines[path] = (f"--set {key}", "")
     if problems:
         raise SpecError(source, problems)
+    _unfix_grid_axes(raw, layer)
     return raw
+
+
+def _merge_into(d: dict, path: tuple, value: Any) -> None:
+    for part in path[:-1]:
+        d = d.setdefault(part, {})
+    d[path[-1]] = value
 
 
 def _import_problems(names: list[str]) -> list[tuple[tuple, str]]:
