@@ -13,6 +13,13 @@ and sweep stages, and ViT-B/16 (random init) for the FLOP-rate stage. Every comp
 interleaved (A B A B ... rounds, medians or ratios of sums) so that a load change on a shared
 machine hits both sides alike. Numbers are what this machine measured in this run; nothing is
 extrapolated.
+
+    python -m perl_core.bench --step-memory [--classes 100,1000] [--modes whole,chunk128]
+                              [--steps 2] [--precision fp32] [--quick] [--json] [--threads N]
+
+runs only `step_memory`: the peak memory one training step adds and its time, per class count
+and text path (whole graph, `text_chunk` N, or activation checkpointing), each configuration in
+a fresh process (docs/benchmarks.md, "Text memory").
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import os
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -213,6 +221,135 @@ class PeakMemory:
         else:
             self.peak = 0.0
         self.delta = max(0.0, self.peak - self.start)
+
+
+# ---- one training step: added peak memory and time, per text path ------------------------------
+# A mode is how the text side of the step keeps its graph: "whole" (text_chunk 0: every
+# prompt's K passes kept until backward), "chunk<N>" (text_chunk N: gradient caching,
+# perl_core/gradcache.py), and the alternative measured against it, activation checkpointing of
+# the text recurrence ("ckpt_step": one torch.utils.checkpoint per recurrent pass; "ckpt_block":
+# one per upper block), which only this bench implements (docs/benchmarks.md, "Text memory").
+STEP_MODES = ("whole", "chunk128")
+
+
+def _imagenet_prompts(n: int) -> list[str]:
+    """The generic template over ImageNet's class names (repeated past 1,000): the prompt lengths
+    of the 1,000-class trials (L_eff 18; 14 for the first 100)."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    return [f"a photo of a {IMAGENET_CLASSNAMES[i % len(IMAGENET_CLASSNAMES)]}." for i in range(n)]
+
+
+def _checkpoint_text(model: PerlModel, per: str) -> None:
+    """Activation checkpointing of the text recurrence, on this model instance only."""
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+
+    if per == "step":
+        upper = model._upper
+
+        def checkpointed(name: str, prefix: torch.Tensor, idx: torch.Tensor, thoughts: Any
+                         ) -> torch.Tensor:
+            if name != "text" or thoughts is None or not torch.is_grad_enabled():
+                return upper(name, prefix, idx, thoughts)
+            return checkpoint(upper, name, prefix, idx, thoughts, use_reentrant=False)
+
+        model._upper = checkpointed  # type: ignore[method-assign]
+    elif per == "block":
+        tower = model.towers["text"]
+        for block in tower.blocks[model.text_depths[0]:tower.num_layers - 1]:
+            block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+    else:
+        raise ValueError(f"checkpointing per {per!r}: 'step' or 'block'")
+
+
+def _one_step(spec: dict[str, Any]) -> dict[str, Any]:
+    """One configuration, in this (fresh) process: the production training step
+    (`perl_core.train.train_step`) on `batch` random images and `classes` prompts, the frozen
+    features computed before it (as `fit` does); the memory it adds and its seconds per step."""
+    from perl_core.cache import image_features, text_features
+    from perl_core.config import TrainConfig
+    from perl_core.factory import cast_frozen_matmul_weights
+    from perl_core.train import train_step
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    device = _device()
+    mode, precision = spec["mode"], spec.get("precision", "fp32")
+    chunk = int(mode[len("chunk"):]) if mode.startswith("chunk") else 0
+    torch.manual_seed(0)
+    clip = create_clip(spec["arch"], spec.get("pretrained") or None)
+    if precision == "bf16" and device.type == "cuda":
+        cast_frozen_matmul_weights(clip)  # as train.build_model does for a bf16 CUDA trial
+    layers = len(clip.visual.transformer.resblocks)
+    model = PerlModel(clip, inject_layer=spec.get("inject_layer", 7 if layers > 7 else 2),
+                      num_steps=spec.get("num_steps", 4)).to(device)
+    if mode.startswith("ckpt_"):
+        _checkpoint_text(model, mode[len("ckpt_"):])
+    elif mode != "whole" and not chunk:
+        raise ValueError(f"mode {mode!r}: one of whole, chunk<N>, ckpt_step, ckpt_block")
+    cfg = TrainConfig(precision=precision, text_chunk=chunk, device=str(device))
+    tokens = model.tokenize(_imagenet_prompts(spec["classes"]))
+    length = model.text_length(tokens)
+    tokens = tokens.to(device)
+    images = _images(model, spec.get("batch", 4), device)
+    labels = torch.arange(images.shape[0]) % spec["classes"]
+    with torch.no_grad(), _ac(device, precision):
+        tf, vf = text_features(model, tokens), image_features(model, images)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    times = []
+    with PeakMemory(device) as mem:
+        for _ in range(spec.get("steps", 2)):
+            _sync(device)
+            t0 = time.perf_counter()
+            train_step(cfg, model, opt, vf, labels, tokens, tf, length)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    return {"classes": spec["classes"], "mode": mode, "text_chunk": chunk, "L_eff": length,
+            "precision": precision, "device": str(device), "arch": spec["arch"],
+            "batch": images.shape[0], "num_steps": model.num_steps,
+            "inject_layer": model.text_depths[0], "step_s": statistics.median(times),
+            "step_s_all": times, "added_mb": mem.delta, "peak_mb": mem.peak,
+            "start_mb": mem.start, "reserved_mb": mem.reserved, "memory_method": mem.method,
+            "torch_threads": torch.get_num_threads()}
+
+
+def step_memory(arch: str = "ViT-B-16-quickgelu", classes: Sequence[int] = (100, 1000),
+                modes: Sequence[str] = STEP_MODES, *, pretrained: str = "", batch: int = 4,
+                num_steps: int = 4, inject_layer: int | None = None, precision: str = "fp32",
+                steps: int = 2, threads: int = 0, timeout_s: float | None = None
+                ) -> dict[str, Any]:
+    """The peak memory one training step adds (CPU: VmHWM above the RSS before it; CUDA:
+    `max_memory_allocated` above the allocated before it) and its seconds (median of `steps`),
+    for each (class count, mode). Each configuration runs in a fresh subprocess, so no peak or
+    allocator cache of one masks another. `ratios`: each mode against "whole" at the same
+    class count (added memory, step time)."""
+    records = []
+    for c in classes:
+        for mode in modes:
+            spec = {"arch": arch, "pretrained": pretrained, "classes": int(c), "mode": mode,
+                    "batch": batch, "num_steps": num_steps, "precision": precision,
+                    "steps": steps, "threads": threads}
+            if inject_layer is not None:
+                spec["inject_layer"] = inject_layer
+            proc = subprocess.run([sys.executable, "-m", "perl_core.bench", "--step-child",
+                                   json.dumps(spec)], capture_output=True, text=True,
+                                  timeout=timeout_s)
+            if proc.returncode != 0:
+                raise RuntimeError(f"step_memory child {spec} failed (exit {proc.returncode}): "
+                                   f"{proc.stderr[-2000:]}")
+            records.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    ratios: dict[str, dict[str, dict[str, float]]] = {}
+    for r in records:
+        base = next((b for b in records if b["classes"] == r["classes"] and
+                     b["mode"] == "whole"), None)
+        if base is not None and r is not base:
+            ratios.setdefault(str(r["classes"]), {})[r["mode"]] = {
+                "added_memory": r["added_mb"] / max(base["added_mb"], 1e-9),
+                "step_time": r["step_s"] / base["step_s"]}
+    return {"records": records, "ratios": ratios, "load_avg": _loadavg()}
 
 
 # ---- pieces ------------------------------------------------------------------------------------
@@ -485,6 +622,24 @@ def _table(res: dict[str, Any]) -> None:
     Console(file=sys.stderr, width=120).print(t)
 
 
+def _step_table(res: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    first = res["records"][0] if res["records"] else {}
+    t = Table(title=f"one training step ({first.get('arch')}, {first.get('device')}, "
+                    f"{first.get('precision')}, batch {first.get('batch')}, "
+                    f"K={first.get('num_steps')})")
+    for col in ("classes", "L_eff", "text path", "step s", "added peak MB", "vs whole"):
+        t.add_column(col, justify="left" if col == "text path" else "right")
+    for r in res["records"]:
+        q = res["ratios"].get(str(r["classes"]), {}).get(r["mode"])
+        t.add_row(str(r["classes"]), str(r["L_eff"]), r["mode"], f"{r['step_s']:.2f}",
+                  f"{r['added_mb']:,.0f}",
+                  f"memory x{q['added_memory']:.2f}, time x{q['step_time']:.2f}" if q else "")
+    Console(file=sys.stderr, width=120).print(t)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="ViT-B-16-quickgelu")
@@ -496,13 +651,40 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="torch CPU threads (default: torch's choice). On a loaded machine 1 "
                         "avoids OpenMP threads spinning against other processes, which can "
                         "make small ops 10-30x slower")
+    p.add_argument("--step-memory", action="store_true",
+                   help="only the training-step stage: the peak memory one step adds and its "
+                        "time, per class count and text path, each in a fresh process "
+                        "(ViT-B/16 random init, 4 images, K=4, J=7; --quick: perl-tiny)")
+    p.add_argument("--classes", default="", help="--step-memory class counts (default 100,1000; "
+                                                 "--quick 10,300)")
+    p.add_argument("--modes", default=",".join(STEP_MODES),
+                   help="--step-memory text paths: whole, chunk<N>, ckpt_step, ckpt_block "
+                        "(default %(default)s)")
+    p.add_argument("--steps", type=int, default=2, help="--step-memory steps per configuration")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="--step-memory precision (bf16: autocast, on CUDA)")
+    p.add_argument("--step-child", help=argparse.SUPPRESS)  # one configuration (step_memory)
     a = p.parse_args(argv)
+    if a.step_child:
+        print(json.dumps(_one_step(json.loads(a.step_child))))
+        return 0
     if a.threads < 0:
         p.error(f"--threads={a.threads} must be >= 0")
     if a.threads:
         torch.set_num_threads(a.threads)
     import logging
     logging.basicConfig(level=logging.WARNING)
+    if a.step_memory:
+        classes = [int(c) for c in a.classes.split(",") if c.strip()] or \
+            ([10, 300] if a.quick else [100, 1000])
+        res = step_memory("perl-tiny" if a.quick else a.arch, classes,
+                          [m.strip() for m in a.modes.split(",") if m.strip()],
+                          pretrained=a.pretrained, precision=a.precision, steps=a.steps,
+                          threads=a.threads)
+        _step_table(res)
+        if a.json:
+            print(json.dumps(res, indent=1))
+        return 0
     res = run(a.arch, a.pretrained, quick=a.quick, reps=5 if a.quick else 7)
     _table(res)
     if a.json:

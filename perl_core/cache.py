@@ -597,7 +597,7 @@ def evaluate_cached(model: Any, items: Sequence[Any], classnames: Sequence[str],
     from perl_core.data.transforms import eval_transform
     from perl_core.evaluate import (autocast, check_eval_inputs, class_text_tokens,
                                     decode_images, jacobian_metrics, model_device,
-                                    resolve_num_workers)
+                                    loader_options)
     from perl_core.metrics import StepMetricAccumulator
 
     items, classnames = list(items), list(classnames)
@@ -628,8 +628,7 @@ def evaluate_cached(model: Any, items: Sequence[Any], classnames: Sequence[str],
 
         def decode_misses(which: list[int]) -> DataLoader:
             return DataLoader(dataset, batch_sampler=[batches[i] for i in which],
-                              num_workers=resolve_num_workers(cfg.num_workers, device),
-                              pin_memory=device.type == "cuda")
+                              **loader_options(cfg.num_workers, device))
 
         def compute(batch: Any) -> Features:
             with autocast(cfg, device):

@@ -7,9 +7,11 @@ default is our documented choice (see README, "Method decisions").
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import fields
 from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
@@ -91,7 +93,14 @@ class TrainConfig:
     # a diagnostic of the evaluation, not of the training, so it is left out of the hash;
     # 16: one image's Jacobian (K=4) costs ~9-25 evaluated images, so 16 stay under 10 % of a
     # typical B2N half test set (~1,900 images; docs/method.md)
-    jacobian_samples: Annotated[int, Field(ge=0, le=100_000)] = 16
+    # 6 images: under 10 % of a median B2N half's evaluation at ViT-B/16's measured CPU cost
+    # ratio (docs/method.md, Jacobian "Which images, how many")
+    jacobian_samples: Annotated[int, Field(ge=0, le=100_000)] = 6
+    # class prompts re-encoded with gradient at a time (perl_core/gradcache.py); 0: all at once.
+    # Same gradients either way (float rounding), so not hashed. 128: more classes than that
+    # (ImageNet's 1,000) keep the step's memory bounded; up to 128 it is the whole-graph path,
+    # with no extra text pass (docs/benchmarks.md, "Text memory")
+    text_chunk: Annotated[int, Field(ge=0, le=65536)] = 128
 
     @field_validator("*", mode="before")
     @classmethod
@@ -152,7 +161,8 @@ class TrainConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-EXECUTION_FIELDS = ("data_root", "device", "eval_batch_size", "num_workers", "jacobian_samples")
+EXECUTION_FIELDS = ("data_root", "device", "eval_batch_size", "num_workers", "jacobian_samples",
+                    "text_chunk")
 # field -> the value that reproduces what the code did before the field existed (see hashed_fields)
 LEGACY_VALUES: dict[str, Any] = {"fewshot_source": "sample", "variant_projectors": "specific_only",
                                  "projector_init": "default"}
@@ -183,6 +193,20 @@ def literal_choices(name: str) -> tuple[str, ...] | None:
     return tuple(get_args(hint)) if get_origin(hint) is Literal else None
 
 
+def is_list_field(name: str) -> bool:
+    """A tuple-typed field (eval_datasets, inject_layers): a YAML file gives it as a list."""
+    return name in FIELD_NAMES and get_origin(get_type_hints(TrainConfig)[name]) is tuple
+
+
+def file_value_problem(name: str, value: Any) -> str | None:
+    """The rule of a value read from a file (a sweep YAML, a --config file): a tuple field is a
+    YAML list, never a bare string (only a command-line flag is comma-split), since
+    `eval_datasets: ImageNetV2, ImageNetSketch` would otherwise silently mean two datasets."""
+    if isinstance(value, str) and is_list_field(name):
+        return f"{name}: give a YAML list ([{value}] or [a, b]), not the string {value!r}"
+    return None
+
+
 class ConfigError(ValueError):
     """Invalid TrainConfig values; `problems` are (field, message) pairs, all of them at once.
     Callers that know where a value came from (a sweep file's line, a CLI flag) prefix that."""
@@ -195,6 +219,7 @@ class ConfigError(ValueError):
 _FIELD_INFO = TrainConfig.__pydantic_fields__
 _KIND = {name: get_type_hints(TrainConfig)[name] for name in _FIELD_INFO}
 _WHAT = {int: "an integer", float: "a number", str: "a string"}
+_WHATS = {int: "integers", float: "numbers", str: "strings"}  # _WHAT of a tuple's items
 
 
 def _decode(name: str, value: Any) -> Any:
@@ -207,8 +232,13 @@ def _decode(name: str, value: Any) -> Any:
     if get_origin(kind) is tuple:
         if isinstance(value, str):  # a param's JSON list, or a CLI comma list
             text = value.strip()
-            value = json.loads(text) if text.startswith("[") else [
-                v.strip() for v in text.split(",") if v.strip()]
+            if text.startswith("["):
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError:  # left as text: the strict check names the field
+                    return value
+            else:
+                value = [v.strip() for v in text.split(",") if v.strip()]
         return tuple(_decode_scalar(get_args(kind)[0], v) for v in value) \
             if isinstance(value, list) else value
     return _decode_scalar(kind, value)
@@ -243,6 +273,50 @@ def validate_field(name: str, value: Any) -> Any:
     except ValidationError as e:
         err = e.errors()[0]  # an adapter's loc lacks the field name: add it (tuple items)
         raise ConfigError([(name, _message({**err, "loc": (name, *err["loc"])}))]) from None
+
+
+def decode_param(name: str, text: Any) -> Any:
+    """A stored value of field `name` (an MLflow param string, a record's JSON value) -> the
+    field's Python type: int, float (finite), str (a Literal field's too), or a tuple of them.
+    The decoding is the one every source goes through (`TrainConfig.from_dict`), plus the Python
+    repr of a tuple ("(3, 7)", "()"), which is what MLflow stores for a tuple logged as is.
+    Ranges and Literal choices are not checked: a finished run is read as it was logged
+    (`validate_field` checks a value about to run). ConfigError (one problem) when `text` is no
+    value of the field's type, or `name` no field."""
+    if name not in _FIELD_INFO:
+        raise ConfigError([(name, unknown_field(name))])
+    kind = _KIND[name]
+    many = get_origin(kind) is tuple
+    item_kind = get_args(kind)[0] if many else kind
+    value = _decode(name, _tuple_repr(text) if many else text)
+    items = value if many else (value,)
+    if item_kind is float and isinstance(items, tuple):  # an int is a float value, as in pydantic
+        items = tuple(float(v) if type(v) is int else v for v in items)
+    if not isinstance(items, tuple) or not all(_is_a(item_kind, v) for v in items):
+        base = str if get_origin(item_kind) is Literal else item_kind
+        what = f"a list of {_WHATS.get(base, 'values')}" if many else _WHAT.get(base, "a value")
+        raise ConfigError([(name, f"expected {what} (got {text!r})")])
+    return items if many else items[0]
+
+
+def _tuple_repr(text: Any) -> Any:
+    """A Python tuple's repr ("(3, 7)") -> a list; anything else as it is."""
+    if not (isinstance(text, str) and text.strip().startswith("(")):
+        return text
+    try:
+        return list(ast.literal_eval(text.strip()))
+    except (ValueError, TypeError, SyntaxError):
+        return text
+
+
+def _is_a(kind: Any, value: Any) -> bool:
+    """`value` is of the base type `kind` (a Literal field's: str), bools and non-finite
+    numbers excluded, as TrainConfig's strict rules do."""
+    if get_origin(kind) is Literal:
+        kind = str
+    if isinstance(value, bool) or not isinstance(value, kind):
+        return False
+    return kind is not float or math.isfinite(value)
 
 
 _OPS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}  # pydantic's bound names, as we write them
@@ -281,8 +355,7 @@ def _message(err: dict) -> str:
     if kind == "unexpected_keyword_argument":
         return unknown_field(name)
     base = _KIND.get(name)
-    plural = {int: "integers", float: "numbers", str: "strings"}
-    what = (f"a list of {plural.get(get_args(base)[0], 'values')}" if get_origin(base) is tuple
+    what = (f"a list of {_WHATS.get(get_args(base)[0], 'values')}" if get_origin(base) is tuple
             else _WHAT.get(base, err["msg"].lower()))
     return f"expected {what} (got {value!r})"
 
@@ -292,6 +365,8 @@ _ADAPTERS = {name: TypeAdapter(Annotated[(info.annotation, *info.metadata)] if i
              for name, info in _FIELD_INFO.items()}
 
 
-__all__ = ["TrainConfig", "ConfigError", "validate_field", "field_rule", "unknown_field",
+__all__ = ["TrainConfig", "ConfigError", "validate_field", "decode_param", "field_rule",
+           "unknown_field",
            "SCHEMA_VERSION", "FIELD_NAMES", "EXECUTION_FIELDS", "LEGACY_VALUES",
-           "SPECIFIC_VARIANTS", "CANONICAL_FIELDS", "canonical_values", "literal_choices"]
+           "SPECIFIC_VARIANTS", "CANONICAL_FIELDS", "canonical_values", "literal_choices",
+           "is_list_field"]

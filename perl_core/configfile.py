@@ -1,9 +1,11 @@
 """YAML/JSON files with the line of every key, for messages that name the file, the line and the
 key (`path: line 7, fixed.lr: ...`). One reader for the sweep files (`pipeline.spec`) and the
-single-run CLI's `--config` (`perl_core.train`); JSON is read as the YAML it is a subset of."""
+single-run CLI's `--config` (`perl_core.train`). A `.json` file is read as JSON (a tab indent,
+valid JSON, is no YAML); its key lines come from the YAML reading of the same text."""
 
 from __future__ import annotations
 
+import json
 from typing import Any, Iterable
 
 import yaml
@@ -22,8 +24,10 @@ class ConfigFileError(ValueError):
 
 
 def read_yaml(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
-    """Parse YAML -> (data, {key path: line}); syntax errors and duplicate keys raise
-    ConfigFileError with the line."""
+    """Parse YAML (JSON for a `.json` source) -> (data, {key path: line}); syntax errors and
+    duplicate keys raise ConfigFileError with the line."""
+    if source.lower().endswith(".json"):
+        return _read_json(text, source)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         raw = yaml.safe_load(text)
@@ -58,6 +62,23 @@ def read_yaml(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
     if problems:
         where = Locator(lines)
         raise ConfigFileError(source, [(where(p), m) for p, m in problems])
+    return raw, lines
+
+
+def _read_json(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigFileError(source, [(f"line {e.lineno}, column {e.colno}",
+                                        f"JSON syntax error: {e.msg}")]) from None
+    # JSON allows tabs between tokens (YAML does not), and a raw tab inside a JSON string is
+    # an error already: as spaces, the same text gives the lines (and duplicate keys) as YAML
+    try:
+        _, lines = read_yaml(text.replace("\t", " "), source + ".yaml")
+    except ConfigFileError as e:
+        if any(m.startswith("duplicate key") for _, m in e.problems):
+            raise ConfigFileError(source, e.problems) from None
+        lines = {}  # (JSON that PyYAML reads otherwise: the messages name keys without lines)
     return raw, lines
 
 

@@ -69,6 +69,15 @@ def resolve_num_workers(num_workers: int, device: torch.device | str,
     return max(1, min(MAX_AUTO_WORKERS, int(math.floor(share))))
 
 
+def loader_options(num_workers: int, device: torch.device) -> dict[str, Any]:
+    """The DataLoader options every loader of a trial uses (training, evaluation, cache misses):
+    the worker count (`resolve_num_workers`) and pinned host memory on CUDA, so that the batch's
+    `.to(device, non_blocking=True)` copy is asynchronous; workers kept alive across epochs."""
+    workers = resolve_num_workers(num_workers, device)
+    return {"num_workers": workers, "pin_memory": torch.device(device).type == "cuda",
+            "persistent_workers": workers > 0}
+
+
 def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast around forward passes when cfg.precision == "bf16"; fp32 otherwise.
 
@@ -219,8 +228,7 @@ def evaluate(model: PerlModel, items: Sequence[Any], classnames: Sequence[str], 
                                                        cfg.template), cfg)
         loader = DataLoader(ImageListDataset(list(items), eval_transform(model.image_size)),
                             batch_size=cfg.eval_batch_size, shuffle=False,
-                            num_workers=resolve_num_workers(cfg.num_workers, device),
-                            pin_memory=device.type == "cuda")
+                            **loader_options(cfg.num_workers, device))
         acc = StepMetricAccumulator(num_classes=len(classnames))
         batches = loader
         if progress:

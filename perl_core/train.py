@@ -4,7 +4,7 @@
 
 What `fit` does (PERL.md §2.5-2.6, §4; data_protocol.md §5-§9):
 
-1. Resolves the task from `cfg.protocol` (`resolve_task`):
+1. Resolves the task from `cfg.protocol` (`perl_core.protocol.resolve_task`):
    - the few-shot sets: `fewshot_splits` (its own RNG), or with `fewshot_source: coop_pickle`
      CoOp's own `split_fewshot/*.pkl` picks (`perl_core.data.coop_pickle`); either way over
      all classes, before any base/novel cut.
@@ -27,7 +27,9 @@ What `fit` does (PERL.md §2.5-2.6, §4; data_protocol.md §5-§9):
    drop_last (when the train set has >= batch_size images). Per step: the image side runs every
    step in one pass (v0 is the zero-shot embedding, no grad; vK the refined one), the text side
    re-encodes all training classes with gradient (its frozen lower blocks and zero-shot state
-   are computed once, as they do not change), and `perl_loss` is taken on step K only. With
+   are computed once, as they do not change; more than `cfg.text_chunk` classes go through
+   `perl_core.gradcache`, which bounds that graph's memory), and `perl_loss` is taken on step
+   K only. With
    `cache=` (a FeatureCache) the frozen features of prompts, training views and evaluation
    images are read from / written to it (see `fit`).
 4. Evaluates every evaluation set at every step 0..K (`perl_core.evaluate.evaluate`), and
@@ -68,16 +70,19 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from perl_core.checkpoint import Checkpoint, DirCheckpoint
-from perl_core.config import FIELD_NAMES, ConfigError, TrainConfig, literal_choices
+from perl_core.config import (FIELD_NAMES, ConfigError, TrainConfig, file_value_problem,
+                              literal_choices)
 from perl_core.configfile import ConfigFileError, read_yaml
 from perl_core.evaluate import (autocast, class_text_tokens, evaluate,
-                                resolve_num_workers)
+                                loader_options)
 from perl_core.factory import (build_perl_from_config, cast_frozen_matmul_weights,
                                check_precision, create_clip, frozen_matmul_dtype, resolve_device,
                                set_precision_flags, wants_bf16_frozen)
+from perl_core.gradcache import encode_text
 from perl_core.loss import perl_loss
 from perl_core.metrics import harmonic_mean
 from perl_core.model import PerlModel
+from perl_core.protocol import Task, resolve_task
 
 logger = logging.getLogger(__name__)
 
@@ -123,114 +128,6 @@ class TrainResult:
     train_seconds: float
     eval_seconds: float
     epoch_history: list[dict[str, Any]] = field(default_factory=list)  # one record per epoch
-
-
-@dataclass(frozen=True)
-class EvalSet:
-    name: str  # metric prefix: "base", "novel", "all" or a target dataset's canonical name
-    dataset: str  # dataset whose prompt template the class names use
-    items: list[Any]  # Datum
-    classnames: list[str]
-
-
-@dataclass(frozen=True)
-class Task:
-    dataset: str  # canonical name of the training dataset
-    train_items: list[Any]
-    train_classnames: list[str]
-    evalsets: list[EvalSet]
-    targets: list[str]  # evalset names averaged into target_avg
-
-
-# --- task resolution ---------------------------------------------------------------------------
-
-
-def _canonical(name: str) -> str:
-    from perl_core.data.registry import get_spec
-
-    return get_spec(name).name
-
-
-def dg_default_targets(source: str) -> list[str]:
-    """Registered test-only variants whose source is `source` (ImageNet -> V2, Sketch, A, R)."""
-    from perl_core.data.registry import get_spec, list_datasets
-
-    src = _canonical(source)
-    return [n for n in list_datasets() if get_spec(n).test_only and get_spec(n).source
-            and _canonical(get_spec(n).source) == src]
-
-
-RESERVED_EVALSETS = ("base", "novel", "all", "val")
-
-
-def _val_set(train_splits: Any, source: str) -> list[EvalSet]:
-    """The few-shot validation split of the training classes, as evalset "val" (for model
-    selection: sweeps select on val/*, never on test). None where the dataset has no val split
-    or CoOp uses the test set as val (ImageNet): that would be selection on test."""
-    if not train_splits.val or getattr(train_splits, "val_is_test", False):
-        return []
-    return [EvalSet("val", source, list(train_splits.val), list(train_splits.classnames))]
-
-
-def resolve_task(cfg: TrainConfig) -> Task:
-    """Load the splits and decide what to train on and what to evaluate (see module doc)."""
-    from perl_core.data.coop import load_splits
-    from perl_core.data.fewshot import check_shots, fewshot_splits, subsample_classes
-
-    if not cfg.dataset:
-        raise ValueError("cfg.dataset is empty: name a registered dataset (e.g. 'ToyShapes')")
-    if not cfg.data_root:
-        raise ValueError(f"cfg.data_root is empty: where does {cfg.dataset!r} live?")
-    source = _canonical(cfg.dataset)
-    splits = load_splits(source, cfg.data_root)
-    try:
-        check_shots(splits, cfg.shots)
-    except ValueError as e:  # Dassl takes such a class whole; say so (the pipeline refuses it)
-        logger.warning("%s; those classes are trained on all their images (Dassl's behaviour)", e)
-    if cfg.fewshot_source == "coop_pickle":  # CoOp's own picks; subsampled below, as in CoOp
-        from perl_core.data.coop_pickle import coop_fewshot_splits
-
-        fewshot = coop_fewshot_splits(splits, cfg.data_root, cfg.shots, cfg.seed)
-    elif cfg.fewshot_source == "sample":
-        fewshot = fewshot_splits(splits, cfg.shots, cfg.seed)
-    else:
-        raise ValueError(f"fewshot_source={cfg.fewshot_source!r} is not one of "
-                         f"{list(literal_choices('fewshot_source') or ())}")
-    if cfg.protocol == "base2novel":
-        base = subsample_classes(fewshot, "base")
-        novel = subsample_classes(fewshot, "new")
-        return Task(source, list(base.train), list(base.classnames),
-                    [EvalSet("base", source, list(base.test), list(base.classnames)),
-                     EvalSet("novel", source, list(novel.test), list(novel.classnames)),
-                     *_val_set(base, source)], [])
-    evalsets = [EvalSet("all", source, list(fewshot.test), list(fewshot.classnames)),
-                *_val_set(fewshot, source)]
-    if cfg.protocol == "all":
-        if cfg.eval_datasets:
-            raise ValueError(f"protocol='all' evaluates the training dataset only; eval_datasets="
-                             f"{list(cfg.eval_datasets)} needs protocol cross_dataset or "
-                             f"domain_generalization")
-        return Task(source, list(fewshot.train), list(fewshot.classnames), evalsets, [])
-    if cfg.protocol not in ("cross_dataset", "domain_generalization"):
-        raise ValueError(f"protocol={cfg.protocol!r} is not one of ['base2novel', 'all', "
-                         f"'cross_dataset', 'domain_generalization']")
-    targets = list(cfg.eval_datasets)
-    if not targets and cfg.protocol == "domain_generalization":
-        targets = dg_default_targets(source)
-    if not targets:
-        raise ValueError(f"protocol={cfg.protocol!r} needs eval_datasets (the target datasets "
-                         f"evaluated with the {source}-trained projectors)")
-    names = []
-    for target in targets:
-        name = _canonical(target)
-        if name in names or name in RESERVED_EVALSETS:
-            raise ValueError(f"eval_datasets lists {name!r} twice (or uses a reserved name)")
-        names.append(name)
-        t = load_splits(name, cfg.data_root)
-        if not t.test:
-            raise ValueError(f"target dataset {name!r} under {cfg.data_root} has no test split")
-        evalsets.append(EvalSet(name, name, list(t.test), list(t.classnames)))
-    return Task(source, list(fewshot.train), list(fewshot.classnames), evalsets, names)
 
 
 # --- model -------------------------------------------------------------------------------------
@@ -505,9 +402,7 @@ def _train(cfg: TrainConfig, task: Task, model: PerlModel, optimizer: torch.opti
     # One loader for every epoch: with workers they stay alive between epochs
     # (persistent_workers) instead of being forked again; `decode` swaps the epoch's batches in.
     sampler = _ListBatchSampler([])
-    workers = resolve_num_workers(cfg.num_workers, device)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+    loader = DataLoader(dataset, batch_sampler=sampler, **loader_options(cfg.num_workers, device),
                         # the loader draws its workers' base seed from this generator;
                         # augmentation does not use it (SeededItems), it only keeps the
                         # global RNG untouched
@@ -585,9 +480,10 @@ def _train_step(cfg: TrainConfig, model: PerlModel, optimizer: torch.optim.Optim
         image = model.image_from_prefix(image_feats["prefix"], all_steps=True,
                                         h0=image_feats["h0"])
         v0, vk = image[0].detach(), image[-1]  # zero-shot (a constant) and step K
-        text = fixed_text if fixed_text is not None else \
-            model.text_from_prefix(text_feats["prefix"], tokens, h0=text_feats["h0"],
-                                   length=text_len)
+    # cfg.text_chunk prompts at a time keep the text graph bounded (perl_core/gradcache.py);
+    # text_backward then back-propagates the text side after loss.backward()
+    text, text_backward = (fixed_text, None) if fixed_text is not None else encode_text(
+        model, text_feats, tokens, text_len, cfg.text_chunk, lambda: autocast(cfg, device))
     # the logits in fp32 from the fp32 embeddings, outside autocast, as evaluation computes them:
     # an autocast matmul rounds them to bf16 (at logit scale 100 that moves the CE by ~2 % and the
     # projector gradient by ~4 %), which the fp32 upcast in perl_loss comes too late to undo
@@ -596,6 +492,8 @@ def _train_step(cfg: TrainConfig, model: PerlModel, optimizer: torch.optim.Optim
     if optimizer is not None:  # queued before the host waits for the values below
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if text_backward is not None:
+            text_backward()
     # the one host sync of the step: the three logged values in one copy, then the finiteness
     # check, before the optimizer step can spread a non-finite gradient into the projectors
     loss_v, ce_v, anchor_v = torch.stack([loss.detach(), parts["ce"], parts["anchor"]]).tolist()
@@ -609,6 +507,16 @@ def _train_step(cfg: TrainConfig, model: PerlModel, optimizer: torch.optim.Optim
         optimizer.step()
     lr = optimizer.param_groups[0]["lr"] if optimizer is not None else 0.0
     return {"step": state.global_step + 1, "epoch": state.epoch + 1, **values, "lr": lr}
+
+
+def train_step(cfg: TrainConfig, model: PerlModel, optimizer: torch.optim.Optimizer,
+               image_feats: dict[str, torch.Tensor], labels: torch.Tensor, tokens: torch.Tensor,
+               text_feats: dict[str, torch.Tensor], text_len: int) -> dict[str, Any]:
+    """One training step exactly as `fit` runs it, outside `fit` (`perl_core.bench`, tests),
+    from the frozen features (`cache.image_features` / `text_features`); `text_len` =
+    `model.text_length(tokens)`. Returns the step's record (loss, ce, anchor, lr)."""
+    return _train_step(cfg, model, optimizer, image_feats, labels, tokens, text_feats, None,
+                       image_feats["prefix"].device, _Progress(), text_len)
 
 
 def _snapshot(cfg: TrainConfig, model: PerlModel, optimizer: torch.optim.Optimizer | None,
@@ -821,6 +729,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                                                            "fields (dataset: ..., lr: ...)")])
         values.update(raw or {})
         origin.update({k: f"{args.config}: line {lines[(k,)]}, {k}" for k in raw or {}})
+        listed = [(origin[k], m) for k, v in (raw or {}).items()
+                  if (m := file_value_problem(k, v))]
+        if listed:
+            raise ValueError("\n".join(f"{where}: {m}" for where, m in listed))
     flags = {k: getattr(args, k) for k in FIELD_NAMES if hasattr(args, k)}
     values.update(flags)
     origin.update({k: f"--{k.replace('_', '-')}" for k in flags})
@@ -924,8 +836,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["fit", "build_model", "evaluate", "evaluate_task", "resolve_task", "Callback",
-           "TrainResult", "Task", "EvalSet", "save_projectors", "load_projectors",
+__all__ = ["fit", "build_model", "evaluate", "evaluate_task", "Callback",
+           "TrainResult", "save_projectors", "load_projectors",
            "seed_everything", "epoch_plan", "ensure_synthetic_data", "main"]
 
 if __name__ == "__main__":

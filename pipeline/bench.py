@@ -4,13 +4,14 @@
                              [--real-trial-s S | --bench BENCH.json [--classes 100]
                               [--real-shots 16] [--real-batch 4] [--real-epochs 1]
                               [--eval-images N]]
-                             [--workdir DIR] [--json]
+                             [--workdir DIR] [--json] [--set KEY=VALUE ...]
 
 It runs a real sweep of N tiny trials through `pipeline.run.main` (a local Ray started by the
 driver, a fresh MLflow SQLite store, the storage records, the feature cache in the work dir):
 perl-tiny with the embedded weights on a small synthetic world (ToyShapes), cells K = 1, 2 x
-N/2 data seeds. Every trial appends its phase times to `$PERL_TRIAL_TIMINGS` (see
-`pipeline.trainable`), so that after the sweep:
+N/2 data seeds; `--set` overrides keys of that sweep as on `pipeline.run` (validated the same
+way, before any work), e.g. `--set resources.cpu=2`. Every trial appends its phase times to
+`$PERL_TRIAL_TIMINGS` (see `pipeline.trainable`), so that after the sweep:
 
 - `fit_compute_s`: `fit`'s own train + eval time in the trial, checkpoint I/O taken out (the
   trainable's `fit_compute` phase; `train_seconds + eval_seconds` in older timing lines): the
@@ -183,8 +184,9 @@ def real_trial_from_bench(path: str | Path, *, classes: int, shots: int, batch: 
 
 
 def run(trials: int = 8, concurrency: int = 1, epochs: int = 1, shots: int = 1,
-        workdir: str | None = None) -> dict[str, Any]:
-    """One sweep of `trials` tiny trials through `pipeline.run.main`; the analysed figures."""
+        workdir: str | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """One sweep of `trials` tiny trials through `pipeline.run.main` (its keys overridden by
+    `overrides`, `--set` strings); the analysed figures. SpecError for a bad override."""
     from perl_core.data.synthetic import generate_world
     from pipeline import run as pipeline_run
     from pipeline.spec import cells, group_order, load_spec
@@ -205,13 +207,14 @@ def run(trials: int = 8, concurrency: int = 1, epochs: int = 1, shots: int = 1,
             world=str(world), storage=str(work / "runs"),
             tracking_uri=f"sqlite:///{work / 'mlflow.db'}", cache_dir=str(work / "cache"),
             trials=trials, epochs=epochs, shots=shots))
-        expected = [c.name for c in group_order(cells(load_spec(sweep)))]
+        expected = [c.name for c in group_order(cells(load_spec(sweep, overrides=overrides)))]
         os.environ[TIMINGS_ENV] = str(timings)  # inherited by the local Ray's workers
         load_before = os.getloadavg()
         stamps: dict[str, float] = {}
         t0 = time.time()
         with _stamped(pipeline_run, ("init_ray", "run_grid"), stamps):
-            rc = pipeline_run.main([str(sweep), "--max-concurrent", str(concurrency)])
+            rc = pipeline_run.main([str(sweep), "--max-concurrent", str(concurrency),
+                                    *(a for o in overrides for a in ("--set", o))])
         t1 = time.time()
         load_after = os.getloadavg()
         _shutdown_ray()
@@ -236,12 +239,12 @@ def run(trials: int = 8, concurrency: int = 1, epochs: int = 1, shots: int = 1,
 def feature_cache_totals(tracking_uri: str) -> dict[str, float]:
     """The `feature_cache/*` metrics summed over the sweep's runs (hits, misses, per kind, and
     `image_waited`: batches a trial read after waiting for a concurrent trial's fill)."""
-    from mlflow.tracking import MlflowClient
+    from pipeline import queries
 
-    client = MlflowClient(tracking_uri)
-    ids = [e.experiment_id for e in client.search_experiments()]
+    client = queries.mlflow_client(tracking_uri)
+    ids = [e.experiment_id for e in queries.all_experiments(client)]
     totals: dict[str, float] = {}
-    for run in client.search_runs(ids, max_results=10000):
+    for run in queries.all_runs(client, ids):
         for k, v in run.data.metrics.items():
             if k.startswith("feature_cache/"):
                 name = k.removeprefix("feature_cache/")
@@ -320,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --bench: test images of the real trial (default 0: training only)")
     ap.add_argument("--workdir", default=None, help="keep the sweep, MLflow store and cache here")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
+    from pipeline.spec import add_set_argument
+
+    add_set_argument(ap)  # on the bench's own generated sweep
     return ap
 
 
@@ -348,8 +354,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     stdout = sys.stdout
     if args.json:  # the sweep's own output goes to stderr, the JSON alone to stdout
         sys.stdout = sys.stderr
+    from pipeline.spec import SpecError
+
     try:
-        res = run(args.trials, args.concurrency, args.epochs, args.shots, args.workdir)
+        res = run(args.trials, args.concurrency, args.epochs, args.shots, args.workdir,
+                  args.overrides)
+    except SpecError as e:  # a bad --set: refused before the sweep runs
+        print(f"pipeline.bench: {e}", file=sys.stderr)
+        return 2
     finally:
         sys.stdout = stdout
     per = res["per_trial_overhead_s"]

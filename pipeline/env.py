@@ -28,7 +28,8 @@ _PACKAGES = {"torch": "torch", "open_clip": "open_clip_torch", "ray": "ray", "ml
 class CodeVersion:
     sha: str  # 40-hex commit, or "unknown"
     dirty: str  # "true" / "false" / "unknown" (strings: they become MLflow tags)
-    fingerprint: str  # hash of the code that determines a result (see `code_fingerprint`)
+    version: str  # the `code_version` tag: hash of the code that determines a result
+    # (`code_fingerprint`); a finished run of another version is not done for this code
 
 
 def _git(*args: str) -> str | None:
@@ -50,7 +51,7 @@ def code_version() -> CodeVersion:
             dirty = UNKNOWN if status is None else str(bool(status.strip())).lower()
     if dirty not in ("true", "false"):
         dirty = UNKNOWN
-    return CodeVersion(sha=sha or UNKNOWN, dirty=dirty, fingerprint=code_fingerprint())
+    return CodeVersion(sha=sha or UNKNOWN, dirty=dirty, version=code_fingerprint())
 
 
 # What can change a trial's numbers: the method package's code, model configs and shipped

@@ -41,6 +41,12 @@ dominate on a fast GPU with slow storage; the text side of evaluation (once per 
 estimate is GPU-seconds of one trial running alone; trials that share a GPU (`gpu: 0.25`) split
 its throughput, so the GPU-hours stay about the same and the wall-clock is GPU-hours / GPUs.
 No number here is invented: without a bench file only the workload is printed.
+
+Memory (`trial_memory`, `memory_by_dataset`, `memory_report`; `--dry-run [--gpu-memory 40GB]`):
+the expected peak memory of a trial per dataset, from its class count, prompt length, K, J,
+`text_chunk`, batch and arch, with constants fit to the CPU measurement of
+`perl_core.bench --step-memory` (see the section's comment below); with `--gpu-memory` a warning
+names `resources.gpu` when that many trials per GPU would not fit.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from perl_core.config import TrainConfig
+from perl_core.protocol import canonical_dataset, target_datasets
 
 # Classes and test images of the CoOp benchmarks, from the team's data-protocol notes (§1.2,
 # "Class counts and split sizes", in the shared folder beside the repo): counted from the real
@@ -306,10 +313,9 @@ def _table(name: str) -> tuple[int, int]:
 def cell_workload(cfg: TrainConfig, sizes: _Sizes | None = None) -> Workload:
     """Training steps and evaluated images of one cell, as `fit` would run it."""
     from perl_core.data.fewshot import fewshot_splits, subsample_classes
-    from perl_core.train import _canonical, dg_default_targets
 
     sizes = sizes or _Sizes()
-    name = _canonical(cfg.dataset)
+    name = canonical_dataset(cfg.dataset)
     splits = sizes.splits(name, cfg.data_root)
     if splits is not None:
         few = fewshot_splits(splits, cfg.shots, cfg.seed)
@@ -327,17 +333,14 @@ def cell_workload(cfg: TrainConfig, sizes: _Sizes | None = None) -> Workload:
         train = cfg.shots * classes  # every class has >= shots train images (data_protocol.md)
         evals = test + (0 if name in VAL_IS_TEST else min(cfg.shots, 4) * classes)
         source = "table"
-    if cfg.protocol in ("cross_dataset", "domain_generalization"):
-        targets = list(cfg.eval_datasets) or (dg_default_targets(name) if
-                                              cfg.protocol == "domain_generalization" else [])
-        for t in targets:
-            tname = _canonical(t)
-            ts = sizes.splits(tname, cfg.data_root)
-            if ts is not None:
-                evals += len(ts.test)
-            else:
-                evals += _table(tname)[1]
-                source = "table" if source == "table" else "data+table"
+    for t in target_datasets(cfg):
+        tname = canonical_dataset(t)
+        ts = sizes.splits(tname, cfg.data_root)
+        if ts is not None:
+            evals += len(ts.test)
+        else:
+            evals += _table(tname)[1]
+            source = "table" if source == "table" else "data+table"
     per_epoch = train // cfg.batch_size if train >= cfg.batch_size else (1 if train else 0)
     return Workload(train, classes, per_epoch * cfg.epochs, evals, source)
 
@@ -425,35 +428,50 @@ def estimate(named: Iterable[tuple], bench: Bench | None, *,
         c.train_cached = cache_enabled and bool(cfg.pretrained) and view in seen_view
         seen_eval.add(group)
         seen_view.add(view)
-        b = bench.for_precision(cfg.precision)
-        if b is None:  # timed in another precision: used, and said so once per precision
-            b = bench
-            if cfg.precision not in warned_precision:
-                warned_precision.add(cfg.precision)
-                est.warnings.append(
-                    f"the sweep runs precision {cfg.precision} but the bench measured "
-                    f"{bench.precision} only: times are {bench.precision}'s (bf16 vs fp32 can "
-                    f"differ by several x on a GPU); bench on the target CUDA device, which "
-                    f"measures both (`python -m perl_core.bench --json`)")
-        full, thought = flops(cfg.arch, cfg.inject_layer, cfg.num_steps)
-        r_full, r_thought = full / ref[0], thought / ref[1]
-        key = (cfg.arch, cfg.inject_layer, cfg.num_steps)
-        if key != (bench.arch, bench.inject_layer, bench.num_steps) and key not in scaled:
-            scaled.add(key)
-            what = "arch" if cfg.arch != bench.arch else "J/K"
-            est.warnings.append(
-                f"{what} differs from the bench ({cfg.arch}, J={cfg.inject_layer}, "
-                f"K={cfg.num_steps} vs {bench.arch}, J={bench.inject_layer}, "
-                f"K={bench.num_steps}): times scaled by the analytic vision FLOPs "
-                f"(x{r_full:.3g} full forward, x{r_thought:.3g} thought passes)"
-                + ("; FLOPs do not carry across archs well, bench the sweep's arch"
-                   if what == "arch" else ""))
+        b = _bench_for(bench, cfg.precision, est, warned_precision)
+        r_full, r_thought = _flops_ratios(cfg, bench, ref, est, scaled)
         step = b.step_s(work.train_classes, c.train_cached) * cfg.batch_size / BENCH_BATCH
         c.train_s = work.steps * step * (r_thought if c.train_cached else r_full)
         rate = b.eval_cached if c.eval_cached else b.eval_uncached
         c.eval_s = work.eval_images / rate * (r_thought if c.eval_cached else r_full)
         c.overhead_s = est.overhead_s
     return est
+
+
+def _bench_for(bench: Bench, precision: str, est: Estimate, warned: set[str]) -> Bench:
+    """The bench's figures for `precision`; timed in another precision only, the bench's own,
+    and said so once per precision."""
+    b = bench.for_precision(precision)
+    if b is not None:
+        return b
+    if precision not in warned:
+        warned.add(precision)
+        est.warnings.append(
+            f"the sweep runs precision {precision} but the bench measured "
+            f"{bench.precision} only: times are {bench.precision}'s (bf16 vs fp32 can "
+            f"differ by several x on a GPU); bench on the target CUDA device, which "
+            f"measures both (`python -m perl_core.bench --json`)")
+    return bench
+
+
+def _flops_ratios(cfg: TrainConfig, bench: Bench, ref: tuple[float, float], est: Estimate,
+                  scaled: set[tuple]) -> tuple[float, float]:
+    """The cell's vision FLOPs over the bench's (full forward, thought passes); a cell whose
+    arch, J or K differs from the bench's is said once per (arch, J, K)."""
+    full, thought = flops(cfg.arch, cfg.inject_layer, cfg.num_steps)
+    r_full, r_thought = full / ref[0], thought / ref[1]
+    key = (cfg.arch, cfg.inject_layer, cfg.num_steps)
+    if key != (bench.arch, bench.inject_layer, bench.num_steps) and key not in scaled:
+        scaled.add(key)
+        what = "arch" if cfg.arch != bench.arch else "J/K"
+        est.warnings.append(
+            f"{what} differs from the bench ({cfg.arch}, J={cfg.inject_layer}, "
+            f"K={cfg.num_steps} vs {bench.arch}, J={bench.inject_layer}, "
+            f"K={bench.num_steps}): times scaled by the analytic vision FLOPs "
+            f"(x{r_full:.3g} full forward, x{r_thought:.3g} thought passes)"
+            + ("; FLOPs do not carry across archs well, bench the sweep's arch"
+               if what == "arch" else ""))
+    return r_full, r_thought
 
 
 def measured_overhead(runs: Iterable[Any]) -> tuple[float | None, int]:
@@ -510,5 +528,224 @@ def report(est: Estimate, say: Any, *, arch: Iterable[str] = ()) -> None:
         say(f"  warning: {w}")
 
 
+# --- expected peak memory per trial ---------------------------------------------------------------
+#
+# What grows is the training step: autograd keeps, for backward, the activations of K passes over
+# the upper blocks, per item (image, or class prompt) and pass k: (n + k) tokens through the
+# L - d0 - 1 whole upper blocks and the read-row last block (`backbone.block_rows`, ~READ_BLOCK of
+# one). So, with S(n) = sum_{k=1..K} (n + k) and W the tower's width,
+#     image(B)  = IMAGE_BYTES x W_v x blocks_v x B x S(N_v)         (N_v = 1 + patches)
+#     text(c)   = TEXT_BYTES  x W_t x blocks_t x c x S(L_eff)
+#     step      = image(batch_size) + text(C)                      whole text graph (C <= chunk)
+#               = max(image(batch_size), text(text_chunk))         chunked (perl_core/gradcache.py:
+#                 loss.backward() frees the image graph before the first chunk is re-encoded)
+# IMAGE_BYTES and TEXT_BYTES are fp32 bytes per token, per unit of width, per upper block, fit to
+# the CPU measurement of `python -m perl_core.bench --step-memory` at ViT-B/16 (the whole path at
+# 100 and 1,000 classes); the chunked step's live tensors measured 4 % above the formula, its
+# CPU peak RSS 38 % (glibc keeps the freed image graph resident; docs/benchmarks.md, "Text
+# memory"). Other archs scale by width (perl-tiny: 28 % under). bf16 uses the fp32 figures (an
+# upper bound: autocast keeps half-size matmul outputs; not measured). A trial on a GPU adds,
+# none of it measured yet:
+#     trial = CUDA_CONTEXT_GB + ALLOCATOR_SLACK x (weights + max(step, evaluation))
+# weights: the CLIP's parameters in fp32 (a bf16 trial adds a bf16 copy of the matmul weights);
+# evaluation: one upper block's live tensors without gradient at eval_batch_size images.
+IMAGE_BYTES = 111.0  # 1,090 MB for 4 images at K=4 (the intercept of the two whole-path runs)
+TEXT_BYTES = 57.6  # 0.118 MB per prompt and pass token (10,781 - 1,870 MB over 75,400 of them)
+READ_BLOCK = 0.2  # the last block computes K/V of every row, the rest for the read row only
+CUDA_CONTEXT_GB = 0.5  # per trial process (CUDA context, cuBLAS workspace): assumed
+ALLOCATOR_SLACK = 1.15  # reserved / allocated of torch's caching allocator: assumed
+EVAL_FLOATS_PER_WIDTH = 14  # x, LN, qkv, attention out, MLP in/out (+ heads x n attention)
+DEFAULT_L_EFF = 20  # prompt length when the class names are not at hand (ImageNet's is 18)
+GiB = 2 ** 30
+
+
+@dataclass
+class TrialMemory:
+    """The expected peak memory of one trial, in GiB (GB = 2^30 bytes here)."""
+
+    dataset: str
+    classes: int
+    l_eff: int
+    l_eff_from: str  # "class names" or "assumed"
+    num_steps: int
+    text_chunk: int
+    image_gb: float  # the image graph of one step
+    text_gb: float  # the text graph of one step (of one chunk when chunked)
+    step_gb: float  # what one training step adds (the bench's added peak)
+    weights_gb: float
+    eval_gb: float
+    trial_gb: float  # on a GPU: context + slack x (weights + max(step, eval))
+
+    @property
+    def chunked(self) -> bool:
+        return 0 < self.text_chunk < self.classes
+
+
+def _towers(arch: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    import open_clip
+
+    from perl_core.factory import register_model_configs
+
+    register_model_configs()
+    cfg = open_clip.get_model_config(arch)
+    if not cfg or "vision_cfg" not in cfg or "text_cfg" not in cfg:
+        raise EstimateError(f"unknown open_clip arch {arch!r} (no model config)")
+    return cfg["vision_cfg"], {**cfg["text_cfg"], "embed_dim": cfg.get("embed_dim", 512)}
+
+
+def _weights_gb(v: dict[str, Any], t: dict[str, Any], precision: str) -> float:
+    """The CLIP's parameters in fp32, from its config (12 W^2 + 13 W per block, embeddings); a
+    bf16 trial adds a bf16 copy of the blocks' matmul weights (`train.build_model`)."""
+    wv, wt, lv, lt = int(v["width"]), int(t["width"]), int(v["layers"]), int(t["layers"])
+    p, size, e = int(v["patch_size"]), v["image_size"], int(t["embed_dim"])
+    n = 1 + (size // p) ** 2 if isinstance(size, int) else 1 + (size[0] // p) * (size[1] // p)
+    blocks = lv * (12 * wv * wv + 13 * wv) + lt * (12 * wt * wt + 13 * wt)
+    embed = 3 * p * p * wv + n * wv + int(t.get("vocab_size", 49408)) * wt + \
+        int(t.get("context_length", 77)) * wt + (wv + wt) * e
+    return (4 * (blocks + embed) + (2 * blocks if precision == "bf16" else 0)) / GiB
+
+
+def _prompt_length(cfg: TrainConfig, sizes: _Sizes, ctx: int, memo: dict) -> tuple[int, str]:
+    """L_eff of the training prompts (the last EOS + 1): from the class names when the split
+    file is there (ImageNet: open_clip's names), else DEFAULT_L_EFF."""
+    import open_clip
+
+    from perl_core.data.templates import class_prompts
+
+    name = canonical_dataset(cfg.dataset)
+    key = (name, cfg.data_root, cfg.template, ctx)
+    if key not in memo:
+        splits = sizes.splits(name, cfg.data_root)
+        names = list(splits.classnames) if splits is not None else None
+        if names is None and name == "ImageNet":
+            from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+            names = list(IMAGENET_CLASSNAMES)
+        if names:
+            tokens = open_clip.tokenize(class_prompts(names, name, cfg.template),
+                                        context_length=ctx)
+            memo[key] = (int(tokens.argmax(dim=-1).max()) + 1, "class names")
+        else:
+            memo[key] = (min(DEFAULT_L_EFF, ctx), "assumed")
+    return memo[key]
+
+
+def trial_memory(cfg: TrainConfig, classes: int, l_eff: int, l_eff_from: str = "class names"
+                 ) -> TrialMemory:
+    """The expected peak memory of a trial of `cfg` training on `classes` prompts of L_eff."""
+    from perl_core.model import resolve_variant
+
+    v, t = _towers(cfg.arch)
+    wv, wt, lv, lt = int(v["width"]), int(t["width"]), int(v["layers"]), int(t["layers"])
+    p, size = int(v["patch_size"]), v["image_size"]
+    n_v = 1 + (size // p) ** 2 if isinstance(size, int) else 1 + (size[0] // p) * (size[1] // p)
+    k = cfg.num_steps
+    layers = tuple(cfg.inject_layers) or None
+    d_v = resolve_variant(cfg.variant, cfg.inject_layer, layers, lv).depths[0]
+    d_t = resolve_variant(cfg.variant, cfg.effective_text_inject_layer, layers, lt).depths[0]
+
+    def tokens(n: int) -> int:  # sum over the K passes of the sequence length
+        return k * n + k * (k + 1) // 2
+
+    image = IMAGE_BYTES * wv * (lv - d_v - 1 + READ_BLOCK) * cfg.batch_size * tokens(n_v) \
+        if cfg.modality != "text" else 0.0
+
+    def text(c: int) -> float:
+        return TEXT_BYTES * wt * (lt - d_t - 1 + READ_BLOCK) * c * tokens(l_eff) \
+            if cfg.modality != "vision" else 0.0
+
+    chunked = 0 < cfg.text_chunk < classes
+    text_b = text(cfg.text_chunk if chunked else classes)
+    step = max(image, text_b) if chunked else image + text_b
+    heads = wv // int(v.get("head_width", 64))
+    evals = 4 * cfg.eval_batch_size * (n_v + k) * (EVAL_FLOATS_PER_WIDTH * wv + heads * (n_v + k))
+    weights = _weights_gb(v, t, cfg.precision)
+    trial = CUDA_CONTEXT_GB + ALLOCATOR_SLACK * (weights + max(step, evals) / GiB)
+    return TrialMemory(canonical_dataset(cfg.dataset), classes, l_eff, l_eff_from, k,
+                       cfg.text_chunk, image / GiB, text_b / GiB, step / GiB, weights,
+                       evals / GiB, trial)
+
+
+def memory_by_dataset(named: Iterable[tuple], sizes: _Sizes | None = None
+                      ) -> tuple[list[TrialMemory], list[tuple[str, str]]]:
+    """Per training dataset, the cell with the largest expected peak (K, chunk and arch vary
+    across cells); (rows, [(cell, why)] of cells whose class count is unknown)."""
+    sizes = sizes or _Sizes()
+    memo: dict = {}
+    worst: dict[str, TrialMemory] = {}
+    unknown = []
+    for item in named:
+        name, cfg = item[0], item[1]
+        try:
+            classes = cell_workload(cfg, sizes).train_classes
+            ctx = int(_towers(cfg.arch)[1].get("context_length", 77))
+            l_eff, source = _prompt_length(cfg, sizes, ctx, memo)
+        except EstimateError as e:
+            unknown.append((name, str(e)))
+            continue
+        m = trial_memory(cfg, classes, l_eff, source)
+        if m.dataset not in worst or m.trial_gb > worst[m.dataset].trial_gb:
+            worst[m.dataset] = m
+    return list(worst.values()), unknown
+
+
+def parse_gpu_memory(text: str) -> float:
+    """'40GB', '40G', '40GiB', '80', '24 GB' -> GiB (a '40 GB' card holds 40 GiB); ValueError."""
+    s = str(text).strip().upper().replace(" ", "")
+    for unit in ("GIB", "GB", "G"):
+        if s.endswith(unit):
+            s = s[:-len(unit)]
+            break
+    try:
+        value = float(s)
+    except ValueError:
+        raise ValueError(f"--gpu-memory {text!r}: expected a size such as 40GB") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"--gpu-memory {text!r}: must be a positive size such as 40GB")
+    return value
+
+
+def memory_report(rows: list[TrialMemory], say: Any, gpu: float,
+                  gpu_memory_gb: float | None = None) -> list[str]:
+    """Print the expected peak memory per trial for each dataset, and how many trials share a
+    GPU at `gpu` (resources.gpu); returns the warnings (also printed) for `gpu_memory_gb`."""
+    per_gpu = math.floor(1 / gpu + 1e-9) if gpu > 0 else 0
+    say("expected peak memory per trial (pipeline/estimate.py: the training step from the CPU "
+        "measurement at ViT-B/16; on a GPU + weights, CUDA context, allocator slack, "
+        "unmeasured there):")
+    for m in rows:
+        how = f"text_chunk {m.text_chunk}" if m.chunked else \
+            ("whole text graph" if m.text_chunk == 0 else f"whole text graph (<= text_chunk "
+                                                          f"{m.text_chunk})")
+        line = (f"  {m.dataset}: {m.classes} classes, L_eff {m.l_eff}"
+                f"{' (assumed)' if m.l_eff_from == 'assumed' else ''}, K={m.num_steps}, {how}: "
+                f"step +{m.step_gb:.1f} GB (image {m.image_gb:.1f}, text {m.text_gb:.1f}), "
+                f"trial {m.trial_gb:.1f} GB")
+        if per_gpu:
+            line += f"; x{per_gpu} per GPU (resources.gpu {gpu:g}) = {per_gpu * m.trial_gb:.1f} GB"
+        say(line)
+    warnings = []
+    if gpu_memory_gb is not None and per_gpu:
+        for m in rows:
+            need = per_gpu * m.trial_gb
+            if need > gpu_memory_gb:
+                fits = math.floor(gpu_memory_gb / m.trial_gb)
+                hint = (f"use resources.gpu {1 / fits:.3g} ({fits} per GPU)" if fits >= 1 else
+                        "one trial alone does not fit")
+                hint += "" if m.chunked or m.classes <= 1 else \
+                    "; or lower text_chunk" if m.text_chunk else "; or set text_chunk (e.g. 128)"
+                warnings.append(f"resources.gpu {gpu:g} puts {per_gpu} trials on one GPU: "
+                                f"{m.dataset} needs ~{need:.1f} GB, more than --gpu-memory "
+                                f"{gpu_memory_gb:g} GB ({hint})")
+        if not warnings:
+            say(f"  fits: {per_gpu} trial(s) per GPU (resources.gpu {gpu:g}) within "
+                f"--gpu-memory {gpu_memory_gb:g} GB for every dataset")
+    for w in warnings:
+        say(f"  warning: {w}")
+    return warnings
+
+
 __all__ = ["COOP_SIZES", "Bench", "EstimateError", "load_bench", "flops", "cell_workload",
-           "Workload", "estimate", "Estimate", "CellEstimate", "report", "measured_overhead"]
+           "Workload", "estimate", "Estimate", "CellEstimate", "report", "measured_overhead",
+           "TrialMemory", "trial_memory", "memory_by_dataset", "memory_report",
+           "parse_gpu_memory"]

@@ -7,9 +7,10 @@ the rest still run):
 
 - `fit`: a perl-tiny `fit` in fp32 and in bf16 under `torch.cuda.set_sync_debug_mode("warn")`,
   with the host syncs counted (the warnings torch emits for each synchronizing call);
-- `vit_step`: one ViT-B/16 (random init) training step (K=4, J=7, batch 4, cached-style: the
-  text prefix once, then the step) at 100 and 1,000 classes, with peak allocated and reserved
-  memory, in fp32 and bf16;
+- `vit_step`: the ViT-B/16 (random init) training step (`perl_core.bench.step_memory`: K=4,
+  J=7, batch 4, the frozen features once, then `train._train_step`, each configuration in a
+  fresh process) at 100 and 1,000 classes, whole text graph and `text_chunk` 128, with peak
+  allocated (and added by the step) and reserved memory, in fp32 and bf16;
 - `ray`: four perl-tiny trials at `gpu: 0.25` on one device through Ray (`pipeline.run`);
 - `bench`: `perl_core.bench.run(quick=True)` (fp32 and bf16, CUDA-event timing).
 
@@ -21,8 +22,6 @@ Exit codes: 0 every check ran, 1 a check failed (its error is in the block), 2 n
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import datetime
 import json
 import os
@@ -85,8 +84,10 @@ def markdown_block(results: dict[str, Any], meta: dict[str, Any]) -> str:
         lines += ["| ViT-B/16 step | classes | s/step | peak allocated MB | peak reserved MB |",
                   "|---|---|---|---|---|"]
         for key, r in vit.items():
-            lines.append(f"| {r['precision']} | {r['classes']} | {r['step_s']:.4f} | "
-                         f"{_mb(r['allocated_mb'])} | {_mb(r['reserved_mb'])} |")
+            mode = f", {r['mode']}" if r.get("mode") else ""  # the text path (bench.STEP_MODES)
+            added = f" (+{_mb(r['added_mb'])})" if r.get("added_mb") is not None else ""
+            lines.append(f"| {r['precision']}{mode} | {r['classes']} | {r['step_s']:.4f} | "
+                         f"{_mb(r['allocated_mb'])}{added} | {_mb(r['reserved_mb'])} |")
         lines.append("")
     ray = results.get("ray")
     if isinstance(ray, dict) and "error" not in ray:
@@ -151,47 +152,17 @@ def check_fit(work: Path) -> dict[str, Any]:
 
 
 def check_vit_step(work: Path) -> dict[str, Any]:
-    import torch
-
-    from perl_core.cache import image_features, text_features
-    from perl_core.factory import cast_frozen_matmul_weights, create_clip
-    from perl_core.model import PerlModel
+    """`perl_core.bench.step_memory` on the GPU: the production step, each configuration in a
+    fresh process, peak allocated (and what the step added) and reserved memory."""
+    from perl_core.bench import STEP_MODES, step_memory
 
     out: dict[str, Any] = {}
-    torch.manual_seed(0)
-    base = create_clip("ViT-B-16-quickgelu", None)
     for prec in ("fp32", "bf16"):
-        clip = base if prec == "fp32" else cast_frozen_matmul_weights(copy.deepcopy(base))
-        model = PerlModel(clip, inject_layer=7, num_steps=4).to("cuda")
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        ac = torch.autocast("cuda", dtype=torch.bfloat16) if prec == "bf16" else \
-            contextlib.nullcontext()
-        images = torch.randn(4, 3, 224, 224, device="cuda")
-        for classes in (100, 1000):
-            tokens = model.tokenize([f"a photo of a class {i}." for i in range(classes)]).cuda()
-            labels = torch.randint(0, classes, (4,), device="cuda")
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            times = []
-            for _ in range(3):  # the first is a warm-up
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                with ac:
-                    tf, vf = text_features(model, tokens), image_features(model, images)
-                    img = model.image_from_prefix(vf["prefix"], all_steps=True, h0=vf["h0"])
-                    txt = model.text_from_prefix(tf["prefix"], tokens, h0=tf["h0"])
-                logits = model.logits(img[-1].float(), txt.float())
-                loss = torch.nn.functional.cross_entropy(logits, labels)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-            out[f"{prec}/{classes}"] = {
-                "precision": prec, "classes": classes, "step_s": min(times[1:]),
-                "allocated_mb": torch.cuda.max_memory_allocated() / 2 ** 20,
-                "reserved_mb": torch.cuda.max_memory_reserved() / 2 ** 20}
-        del model, opt
+        res = step_memory("ViT-B-16-quickgelu", (100, 1000), STEP_MODES, precision=prec,
+                          steps=3, timeout_s=900)
+        for r in res["records"]:
+            out[f"{prec}/{r['classes']}/{r['mode']}"] = {
+                **r, "allocated_mb": r["peak_mb"], "reserved_mb": r["reserved_mb"]}
     return out
 
 

@@ -15,13 +15,10 @@ import html
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
+from pipeline.aggregate.result import Result
 from pipeline.tables import Cell, Table, fmt_diff, fmt_ours, fmt_paper, footnotes
-
-if TYPE_CHECKING:  # avoid an import cycle: aggregate imports this module lazily
-    from pipeline.aggregate import Aggregate
 
 _CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;
@@ -80,7 +77,7 @@ def _diff_class(cell: Cell, better: str) -> str:
     return "good" if good else "bad"
 
 
-def _runs_html(cell: Cell, agg: "Aggregate", base: str | None) -> str:
+def _runs_html(cell: Cell, agg: Result, base: str | None) -> str:
     parts = []
     if cell.run_ids:
         links = " ".join(run_link(r, agg.run_experiment.get(r), base) for r in cell.run_ids)
@@ -94,7 +91,7 @@ def _runs_html(cell: Cell, agg: "Aggregate", base: str | None) -> str:
     return "".join(parts)
 
 
-def table_html(t: Table, agg: "Aggregate", base: str | None, out: Path) -> str:
+def table_html(t: Table, agg: Result, base: str | None, out: Path) -> str:
     esc = html.escape
     exp_n = max((c.n for r in t.rows for c in r.cells.values()), default=0)
     head = [f"<th>{esc(h)}</th>" for h in (*t.index, *t.info_columns)]
@@ -149,7 +146,7 @@ def _img(path: Path, name: str) -> str:
     return f'<div><img alt="{html.escape(name)}" src="data:image/png;base64,{data}"></div>'
 
 
-def _runs_section(agg: "Aggregate", base: str | None) -> str:
+def _runs_section(agg: Result, base: str | None) -> str:
     df = agg.runs
     if not len(df):
         return "<p>No runs.</p>"
@@ -176,10 +173,8 @@ def _runs_section(agg: "Aggregate", base: str | None) -> str:
             "</details>")
 
 
-def render(agg: "Aggregate", out: Path, ui_url: str | None = None) -> str:
+def render(agg: Result, out: Path, ui_url: str | None = None) -> str:
     """The report as one HTML string; the PNGs named by the tables are read from `out`."""
-    from pipeline.aggregate import redact_uri
-
     esc = html.escape
     base = ui_base(agg.tracking_uri, ui_url)
     c = agg.counts
@@ -207,7 +202,7 @@ def render(agg: "Aggregate", out: Path, ui_url: str | None = None) -> str:
 <h1>PERL reproduction: rebuilt tables</h1>
 <p class="small">Generated {esc(time.strftime('%Y-%m-%d %H:%M:%S %Z'))} by
 <code>python -m pipeline.aggregate</code> from the tracking store
-<code>{esc(redact_uri(agg.tracking_uri))}</code>; experiments:
+<code>{esc(agg.store)}</code>; experiments:
 {esc(', '.join(sorted(agg.experiments.values())) or 'none')}.</p>
 <p>Our numbers are means ± sample std over seeds of FINISHED MLflow runs (one per config hash,
 the latest). <b>Paper</b> columns are the numbers printed in arXiv 2605.18464v1, shown for
@@ -225,7 +220,7 @@ reference only; Δ = ours − paper. {links_note}</p>
 """
 
 
-def write_report(agg: "Aggregate", out: Path, ui_url: str | None = None) -> Path:
+def write_report(agg: Result, out: Path, ui_url: str | None = None) -> Path:
     """Write `out/report.html` (plots must already be in `out`)."""
     path = out / "report.html"
     path.write_text(render(agg, out, ui_url), encoding="utf-8")

@@ -57,10 +57,12 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
                       field_validator, model_validator)
 
 from pipeline.env import REPO
+from pipeline.layout import default_tracking_uri, redact_uri
 from perl_core.config import (EXECUTION_FIELDS, FIELD_NAMES, ConfigError, TrainConfig,
-                              unknown_field, validate_field)
+                              file_value_problem, unknown_field, validate_field)
 from perl_core.configfile import ConfigFileError, Locator, format_path, read_yaml
 from perl_core.data.registry import import_modules
+from perl_core.protocol import eval_datasets_problem
 
 # Keys whose string values get ${VAR} substitution (and path absolutisation).
 ENV_KEYS = ("data_root", "pretrained", "storage", "tracking_uri")
@@ -71,7 +73,6 @@ PROTOCOL_ABBREV = {"base2novel": "b2n", "cross_dataset": "xd", "domain_generaliz
                    "all": "all"}
 # Fields always shown in a cell name, in this order; every other field the grid varies follows.
 _NAME_FIELDS = ("protocol", "dataset", "shots", "seed", "inject_layer", "num_steps")
-TARGET_PROTOCOLS = ("cross_dataset", "domain_generalization")
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -143,7 +144,8 @@ class SearchSpec(_Strict):
     metric: str
     mode: Literal["max", "min"] = "max"
     num_samples: int = Field(16, gt=0, le=100_000)
-    seed: int = 0
+    # the sampler is seeded with seed + the study's trial count: both stay in numpy's range
+    seed: int = Field(0, ge=0, le=2**31 - 1)
     max_concurrent: int | None = Field(None, gt=0, le=100_000)
 
     @field_validator("space")
@@ -271,7 +273,7 @@ class SweepSpec(_Strict):
 
 
 @dataclass(frozen=True)
-class Cell:
+class GridCell:
     """One grid point: its readable name, its config and the config hash that identifies it."""
 
     name: str
@@ -346,7 +348,9 @@ def parse_spec(text: str, *, source: str = "<string>", env: dict[str, str] | Non
     cwd = Path(cwd or os.getcwd()).resolve()
     raw, lines = _read_with_bases(text, source, ())
     raw = _apply_overrides(raw, lines, list(overrides), source)
-    resolved = yaml.safe_dump(raw, sort_keys=False)  # before ${VAR}: no secret values in it
+    # before ${VAR} (no secret from the environment in it), and literal credentials in URIs
+    # (written in the file or in a --set) redacted: it is logged as an artifact
+    resolved = yaml.safe_dump(_redacted(raw), sort_keys=False)
     problems: list[tuple[tuple, str]] = []
     raw = _substitute(raw, env, cwd, problems)
     where = Locator(lines)
@@ -482,6 +486,27 @@ def _apply_overrides(raw: dict, lines: dict, overrides: list[str], source: str) 
     return raw
 
 
+_URI_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"{}]+")
+
+
+def _redacted(value: Any) -> Any:
+    """Every URI-like part of every string through `layout.redact_uri` (user:password@ off)."""
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def one(m: re.Match) -> str:
+        try:
+            return redact_uri(m.group(0))
+        except ValueError:  # (a port that is no number) whatever it holds, it is not logged
+            return "<a URI that does not parse>"
+
+    return _URI_RE.sub(one, value)
+
+
 def _merge_into(d: dict, path: tuple, value: Any) -> None:
     for part in path[:-1]:
         d = d.setdefault(part, {})
@@ -613,59 +638,10 @@ def _pydantic_message(err: dict) -> str:
 # --- TrainConfig-level checks ---------------------------------------------------------------------
 
 
-def coerce_field(name: str, value: Any) -> Any:
-    """One YAML value -> the TrainConfig field's value, by the field's own rules
-    (`perl_core.config.validate_field`); KeyError for an unknown field, ValueError (the
-    message says what is allowed) for a bad value."""
-    if name not in FIELD_NAMES:
-        raise KeyError(name)
-    try:
-        return validate_field(name, value)
-    except ConfigError as e:
-        raise ValueError(e.problems[0][1]) from None
-
-
 def _check_fields(spec: SweepSpec) -> list[tuple[tuple, str]]:
     """Keys are TrainConfig fields and values have the field's type; grid/search are sane."""
     problems: list[tuple[tuple, str]] = []
-
-    def check(path: tuple, name: str, value: Any) -> Any:
-        try:
-            return coerce_field(name, value)
-        except ValueError as e:
-            msg = str(e)  # range messages already read "name=value must be ..."
-            problems.append((path, msg if msg.startswith(f"{name}") else f"{name}: {msg}"))
-
-    def check_block(prefix: tuple, fixed: dict, grid: dict) -> None:
-        # the same rules for the sweep's fixed/grid and for each arm's (prefix ("arms", i))
-        for name, value in fixed.items():
-            if name not in FIELD_NAMES:
-                problems.append((prefix + ("fixed", name), unknown_field(name)))
-                continue
-            check(prefix + ("fixed", name), name, value)
-        for name, values in grid.items():
-            path = prefix + ("grid", name)
-            dotted = format_path(path)
-            if name not in FIELD_NAMES:
-                problems.append((path, unknown_field(name)))
-                continue
-            if name in fixed:
-                problems.append((path, f"{name} is set in both 'fixed' and 'grid'"
-                                       f"{' of this arm' if prefix else ''}; keep one"))
-            if not values:
-                problems.append((path, f"{dotted} has no values (an empty list makes an empty "
-                                       f"sweep)"))
-            seen: dict[str, int] = {}
-            for i, v in enumerate(values):
-                c = check(path + (i,), name, v)
-                if c is None:
-                    continue
-                if repr(c) in seen:
-                    problems.append((path + (i,), f"duplicate value {v!r} in {dotted} (also at "
-                                                  f"index {seen[repr(c)]})"))
-                seen.setdefault(repr(c), i)
-
-    check_block((), spec.fixed, spec.grid or {})
+    _check_block((), spec.fixed, spec.grid or {}, problems)
     if spec.grid is not None and not spec.grid:
         problems.append((("grid",), "the grid is empty: give at least one field with values, or "
                                     "remove 'grid' to run the fixed settings once"))
@@ -679,31 +655,79 @@ def _check_fields(spec: SweepSpec) -> list[tuple[tuple, str]]:
                                                   f"arms[{first[arm.name]}]); arm names label "
                                                   f"the cells and the table rows"))
         first.setdefault(arm.name, i)
-        check_block(("arms", i), arm.fixed, arm.grid)
+        _check_block(("arms", i), arm.fixed, arm.grid, problems)
     if spec.search is not None:
-        for name, param in spec.search.space.items():
-            path = ("search", "space", name)
-            if name not in FIELD_NAMES:
-                problems.append((path, unknown_field(name)))
-                continue
-            if name in EXECUTION_FIELDS:
-                problems.append((path, f"{name} does not change the result; it cannot be searched"))
-            if name in (spec.grid or {}):
-                problems.append((path, f"{name} is both in 'grid' and in 'search.space'"))
-            hint = _HINTS[name]
-            if param.type in ("loguniform", "uniform") and hint is not float:
-                kind = getattr(hint, "__name__", hint)
-                problems.append((path, f"type {param.type!r} needs a float field; {name} is "
-                                       f"{kind} (use 'int' or 'choice')"))
-            elif param.type == "int" and hint is not int:
-                problems.append((path, f"type 'int' needs an integer field; {name} is "
-                                       f"{getattr(hint, '__name__', hint)}"))
-            # every choice, and both ends of a range, must be a valid value of the field
-            where = ([("values", i) for i in range(len(param.values or ()))]
-                     if param.type == "choice" else [("low",), ("high",)])
-            for key, v in zip(where, param.bounds()):
-                check(path + key, name, v)
+        _check_search_space(spec, problems)
     return problems
+
+
+def _check_value(path: tuple, name: str, value: Any, problems: list) -> Any:
+    """The field's value of `value`, or None with the problem added at `path`."""
+    listed = file_value_problem(name, value)
+    if listed:
+        problems.append((path, listed))
+        return None
+    try:
+        return validate_field(name, value)
+    except ConfigError as e:
+        msg = e.problems[0][1]  # range messages already read "name=value must be ..."
+        problems.append((path, msg if msg.startswith(f"{name}") else f"{name}: {msg}"))
+        return None
+
+
+def _check_block(prefix: tuple, fixed: dict, grid: dict, problems: list) -> None:
+    """The same rules for the sweep's fixed/grid and for each arm's (prefix ("arms", i))."""
+    for name, value in fixed.items():
+        if name not in FIELD_NAMES:
+            problems.append((prefix + ("fixed", name), unknown_field(name)))
+            continue
+        _check_value(prefix + ("fixed", name), name, value, problems)
+    for name, values in grid.items():
+        path = prefix + ("grid", name)
+        dotted = format_path(path)
+        if name not in FIELD_NAMES:
+            problems.append((path, unknown_field(name)))
+            continue
+        if name in fixed:
+            problems.append((path, f"{name} is set in both 'fixed' and 'grid'"
+                                   f"{' of this arm' if prefix else ''}; keep one"))
+        if not values:
+            problems.append((path, f"{dotted} has no values (an empty list makes an empty "
+                                   f"sweep)"))
+        seen: dict[str, int] = {}
+        for i, v in enumerate(values):
+            c = _check_value(path + (i,), name, v, problems)
+            if c is None:
+                continue
+            if repr(c) in seen:
+                problems.append((path + (i,), f"duplicate value {v!r} in {dotted} (also at "
+                                              f"index {seen[repr(c)]})"))
+            seen.setdefault(repr(c), i)
+
+
+def _check_search_space(spec: SweepSpec, problems: list) -> None:
+    for name, param in spec.search.space.items():
+        path = ("search", "space", name)
+        if name not in FIELD_NAMES:
+            problems.append((path, unknown_field(name)))
+            continue
+        if name in EXECUTION_FIELDS:
+            problems.append((path, f"{name} does not change the result; it cannot be searched"))
+        if name in (spec.grid or {}):
+            problems.append((path, f"{name} is both in 'grid' and in 'search.space'"))
+        hint = _HINTS[name]
+        if param.type in ("loguniform", "uniform") and hint is not float:
+            kind = getattr(hint, "__name__", hint)
+            problems.append((path, f"type {param.type!r} needs a float field; {name} is "
+                                   f"{kind} (use 'int' or 'choice')"))
+        elif param.type == "int" and hint is not int:
+            problems.append((path, f"type 'int' needs an integer field; {name} is "
+                                   f"{getattr(hint, '__name__', hint)}"))
+        # every choice, and both ends of a range, must be a valid value of the field
+        where = ([("values", i) for i in range(len(param.values or ()))]
+                 if param.type == "choice" else [("low",), ("high",)])
+        for key, v in zip(where, param.bounds()):
+            _check_value(path + key, name, v, problems)
 
 
 # --- cell-level checks ----------------------------------------------------------------------------
@@ -757,12 +781,9 @@ def check_config(cfg: TrainConfig, gpu: float | None = None) -> list[tuple[str, 
         p = _dataset_problem(d, training=False)
         if p:
             out.append(("eval_datasets", p))
-    if cfg.protocol in TARGET_PROTOCOLS and not cfg.eval_datasets:
-        out.append(("eval_datasets", f"protocol {cfg.protocol!r} needs eval_datasets (the target "
-                                     f"datasets evaluated with the trained projectors)"))
-    if cfg.protocol not in TARGET_PROTOCOLS and cfg.eval_datasets:
-        out.append(("eval_datasets", f"eval_datasets is only used by protocols "
-                                     f"{list(TARGET_PROTOCOLS)}; protocol is {cfg.protocol!r}"))
+    p = eval_datasets_problem(cfg)
+    if p:
+        out.append(("eval_datasets", p))
     if cfg.pretrained == "embedded" and cfg.arch != "perl-tiny":
         out.append(("pretrained", f"pretrained 'embedded' is the perl-tiny checkpoint; set arch "
                                   f"'perl-tiny' (got {cfg.arch!r})"))
@@ -808,7 +829,7 @@ def _field_origin(spec: SweepSpec, name: str, value: Any, block: Block | None = 
         if name in b.grid:
             for i, v in enumerate(b.grid[name]):
                 try:
-                    if coerce_field(name, v) == value:
+                    if validate_field(name, v) == value:
                         return where + (name, i)
                 except ValueError:
                     pass
@@ -816,7 +837,7 @@ def _field_origin(spec: SweepSpec, name: str, value: Any, block: Block | None = 
                 return where + (name,)
         else:
             try:
-                if block is not None or coerce_field(name, b.fixed[name]) == value:
+                if block is not None or validate_field(name, b.fixed[name]) == value:
                     return where + (name,)
             except ValueError:
                 pass
@@ -853,7 +874,7 @@ def _check_cells(spec: SweepSpec) -> list[tuple[tuple, str]]:
         for name, param in spec.search.space.items():
             for i, v in enumerate(param.bounds()):
                 try:
-                    cfg = base.replace(**{name: coerce_field(name, v)})
+                    cfg = base.replace(**{name: validate_field(name, v)})
                 except ValueError:
                     continue
                 for field, msg in check_config(cfg, spec.resources.gpu):
@@ -885,9 +906,9 @@ def _dedupe(problems: list) -> list:
 
 def expand_block(block: Block) -> list[TrainConfig]:
     """One block's cartesian product over its fixed settings, in YAML order (last key fastest)."""
-    base = {k: coerce_field(k, v) for k, v in block.fixed.items()}
+    base = {k: validate_field(k, v) for k, v in block.fixed.items()}
     keys = list(block.grid)
-    values = [[coerce_field(k, v) for v in block.grid[k]] for k in keys]
+    values = [[validate_field(k, v) for v in block.grid[k]] for k in keys]
     return [TrainConfig(**{**base, **dict(zip(keys, combo))})
             for combo in itertools.product(*values)]
 
@@ -907,7 +928,7 @@ def arm_signature(spec: SweepSpec) -> dict[str, dict[str, Any]]:
         first = expand_block(block)[0]
         out[arm.name] = {
             "fixed": {f: plain(getattr(first, f)) for f in pinned if f not in block.grid},
-            "grid": {f: [plain(coerce_field(f, v)) for v in vs] for f, vs in arm.grid.items()
+            "grid": {f: [plain(validate_field(f, v)) for v in vs] for f, vs in arm.grid.items()
                      if f not in EXECUTION_FIELDS}}
     return out
 
@@ -951,14 +972,14 @@ def cell_name(cfg: TrainConfig, varied: Iterable[str] = (), arms: Iterable[str] 
     return "/".join(parts)
 
 
-def cells(spec: SweepSpec) -> list[Cell]:
+def cells(spec: SweepSpec) -> list[GridCell]:
     """Every grid cell with name and hash (the grid phase's work list, before skipping)."""
     varied = spec.varied_fields
-    return [Cell(cell_name(c, varied, arms), c, c.config_hash(), ",".join(arms))
+    return [GridCell(cell_name(c, varied, arms), c, c.config_hash(), ",".join(arms))
             for c, arms in _expand_arms(spec)]
 
 
-def group_order(cells_: list[Cell]) -> list[Cell]:
+def group_order(cells_: list[GridCell]) -> list[GridCell]:
     """The grid in the order that lets workers reuse what they hold, stable (YAML order) otherwise:
 
     1. cells with the same backbone (arch, pretrained) run back to back (the worker's `_BACKBONE`);
@@ -1142,8 +1163,7 @@ def resolve_tracking_uri(spec: SweepSpec, override: str | None = None,
     """--tracking-uri, else the YAML's, else $MLFLOW_TRACKING_URI, else ./runs/mlflow.db (abs)."""
     env = dict(os.environ) if env is None else env
     base = Path(cwd or os.getcwd()).resolve()
-    uri = override or spec.tracking_uri or env.get("MLFLOW_TRACKING_URI") or \
-        f"sqlite:///{base / 'runs' / 'mlflow.db'}"
+    uri = override or spec.tracking_uri or default_tracking_uri(env, str(base))
     uri = _absolute("tracking_uri", uri, base)
     try:
         return check_tracking_uri(uri)
@@ -1158,9 +1178,9 @@ def check_tracking_uri(uri: str) -> str:
     return uri
 
 
-__all__ = ["SweepSpec", "SearchSpec", "SearchParam", "Resources", "CacheSpec", "SpecError", "Cell",
-           "Arm", "Block", "blocks", "expand_block",
+__all__ = ["SweepSpec", "SearchSpec", "SearchParam", "Resources", "CacheSpec", "SpecError",
+           "GridCell", "Arm", "Block", "blocks", "expand_block",
            "backbone_key", "cache_group", "train_view_key",
            "load_spec", "parse_spec", "expand", "cells", "cell_name", "group_order",
-           "check_config", "coerce_field", "add_set_argument", "resolve_tracking_uri",
+           "check_config", "add_set_argument", "resolve_tracking_uri",
            "check_tracking_uri", "format_path", "preflight"]

@@ -58,7 +58,7 @@ from typing import Any, Callable
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from pipeline import tracking  # noqa: E402
+from pipeline import layout, queries, tracking  # noqa: E402
 from pipeline.env import code_fingerprint  # noqa: E402
 from pipeline.spec import (SpecError, add_set_argument, cells, load_spec, locate_sweep,  # noqa: E402
                            resolve_tracking_uri)
@@ -302,17 +302,17 @@ def _bounded(fn: Callable[[], Any], what: str, timeout_s: float = READ_TIMEOUT_S
 def tune_view(storage: str, experiment: str) -> TuneView:
     """The newest `experiment_state-*.json` of every grid-phase Tune experiment of `experiment`
     under `<storage>/tune`, merged per config hash (the newest state wins); never raises."""
-    root = f"{storage.rstrip('/')}/tune"
+    root = layout.tune_dir(storage)
     try:
         return _bounded(lambda: _read_tune_states(root, experiment), "the sweep's storage")
     except Exception as e:
         return TuneView(unavailable=f"cannot read {root} ({type(e).__name__}: "
-                                    f"{tracking._short_error(e)})")
+                                    f"{tracking.short_error(e)})")
 
 
 def _read_tune_states(root: str, experiment: str) -> TuneView:
-    fs, path = tracking._fs(root)
-    prefix = f"{tracking.experiment_slug(experiment)}-final-"
+    fs, path = layout.open_fs(root)
+    prefix = layout.tune_prefix(experiment, layout.GRID_PHASE)
     if not fs.exists(path):
         return TuneView(unavailable=f"no Tune state under {root} (Tune has not started this "
                                     f"sweep's grid phase here)")
@@ -338,7 +338,7 @@ def _read_tune_states(root: str, experiment: str) -> TuneView:
                 view.trials[h] = status
                 view.progress[h] = _trial_progress(meta)
         view.saved_at, view.experiment = saved_at, name
-        view.complete = fs.exists(f"{d.rstrip('/')}/perl_phase_complete.json")
+        view.complete = fs.exists(f"{d.rstrip('/')}/{layout.PHASE_COMPLETE}")
     return view
 
 
@@ -425,7 +425,7 @@ def apply_ray(drivers: dict[str, Driver], jobs: dict[str, str]) -> None:
 # --- the command --------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pipeline.status",
                                  description="Progress of a sweep from MLflow, Tune and Ray.")
     ap.add_argument("sweep")
@@ -436,7 +436,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bench", default=None, metavar="BENCH.json",
                     help="also estimate the GPU time of the cells left from this "
                          "`python -m perl_core.bench --json` file")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _say(text: str) -> None:  # plain lines (no rich markup, no wrapping): grep-able
+    print(text, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     args.sweep = locate_sweep(args.sweep)
     try:
         spec = load_spec(args.sweep, overrides=args.overrides)
@@ -446,55 +454,80 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     grid = cells(spec)
     code = None if args.ignore_code_version else code_fingerprint()
-    runs: list = []
-    exp = None
-    if not uri.startswith("sqlite:///") or os.path.exists(uri[len("sqlite:///"):]):
-        tracker = tracking.Tracker(uri)
-        exp = tracker.client.get_experiment_by_name(spec.experiment)
-        if exp is not None:
-            runs = tracker.search(exp.experiment_id, f"tags.sweep = '{spec.name}'")
-    final = [r for r in runs if r.data.tags.get("phase") == "final"]
-    parents = sorted((r for r in runs if r.data.tags.get("phase") == tracking.PARENT_PHASE),
+    exp, runs = _sweep_runs(uri, spec)
+    final = [r for r in runs if r.data.tags.get("phase") == layout.GRID_PHASE]
+    parents = sorted((r for r in runs if r.data.tags.get("phase") == layout.PARENT_PHASE),
                      key=lambda r: r.info.start_time or 0)
-    drivers = {p.info.run_id: driver_state(p) for p in parents}
-    for r in runs:  # the Ray job each submission's trials ran under
-        d = drivers.get(r.data.tags.get("mlflow.parentRunId", ""))
-        if d is not None and r.data.tags.get("ray_job_id"):
-            d.job_id = r.data.tags["ray_job_id"]
-    address = ray_address()
-    ray_line = ("not asked: $RAY_ADDRESS is unset and no `ray start` head runs on this machine "
-                "(a local Ray started by pipeline.run ends with its driver)")
-    if address:
-        try:
-            jobs = ray_jobs(address)
-            apply_ray(drivers, jobs)
-            known = sorted({d.job_id for d in drivers.values() if d.job_id in jobs})
-            ray_line = (f"cluster at {tracking.redact_uri(address)}: "
-                        + (", ".join(f"job {j} {jobs[j]}" for j in known) if known
-                           else "none of this sweep's jobs are known to it"))
-        except Exception as e:
-            ray_line = (f"unavailable: the cluster at {tracking.redact_uri(address)} did not "
-                        f"answer ({type(e).__name__}: {tracking._short_error(e)})")
+    drivers = _drivers(parents, runs)
+    ray_line = _ray_line(drivers)
     tune = tune_view(spec.storage, spec.experiment)
     states = cell_states(final, grid, code, drivers, tune,
                          tracking.grid_data_digests([c.config for c in grid]))
     latest = drivers[parents[-1].info.run_id] if parents else None
     queue_from_tune(states, live=bool(latest and latest.alive))
-    counts = {k: sum(s.state == k for s in states) for k in STATES}
-    queued = sum(s.queued for s in states)
-    mean, eta = eta_seconds(states)
 
     from rich.console import Console
 
     console = Console()  # (for the --bench lines)
-
-    def say(text: str) -> None:  # plain lines (no rich markup, no wrapping): grep-able
-        print(text, flush=True)
-
+    say = _say
     say(f"{spec.name} ({spec.source}): experiment {spec.experiment!r} at "
-        f"{tracking.redact_uri(uri)}" + ("" if exp else " (no runs yet)"))
+        f"{layout.redact_uri(uri)}" + ("" if exp else " (no runs yet)"))
+    _print_sources(parents[-1] if parents else None, latest, tune, ray_line, say)
+    _print_states(spec, grid, states, tune, say)
+    if args.bench:
+        rc = _bench_estimate(spec, grid, states, final, args.bench, console)
+        if rc:
+            return rc
+    if args.cells:
+        _print_cells(states, say)
+    if spec.search is not None:
+        say(_search_line(spec, runs))
+    return 0
+
+
+def _sweep_runs(uri: str, spec: Any) -> tuple[Any, list]:
+    """(the MLflow experiment or None, the sweep's runs); never creates a SQLite store."""
+    if not layout.store_exists(uri):
+        return None, []
+    tracker = tracking.Tracker(uri)
+    exp = tracker.client.get_experiment_by_name(spec.experiment)
+    if exp is None:
+        return None, []
+    return exp, queries.sweep_runs(tracker.client, exp.experiment_id, spec.name)
+
+
+def _drivers(parents: list, runs: list) -> dict[str, Any]:
+    """parent run id -> its driver's state, with the Ray job its trials ran under."""
+    drivers = {p.info.run_id: driver_state(p) for p in parents}
+    for r in runs:
+        d = drivers.get(r.data.tags.get("mlflow.parentRunId", ""))
+        if d is not None and r.data.tags.get("ray_job_id"):
+            d.job_id = r.data.tags["ray_job_id"]
+    return drivers
+
+
+def _ray_line(drivers: dict[str, Any]) -> str:
+    """What the Ray cluster says of the sweep's jobs (and marks the drivers with it)."""
+    address = ray_address()
+    if not address:
+        return ("not asked: $RAY_ADDRESS is unset and no `ray start` head runs on this machine "
+                "(a local Ray started by pipeline.run ends with its driver)")
+    try:
+        jobs = ray_jobs(address)
+        apply_ray(drivers, jobs)
+        known = sorted({d.job_id for d in drivers.values() if d.job_id in jobs})
+        return (f"cluster at {layout.redact_uri(address)}: "
+                + (", ".join(f"job {j} {jobs[j]}" for j in known) if known
+                   else "none of this sweep's jobs are known to it"))
+    except Exception as e:
+        return (f"unavailable: the cluster at {layout.redact_uri(address)} did not "
+                f"answer ({type(e).__name__}: {tracking.short_error(e)})")
+
+
+def _print_sources(p: Any, latest: Any, tune: TuneView, ray_line: str,
+                   say: Callable[[str], None]) -> None:
+    """The latest submission (`p`, its driver `latest`), the Tune view and the Ray line."""
     if latest is not None:
-        p = parents[-1]
         if p.info.status == "RUNNING":
             state = {True: "alive", False: "GONE", None: "unknown"}[latest.alive]
             say(f"latest submission {p.info.run_name!r} (parent run {p.info.run_id}): RUNNING, "
@@ -511,6 +544,14 @@ def main(argv: list[str] | None = None) -> int:
         say(f"Tune: {tune.experiment} ({age}{', phase complete' if tune.complete else ''}): "
             + ", ".join(f"{n} {k}" for k, n in sorted(by.items())))
     say(f"Ray: {ray_line}")
+
+
+def _print_states(spec: Any, grid: list, states: list[CellStatus], tune: TuneView,
+                  say: Callable[[str], None]) -> None:
+    """Counts, ETA, failures, running trials and stale cells."""
+    counts = {k: sum(s.state == k for s in states) for k in STATES}
+    queued = sum(s.queued for s in states)
+    mean, eta = eta_seconds(states)
     say(f"{len(grid)} cells: {counts['done']} done, {counts['running']} running, "
         f"{counts['failed']} failed, {counts['left']} left"
         + (f" ({queued} queued in Tune)" if queued else "")
@@ -530,29 +571,29 @@ def main(argv: list[str] | None = None) -> int:
             say(f"  {s.name}: {s.detail}")
         say(f"  re-submitting (`python -m pipeline.run {spec.source}`) marks them KILLED and "
             f"runs those cells again")
-    if args.bench:
-        rc = _bench_estimate(spec, grid, states, final, args.bench, console)
-        if rc:
-            return rc
-    if args.cells:  # plain aligned columns: a table would wrap long reasons mid-word
-        rows = [("cell", "config_hash", "state", "tune", "detail")] + [
-            (s.name, s.config_hash, STALE_LABEL if s.state == "stale" else s.state,
-             s.tune or "-", s.detail) for s in states]
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        for r in rows:
-            say("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[4])
-    if spec.search is not None:
-        hpo = [r for r in runs if r.data.tags.get("phase") == "hpo"
-               and r.info.status == "FINISHED" and spec.search.metric in r.data.metrics]
-        line = f"search: {len(hpo)}/{spec.search.num_samples} samples finished"
-        if hpo:
-            pick = max if spec.search.mode == "max" else min
-            best = pick(hpo, key=lambda r: r.data.metrics[spec.search.metric])
-            params = ", ".join(f"{k}={best.data.params.get(k)}" for k in spec.search.space)
-            line += (f"; best {spec.search.metric} = "
-                     f"{best.data.metrics[spec.search.metric]:.4g} ({params})")
-        say(line)
-    return 0
+
+
+def _print_cells(states: list[CellStatus], say: Callable[[str], None]) -> None:
+    """--cells: plain aligned columns (a table would wrap long reasons mid-word)."""
+    rows = [("cell", "config_hash", "state", "tune", "detail")] + [
+        (s.name, s.config_hash, STALE_LABEL if s.state == "stale" else s.state,
+         s.tune or "-", s.detail) for s in states]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        say("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[4])
+
+
+def _search_line(spec: Any, runs: list) -> str:
+    hpo = [r for r in runs if r.data.tags.get("phase") == layout.SEARCH_PHASE
+           and r.info.status == "FINISHED" and spec.search.metric in r.data.metrics]
+    line = f"search: {len(hpo)}/{spec.search.num_samples} samples finished"
+    if hpo:
+        pick = max if spec.search.mode == "max" else min
+        best = pick(hpo, key=lambda r: r.data.metrics[spec.search.metric])
+        params = ", ".join(f"{k}={best.data.params.get(k)}" for k in spec.search.space)
+        line += (f"; best {spec.search.metric} = "
+                 f"{best.data.metrics[spec.search.metric]:.4g} ({params})")
+    return line
 
 
 def print_running(states: list[CellStatus], tune: TuneView, say: Callable[[str], None],

@@ -1,12 +1,17 @@
 """The Optuna study of a sweep's search phase: persistent, resumable, readable by optuna-dashboard.
 
-- Where: one SQLite file per experiment, `tracking.study_path(storage, experiment)` =
+- Where: one SQLite file per experiment, `layout.study_path(storage, experiment)` =
   `<storage>/optuna/<experiment slug>.sqlite3`, beside the trial records. On local or NFS storage
   the driver opens that file itself. On `s3://` (SQLite needs a POSIX file) the driver works on a
   local copy, `<tempdir>/perl-optuna/<digest of the URL>/<slug>.sqlite3`, downloaded when the
   search phase starts and uploaded (fsspec) after every finished sample and at the end.
+  Object storage has no lock: an upload first checks that the stored file is still the one
+  this driver downloaded or last uploaded (its ETag / generation / size and time), and refuses
+  (`StudyConflict`) when another driver wrote it since, rather than overwrite its samples. (A
+  write between that check and the upload still wins; the MLflow runs refill the study.)
 - Which study: `study_name(...)` is stable across re-submissions of one search (same sweep,
-  fixed settings, space, metric, mode and code version), so a re-submission resumes it.
+  fixed settings, space, metric, mode, code version and data digests), so a re-submission
+  resumes it; new data starts a new study.
   `num_samples`, `max_concurrent` and `seed` are outside the name: raising `num_samples`
   continues the same study.
 - `optuna_space(search)`: the sweep's `search.space` as Optuna distributions (the driver's
@@ -28,9 +33,9 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
-from pipeline import tracking
+from pipeline import layout
 
 
 def optuna_space(search: Any) -> dict[str, Any]:
@@ -57,15 +62,40 @@ def space_json(search: Any) -> str:
 
 
 def study_name(sweep: str, base_name: str, base_hash: str, search: Any,
-               code: str | None) -> str:
-    """`<sweep>:<base cell>:<digest>`: readable in the dashboard, one per search."""
+               code: str | None, data: Mapping[str, str] | None = None) -> str:
+    """`<sweep>:<base cell>:<digest>`: readable in the dashboard, one per search. `data`
+    (dataset -> digest of what the samples read): new data starts a new study, as the grid
+    phase runs its cells again on new data (`tracking.data_changed`)."""
     what = [base_hash, space_json(search), search.metric, search.mode, code or "any code"]
+    if data:
+        what.append(sorted(data.items()))
     digest = hashlib.sha256(json.dumps(what).encode()).hexdigest()[:10]
     return f"{sweep}:{base_name}:{digest}"
 
 
 def direction(mode: str) -> str:
     return "maximize" if mode == "max" else "minimize"
+
+
+class StudyConflict(RuntimeError):
+    """Another driver wrote the remote study file since this one read or wrote it."""
+
+
+def _version(fs: Any, path: str) -> str | None:
+    """What identifies one write of a stored file (None: no file)."""
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return None
+    for k in ("ETag", "etag", "generation", "version_id", "VersionId"):
+        if info.get(k):
+            return f"{k}={info[k]}"
+    return f"size={info.get('size')} time={info.get('mtime') or info.get('LastModified')}"
+
+
+# (location, local copy) -> the stored file's version this process last read or wrote; per
+# process, not per object: Tune may copy the searcher that holds a StudyFile
+_SEEN: dict[tuple[str, str], str | None] = {}
 
 
 @dataclass(frozen=True)
@@ -77,7 +107,7 @@ class StudyFile:
     def of(cls, storage: str, experiment: str) -> "StudyFile":
         from perl_core.data.storage import is_url
 
-        loc = tracking.study_path(storage, experiment)
+        loc = layout.study_path(storage, experiment)
         if not is_url(loc):
             return cls(loc, os.path.abspath(loc))
         digest = hashlib.sha256(loc.encode()).hexdigest()[:10]
@@ -98,20 +128,32 @@ class StudyFile:
         os.makedirs(os.path.dirname(self.local), exist_ok=True)
         if not self.remote:
             return
-        from perl_core.data.storage import open_fs
-
-        fs, path = open_fs(self.location)
+        fs, path = layout.open_fs(self.location)
         if os.path.exists(self.local):
             os.remove(self.local)
-        if fs.exists(path):
+        seen = _SEEN[(self.location, self.local)] = _version(fs, path)
+        if seen is not None:
             fs.get(path, self.local)
 
     def push(self) -> None:
-        if self.remote and os.path.exists(self.local):
-            from perl_core.data.storage import open_fs
-
-            fs, path = open_fs(self.location)
-            fs.put(self.local, path)
+        """Upload the local copy; StudyConflict (nothing uploaded) when the stored file is no
+        longer the one this driver pulled or last pushed."""
+        if not (self.remote and os.path.exists(self.local)):
+            return
+        fs, path = layout.open_fs(self.location)
+        key = (self.location, self.local)
+        if key in _SEEN:  # (not pulled in this process: nothing to compare with)
+            now = _version(fs, path)
+            if now != _SEEN[key]:
+                raise StudyConflict(
+                    f"{layout.redact_uri(self.location)} was written by another driver since "
+                    f"this one read it ({_SEEN[key] or 'no file'} -> {now}): not "
+                    f"overwritten. Two submissions of this search ran at once; this one's "
+                    f"samples are in MLflow, and the next submission adds them to the study")
+        fs.put(self.local, path)
+        if hasattr(fs, "invalidate_cache"):
+            fs.invalidate_cache(path)
+        _SEEN[key] = _version(fs, path)
 
 
 def open_study(sf: StudyFile, name: str, mode: str, fresh: bool = False) -> Any:
@@ -147,12 +189,12 @@ def close_orphans(study: Any) -> int:
 def read_study(location: str, name: str) -> Any:
     """An in-memory copy of the persistent study (raises if the file or the study is absent)."""
     import optuna
-    from perl_core.data.storage import is_url, open_fs
+    from perl_core.data.storage import is_url
 
     with tempfile.TemporaryDirectory(prefix="perl-study-") as d:
         copy = os.path.join(d, "study.sqlite3")
         if is_url(location):
-            fs, path = open_fs(location)
+            fs, path = layout.open_fs(location)
             fs.get(path, copy)
         else:
             if not os.path.exists(location):
@@ -208,6 +250,31 @@ def infer_space(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return space
 
 
+T = TypeVar("T")
+
+
+def best_sample(samples: Sequence[T], mode: str, value: Callable[[T], float | None]) -> T | None:
+    """THE best-sample rule of a search (the driver's summary and the aggregate's tables): the
+    highest `value` for mode "max", the lowest for "min"; samples without a value are left out;
+    on a tie, the earliest sample (the first in `samples`, which are in start order)."""
+    best, best_v = None, None
+    sign = 1.0 if mode == "max" else -1.0
+    for s in samples:
+        v = value(s)
+        if v is not None and (best_v is None or sign * v > sign * best_v):
+            best, best_v = s, v
+    return best
+
+
+def best_trial(study: Any, mode: str) -> Any | None:
+    """The study's best COMPLETE trial by `best_sample` (None: no COMPLETE trial)."""
+    from optuna.trial import TrialState
+
+    trials = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+                    key=lambda t: t.number)
+    return best_sample(trials, mode, lambda t: t.value)
+
+
 def quiet_optuna() -> None:
     """Optuna's INFO line per added trial and its ExperimentalWarning on the matplotlib plots."""
     import optuna
@@ -216,6 +283,7 @@ def quiet_optuna() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
-__all__ = ["optuna_space", "space_json", "study_name", "StudyFile", "open_study", "sample_trial",
+__all__ = ["optuna_space", "space_json", "study_name", "StudyFile", "StudyConflict", "open_study",
+           "sample_trial",
            "close_orphans", "read_study", "rebuild_study", "space_from_json", "infer_space",
-           "direction", "quiet_optuna"]
+           "direction", "quiet_optuna", "best_sample", "best_trial"]

@@ -45,12 +45,18 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from perl_core.config import TrainConfig
+from perl_core.protocol import is_target_evalset
+from pipeline import queries
+# the layout and the store's location live in pipeline.layout (re-exported: callers and tests
+# import them from here too)
+from pipeline.layout import (GRID_PHASE, PARENT_PHASE, PHASES, RESOLVED_SWEEP, SEARCH_PHASE,
+                             experiment_slug, open_fs, records_dir, redact_uri,
+                             sqlite_artifact_location, sqlite_path, study_path)
+from pipeline.queries import mlflow_client
 
-PHASES = ("final", "hpo")  # "final": the grid phase (aggregate tables); "hpo": Optuna samples
-PARENT_PHASE = "sweep"  # the parent run of a submission
 HEARTBEAT_S = 30.0  # the driver refreshes its parent run's heartbeat tag this often
 STALE_S = 300.0  # a RUNNING parent without a heartbeat for this long is an orphan
 _BATCH = 900  # metrics per log_batch call (MLflow's REST limit is 1000)
@@ -72,23 +78,9 @@ class RecordError(RuntimeError):
     """A storage record could not be written or verified; the message names the URL."""
 
 
-def redact_uri(uri: str) -> str:
-    """A URI without user:password (never print or tag credentials)."""
-    parts = urlsplit(uri)
-    if parts.username or parts.password:
-        host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
-        return urlunsplit((parts.scheme, "***@" + host, parts.path, parts.query, parts.fragment))
-    return uri
-
-
 def config_params(cfg: TrainConfig) -> dict[str, str]:
     """Every TrainConfig field as an MLflow param string (tuples as JSON lists)."""
     return {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in cfg.to_dict().items()}
-
-
-def experiment_slug(name: str) -> str:
-    """A path-safe form of an experiment name (`perl/ablation_steps` -> `perl__ablation_steps`)."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name.replace("/", "__"))
 
 
 # --- the storage record ---------------------------------------------------------------------------
@@ -129,16 +121,6 @@ def new_record_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
-def records_dir(storage: str, experiment: str) -> str:
-    return f"{storage.rstrip('/')}/records/{experiment_slug(experiment)}"
-
-
-def study_path(storage: str, experiment: str) -> str:
-    """The Optuna study file (SQLite) of an experiment's search phase, beside its records; on
-    s3:// the driver works on a local copy and uploads it (`pipeline.study.StudyFile`)."""
-    return f"{storage.rstrip('/')}/optuna/{experiment_slug(experiment)}.sqlite3"
-
-
 # One record write (all its steps, s3fs's and botocore's retries included) gives up after this
 # many seconds with a RecordError; `$PERL_RECORD_TIMEOUT_S` overrides it (read at each write).
 # Without it, an S3 endpoint that accepts connections but never answers held a write ~20 minutes
@@ -159,17 +141,6 @@ def record_timeout_s() -> float:
     return value
 
 
-def _fs(url: str):
-    """(filesystem, path) through the project's storage factory when present, else fsspec."""
-    try:
-        from perl_core.data.storage import open_fs  # one factory for s3fs/pyarrow (endpoints)
-    except ImportError:
-        open_fs = None
-    if open_fs is not None:
-        return open_fs(url)
-    import fsspec
-
-    return fsspec.core.url_to_fs(url)
 
 
 class _RecordTimeout(Exception):
@@ -300,59 +271,72 @@ def write_record(storage: str, record: TrialRecord, projectors: bytes) -> str:
     digest = hashlib.sha256(projectors).hexdigest()
     record.extra = {**record.extra, "projectors_sha256": digest,
                     "projectors_bytes": len(projectors)}
-    blob_url, json_url = f"{base}/{record.stem()}.safetensors", f"{base}/{record.stem()}.json"
+    json_url = f"{base}/{record.stem()}.json"
     limit = record_timeout_s()
-    step, t0 = "open", time.monotonic()
+    step, t0 = ["open"], time.monotonic()  # step[0]: what failed, for the message
     try:
-        fs, root = _fs(base)
+        fs, root = open_fs(base)
         run = _Deadline(fs, limit, t0)
         run.connect()
-        step = "create the folder"
-        run("makedirs", root, exist_ok=True)
-        blob, final = f"{root}/{record.stem()}.safetensors", f"{root}/{record.stem()}.json"
-        step = "write the weights"
-        run("pipe_file", blob, projectors)
-        step = "verify the weights"
-        if hasattr(fs, "invalidate_cache"):
-            fs.invalidate_cache(root)
-        back = run("cat_file", blob)
-        if hashlib.sha256(back).hexdigest() != digest:
-            raise RecordError(f"{blob_url}: read back {len(back)} bytes that differ from the "
-                              f"{len(projectors)} written; the record is not marked complete")
-        step = "write the record"
-        tmp = f"{root}/.{record.stem()}.json.tmp"
-        run("pipe_file", tmp, json.dumps(asdict(record)).encode())
-        step = "mark the record complete"
-        if not run.is_async:
-            run("mv", tmp, final)
-        else:  # S3 has no rename: a copy (the record is complete once it returns), then a delete
-            run("cp_file", tmp, final)
-            try:
-                run("rm_file", tmp)
-            except Exception as e:  # complete all the same; readers never list `.*.json.tmp`
-                import logging
-
-                logging.getLogger(__name__).warning(
-                    "trial record %s is complete, but its temporary copy %s could not be "
-                    "removed (%s)", json_url, f"{base}/.{record.stem()}.json.tmp",
-                    type(e).__name__)
+        _write_pair(fs, run, root, base, record, projectors, digest, step)
     except RecordError:
         raise
     except Exception as e:
-        spent = time.monotonic() - t0
-        if isinstance(e, _RecordTimeout):
-            why = (f"gave up after {spent:.0f} s, the time limit of one record write "
-                   f"(PERL_RECORD_TIMEOUT_S={limit:g}): the storage endpoint stalled or is too "
-                   f"slow")
-        else:
-            why = f"after {spent:.0f} s of retries ({type(e).__name__}: {e})"
-        if step == "mark the record complete":  # the rename may have reached the store
-            then = ("the rename may have reached the store: then the record may be complete, "
-                    "and it is whole (its weights were verified before); readers check it")
-        else:
-            then = "the record is not marked complete"
-        raise RecordError(f"cannot {step} of trial record {json_url} {why}; {then}") from e
+        raise _record_error(e, step[0], time.monotonic() - t0, limit, json_url) from e
     return json_url
+
+
+def _write_pair(fs: Any, run: "_Deadline", root: str, base: str, record: TrialRecord,
+                projectors: bytes, digest: str, step: list[str]) -> None:
+    """The steps of `write_record` (each named in `step[0]` before it starts)."""
+    import hashlib
+
+    step[0] = "create the folder"
+    run("makedirs", root, exist_ok=True)
+    blob, final = f"{root}/{record.stem()}.safetensors", f"{root}/{record.stem()}.json"
+    step[0] = "write the weights"
+    run("pipe_file", blob, projectors)
+    step[0] = "verify the weights"
+    if hasattr(fs, "invalidate_cache"):
+        fs.invalidate_cache(root)
+    back = run("cat_file", blob)
+    if hashlib.sha256(back).hexdigest() != digest:
+        raise RecordError(f"{base}/{record.stem()}.safetensors: read back {len(back)} bytes "
+                          f"that differ from the {len(projectors)} written; the record is not "
+                          f"marked complete")
+    step[0] = "write the record"
+    tmp = f"{root}/.{record.stem()}.json.tmp"
+    run("pipe_file", tmp, json.dumps(asdict(record)).encode())
+    step[0] = "mark the record complete"
+    if not run.is_async:
+        run("mv", tmp, final)
+        return
+    run("cp_file", tmp, final)  # S3 has no rename: a copy (complete once it returns), a delete
+    try:
+        run("rm_file", tmp)
+    except Exception as e:  # complete all the same; readers never list `.*.json.tmp`
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "trial record %s is complete, but its temporary copy %s could not be removed (%s)",
+            f"{base}/{record.stem()}.json", f"{base}/.{record.stem()}.json.tmp",
+            type(e).__name__)
+
+
+def _record_error(e: Exception, step: str, spent: float, limit: float,
+                  json_url: str) -> RecordError:
+    if isinstance(e, _RecordTimeout):
+        why = (f"gave up after {spent:.0f} s, the time limit of one record write "
+               f"(PERL_RECORD_TIMEOUT_S={limit:g}): the storage endpoint stalled or is too "
+               f"slow")
+    else:
+        why = f"after {spent:.0f} s of retries ({type(e).__name__}: {e})"
+    if step == "mark the record complete":  # the rename may have reached the store
+        then = ("the rename may have reached the store: then the record may be complete, "
+                "and it is whole (its weights were verified before); readers check it")
+    else:
+        then = "the record is not marked complete"
+    return RecordError(f"cannot {step} of trial record {json_url} {why}; {then}")
 
 
 def iter_records(storage: str, experiment: str, *,
@@ -364,7 +348,7 @@ def iter_records(storage: str, experiment: str, *,
     import logging
 
     base = records_dir(storage, experiment)
-    fs, root = _fs(base)
+    fs, root = open_fs(base)
     if not fs.exists(root):
         return
     for path in sorted(fs.glob(f"{root}/*.json")):
@@ -392,7 +376,7 @@ def iter_records(storage: str, experiment: str, *,
 
 
 def read_bytes(url: str) -> bytes:
-    fs, path = _fs(url)
+    fs, path = open_fs(url)
     with fs.open(path, "rb") as f:
         return f.read()
 
@@ -405,7 +389,6 @@ SOURCE_NAME = "pipeline/run.py"  # the entry point of every sweep run (repositor
 _NOTE_MAX = 6000  # MLflow tag values hold 8000 characters
 _STEP_KEY = re.compile(r"^(?P<family>.+)_step(?P<k>\d+)$")
 _HEADLINE = ("base/acc", "novel/acc", "hm", "all/acc", "target_avg", "val/acc")
-_NOT_TARGETS = ("base", "novel", "all", "val")
 
 
 def submitter() -> str:
@@ -457,7 +440,7 @@ def trial_note(name: str, cfg: TrainConfig, *, sweep: str, phase: str,
                varied: Iterable[str], data: Iterable[Any]) -> str:
     """A child run's note (Markdown): the cell, the values its sweep varies, the protocol, the
     model and training settings and the data it read; `results_note` adds the numbers."""
-    what = "an Optuna sample" if phase == "hpo" else "a grid cell"
+    what = "an Optuna sample" if phase == SEARCH_PHASE else "a grid cell"
     values = ", ".join(f"`{f}` = {getattr(cfg, f)}" for f in varied if hasattr(cfg, f))
     lines = [f"**{name}**: {what} of sweep `{sweep}`.", "",
              f"- varied: {values or 'nothing (a single cell)'}",
@@ -476,12 +459,12 @@ def results_note(metrics: dict[str, float]) -> str:
     CLIP), as a Markdown paragraph; "" when there are none."""
     keys = [k for k in _HEADLINE if k in metrics]
     keys += sorted(k for k in metrics if k.endswith("/acc") and k not in keys
-                   and k.split("/")[0] not in _NOT_TARGETS)
+                   and is_target_evalset(k.split("/")[0]))
     if not keys:
         return ""
-    final = ", ".join(f"{k} **{metrics[k]:.2f}**" for k in keys if _finite(metrics[k]))
+    final = ", ".join(f"{k} **{metrics[k]:.2f}**" for k in keys if is_finite(metrics[k]))
     zero = ", ".join(f"{k} {metrics[f'{k}_step0']:.2f}" for k in keys
-                     if _finite(metrics.get(f"{k}_step0")))
+                     if is_finite(metrics.get(f"{k}_step0")))
     return f"**Results** (% top-1 after K steps): {final}." + (
         f" Step 0 (zero-shot CLIP): {zero}." if zero else "")
 
@@ -496,12 +479,12 @@ def step_charted(metrics: dict[str, float]) -> list[tuple[str, float, int]]:
     families: dict[str, dict[int, float]] = {}
     for key, value in metrics.items():
         m = _STEP_KEY.match(key)
-        if m and _finite(value):
+        if m and is_finite(value):
             families.setdefault(m["family"], {})[int(m["k"])] = float(value)
     out = [(k, float(v), max(families[k]) if k in families else 0)
-           for k, v in metrics.items() if _finite(v)]
+           for k, v in metrics.items() if is_finite(v)]
     for family, points in families.items():
-        flat_at = max(points) if _finite(metrics.get(family)) else None
+        flat_at = max(points) if is_finite(metrics.get(family)) else None
         out += [(family, v, k) for k, v in sorted(points.items()) if k != flat_at]
     return out
 
@@ -515,7 +498,7 @@ def datasets_read(cfg: TrainConfig) -> list[str]:
     """The datasets a trial of `cfg` reads: the training dataset first, then its targets."""
     names = [cfg.dataset, *cfg.eval_datasets]
     if cfg.protocol == "domain_generalization" and not cfg.eval_datasets:
-        from perl_core.train import dg_default_targets
+        from perl_core.protocol import dg_default_targets
 
         names += dg_default_targets(cfg.dataset)
     return list(dict.fromkeys(names))
@@ -527,6 +510,20 @@ def _digest(name: str, data_root: str) -> Any:
     key = (get_spec(name).name, data_root)
     _DATA_DIGESTS[key] = dataset_digest(name, data_root, known=_DATA_DIGESTS.get(key))
     return _DATA_DIGESTS[key]
+
+
+def known_digests() -> tuple[tuple[str, str, Any], ...]:
+    """This process's digests as (dataset, data_root, DataDigest): what the driver hands its
+    trials (`TrialContext.known_data`), so a trial checks one stamp per split file instead of
+    listing a folder dataset (ImageNet's 1.3M images) again in every worker process."""
+    return tuple((name, root, d) for (name, root), d in _DATA_DIGESTS.items())
+
+
+def adopt_digests(known: Iterable[tuple[str, str, Any]]) -> None:
+    """Take digests computed elsewhere (`known_digests`) as this process's earlier results:
+    `dataset_digest(known=...)` still re-reads any whose split or class-name files changed."""
+    for name, root, digest in known:
+        _DATA_DIGESTS.setdefault((name, root), digest)
 
 
 def data_digests(cfg: TrainConfig) -> list[Any]:
@@ -555,7 +552,7 @@ def grid_data_digests(configs: Iterable[TrainConfig],
             except Exception as e:
                 if warn is not None:
                     warn(f"warning: cannot digest dataset {name} under "
-                         f"{redact_uri(cfg.data_root)} ({type(e).__name__}: {_short_error(e)}): "
+                         f"{redact_uri(cfg.data_root)} ({type(e).__name__}: {short_error(e)}): "
                          f"its finished runs count as done whatever data they read")
                 continue
             out[d.dataset] = d
@@ -607,34 +604,6 @@ def _stale_data_lines(stale: dict[str, tuple[Any, list[str]]], digests: dict[str
 
 # --- MLflow --------------------------------------------------------------------------------------
 
-RESOLVED_SWEEP = "sweep/resolved.yaml"  # the parent run's artifact: the sweep as run (base, --set)
-
-
-def sqlite_path(tracking_uri: str) -> Path | None:
-    """The database file of a `sqlite:///` tracking URI (its query left off), else None."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
-    return Path(tracking_uri[len("sqlite:///"):].split("?", 1)[0])
-
-
-def mlflow_client(tracking_uri: str) -> Any:
-    """An MlflowClient, opened under an inter-process lock where the store is a SQLite file: the
-    first MlflowClient on a new file creates and migrates its tables; two processes doing that at
-    once (the driver starting and a `pipeline.status` beside it, or two drivers) collide in alembic
-    ("table _alembic_tmp_... already exists") and one of them dies. SQLite is one host's file, so
-    a lock file beside it serialises the opening; servers (http) and other databases migrate on
-    their own and need none."""
-    from mlflow import MlflowClient
-
-    db = sqlite_path(tracking_uri)
-    if db is None:
-        return MlflowClient(tracking_uri=tracking_uri)
-    from filelock import FileLock
-
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(db) + ".lock", timeout=300):
-        return MlflowClient(tracking_uri=tracking_uri)
-
 
 class Tracker:
     """A thin MlflowClient wrapper with the sweep's conventions."""
@@ -654,7 +623,7 @@ class Tracker:
             self.client.search_experiments(max_results=1)
         except Exception as e:
             where = redact_uri(self.tracking_uri)
-            why = f"{type(e).__name__}: {_short_error(e)}"
+            why = f"{type(e).__name__}: {short_error(e)}"
             if _http_status(e) in (401, 403):
                 raise TrackingUnavailable(
                     f"MLflow tracking at {where} refused {credentials_source()} ({why}); fix "
@@ -668,10 +637,7 @@ class Tracker:
     def default_artifact_location(self, experiment: str) -> str | None:
         """Absolute artifact root beside a SQLite store (MLflow's default would be ./mlruns of
         whichever process created the experiment); None lets a tracking server decide."""
-        db = sqlite_path(self.tracking_uri)
-        if db is not None:
-            return (db.parent / "mlartifacts" / experiment_slug(experiment)).as_uri()
-        return None
+        return sqlite_artifact_location(self.tracking_uri, experiment)
 
     def experiment_id(self, name: str, artifact_location: str | None = None) -> str:
         """Get or create (race-safe: a concurrent creator wins and we read theirs back)."""
@@ -695,28 +661,21 @@ class Tracker:
             return exp.experiment_id
 
     # searching ---------------------------------------------------------------------------------
+    # (the filter strings and paging are pipeline.queries'; these add the data rule)
     def search(self, experiment_id: str, filter_string: str = "") -> list:
-        runs, token = [], None
-        while True:
-            page = self.client.search_runs([experiment_id], filter_string=filter_string,
-                                           max_results=1000, page_token=token)
-            runs.extend(page)
-            token = page.token
-            if not token:
-                return runs
+        return queries.all_runs(self.client, [experiment_id], filter_string)
 
-    def finished_by_hash(self, experiment_id: str, *, phase: str = "final",
+    def finished_by_hash(self, experiment_id: str, *, phase: str = GRID_PHASE,
                          code_version: str | None = None, data: dict[str, Any] | None = None,
                          warn: Any = None) -> dict[str, Any]:
         """config_hash -> the latest FINISHED run of that phase (same code_version unless None)
         that read the same data (`data`: dataset -> DataDigest now; the rule is
         `data_changed`). With `warn`, one line per dataset whose change leaves cells to run."""
-        flt = f"attributes.status = 'FINISHED' and tags.phase = '{phase}'"
-        if code_version is not None:
-            flt += f" and tags.code_version = '{code_version}'"
+        runs = queries.finished_runs(self.client, experiment_id, phase=phase,
+                                     code_version=code_version)
         out: dict[str, Any] = {}
         stale: dict[str, tuple[Any, list[str]]] = {}
-        for r in sorted(self.search(experiment_id, flt), key=lambda r: r.info.end_time or 0):
+        for r in sorted(runs, key=lambda r: r.info.end_time or 0):
             h = r.data.tags.get("config_hash")
             changed = data_changed(r.data.tags, data or {}) if h else []
             if h and changed:
@@ -733,12 +692,8 @@ class Tracker:
                      code_version: str | None, data: dict[str, Any] | None = None
                      ) -> Any | None:
         """The latest FINISHED run of this hash, as `finished_by_hash` matches it."""
-        flt = (f"attributes.status = 'FINISHED' and tags.config_hash = '{config_hash}' "
-               f"and tags.phase = '{phase}'")
-        if code_version is not None:
-            flt += f" and tags.code_version = '{code_version}'"
-        runs = self.client.search_runs([experiment_id], filter_string=flt, max_results=100,
-                                       order_by=["attributes.end_time DESC"])
+        runs = queries.finished_runs_of_hash(self.client, experiment_id, config_hash,
+                                             phase=phase, code_version=code_version)
         return next((r for r in runs if not data_changed(r.data.tags, data or {})), None)
 
     # runs --------------------------------------------------------------------------------------
@@ -817,11 +772,11 @@ class Tracker:
         for h in record.history:
             step = int(h.get("step", 0))
             metrics += [Metric(f"train_step/{k}", float(h[k]), now, step)
-                        for k in ("loss", "ce", "anchor") if k in h and _finite(h[k])]
+                        for k in ("loss", "ce", "anchor") if k in h and is_finite(h[k])]
         for e in record.epoch_history:
             epoch = int(e.get("epoch", 0))
             metrics += [Metric(f"train_epoch/{k}", float(e[k]), now, epoch)
-                        for k in ("loss", "ce", "anchor") if k in e and _finite(e[k])]
+                        for k in ("loss", "ce", "anchor") if k in e and is_finite(e[k])]
         for i in range(0, len(metrics), _BATCH):
             self.client.log_batch(run_id, metrics=metrics[i:i + _BATCH])
         with tempfile.TemporaryDirectory(prefix="perl-artifacts-") as tmp:
@@ -856,8 +811,7 @@ class Tracker:
         live RUNNING parent (the trial died with, or after, its driver) - or, with
         `only_children_of`, every RUNNING child of that (our own, finished) phase.
         """
-        running = self.search(experiment_id, f"attributes.status = 'RUNNING' and "
-                                             f"tags.sweep = '{sweep}'")
+        running = queries.running_runs(self.client, experiment_id, sweep)
         parents = {r.info.run_id: r for r in running if r.data.tags.get("phase") == PARENT_PHASE}
         live = {rid for rid, r in parents.items() if rid == own_parent or _driver_alive(r)}
         killed = []
@@ -906,13 +860,14 @@ def credentials_source() -> str:
     return f"user {user!r} ({where})"
 
 
-def _short_error(e: BaseException) -> str:
+def short_error(e: BaseException) -> str:
     """The first line of an exception, without MLflow's long retry chains."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return text[:300]
 
 
-def _finite(v: Any) -> bool:
+def is_finite(v: Any) -> bool:
+    """A number that is neither NaN nor infinite (what MLflow and Tune are given)."""
     try:
         f = float(v)
     except (TypeError, ValueError):
@@ -986,7 +941,7 @@ def replay(tracker: Tracker, storage: str, experiment: str, *, parent_run_id: st
     down = tracking_errors()
     try:
         exp_id = experiment_id or tracker.experiment_id(experiment)
-        done = tracker.search(exp_id, "attributes.status = 'FINISHED'")
+        done = queries.finished_runs(tracker.client, exp_id)
     except down as e:
         raise _replay_stopped(tracker, e, 0, len(records)) from e
     known_ids = {r.data.tags.get("record_id") for r in done}
@@ -1022,20 +977,22 @@ def _replay_stopped(tracker: Tracker, e: BaseException, logged: int,
                     total: int) -> TrackingUnavailable:
     return TrackingUnavailable(
         f"MLflow tracking at {redact_uri(tracker.tracking_uri)} stopped answering during the "
-        f"replay ({type(e).__name__}: {_short_error(e)}): {logged} of {total} record(s) to "
+        f"replay ({type(e).__name__}: {short_error(e)}): {logged} of {total} record(s) to "
         f"log were logged; the others are safe in storage and the next replay logs them "
         f"(a run left half-logged is marked KILLED then, never counted as a result)")
 
 
 def iter_children(tracker: Tracker, experiment_id: str, parent_run_id: str) -> Iterable:
-    return tracker.search(experiment_id, f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return queries.children(tracker.client, experiment_id, parent_run_id)
 
 
 __all__ = ["Tracker", "TrialRecord", "TrackingUnavailable", "RecordError", "HTTP_DEFAULTS",
-           "PHASES", "PARENT_PHASE", "config_params", "redact_uri", "write_record",
+           "PHASES", "PARENT_PHASE", "GRID_PHASE", "SEARCH_PHASE", "config_params",
+           "redact_uri", "write_record", "short_error", "is_finite", "mlflow_client",
+           "sqlite_path", "study_path", "open_fs", "RESOLVED_SWEEP",
            "iter_records", "read_bytes", "records_dir", "replay", "log_record", "new_record_id",
            "experiment_slug", "iter_children", "HEARTBEAT_S", "tracking_errors",
            "driver_liveness", "NOTE_TAG", "DATA_DIGEST_TAG", "SOURCE_NAME", "submitter",
            "source_tags", "sweep_note", "trial_note", "results_note", "step_charted",
-           "datasets_read", "data_digests", "grid_data_digests", "data_tags", "data_inputs",
-           "data_changed"]
+           "datasets_read", "data_digests", "grid_data_digests", "known_digests",
+           "adopt_digests", "data_tags", "data_inputs", "data_changed"]

@@ -1,18 +1,22 @@
 """The Ray Tune function trainable around `perl_core.train.fit`: one trial = one TrainConfig.
 
-Per trial (`train_cell(config, context)`):
-0. the sweep's `imports:` modules (`context["imports"]`: dataset registrations), imported in this
-   worker process, which does not run the driver's imports;
-1. the TrainConfig: a grid cell (`config["cell"]`), or the fixed settings plus the Optuna sample;
-2. MLflow re-check of the config hash: a FINISHED run already exists (another submission got
-   there first) -> report its metrics and return without training;
-3. the child MLflow run (params = every TrainConfig field, tags: hash, code, node, trial, ...);
-4. `fit` with a callback that reports progress to Tune and a checkpoint adapter over
+`train_cell(config, context)` (`context`: the phase's `pipeline.context.TrialContext`) reads
+like its steps, each a function below:
+
+1. `start_trial`: the sweep's `imports:` (dataset registrations: this worker process does not
+   run the driver's imports), the TrainConfig (a grid cell `config["cell"]`, or the fixed
+   settings plus the Optuna sample), the digests of its data, an MLflow client;
+2. `finished_elsewhere`: a FINISHED run of this config hash, code version and data already
+   exists (another submission got there first) -> `report_skipped`, no training;
+3. `open_run`: the feature cache, the device, the tags and the child MLflow run (params = every
+   TrainConfig field; tags: hash, code, node, trial, ...);
+4. `train`: `fit` with a callback that reports progress to Tune and a checkpoint adapter over
    `tune.get_checkpoint()` / `tune.Checkpoint.from_directory`, so a retried trial resumes;
-5. the result as a storage record (JSON + safetensors, local or s3) *before* MLflow, so an MLflow
-   outage loses nothing (`python -m pipeline.run SWEEP --replay` logs it later);
-6. metrics, curves (per optimizer step and per epoch) and artifacts to MLflow, run FINISHED. On
-   an exception: run FAILED with the reason in `status_detail`, and the exception re-raised so
+5. `persist_record`: the result as a storage record (JSON + safetensors, local or s3) *before*
+   MLflow, so an MLflow outage loses nothing (`python -m pipeline.run SWEEP --replay`);
+6. `log_and_close`: metrics, curves (per optimizer step and per epoch) and artifacts to MLflow,
+   run FINISHED, the final report to Tune. On an exception in 4-5 (`train_and_persist`): run
+   FAILED with the reason in `status_detail` (`fail_run`), and the exception re-raised so
    Tune's FailureConfig applies.
 
 Backbone reuse: the frozen CLIP is built once per worker process and kept in `_BACKBONE`, a
@@ -25,7 +29,7 @@ wraps the cached CLIP for every trial (`perl_core.train.build_model(cfg, clip=..
 
 Feature cache: one `perl_core.cache.FeatureCache` per worker process (`_FEATURE_CACHE`, keyed by
 its settings), built from the sweep's `cache:` block (`pipeline.spec.CacheSpec`, in the context as
-`feature_cache`) and passed to `fit(cache=...)`, so the frozen test-set prefixes, zero-shot states
+`cache`) and passed to `fit(cache=...)`, so the frozen test-set prefixes, zero-shot states
 and training views computed by one trial are read by the next ones on that node. Not used for
 `pretrained=""` (a random backbone per seed: nothing to share). Each child run gets the tags
 `feature_cache` (URL or "off") and `feature_cache_dtype`, and the metrics `feature_cache/hits`,
@@ -49,15 +53,17 @@ import os
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 # Before mlflow/ray are imported in the worker: no telemetry / usage calls from trials.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from perl_core.config import TrainConfig  # noqa: E402
-from pipeline import tracking  # noqa: E402
+from pipeline import faults, layout, tracking  # noqa: E402
+from pipeline.context import TrialContext  # noqa: E402
 from pipeline.env import device_info, versions  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -73,14 +79,8 @@ REPORT_EVERY_S = 10.0  # progress reports to Tune at most this often (each is a 
 # display and pipeline.status (from Tune's saved state) read them by these names.
 PROGRESS_KEYS = {"step": "step", "total": "total_steps", "epoch": "epoch", "epochs": "epochs",
                  "loss": "train_step/loss"}
-# Test hook, off unless set: sleep this long after every optimizer step, so a fault-injection test
-# can kill a worker mid-training (tests/reliability/test_worker_kill.py). Timing only.
-STEP_DELAY_S = float(os.environ.get("PERL_TEST_STEP_DELAY_S") or 0)
-# Test hook, off unless set: `PERL_TEST_FAULT=oom:<dataset>:<step>` raises torch.OutOfMemoryError
-# (the class a CUDA allocation failure raises) from the step callback of every trial on that
-# dataset once it has finished optimizer step <step>, so the OOM path of a real GPU is exercised
-# on CPU (tests/reliability/test_oom.py). Read when a trial starts.
-FAULT_ENV = "PERL_TEST_FAULT"
+# Test hooks (PERL_TEST_STEP_DELAY_S, PERL_TEST_FAULT) live in pipeline.faults, called from the
+# step callback only (`_progress_callback`).
 
 _BACKBONE: tuple[tuple[str, str], Any] | None = None  # ((arch, pretrained), frozen open_clip CLIP)
 _FEATURE_CACHE: tuple[tuple, Any] | None = None  # (settings, perl_core.cache.FeatureCache)
@@ -176,14 +176,16 @@ def with_trial_workers(cfg: TrainConfig, device: Any) -> TrainConfig:
 # --- feature cache --------------------------------------------------------------------------------
 
 
-def cache_settings(context: dict[str, Any]) -> dict[str, Any]:
+def cache_settings(context: TrialContext | Mapping[str, Any]) -> dict[str, Any]:
     """The sweep's `cache:` block (`pipeline.spec.CacheSpec` fields, url already resolved by the
-    driver) for this trial, from the context (`feature_cache`). Every context has it: the driver
-    builds it (`pipeline.run.trial_context`), also when it restores an interrupted experiment
-    (`Tuner.restore` takes the trainable, and so the context, from the restoring driver)."""
+    driver) for this trial: `context.cache` (`feature_cache` in an older driver's dict). Every
+    context has it: the driver builds it (`pipeline.context.trial_context`), also when it
+    restores an interrupted experiment (`Tuner.restore` takes the trainable, and so the
+    context, from the restoring driver)."""
     from pipeline.spec import CacheSpec
 
-    return CacheSpec.model_validate(context["feature_cache"]).model_dump()
+    raw = context.cache if isinstance(context, TrialContext) else context["feature_cache"]
+    return CacheSpec.model_validate(dict(raw)).model_dump()
 
 
 def cache_url(settings: dict[str, Any]) -> str:
@@ -217,7 +219,7 @@ def cache_tags(settings: dict[str, Any], cache: Any) -> dict[str, str]:
     if cache is None:
         why = "off" if not settings.get("enabled", True) else "off (random-init backbone)"
         return {"feature_cache": why, "feature_cache_dtype": "none"}
-    return {"feature_cache": tracking.redact_uri(cache_url(settings)),
+    return {"feature_cache": layout.redact_uri(cache_url(settings)),
             "feature_cache_dtype": settings["dtype"]}
 
 
@@ -294,7 +296,7 @@ class TuneCheckpoint:
                 raise CheckpointSaveError(
                     f"cannot save the Tune checkpoint at optimizer step {step} into the sweep's "
                     f"storage (its tune/ folder): {type(e).__name__}: "
-                    f"{tracking._short_error(e)}") from e
+                    f"{tracking.short_error(e)}") from e
 
 
 class CheckpointSaveError(RuntimeError):
@@ -326,26 +328,12 @@ def fit_phases(fit_s: float, result: Any, ckpt: TuneCheckpoint) -> dict[str, flo
     return {"fit_compute": compute, "fit_checkpoint": ckpt.seconds, "fit_other": other}
 
 
-def _injected_fault(dataset: str) -> int | None:
-    """The optimizer step at which `$PERL_TEST_FAULT` makes this trial run out of memory (None:
-    no fault for this dataset, the default). A malformed value is an error, not ignored."""
-    spec = os.environ.get(FAULT_ENV, "").strip()
-    if not spec:
-        return None
-    kind, _, rest = spec.partition(":")
-    target, _, step = rest.rpartition(":")
-    if kind != "oom" or not target or not step.isdigit() or int(step) < 1:
-        raise ValueError(f"${FAULT_ENV}={spec!r}: expected 'oom:<dataset>:<step>' (a test hook; "
-                         f"unset it for real runs)")
-    return int(step) if target == dataset else None
-
-
 def _progress_callback(cell: str, dataset: str = ""):
     from ray import tune
 
     from perl_core.train import Callback
 
-    oom_at = _injected_fault(dataset)
+    after_step = faults.step_hook(cell, dataset)  # the test hooks' one seam (None unless set)
 
     class TuneProgress(Callback):
         """Throttled progress reports (step, fraction done, loss) for Tune's status table."""
@@ -358,14 +346,8 @@ def _progress_callback(cell: str, dataset: str = ""):
             self.epochs = self.total // max(1, int(info.get("steps_per_epoch") or 0))
 
         def on_step_end(self, step: int, logs: dict[str, Any]) -> None:
-            if STEP_DELAY_S:
-                time.sleep(STEP_DELAY_S)
-            if oom_at is not None and step >= oom_at:
-                import torch
-
-                raise torch.OutOfMemoryError(
-                    f"injected by ${FAULT_ENV} after optimizer step {step} of {cell} (test hook; "
-                    f"a CUDA allocation failure raises this class)")
+            if after_step is not None:
+                after_step(step)
             now = time.monotonic()
             if now - self.last < REPORT_EVERY_S and step < self.total:
                 return
@@ -379,27 +361,27 @@ def _progress_callback(cell: str, dataset: str = ""):
     return TuneProgress()
 
 
-# --- the trainable -------------------------------------------------------------------------------
+# --- what a trial is and reads -------------------------------------------------------------------
 
 
-def trial_config(config: dict[str, Any], context: dict[str, Any]) -> tuple[str, TrainConfig]:
+def trial_config(config: dict[str, Any], context: TrialContext) -> tuple[str, TrainConfig]:
     """(run name, TrainConfig) of this trial: a grid cell, or fixed settings + the sample."""
     if "cell" in config:
         cell = config["cell"]
         # from_record: a Tune state saved by an older pipeline lacks the newer fields
         return cell["name"], TrainConfig.from_record(cell["config"])
-    base = TrainConfig.from_record(context["base_config"])
-    sample = {k: config[k] for k in context["search_fields"]}
+    base = TrainConfig.from_record(dict(context.base_config or {}))
+    sample = {k: config[k] for k in context.search_fields}
     cfg = TrainConfig.from_dict({**base.to_dict(), **sample})  # coerces numpy scalars too
     label = ",".join(f"{k}={_short(v)}" for k, v in sample.items())
-    return f"{context['base_name']}/hpo/{label}", cfg
+    return f"{context.base_name}/{layout.SEARCH_PHASE}/{label}", cfg
 
 
 def _short(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def trial_tags(cfg: TrainConfig, name: str, context: dict[str, Any], device: Any = None
+def trial_tags(cfg: TrainConfig, name: str, context: TrialContext, device: Any = None
                ) -> dict[str, str]:
     from ray import tune
 
@@ -408,24 +390,26 @@ def trial_tags(cfg: TrainConfig, name: str, context: dict[str, Any], device: Any
     except Exception:  # outside a Tune session (direct call in a test)
         trial_id = ""
     tags = {
-        "config_hash": cfg.config_hash(), "code_sha": context["code_sha"],
-        "code_dirty": context["code_dirty"], "code_version": context["code_version"],
-        "sweep": context["sweep"],
-        "phase": context["phase"], "dataset": cfg.dataset, "protocol": cfg.protocol,
+        "config_hash": cfg.config_hash(), "code_sha": context.code_sha,
+        "code_dirty": context.code_dirty, "code_version": context.code_version,
+        "sweep": context.sweep,
+        "phase": context.phase, "dataset": cfg.dataset, "protocol": cfg.protocol,
         "cell": name, "ray_node_id": _node_id(), "trial_id": trial_id,
-        "ray_job_id": context.get("ray_job_id", ""), "sweep_file": context.get("sweep_file", ""),
+        "ray_job_id": context.ray_job_id, "sweep_file": context.sweep_file,
         **versions(), **device_info(device),
         # the UI's Source and User columns (the user is the driver's: the submitter)
-        **tracking.source_tags(context["code_sha"], context.get("user", "")),
+        **tracking.source_tags(context.code_sha, context.user),
     }
     return {k: str(v) for k, v in tags.items()}
 
 
-def trial_data(cfg: TrainConfig, name: str) -> list[Any]:
+def trial_data(cfg: TrainConfig, name: str, known: tuple = ()) -> list[Any]:
     """The DataDigest of every dataset the trial reads (`tracking.data_digests`: once per
-    process); [] when they cannot be read here: the run then records no inputs, and `fit` fails
-    with its own error naming what is missing."""
+    process, starting from the driver's `known` ones, whose stamps it re-checks); [] when they
+    cannot be read here: the run then records no inputs, and `fit` fails with its own error
+    naming what is missing."""
     try:
+        tracking.adopt_digests(known)
         return tracking.data_digests(cfg)
     except Exception as e:
         logger.warning("cannot digest the data of %s (%s: %s): its run records no dataset "
@@ -433,35 +417,38 @@ def trial_data(cfg: TrainConfig, name: str) -> list[Any]:
         return []
 
 
-def note_tags(cfg: TrainConfig, name: str, context: dict[str, Any], data: list[Any]
+def note_tags(cfg: TrainConfig, name: str, context: TrialContext, data: list[Any]
               ) -> dict[str, str]:
     """The data digest tags and the run's note (the varied values: the grid's, or the searched
     fields of an Optuna sample); `Tracker.log_result` adds the results to the note."""
-    varied = context.get("search_fields") if context["phase"] == "hpo" else \
-        context.get("varied_fields")
     return {**tracking.data_tags(data), tracking.NOTE_TAG: tracking.trial_note(
-        name, cfg, sweep=context["sweep"], phase=context["phase"], varied=varied or (),
+        name, cfg, sweep=context.sweep, phase=context.phase, varied=context.varied,
         data=data)}
 
 
-def arm_tags(config: dict[str, Any], context: dict[str, Any]) -> dict[str, str]:
+def _field(context: TrialContext | Mapping[str, Any], name: str) -> Any:
+    return context.get(name, "") if isinstance(context, Mapping) else getattr(context, name)
+
+
+def arm_tags(config: dict[str, Any], context: TrialContext | Mapping[str, Any]
+             ) -> dict[str, str]:
     """`arm` (the grid cell's arms, comma-joined) and `sweep_arms` (the sweep's arms in order),
     only in a sweep with arms: the aggregate's row labels (older runs have neither)."""
     arm = (config.get("cell") or {}).get("arm") or ""
     if not arm:
         return {}
-    spec = context.get("sweep_arm_spec", "")
-    return {"arm": arm, "sweep_arms": context.get("sweep_arms", ""),
+    spec = _field(context, "sweep_arm_spec")
+    return {"arm": arm, "sweep_arms": _field(context, "sweep_arms"),
             **({"sweep_arm_spec": spec} if spec else {})}
 
 
-def import_sweep_modules(context: dict[str, Any]) -> None:
+def import_sweep_modules(context: TrialContext) -> None:
     """Import the sweep's `imports:` here, on the worker, before the trial looks up its dataset:
     their registrations (`perl_core.data.registry.register`) were made in the driver's process
     only. Once per process (Python caches modules); a failure fails the trial, naming them."""
     from perl_core.data.registry import import_modules
 
-    names = list(context.get("imports") or ())
+    names = list(context.imports)
     try:
         import_modules(names)
     except (Exception, SystemExit) as e:
@@ -481,144 +468,261 @@ def _node_id() -> str:
         return ""
 
 
-def _tracker(context: dict[str, Any]) -> tracking.Tracker | None:
+def _tracker(context: TrialContext) -> tracking.Tracker | None:
     # a new client per trial costs < 1 ms once mlflow is imported (pipeline.bench: `setup`)
     try:
-        return tracking.Tracker(context["tracking_uri"])
+        return tracking.Tracker(context.tracking_uri)
     except Exception as e:  # MLflow unreachable: train anyway, the record is replayed later
         logger.warning("MLflow unavailable (%s): training without a run", e)
         return None
 
 
-def train_cell(config: dict[str, Any], context: dict[str, Any] | None = None) -> None:
-    """The Tune function trainable (wrapped with tune.with_parameters(context=...))."""
-    from ray import tune
+# --- the trainable: its steps in order -----------------------------------------------------------
 
-    from perl_core.train import fit, save_projectors
 
+@dataclass
+class Trial:
+    """One attempt of one trial: what every step reads. `tracker` becomes None once MLflow
+    fails (the trial goes on; its storage record is replayed into MLflow later)."""
+
+    config: dict[str, Any]  # Tune's: the grid cell, or the Optuna sample
+    context: TrialContext
+    name: str
+    cfg: TrainConfig
+    config_hash: str
+    data: list[Any]  # DataDigests of what it reads
+    tracker: tracking.Tracker | None
+    clock: "_Clock"
+
+
+@dataclass
+class OpenRun:
+    """The trial's MLflow run (`run_id` None: none could be created) and what it opened with."""
+
+    run_id: str | None
+    tags: dict[str, str]
+    started_ms: int
+    cache: Any  # the FeatureCache, or None
+    device: Any
+    device_error: BaseException | None  # a refused device: raised when training starts
+
+
+@dataclass
+class Trained:
+    result: Any  # perl_core.train.TrainResult
+    resumed_step: int | None  # the optimizer step a retried trial resumed from
+    metrics: dict[str, float]  # fit's, the feature cache's and the timings so far
+
+
+def train_cell(config: dict[str, Any], context: Any = None) -> None:
+    """The Tune function trainable (wrapped with tune.with_parameters(context=...)):
+    skip if finished -> open run -> train -> persist record -> log and close."""
     assert context is not None, "train_cell needs its context (tune.with_parameters)"
+    trial = start_trial(config, TrialContext.from_any(context))
+    done = finished_elsewhere(trial)
+    if done is not None:
+        report_skipped(trial, done)
+        return
+    run = open_run(trial)
+    trained, record, blob = train_and_persist(trial, run)
+    log_and_close(trial, run, trained, record, blob)
+
+
+def start_trial(config: dict[str, Any], context: TrialContext) -> Trial:
+    """The sweep's imports, the TrainConfig, its data digests and an MLflow client."""
     clock = _Clock()
     import_sweep_modules(context)
     name, cfg = trial_config(config, context)
-    h = cfg.config_hash()
-    phase = context["phase"]
     tracker = _tracker(context)
-    code = None if context.get("ignore_code_version") else context["code_version"]
-    data = trial_data(cfg, name)  # before the lookup: a run of other data is not done
+    # before the lookup: a run of other data is not done
+    data = trial_data(cfg, name, context.known_data)
     clock.lap("setup")
+    return Trial(config, context, name, cfg, cfg.config_hash(), data, tracker, clock)
 
-    if tracker is not None and not context.get("rerun"):
-        try:
-            done = tracker.finished_run(context["experiment_id"], h, phase=phase,
-                                          code_version=code,
-                                          data={d.dataset: d for d in data})
-        except Exception as e:  # unreachable: do not wait for it a second time below
-            logger.warning("MLflow lookup failed (%s); training without a run, the storage "
-                           "record will be replayed into MLflow later", e)
-            done, tracker = None, None
-        clock.lap("mlflow_lookup")
-        if done is not None:  # another submission finished it meanwhile: nothing to do
-            tune.report({**done.data.metrics, "skipped": 1.0, "cell": name,
-                         "mlflow_run_id": done.info.run_id})
-            return
 
-    settings = cache_settings(context)
+def finished_elsewhere(trial: Trial) -> Any | None:
+    """The FINISHED run of this config, code version and data, when another submission got
+    there first (not with --rerun); None, also when MLflow cannot be asked."""
+    ctx = trial.context
+    if trial.tracker is None or ctx.rerun:
+        return None
     try:
-        cache = feature_cache(settings, cfg)
-        cache_tag = cache_tags(settings, cache)
-    except Exception as e:  # an unusable cache location costs speed, not the trial
+        done = trial.tracker.finished_run(ctx.experiment_id, trial.config_hash, phase=ctx.phase,
+                                          code_version=ctx.done_code_version,
+                                          data={d.dataset: d for d in trial.data})
+    except Exception as e:  # unreachable: do not wait for it a second time below
+        logger.warning("MLflow lookup failed (%s); training without a run, the storage "
+                       "record will be replayed into MLflow later", e)
+        done, trial.tracker = None, None
+    trial.clock.lap("mlflow_lookup")
+    return done
+
+
+def report_skipped(trial: Trial, done: Any) -> None:
+    from ray import tune
+
+    tune.report({**done.data.metrics, "skipped": 1.0, "cell": trial.name,
+                 "mlflow_run_id": done.info.run_id})
+
+
+def trial_cache(trial: Trial) -> tuple[Any, dict[str, str]]:
+    """(FeatureCache or None, its tags): an unusable cache location costs speed, not the trial."""
+    settings = cache_settings(trial.context)
+    try:
+        cache = feature_cache(settings, trial.cfg)
+        return cache, cache_tags(settings, cache)
+    except Exception as e:
         logger.warning("feature cache at %s unavailable (%s): running uncached",
-                       tracking.redact_uri(cache_url(settings)), e)
-        cache = None
-        cache_tag = {"feature_cache": f"off (unavailable: {type(e).__name__})",
-                     "feature_cache_dtype": "none"}
-    try:  # before the tags, which record the device; a refusal fails the run below
+                       layout.redact_uri(cache_url(settings)), e)
+        return None, {"feature_cache": f"off (unavailable: {type(e).__name__})",
+                      "feature_cache_dtype": "none"}
+
+
+def open_run(trial: Trial) -> OpenRun:
+    """The feature cache, the device (checked before the tags, which record it), the tags and
+    the child MLflow run (none when MLflow fails: the record is replayed later)."""
+    cfg, ctx = trial.cfg, trial.context
+    cache, cache_tag = trial_cache(trial)
+    try:  # a refusal fails the run once it is open (train raises it)
         device, device_error = trial_device(cfg), None
     except (ValueError, RuntimeError) as e:
         device, device_error = None, e
-    tags = {**trial_tags(cfg, name, context, device), **cache_tag, **arm_tags(config, context),
-            **note_tags(cfg, name, context, data)}
-    clock.lap("tags")
-    started_ms = int(time.time() * 1000)
-    run_id = None
-    if tracker is not None:
+    tags = {**trial_tags(cfg, trial.name, ctx, device), **cache_tag,
+            **arm_tags(trial.config, ctx), **note_tags(cfg, trial.name, ctx, trial.data)}
+    trial.clock.lap("tags")
+    run = OpenRun(None, tags, int(time.time() * 1000), cache, device, device_error)
+    if trial.tracker is not None:
         try:
-            run_id = tracker.start_trial(context["experiment_id"], context["parent_run_id"], name,
-                                         cfg, tags, start_ms=started_ms,
-                                         inputs=tracking.data_inputs(data))
+            run.run_id = trial.tracker.start_trial(
+                ctx.experiment_id, ctx.parent_run_id, trial.name, cfg, tags,
+                start_ms=run.started_ms, inputs=tracking.data_inputs(trial.data))
         except Exception as e:
             logger.warning("cannot create the MLflow run (%s); the storage record will be "
                            "replayed into MLflow later", e)
-            tracker = None
-    clock.lap("mlflow_start")
+            trial.tracker = None
+    trial.clock.lap("mlflow_start")
+    return run
+
+
+def train_and_persist(trial: Trial, run: OpenRun) -> tuple[Trained, tracking.TrialRecord, bytes]:
+    """`train`, then `persist_record`. On any failure the run is closed FAILED (KILLED for a
+    KeyboardInterrupt / SystemExit) with the reason, an OOM's memory is freed, and the
+    exception re-raised so Tune's FailureConfig applies."""
     try:
-        if device_error is not None:
-            raise device_error
-        model = build_model(cfg)
-        # workers from the trial's CPU share, for fit only: the run's params and its record keep
-        # the submitted value (-1 = auto), so a replay logs the same params
-        fit_cfg = with_trial_workers(cfg, device)  # the backbone is still on the CPU here
-        clock.lap("build_model")
-        before = cache.stats() if cache is not None else {}
-        ckpt = TuneCheckpoint()
-        result = fit(fit_cfg, callbacks=[_progress_callback(name, cfg.dataset)], model=model,
-                     checkpoint=ckpt, progress=False,
-                     checkpoint_every=CHECKPOINT_EVERY, cache=cache, device=device)
-        # the trial's activations and optimizer state are freed now: give the allocator's
-        # cached blocks back to the GPU, or a reused actor keeps this trial's peak reserved
-        _empty_cuda_cache()
-        clock.laps.update(fit_phases(clock.lap("fit"), result, ckpt))
-        del clock.laps["fit"]
-        metrics = dict(result.metrics)  # val/* included: what the search phase selects on
-        metrics.update(cache_metrics(cache, before))
-        metrics.update(clock.metrics(totals=False))  # phases so far (MLflow: timed below)
-        record = tracking.TrialRecord(
-            record_id=tracking.new_record_id(), experiment=context["experiment"], run_name=name,
-            config=cfg.to_dict(), config_hash=h, metrics=metrics, history=result.history,
-            epoch_history=result.epoch_history, per_class=result.per_class,
-            num_trainable_parameters=result.num_trainable_parameters,
-            tags=tags, parent_run_id=context["parent_run_id"], started_ms=started_ms,
-            ended_ms=int(time.time() * 1000),
-            extra={"train_seconds": result.train_seconds, "eval_seconds": result.eval_seconds,
-                   "resumed_from_step": ckpt.resumed_step,
-                   "data_inputs": tracking.data_inputs(data)})
-        with tempfile.TemporaryDirectory(prefix="perl-proj-") as d:
-            save_projectors(Path(d) / "projectors.safetensors", result)
-            blob = (Path(d) / "projectors.safetensors").read_bytes()
-        # the record first: from here on the result survives an MLflow outage
-        tracking.write_record(context["storage"], record, blob)
-        clock.lap("record")
+        trained = train(trial, run)
+        record, blob = persist_record(trial, run, trained)
+        return trained, record, blob
     except BaseException as e:
-        oom = is_oom(e)
-        detail = f"{type(e).__name__}: {e}\n" + "".join(
-            traceback.format_exception(type(e), e, e.__traceback__)[-6:])
-        if oom:  # free this trial's memory now, so the worker is not left holding it
-            model = result = None  # noqa: F841
-            _release_after_oom(e, name)
-        if tracker is not None and run_id is not None:
-            status = "FAILED" if isinstance(e, Exception) else "KILLED"
-            try:
-                tracker.end(run_id, status, detail)
-            except Exception as mlflow_error:
-                logger.warning("could not mark run %s %s: %s", run_id, status, mlflow_error)
+        trained = None  # noqa: F841 (clear_frames keeps this executing frame: drop the result)
+        fail_run(trial, run, e)
         raise
 
-    logged = 0.0
-    if tracker is not None and run_id is not None:
+
+def train(trial: Trial, run: OpenRun) -> Trained:
+    """`fit` on the trial's device, resuming from its Tune checkpoint if any. The CUDA cache
+    is emptied after `fit`, whether it returned or raised."""
+    from perl_core.train import fit
+
+    if run.device_error is not None:
+        raise run.device_error
+    cfg, clock = trial.cfg, trial.clock
+    model = build_model(cfg)
+    # workers from the trial's CPU share, for fit only: the run's params and its record keep
+    # the submitted value (-1 = auto), so a replay logs the same params
+    fit_cfg = with_trial_workers(cfg, run.device)  # the backbone is still on the CPU here
+    clock.lap("build_model")
+    before = run.cache.stats() if run.cache is not None else {}
+    ckpt = TuneCheckpoint()
+    try:
+        result = fit(fit_cfg, callbacks=[_progress_callback(trial.name, cfg.dataset)],
+                     model=model, checkpoint=ckpt, progress=False,
+                     checkpoint_every=CHECKPOINT_EVERY, cache=run.cache, device=run.device)
+    finally:
+        # the trial's activations and optimizer state are freed (or going with the exception):
+        # give the allocator's cached blocks back, or a reused actor keeps this trial's peak
+        _empty_cuda_cache()
+    clock.laps.update(fit_phases(clock.lap("fit"), result, ckpt))
+    del clock.laps["fit"]
+    metrics = dict(result.metrics)  # val/* included: what the search phase selects on
+    metrics.update(cache_metrics(run.cache, before))
+    metrics.update(clock.metrics(totals=False))  # phases so far (MLflow: timed below)
+    return Trained(result, ckpt.resumed_step, metrics)
+
+
+def build_record(trial: Trial, run: OpenRun, trained: Trained) -> tracking.TrialRecord:
+    result, ctx = trained.result, trial.context
+    return tracking.TrialRecord(
+        record_id=tracking.new_record_id(), experiment=ctx.experiment, run_name=trial.name,
+        config=trial.cfg.to_dict(), config_hash=trial.config_hash, metrics=trained.metrics,
+        history=result.history, epoch_history=result.epoch_history,
+        per_class=result.per_class, num_trainable_parameters=result.num_trainable_parameters,
+        tags=run.tags, parent_run_id=ctx.parent_run_id, started_ms=run.started_ms,
+        ended_ms=int(time.time() * 1000),
+        extra={"train_seconds": result.train_seconds, "eval_seconds": result.eval_seconds,
+               "resumed_from_step": trained.resumed_step,
+               "data_inputs": tracking.data_inputs(trial.data)})
+
+
+def projector_bytes(result: Any) -> bytes:
+    """The trained projectors as safetensors bytes (the record's weights)."""
+    from perl_core.train import save_projectors
+
+    with tempfile.TemporaryDirectory(prefix="perl-proj-") as d:
+        save_projectors(Path(d) / "projectors.safetensors", result)
+        return (Path(d) / "projectors.safetensors").read_bytes()
+
+
+def persist_record(trial: Trial, run: OpenRun, trained: Trained
+                   ) -> tuple[tracking.TrialRecord, bytes]:
+    """The storage record before MLflow: from here on the result survives an MLflow outage."""
+    record, blob = build_record(trial, run, trained), projector_bytes(trained.result)
+    tracking.write_record(trial.context.storage, record, blob)
+    trial.clock.lap("record")
+    return record, blob
+
+
+def fail_run(trial: Trial, run: OpenRun, e: BaseException) -> None:
+    """Free an OOM's memory and close the run FAILED/KILLED with the reason."""
+    detail = f"{type(e).__name__}: {e}\n" + "".join(
+        traceback.format_exception(type(e), e, e.__traceback__)[-6:])
+    if is_oom(e):  # free this trial's memory now, so the worker is not left holding it
+        _release_after_oom(e, trial.name)
+    if trial.tracker is not None and run.run_id is not None:
+        status = "FAILED" if isinstance(e, Exception) else "KILLED"
         try:
-            tracker.log_result(run_id, record, blob)
-            tracker.end(run_id, "FINISHED")
-            logged = 1.0
-        except Exception as e:  # the record is safe in storage; replay will log it
-            logger.warning("MLflow logging of %s failed (%s); record %s kept for replay", name,
-                           e, record.stem())
-    clock.lap("mlflow_log")
-    timing = clock.metrics()
-    clock.dump(name, {"train_seconds": result.train_seconds,
-                      "eval_seconds": result.eval_seconds, "mlflow_logged": logged})
-    tune.report({**{k: v for k, v in metrics.items() if tracking._finite(v)}, **timing,
-                 "done": 1.0, "mlflow_logged": logged, "cell": name,
-                 "mlflow_run_id": run_id or "", "train_seconds": result.train_seconds,
+            trial.tracker.end(run.run_id, status, detail)
+        except Exception as mlflow_error:
+            logger.warning("could not mark run %s %s: %s", run.run_id, status, mlflow_error)
+
+
+def log_result(trial: Trial, run: OpenRun, record: tracking.TrialRecord, blob: bytes) -> bool:
+    """Metrics, curves and artifacts to MLflow, run FINISHED; False when not logged (no run,
+    or MLflow failed: the record is safe in storage and the replay logs it)."""
+    if trial.tracker is None or run.run_id is None:
+        return False
+    try:
+        trial.tracker.log_result(run.run_id, record, blob)
+        trial.tracker.end(run.run_id, "FINISHED")
+        return True
+    except Exception as e:
+        logger.warning("MLflow logging of %s failed (%s); record %s kept for replay",
+                       trial.name, e, record.stem())
+        return False
+
+
+def log_and_close(trial: Trial, run: OpenRun, trained: Trained,
+                  record: tracking.TrialRecord, blob: bytes) -> None:
+    """Log to MLflow, then the trial's final report to Tune (metrics, timings, done)."""
+    from ray import tune
+
+    logged = 1.0 if log_result(trial, run, record, blob) else 0.0
+    trial.clock.lap("mlflow_log")
+    timing, result = trial.clock.metrics(), trained.result
+    trial.clock.dump(trial.name, {"train_seconds": result.train_seconds,
+                                  "eval_seconds": result.eval_seconds, "mlflow_logged": logged})
+    tune.report({**{k: v for k, v in trained.metrics.items() if tracking.is_finite(v)}, **timing,
+                 "done": 1.0, "mlflow_logged": logged, "cell": trial.name,
+                 "mlflow_run_id": run.run_id or "", "train_seconds": result.train_seconds,
                  "eval_seconds": result.eval_seconds})
 
 
@@ -653,7 +757,7 @@ def _release_after_oom(e: BaseException, cell: str) -> None:
     import gc
 
     try:
-        traceback.clear_frames(e.__traceback__)  # the executing frame (train_cell) is kept
+        traceback.clear_frames(e.__traceback__)  # the executing frames (train_cell...) are kept
         clear_backbone()  # also empties the CUDA cache
         gc.collect()
         _empty_cuda_cache()

@@ -41,6 +41,7 @@ from importlib import resources
 from typing import Any, Callable, Iterable
 
 from perl_core.config import TrainConfig
+from perl_core.protocol import canonical_dataset, has_targets, target_datasets
 
 TEMPLATES = ("generic", "coop")
 # Points of top-1 accuracy. Above what a faithful port can differ by (the toy check reproduces its
@@ -50,7 +51,6 @@ DEFAULT_TOLERANCE = 1.5
 REFERENCE_FILE = "zero_shot_reference.json"  # in perl_core/assets, next to MODEL_CARD.md
 PAPER_TABLE, PAPER_METHOD = "T5", "CLIP"  # Table 5's CLIP row = Table 1's, with base and novel
 PAPER_TABLE_ALL = "T8"  # Table 8's CLIP row: full test sets of ImageNet and its 4 variants
-TARGET_PROTOCOLS = ("cross_dataset", "domain_generalization")
 # Full test split sizes of CoOp's split files (base + novel test images), from the team's
 # data_protocol.md §1.2; a different count means a partial split or a wrong file.
 COOP_TEST_IMAGES = {"ImageNet": 50000, "Caltech101": 2465, "OxfordPets": 3669,
@@ -230,24 +230,18 @@ def check_configs(configs: Iterable[TrainConfig]) -> list[TrainConfig]:
     Everything that cannot change step 0 is dropped (K, the projectors' layout); the injection
     layer stays, so that the cached features are the ones the sweep's trials use.
     """
-    from perl_core.data.registry import get_spec
-    from perl_core.train import dg_default_targets
-
     out: dict[tuple, TrainConfig] = {}
     for cfg in configs:
-        name = get_spec(cfg.dataset).name
+        name = canonical_dataset(cfg.dataset)
         step0 = dict(dataset=name, num_steps=0, variant="shared", inject_layers=(),
                      jacobian_samples=0)
         checks = [("base2novel", name, cfg.replace(protocol="base2novel", eval_datasets=(),
                                                    **step0))]
-        if cfg.protocol in TARGET_PROTOCOLS:
-            targets = list(cfg.eval_datasets)
-            if not targets and cfg.protocol == "domain_generalization":
-                targets = dg_default_targets(name)
+        if has_targets(cfg.protocol):
             checks = [("all", name, cfg.replace(protocol="all", eval_datasets=(), **step0))]
-            checks += [("target", get_spec(t).name, cfg.replace(
-                protocol=cfg.protocol, eval_datasets=(get_spec(t).name,), **step0))
-                for t in targets]
+            checks += [("target", canonical_dataset(t), cfg.replace(
+                protocol=cfg.protocol, eval_datasets=(canonical_dataset(t),), **step0))
+                for t in target_datasets(cfg)]
         for kind, dataset, c in checks:
             out.setdefault((kind, dataset, cfg.arch, cfg.pretrained, cfg.data_root,
                             cfg.precision), c)
@@ -256,7 +250,7 @@ def check_configs(configs: Iterable[TrainConfig]) -> list[TrainConfig]:
 
 def checked_dataset(cfg: TrainConfig) -> str:
     """The dataset a check config evaluates: its target, else its dataset."""
-    return cfg.eval_datasets[0] if cfg.protocol in TARGET_PROTOCOLS else cfg.dataset
+    return cfg.eval_datasets[0] if has_targets(cfg.protocol) else cfg.dataset
 
 
 def evaluate_step0(cfg: TrainConfig, model: Any, cache: Any = None) -> list[Row]:
@@ -265,7 +259,8 @@ def evaluate_step0(cfg: TrainConfig, model: Any, cache: Any = None) -> list[Row]
     the one target (cross_dataset / domain_generalization)."""
     import dataclasses
 
-    from perl_core.train import evaluate_task, resolve_task
+    from perl_core.protocol import resolve_task
+    from perl_core.train import evaluate_task
 
     name = {"base2novel": None, "all": "all"}.get(cfg.protocol, checked_dataset(cfg))
     rows = []
@@ -434,6 +429,8 @@ def check_sweep(spec: Any, grid: list[Any], tolerance: float = DEFAULT_TOLERANCE
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipeline.spec import add_set_argument
+
     ap = argparse.ArgumentParser(prog="python -m pipeline.zeroshot",
                                  description="Zero-shot (step 0) of every dataset of a sweep "
                                              "beside the reference; no training.")
@@ -441,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, metavar="POINTS",
                     help=f"flag a dataset whose |ours - reference| exceeds this many points "
                          f"(default {DEFAULT_TOLERANCE:g})")
+    add_set_argument(ap)
     return ap
 
 
@@ -449,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        spec = load_spec(locate_sweep(args.sweep, print))
+        spec = load_spec(locate_sweep(args.sweep, print), overrides=args.overrides)
     except SpecError as e:
         print(str(e))
         return 2
@@ -461,6 +459,6 @@ if __name__ == "__main__":
 
 
 __all__ = ["check_sweep", "run_check", "check_configs", "checked_dataset", "evaluate_step0",
-           "reference_for", "DG_TEST_IMAGES", "TARGET_PROTOCOLS",
+           "reference_for", "DG_TEST_IMAGES",
            "toy_reference", "report", "format_table", "explain", "Row", "Reference", "Outcome",
            "DEFAULT_TOLERANCE", "TEMPLATES", "CAUSES", "COOP_TEST_IMAGES", "main"]

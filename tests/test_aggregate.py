@@ -21,6 +21,14 @@ mlflow = pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
 
 from pipeline import aggregate as agg_mod  # noqa: E402
+from pipeline import reference as ref  # noqa: E402
+from pipeline.aggregate.ablation import ABLATION_TITLES  # noqa: E402
+from pipeline.aggregate.dynamics import STEP_METRICS  # noqa: E402
+from pipeline.aggregate.loop import PARAMS_OURS, PARAMS_PAPER, VARIANT_METHOD  # noqa: E402
+from pipeline.aggregate.read import AGGREGATE_EXPERIMENT  # noqa: E402
+from pipeline.aggregate.runs import NO_PARAMS  # noqa: E402
+from pipeline.layout import redact_uri  # noqa: E402
+from pipeline.aggregate.views import fmt_value  # noqa: E402
 from pipeline.tables import to_markdown  # noqa: E402
 
 from fake_runs import B2N, HM, STEPS, TOY, Store, memory_runs  # noqa: E402
@@ -233,7 +241,7 @@ def test_report_links_runs_to_ui(result, tmp_path):
 
 def test_artifacts_logged_to_aggregate_run(result):
     client = MlflowClient(tracking_uri=result["uri"])
-    exp = client.get_experiment_by_name(agg_mod.AGGREGATE_EXPERIMENT)
+    exp = client.get_experiment_by_name(AGGREGATE_EXPERIMENT)
     assert exp is not None
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED"
@@ -254,7 +262,7 @@ def test_no_log_and_explicit_experiment(result, tmp_path, capsys):
            "1 missing" in printed
     assert "table1_5" not in printed
     client = MlflowClient(tracking_uri=result["uri"])
-    exp = client.get_experiment_by_name(agg_mod.AGGREGATE_EXPERIMENT)
+    exp = client.get_experiment_by_name(AGGREGATE_EXPERIMENT)
     assert len(client.search_runs([exp.experiment_id])) == 1  # --no-log logged nothing
 
 
@@ -281,7 +289,7 @@ def test_run_without_params_is_set_aside(tmp_path):
     s.client.set_terminated(orphan, "FAILED")
     agg = agg_mod.aggregate(f"sqlite:///{tmp_path / 'mlflow.db'}")
     res = dict(zip(agg.runs["run_id"], agg.runs["resolution"]))
-    assert res[orphan] == agg_mod.NO_PARAMS
+    assert res[orphan] == NO_PARAMS
     assert res[ids[("DTD", 1)]] == "used"
     dtd = _row(_table(agg, "table1_5_base2novel__base2novel"), "DTD")
     assert orphan not in dtd.cells["base"].run_ids and dtd.cells["base"].n == 2
@@ -296,8 +304,8 @@ def test_empty_store_writes_an_empty_report(tmp_path):
 
 
 def test_redact_uri():
-    assert agg_mod.redact_uri("http://u:p@h:5000/x") == "http://***@h:5000/x"
-    assert agg_mod.redact_uri("sqlite:///a.db") == "sqlite:///a.db"
+    assert redact_uri("http://u:p@h:5000/x") == "http://***@h:5000/x"
+    assert redact_uri("sqlite:///a.db") == "sqlite:///a.db"
     assert not math.isnan(HM(1, 1))
 
 
@@ -341,7 +349,7 @@ def test_modality_ablation_maps_to_table3_and_shows_unrun_rows():
     assert [r.label[0] for r in t.rows] == ["vision", "text", "both"]
     vis = _row(t, "vision")
     assert vis.cells["hm"].paper == pytest.approx(71.72)  # Table 3 "Vision only"
-    assert vis.info[agg_mod.PARAMS_OURS] == "3,841" and vis.info[agg_mod.PARAMS_PAPER] == "4K"
+    assert vis.info[PARAMS_OURS] == "3,841" and vis.info[PARAMS_PAPER] == "4K"
     assert _row(t, "text").cells["base"].status == "missing"
     assert _row(t, "both").cells["hm"].paper == pytest.approx(74.79)
 
@@ -427,7 +435,7 @@ def test_dynamics_of_the_smoke_sweep_average_datasets_per_K():
                                            confidence_slope=slope[d])))
     tables = _build(specs)
     assert [t.name for t in tables if t.section == "dynamics"] == [
-        f"dynamics_{m}__smoke" for m, *_ in agg_mod.STEP_METRICS] + ["dynamics_drift__smoke"]
+        f"dynamics_{m}__smoke" for m, *_ in STEP_METRICS] + ["dynamics_drift__smoke"]
     t = _named(tables, "dynamics_acc__smoke")
     assert [r.label for r in t.rows] == [("2", str(k)) for k in range(3)] + \
         [("4", str(k)) for k in range(5)]
@@ -454,7 +462,7 @@ def test_dynamics_of_an_ablation_on_the_paper_suite_compare_only_the_default_row
     """Fig. 7 plots default PERL (K=4): its per-step values sit beside K=4's rows only."""
     specs = [("ablation_steps", TrainConfig(dataset=d, num_steps=K, seed=1),
               _b2n_metrics(70.0, 60.0, K))
-             for d in agg_mod.ref.B2N_DATASETS for K in (2, 4)]
+             for d in ref.B2N_DATASETS for K in (2, 4)]
     t = _named(_build(specs), "dynamics_acc__ablation_steps")
     # Fig. 7 pools over test images: compared with the pooled columns, not the dataset means
     k4 = _lrow(t, "4", "4").cells["base_pooled"]
@@ -524,7 +532,7 @@ def test_table8_domain_generalization_values_paper_and_missing_target():
 
 
 def test_table8_target_average_compared_when_all_four_targets_ran():
-    targets = agg_mod.ref.DG_TARGETS
+    targets = ref.DG_TARGETS
     t = _named(_build(_dg_specs(targets)), "table8_domain_generalization__domain_generalization")
     avg = _row(t, "Target Avg").cells["m0"]
     per_seed = [statistics.mean(v[x] for x in targets) for v in DG_SEEDS.values()]
@@ -536,7 +544,7 @@ def test_table8_target_average_compared_when_all_four_targets_ran():
 # --- Table 4, Fig. 3a, alignment and the per-dataset detail ------------------------------------
 
 
-def _suite_specs(sweep, field, values, seeds=(1, 2), datasets=agg_mod.ref.B2N_DATASETS,
+def _suite_specs(sweep, field, values, seeds=(1, 2), datasets=ref.B2N_DATASETS,
                  extra=None):
     """One run per (value, dataset, seed) with invented, distinct accuracies; returns the specs
     and {(value, dataset, seed): (base, novel)}."""
@@ -557,7 +565,7 @@ def _avg_over(truth, value, datasets, i):
 
 
 def test_table4_loop_all_six_variants_with_unrun_rows_missing():
-    suite = agg_mod.ref.B2N_DATASETS
+    suite = ref.B2N_DATASETS
     specs, truth = _suite_specs("ablation_loop", "variant", ["shared", "deep"],
                                 extra={"shared": {"num_trainable_parameters": 6402.0}})
     # PERL-Step: only DTD (an average over 1 of 11 datasets); PERL-Early: its one run FAILED
@@ -576,19 +584,19 @@ def test_table4_loop_all_six_variants_with_unrun_rows_missing():
     for v in paper_hm:
         r = _row(t, v)
         assert r.cells["hm"].paper == pytest.approx(paper_hm[v]), v
-        assert r.info[agg_mod.PARAMS_PAPER] == paper_params[v]
+        assert r.info[PARAMS_PAPER] == paper_params[v]
     for v in ("shared", "deep"):  # every dataset ran: Δ = ours - paper
         c = _row(t, v).cells
         for m, i, p in (("base", 0, "T4"), ("novel", 1, "T4")):
             ours = _avg_over(truth, v, suite, i)
-            paper = agg_mod.ref.paper_value(p, agg_mod.VARIANT_METHOD[v], "average", m)
+            paper = ref.paper_value(p, VARIANT_METHOD[v], "average", m)
             assert c[m].mean == pytest.approx(ours) and c[m].n == 2
             assert c[m].diff == pytest.approx(ours - paper)
     # by hand: shared base = 60 + mean(0..10) + 0 + mean(1, 2) = 66.5; paper 73.97
     assert _row(t, "shared").cells["base"].mean == pytest.approx(66.5)
     assert _row(t, "shared").cells["base"].diff == pytest.approx(66.5 - 73.97)
-    assert _row(t, "shared").info[agg_mod.PARAMS_OURS] == "6,402"
-    assert _row(t, "deep").info[agg_mod.PARAMS_OURS] == "—"
+    assert _row(t, "shared").info[PARAMS_OURS] == "6,402"
+    assert _row(t, "deep").info[PARAMS_OURS] == "—"
     step = _row(t, "step").cells["base"]
     assert step.mean == pytest.approx(step_truth[("step", "DTD", 1)][0])
     assert step.note == "average over 1 of 11 datasets" and step.diff is None
@@ -627,7 +635,7 @@ def test_table4_loop_all_six_variants_with_unrun_rows_missing():
 
 
 def test_fig3a_inject_layer_rows_6_to_11_with_figure_read_paper_values():
-    suite = agg_mod.ref.B2N_DATASETS
+    suite = ref.B2N_DATASETS
     specs, truth = _suite_specs("ablation_layer", "inject_layer", [7, 9])
     part, part_truth = _suite_specs("ablation_layer", "inject_layer", [11],
                                     datasets=("DTD", "EuroSAT"))
@@ -678,14 +686,14 @@ def test_alignment_accuracy_and_anchor_cosine_vs_anchor_weight(tmp_path, monkeyp
                                "novel/anchor_cos": cn - 0.01 * di}))
     tables = _build(specs)
     t = _named(tables, "alignment_anchor_weight__alignment")
-    assert t.title.startswith(agg_mod._ABLATION_TITLES[("anchor_weight",)][1])
+    assert t.title.startswith(ABLATION_TITLES[("anchor_weight",)][1])
     assert [r.label[0] for r in t.rows] == ["0", "1", "10"] and [r.x for r in t.rows] == \
         [0.0, 1.0, 10.0]
     assert [c.key for c in t.columns][4:6] == ["base_anchor_cos", "novel_anchor_cos"]
     assert all(c.better == "none" and c.decimals == 4 for c in t.columns[4:])
     assert not t.any_paper  # the paper prints no alignment ablation numbers
     for lam, (cb, cn) in cos.items():
-        c = _row(t, fmt := agg_mod.fmt_value(lam)).cells
+        c = _row(t, fmt := fmt_value(lam)).cells
         assert c["base"].mean == pytest.approx(_avg_over(truth, lam, datasets, 0)), fmt
         assert c["novel"].mean == pytest.approx(_avg_over(truth, lam, datasets, 1))
         assert c["base_anchor_cos"].mean == pytest.approx(cb + 0.015)  # seeds +0.01, +0.02
@@ -712,3 +720,57 @@ def test_alignment_accuracy_and_anchor_cosine_vs_anchor_weight(tmp_path, monkeyp
 
     with Image.open(png) as im:
         assert im.format == "PNG" and im.width > 1300  # two 6.5-inch panels at 110 dpi
+
+
+# --- table axes from the sweep's recorded grid ---------------------------------------------------
+
+
+def _submission(s, exp, sweep, resolved_yaml, cfgs):
+    """A submission as pipeline.run records it: a parent run (phase `sweep`) holding the
+    resolved sweep file, and one FINISHED child per config."""
+    parent = s.run(exp, sweep, None, {}, phase="sweep")
+    if resolved_yaml is not None:
+        s.client.log_text(parent, resolved_yaml, "sweep/resolved.yaml")
+    for cfg in cfgs:
+        s.run(exp, sweep, cfg, _b2n_metrics(50.0 + cfg.seed, 40.0), parent=parent)
+
+
+def test_table_axes_come_from_the_recorded_grid_not_the_sweep_name(tmp_path):
+    """The rows of a sweep's table are the fields its grid varies, as its parent run recorded
+    the resolved sweep file: an unknown name still gets its ablation (values not run yet
+    included in the grid), and a known name whose grid varies something else follows the grid.
+    A store without the record falls back to SWEEP_AXES by name."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    s = Store(uri, tmp_path)
+    only_k1 = [TOY.replace(num_steps=1, seed=seed) for seed in (1, 2)]
+    _submission(s, s.experiment("perl/mine"), "my_steps",
+                "name: my_steps\ngrid:\n  dataset: [ToyShapes]\n  num_steps: [1, 2, 3]\n"
+                "  seed: [1, 2]\n", only_k1)
+    _submission(s, s.experiment("perl/renamed"), "ablation_steps",
+                "name: ablation_steps\ngrid: {anchor_weight: [0.0, 1.0], lr: [0.002]}\n",
+                [c.replace(anchor_weight=0.0) for c in only_k1])
+    _submission(s, s.experiment("perl/old"), "ablation_steps", None, only_k1)
+    agg = agg_mod.aggregate(uri)
+    names = {t.name for t in agg.tables}
+    assert "fig3b_num_steps__my_steps" in names  # the grid varies K; only K=1 ran so far
+    assert "table1_5_base2novel__my_steps" not in names
+    assert "alignment_anchor_weight__ablation_steps" in names  # the grid, not the name
+    assert "fig3b_num_steps__ablation_steps" in names  # no record: SWEEP_AXES
+    mine = _named(agg.tables, "fig3b_num_steps__my_steps")
+    assert [r.label for r in mine.rows] == [("1",)]
+    assert mine.rows[0].cells["base"].mean == pytest.approx(51.5)
+
+
+def test_grid_axes_of_a_resolved_sweep():
+    from pipeline.aggregate.read import grid_axes
+
+    assert grid_axes({"grid": {"dataset": ["A", "B"], "seed": [1, 2], "lr": [0.1]}}) == ()
+    assert grid_axes({"grid": {"num_steps": [2, 4], "inject_layer": [6, 7]}}) == (
+        "inject_layer", "num_steps")  # TrainConfig's order, as when read off the runs
+    # arms: an arm's sub-grid over the sweep's; a field an arm fixes leaves the sweep's grid
+    loop = {"grid": {"variant": ["shared", "step"]},
+            "arms": [{"name": "a", "fixed": {"variant_projectors": "specific_only"}},
+                     {"name": "b", "fixed": {"variant": "step"}, "grid": {"lr": [0.1, 0.2]}}]}
+    assert grid_axes(loop) == ("variant", "lr")
+    assert grid_axes({"grid": {"not_a_field": [1, 2], "seed": "${SEEDS}"}}) == ()
+    assert grid_axes({"grid": ["num_steps"], "arms": "x"}) == ()  # not a sweep's shape: none

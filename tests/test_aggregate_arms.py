@@ -19,6 +19,8 @@ pytest.importorskip("mlflow")
 from fake_runs import HM, memory_runs  # noqa: E402
 from fake_runs import lrow as _lrow, named as _named  # noqa: E402
 from pipeline import aggregate as agg_mod  # noqa: E402
+from pipeline import reference as ref  # noqa: E402
+from pipeline.aggregate.loop import PARAMS_OURS, PARAMS_PAPER  # noqa: E402
 from pipeline.spec import arm_signature, cells, parse_spec  # noqa: E402
 from pipeline.tables import to_csv, to_markdown  # noqa: E402
 from pipeline.trainable import arm_tags  # noqa: E402
@@ -85,7 +87,7 @@ def test_table4_shows_both_readings_with_each_rows_trainable_count():
     assert view.arms == ("shared_plus_specific", "specific_only")
     t = _named(tables, "table4_loop__ablation_loop")
     assert t.index == ("arm", "variant")
-    assert t.info_columns == (agg_mod.PARAMS_OURS, agg_mod.PARAMS_PAPER)
+    assert t.info_columns == (PARAMS_OURS, PARAMS_PAPER)
     # the main arm lists the paper's six variants (never run: missing); the other arm its own
     sps, so = "shared_plus_specific", "specific_only"
     assert [r.label for r in t.rows] == [(sps, v) for v in ("early", "deep", "shared", "step",
@@ -95,8 +97,8 @@ def test_table4_shows_both_readings_with_each_rows_trainable_count():
              "layerstep": "83K"}
     for r in t.rows:
         arm, v = r.label
-        assert r.info[agg_mod.PARAMS_PAPER] == paper[v], r.label
-        assert r.info[agg_mod.PARAMS_OURS] == (f"{COUNTS[(arm, v)]:,}" if (arm, v) in COUNTS
+        assert r.info[PARAMS_PAPER] == paper[v], r.label
+        assert r.info[PARAMS_OURS] == (f"{COUNTS[(arm, v)]:,}" if (arm, v) in COUNTS
                                                else "—"), r.label
     # by hand: step, specific_only base = 60 + 2 + mean(0, 1) + mean(1, 2) + 1 = 65.0
     step_so = _lrow(t, so, "step").cells["base"]
@@ -153,7 +155,7 @@ def test_counts_that_disagree_within_a_row_are_all_shown():
 
     runs = _runs("ablation_loop", "  variant: [shared, step]\n", "- {name: main}\n", metrics)
     (t,) = [t for t in _tables(runs)[0] if t.name.startswith("table4")]
-    assert _lrow(t, "main", "shared").info[agg_mod.PARAMS_OURS] == "6,402 / 999"
+    assert _lrow(t, "main", "shared").info[PARAMS_OURS] == "6,402 / 999"
 
 
 # --- Fig. 3a: the paper beside the caption's reading only ---------------------------------------
@@ -269,7 +271,7 @@ def test_sensitivity_each_arm_against_default_by_hand(tmp_path):
     assert "not compared" in aug["delta_base"].note
     # the paper's Table 1 PERL average beside every arm, not differenced (2 of 11 datasets)
     assert all(_lrow(t, a).cells["hm"].paper == pytest.approx(
-        agg_mod.ref.paper_value("T1", "PERL", "average", "hm")) for a in view.arms)
+        ref.paper_value("T1", "PERL", "average", "hm")) for a in view.arms)
     assert coop["hm"].diff is None
     csv_text = to_csv(t)
     assert "delta_base" in csv_text.splitlines()[0]

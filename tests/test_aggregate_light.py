@@ -63,3 +63,27 @@ def test_aggregate_of_a_sweep_file_reads_its_experiment_and_tracking_uri(tmp_pat
     bad.write_text(SWEEP.format(uri=uri).replace("num_steps: 2", "num_stepz: 2"))
     assert agg_mod.main([str(bad), "--no-log"]) == 2
     assert "num_stepz" in capsys.readouterr().err
+
+
+def test_aggregate_takes_set_overrides_validated_like_pipeline_run(tmp_path, capsys):
+    """`--set` as on `pipeline.run`: the overridden sweep names the experiment read; a bad value
+    is refused with the `--set` named, before any MLflow read."""
+    from fake_runs import Store
+    from perl_core.config import TrainConfig
+    from pipeline import aggregate as agg_mod
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    s = Store(uri, tmp_path)
+    s.b2n_sweep(s.experiment("perl/base2novel"), TrainConfig(protocol="base2novel",
+                                                             num_steps=2), {})
+    s.steps_sweep(s.experiment("perl/ablation_steps"), {}, "boom")
+    sweep = tmp_path / "b2n.yaml"
+    sweep.write_text(SWEEP.format(uri=uri))
+    assert agg_mod.main([str(sweep), "--set", "experiment=perl/ablation_steps", "--out",
+                         str(tmp_path / "out"), "--no-log", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "from 1 experiment(s)" in out and "base2novel__base2novel" not in out, out
+    assert agg_mod.main([str(sweep), "--set", "fixed.num_steps=999", "--no-log"]) == 2
+    assert "--set fixed.num_steps" in capsys.readouterr().err
+    assert agg_mod.main(["--set", "fixed.lr=1", "--no-log"]) == 2  # no sweep to override
+    assert "give the SWEEP.yaml" in capsys.readouterr().err

@@ -49,3 +49,22 @@ def test_peak_memory_is_per_trial():
         return
     assert big.delta > 50
     assert small.delta < 30  # the earlier peak does not leak into this trial
+
+
+def test_step_memory_in_fresh_processes_per_text_path():
+    """`step_memory` (perl-tiny, 300 prompts): one fresh process per configuration; the chunked
+    text path adds a fraction of the whole graph's memory (~1.6 MB per prompt here)."""
+    from perl_core.bench import step_memory
+
+    res = step_memory("perl-tiny", classes=(300,), modes=("whole", "chunk16", "ckpt_step"),
+                      steps=1, threads=1, timeout_s=300)
+    rec = {r["mode"]: r for r in res["records"]}
+    assert set(rec) == {"whole", "chunk16", "ckpt_step"}
+    assert rec["chunk16"]["text_chunk"] == 16 and rec["whole"]["text_chunk"] == 0
+    assert rec["whole"]["L_eff"] == rec["chunk16"]["L_eff"] > 1
+    assert all(r["step_s"] > 0 and r["classes"] == 300 for r in rec.values())
+    assert set(res["ratios"]["300"]) == {"chunk16", "ckpt_step"}
+    if rec["whole"]["memory_method"] == "unavailable":
+        return
+    assert rec["whole"]["added_mb"] > 200
+    assert rec["chunk16"]["added_mb"] < 0.3 * rec["whole"]["added_mb"]

@@ -12,7 +12,8 @@ import torch
 
 from perl_core.cache import FeatureCache, model_fingerprint
 from perl_core.config import TrainConfig
-from perl_core.train import Callback, build_model, evaluate_task, fit, resolve_task
+from perl_core.protocol import resolve_task
+from perl_core.train import Callback, build_model, evaluate_task, fit
 
 
 @pytest.fixture(scope="module")

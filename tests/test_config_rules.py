@@ -35,6 +35,13 @@ SWEEP_CASES = [
     ("gpu_fraction", BASE + "resources: {gpu: 2.5}\n", ["resources.gpu", "at most 1"]),
     ("gpu_bool", BASE + "resources: {gpu: true}\n", ["resources.gpu", "expected a number"]),
     ("max_failures_bool", BASE + "max_failures: true\n", ["max_failures", "not true"]),
+    ("search_seed_range", SEARCH.replace("  metric:", "  seed: -1\n  metric:") % "1.0e-2",
+     ["line 10, search.seed", "greater than or equal to 0 (got -1)"]),
+    # a tuple field takes a YAML list only: a bare string is not comma-split in a file
+    ("tuple_bare_string", BASE + "  eval_datasets: ToyPatterns,ToyCounts\n",
+     ["line 7, fixed.eval_datasets", "give a YAML list", "'ToyPatterns,ToyCounts'"]),
+    ("tuple_grid_string", BASE + "grid:\n  eval_datasets: [ToyPatterns, [ToyCounts]]\n",
+     ["grid.eval_datasets[0]", "give a YAML list"]),
 ]
 
 
@@ -88,3 +95,65 @@ def test_records_and_params_round_trip_and_are_checked():
     assert validate_field("eval_datasets", "A,B") == ("A", "B")
     with pytest.raises(ConfigError, match="unknown TrainConfig field 'nope'"):
         TrainConfig.from_dict({"nope": 1, "shots": 2})
+
+
+def test_decode_param_reads_stored_values_by_type_only():
+    """`decode_param`: one MLflow param string -> the field's type, by TrainConfig's decoding
+    (the aggregate reads finished runs with it), ranges and choices unchecked."""
+    from perl_core.config import decode_param
+
+    params = config_params(TrainConfig(dataset="DTD", inject_layers=(3, 7), lr=1e-3))
+    decoded = {k: decode_param(k, v) for k, v in params.items()}
+    assert decoded == TrainConfig(dataset="DTD", inject_layers=(3, 7), lr=1e-3).to_dict() | {
+        "inject_layers": (3, 7), "eval_datasets": ()}
+    assert decode_param("shots", "3.0") == 3 and decode_param("lr", "1") == 1.0
+    assert decode_param("inject_layers", "(3, 7)") == (3, 7)  # a tuple logged as is
+    assert decode_param("inject_layers", "()") == () == decode_param("inject_layers", "")
+    assert decode_param("eval_datasets", "('A', 'B')") == ("A", "B")
+    assert decode_param("lr", "0") == 0.0 and decode_param("protocol", "old") == "old"
+    for name, text in [("shots", "3.5"), ("shots", "True"), ("lr", "nan"), ("lr", "x"),
+                       ("inject_layers", "[1.5]"), ("nope", "1")]:
+        with pytest.raises(ConfigError):
+            decode_param(name, text)
+
+
+def test_a_malformed_json_list_is_a_config_error_naming_the_field():
+    from perl_core.config import decode_param
+
+    for call in (lambda: validate_field("eval_datasets", "[ToyShapes,"),
+                 lambda: TrainConfig.from_dict({"dataset": "ToyShapes", "inject_layers": "[1,"}),
+                 lambda: decode_param("inject_layers", "[1,")):
+        with pytest.raises(ConfigError, match=r"(eval_datasets|inject_layers): expected a list"):
+            call()
+
+
+def test_a_config_file_gives_a_list_field_as_a_list(tmp_path):
+    """The sweep files' rule (config.file_value_problem) holds for --config too: a bare string
+    for a tuple field is refused, naming the line, instead of being comma-split."""
+    from perl_core.train import build_parser, config_from_args
+
+    f = tmp_path / "c.yaml"
+    f.write_text("dataset: ImageNet\nprotocol: domain_generalization\n"
+                 "eval_datasets: ImageNetV2, ImageNetSketch\n")
+    with pytest.raises(ValueError, match=f"{f}: line 3, eval_datasets: eval_datasets: give a "
+                                         "YAML list"):
+        config_from_args(build_parser().parse_args(["--config", str(f)]))
+    f.write_text("dataset: ImageNet\nprotocol: domain_generalization\n"
+                 "eval_datasets: [ImageNetV2, ImageNetSketch]\n")
+    cfg = config_from_args(build_parser().parse_args(["--config", str(f)]))
+    assert cfg.eval_datasets == ("ImageNetV2", "ImageNetSketch")
+
+
+def test_a_tab_indented_json_config_file_is_read_as_json(tmp_path):
+    from perl_core.train import build_parser, config_from_args
+
+    f = tmp_path / "c.json"
+    f.write_text('{\n\t"dataset": "ToyShapes",\n\t"lr": 0.001,\n\t"shots": true\n}\n')
+    with pytest.raises(ValueError, match=f"{f}: line 4, shots: expected an integer"):
+        config_from_args(build_parser().parse_args(["--config", str(f)]))
+    f.write_text('{\n\t"dataset": "ToyShapes",\n\t"eval_datasets": ["ToyCounts"]\n}\n')
+    cfg = config_from_args(build_parser().parse_args(["--config", str(f)]))
+    assert cfg.eval_datasets == ("ToyCounts",)
+    f.write_text('{\n\t"dataset": "ToyShapes",\n}\n')
+    with pytest.raises(ValueError, match=r"c.json: line 3, column 1: JSON syntax error"):
+        config_from_args(build_parser().parse_args(["--config", str(f)]))

@@ -29,7 +29,7 @@ from perl_core.data import coop_pickle as cp
 from perl_core.data.coop import DatasetError, load_splits
 from perl_core.data.fewshot import fewshot_splits, subsample_classes
 from perl_core.data.registry import DatasetSpec, get_spec, register
-from perl_core.train import resolve_task
+from perl_core.protocol import resolve_task
 
 COOP_REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "coop_real"
 TOY = register(DatasetSpec(name="PickleToy", dataset_dir="pickle_toy", image_dir="images",

@@ -66,6 +66,12 @@ def test_report_holds_the_rebuilt_tables(demo):
     html = report.read_text()
     for name in ("ToyShapesSensor", "ToyShapes", "ToyCounts", "<table", "data:image/png;base64,"):
         assert name in html, name
+    # issue 14's per-step answers, each a table of its own: the Jacobian, the alignment metrics,
+    # Fig. 5's drift groups, and the pooled (Fig. 7) convention beside the per-dataset mean
+    for table in ("dynamics_jacobian__smoke", "dynamics_cos_true__smoke", "dynamics_margin__smoke",
+                  "dynamics_gap__smoke", "dynamics_drift__smoke"):
+        assert f'id="{table}"' in html, table
+    assert "base_pooled" in (runs / "aggregate" / "dynamics_acc__smoke.csv").read_text()
     assert "found 3 FINISHED, 0 FAILED, 0 missing" in stdout
     # the world went where the demo said, and nothing outside the runs folder was needed
     assert (runs / "world").is_dir()

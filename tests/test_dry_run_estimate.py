@@ -267,3 +267,69 @@ def test_size_table_matches_the_real_split_files():
         assert E.COOP_SIZES[name] == (classes, len(split["test"])), name
         checked += 1
     assert checked == 7
+
+
+# --- expected peak memory per trial (issue 18) ---------------------------------------------------
+
+
+def _step_mb(cfg: TrainConfig, classes: int, l_eff: int) -> float:
+    return E.trial_memory(cfg, classes, l_eff).step_gb * 1024
+
+
+def test_memory_formula_against_the_cpu_measurement():
+    # docs/benchmarks.md, "Text memory": ViT-B/16, 4 images, K=4, J=7, fp32, added MB per step
+    cfg = TrainConfig(dataset="ImageNet", pretrained="", batch_size=4, num_steps=4)
+    whole = cfg.replace(text_chunk=0)
+    assert _step_mb(whole, 100, 14) == pytest.approx(1870, rel=0.02)  # the two rows it is fit to
+    assert _step_mb(whole, 1000, 18) == pytest.approx(10781, rel=0.02)
+    # chunked: the live tensors (malloc returning freed blocks) 1,292 MB at 300 classes; the
+    # default-malloc VmHWM (1,998 MB at 1,000) adds what glibc keeps resident
+    assert _step_mb(cfg, 300, 18) == pytest.approx(1292, rel=0.1)
+    assert _step_mb(cfg, 1000, 18) < 1998
+    m = E.trial_memory(cfg, 1000, 18)
+    assert m.chunked and m.step_gb == E.trial_memory(cfg, 10_000, 18).step_gb  # flat in C
+    assert not E.trial_memory(cfg, 128, 18).chunked  # C <= text_chunk: the whole graph
+    assert E.trial_memory(whole.replace(num_steps=5), 1000, 18).step_gb > \
+        E.trial_memory(whole, 1000, 18).step_gb
+    assert E.trial_memory(whole.replace(modality="vision"), 1000, 18).text_gb == 0
+    assert m.trial_gb > m.weights_gb + m.step_gb  # context and allocator slack on a GPU
+    assert E.parse_gpu_memory("40GB") == E.parse_gpu_memory("40 GiB") == 40.0
+    with pytest.raises(ValueError, match="40 apples"):
+        E.parse_gpu_memory("40 apples")
+
+
+def test_dry_run_prints_memory_and_warns_for_the_gpu_memory(tmp_path, capsys):
+    def sweep_with(chunk: int) -> str:
+        p = tmp_path / f"mem{chunk}.yaml"
+        p.write_text(f"""\
+name: mem
+experiment: test/mem
+fixed:
+  arch: ViT-B-16-quickgelu
+  pretrained: ""
+  data_root: {tmp_path / 'no-data-here'}
+  dataset: ImageNet
+  protocol: all
+  text_chunk: {chunk}
+grid:
+  seed: [1, 2]
+resources: {{cpu: 1, gpu: 0.25}}
+storage: {tmp_path / 'runs'}
+tracking_uri: sqlite:///{tmp_path / 'mlflow.db'}
+""")
+        return str(p)
+
+    rc, out = dry_run([sweep_with(0), "--dry-run", "--gpu-memory", "40GB"], capsys)
+    assert rc == 0, out
+    out = " ".join(out.split())
+    assert "ImageNet: 1000 classes, L_eff 18, K=4, whole text graph" in out, out
+    assert "warning: resources.gpu 0.25 puts 4 trials on one GPU: ImageNet needs" in out
+    assert "--gpu-memory 40 GB" in out
+    rc, out = dry_run([sweep_with(128), "--dry-run", "--gpu-memory", "24GB"], capsys)
+    assert rc == 0, out
+    out = " ".join(out.split())
+    assert "text_chunk 128" in out and "warning" not in out, out
+    assert "fits: 4 trial(s) per GPU (resources.gpu 0.25) within --gpu-memory 24 GB" in out
+    rc, out = dry_run([sweep_with(128), "--dry-run", "--gpu-memory", "lots"], capsys)
+    assert rc == 2 and "--gpu-memory 'lots'" in out
+    assert not (tmp_path / "mlflow.db").exists()

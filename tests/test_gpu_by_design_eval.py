@@ -99,6 +99,7 @@ def test_trial_workers_from_ray_share_leave_the_hash(monkeypatch):
 
 
 def test_training_loader_is_built_once_and_persistent(monkeypatch, world, tiny_arch):
+    import perl_core.evaluate as E
     import perl_core.train as T
 
     made = []
@@ -110,7 +111,7 @@ def test_training_loader_is_built_once_and_persistent(monkeypatch, world, tiny_a
 
     monkeypatch.setattr(T, "DataLoader", recording)
     # resolve 'auto' to one worker as on a GPU, without a GPU (the device stays the CPU)
-    monkeypatch.setattr(T, "resolve_num_workers", lambda n, device, share=None: 1)
+    monkeypatch.setattr(E, "resolve_num_workers", lambda n, device, share=None: 1)
     cfg = TrainConfig(dataset="ToyShapes", data_root=str(world), arch=tiny_arch, pretrained="",
                       inject_layer=2, num_steps=1, shots=2, epochs=2, batch_size=4,
                       device="cpu", eval_batch_size=64, jacobian_samples=0)
@@ -119,6 +120,51 @@ def test_training_loader_is_built_once_and_persistent(monkeypatch, world, tiny_a
     assert len(train_loaders) == 1, made  # one loader for both epochs
     assert train_loaders[0]["persistent_workers"] is True
     assert train_loaders[0]["num_workers"] == 1
+
+
+def test_every_loader_pins_host_memory_on_cuda_only():
+    """One rule for the training, evaluation and cache-miss loaders: pinned pages make the
+    batch's non_blocking copy asynchronous, on CUDA only (pinning on a CPU run only costs)."""
+    from perl_core.evaluate import loader_options
+
+    assert loader_options(0, torch.device("cuda")) == {
+        "num_workers": 0, "pin_memory": True, "persistent_workers": False}
+    assert loader_options(2, torch.device("cpu")) == {
+        "num_workers": 2, "pin_memory": False, "persistent_workers": True}
+    assert loader_options(-1, torch.device("cpu"))["num_workers"] == 0
+
+
+def test_cached_evaluation_builds_its_loaders_with_the_shared_options(monkeypatch, world,
+                                                                      tiny_arch, tmp_path):
+    import perl_core.cache as C
+    import perl_core.evaluate as E
+    from perl_core import build_perl_from_config
+    from perl_core.protocol import resolve_task
+
+    seen = []
+    real = E.loader_options
+
+    def recording(num_workers, device):
+        seen.append(str(device))
+        return real(num_workers, device)
+
+    monkeypatch.setattr(E, "loader_options", recording)
+    cfg = TrainConfig(dataset="ToyShapes", data_root=str(world), arch=tiny_arch, pretrained="",
+                      inject_layer=2, num_steps=1, shots=2, device="cpu", eval_batch_size=64,
+                      jacobian_samples=0)
+    model = build_perl_from_config(cfg)
+    task = resolve_task(cfg)
+    es = task.evalsets[0]
+    C.evaluate_cached(model, es.items, es.classnames, es.dataset, cfg,
+                      C.FeatureCache(str(tmp_path / "c")), split="test")
+    assert seen and set(seen) == {"cpu"}  # the cache-miss loader went through the one rule
+
+
+def test_the_bench_measures_both_precisions_on_cuda_only():
+    from perl_core.bench import precisions_for
+
+    assert precisions_for(torch.device("cuda")) == ("fp32", "bf16")
+    assert precisions_for(torch.device("cpu")) == ("fp32",)
 
 
 # --- (3) feature cache: read ahead, upcast on the device ---

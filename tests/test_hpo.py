@@ -308,3 +308,36 @@ def test_the_search_plots_come_from_the_study_file_when_it_is_there(tmp_path):
     (view,) = agg.searches
     assert view.study_source == f"persistent study 'hpo:b2n:abc' in {f}"
     assert len(view.study.trials) == 5  # the file's trials, not the 4 MLflow runs
+
+
+def test_an_s3_study_written_by_another_driver_is_not_overwritten(s3_endpoint, monkeypatch,
+                                                                  tmp_path):
+    """Two drivers of one search at once: the second upload finds the file changed since its
+    download and refuses (StudyConflict, which pipeline.run prints as a warning)."""
+    import boto3
+
+    from pipeline import study as st
+    from pipeline.spec import SearchSpec
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="hpo-race")
+    space = st.optuna_space(SearchSpec.model_validate({
+        "space": {"lr": {"type": "loguniform", "low": 1e-4, "high": 1e-1}},
+        "metric": "val/acc"}))
+    loc = st.StudyFile.of("s3://hpo-race/runs", "perl-toy/race").location
+    a, b = (st.StudyFile(loc, str(tmp_path / n / "s.sqlite3")) for n in ("a", "b"))
+    for sf in (a, b):  # both start from no file
+        sf.pull()
+    for sf, value in ((a, 70.0), (b, 60.0)):
+        st.open_study(sf, "s", "max").add_trial(
+            st.sample_trial({"lr": 1e-3}, value, space, {}))
+    a.push()
+    a.push()  # its own earlier upload is no conflict
+    with pytest.raises(st.StudyConflict, match="written by another driver"):
+        b.push()
+    assert [t.value for t in st.read_study(loc, "s").trials] == [70.0]  # a's samples stay
+    b.pull()  # after a new download, b may upload again
+    b.push()

@@ -157,7 +157,8 @@ def test_jacobian_in_both_evaluation_paths(tmp_path, tiny_arch, one_thread):
     """evaluate and evaluate_cached report the same jacobian_step{k} (and every other metric),
     measured on cfg.jacobian_samples images; 0 turns it off."""
     from perl_core.cache import FeatureCache
-    from perl_core.train import build_model, evaluate_task, resolve_task
+    from perl_core.protocol import resolve_task
+    from perl_core.train import build_model, evaluate_task
 
     cfg = _toy_eval_config(tmp_path, tiny_arch, test=2, eval_batch_size=8, jacobian_samples=3)
     torch.manual_seed(0)
@@ -191,7 +192,8 @@ def test_evaluate_alignment_drift_and_jacobian_on_a_tiny_model(tmp_path, tiny_ar
     autograd loop over its seeded subsample."""
     from perl_core.data.templates import class_prompts
     from perl_core.evaluate import decode_images, evaluate
-    from perl_core.train import build_model, resolve_task
+    from perl_core.protocol import resolve_task
+    from perl_core.train import build_model
 
     cfg = _toy_eval_config(tmp_path, tiny_arch, test=3, eval_batch_size=7, jacobian_samples=5)
     torch.manual_seed(0)

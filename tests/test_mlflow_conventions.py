@@ -69,6 +69,50 @@ def test_a_listing_digest_covers_the_sorted_relative_file_list(tmp_path):
     assert dataset_digest(spec, str(tmp_path)).digest != want
 
 
+def test_a_trial_takes_the_drivers_listing_digest_instead_of_listing_again(tmp_path,
+                                                                            monkeypatch):
+    """The driver lists a folder dataset once (ImageNet: 1.3M files); its trials get the digests
+    through `TrialContext.known_data` and only re-check the class-name file's stamp."""
+    import pickle
+
+    from perl_core.config import TrainConfig
+    from perl_core.data import DatasetSpec, coop, register, registry
+    from pipeline import tracking
+    from pipeline.context import TrialContext
+    from pipeline.trainable import trial_data
+
+    spec = DatasetSpec(name="TinyNetKnown", dataset_dir="tiny_net", image_dir="images",
+                       template="", loader="imagenet_variant", extra={"layout": "wnid"},
+                       test_only=True)
+    # a registration for this test only
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_KEYS", dict(registry._KEYS))
+    register(spec)
+    (tmp_path / "tiny_net" / "images" / "n01").mkdir(parents=True)
+    (tmp_path / "tiny_net" / "images" / "n01" / "a.jpg").write_bytes(b"")
+    (tmp_path / "tiny_net" / "classnames.txt").write_text("n01 one\n")
+    monkeypatch.setattr(tracking, "_DATA_DIGESTS", {})
+    cfg = TrainConfig(dataset="TinyNetKnown", data_root=str(tmp_path), protocol="all")
+    driver = tracking.data_digests(cfg)
+    known = TrialContext.from_any({"tracking_uri": "", "experiment": "", "experiment_id": "",
+                                   "parent_run_id": "", "sweep": "", "storage": "", "cache": {},
+                                   "code_sha": "", "code_dirty": False, "code_version": "",
+                                   "known_data": tracking.known_digests()})
+    known = pickle.loads(pickle.dumps(known))  # as Tune hands it to a worker
+    monkeypatch.setattr(tracking, "_DATA_DIGESTS", {})  # a new worker process
+    listed = []
+    real = coop._Root.class_folders
+    monkeypatch.setattr(coop._Root, "class_folders",
+                        lambda self: listed.append(self.url) or real(self))
+    assert [d.digest for d in trial_data(cfg, "c", known.known_data)] == \
+        [d.digest for d in driver]
+    assert listed == []  # the folder was not listed again
+    (tmp_path / "tiny_net" / "classnames.txt").write_text("n01 uno\n")  # the stamp changed
+    monkeypatch.setattr(tracking, "_DATA_DIGESTS", {})
+    assert trial_data(cfg, "c", known.known_data)[0].digest != driver[0].digest
+    assert listed  # re-listed once the class-name file changed
+
+
 def test_per_step_metrics_are_charted_and_the_flat_keys_keep_their_value():
     from pipeline.tracking import step_charted
 

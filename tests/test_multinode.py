@@ -75,6 +75,69 @@ def test_an_explicit_ray_address_joins_a_cluster():
     assert joins_cluster({"RAY_ADDRESS": "10.0.0.1:6379"})
 
 
+HEAD = {"Alive": True, "NodeID": "head", "Resources": {"CPU": 0.0, "memory": 1e9}}
+
+
+def test_one_node_that_cannot_host_a_trial_or_an_autoscaler_refuses(tmp_path):
+    """KubeRay's and `ray up`'s head alone (0 CPUs, workers autoscaled from 0): the trials run
+    on nodes that join later, so node-local stores are refused though one node is alive."""
+    spec = _spec(tmp_path, "runs")
+    sqlite = f"sqlite:///{tmp_path / 'm.db'}"
+    with pytest.raises(SpecError, match="cannot host a trial") as e:
+        refuse_node_local(spec, sqlite, [HEAD], env={}, driver_node="head", autoscaling=False)
+    assert [k for k, _ in e.value.problems] == ["tracking_uri", "storage"]
+    assert "0 CPU, 0 GPU; a trial asks for 1 CPU, 0 GPU" in str(e.value)
+    with pytest.raises(SpecError, match="autoscaler"):
+        refuse_node_local(spec, sqlite, [{**HEAD, "Resources": {"CPU": 8.0}}], env={},
+                          driver_node="head", autoscaling=True)
+    gpu = parse_spec("name: t\nexperiment: e\nfixed: {dataset: ToyShapes}\nstorage: runs\n"
+                     "resources: {gpu: 0.5}\n", source=str(tmp_path / "g.yaml"), env={},
+                     cwd=tmp_path)
+    with pytest.raises(SpecError, match="8 CPU, 0 GPU; a trial asks for 1 CPU, 0.5 GPU"):
+        refuse_node_local(gpu, sqlite, [{**HEAD, "Resources": {"CPU": 8.0}}], env={},
+                          driver_node="head", autoscaling=False)
+    # a driver node that hosts trials, no autoscaler: one node, as before
+    refuse_node_local(spec, sqlite, [{**HEAD, "Resources": {"CPU": 8.0}}], env={},
+                      driver_node="head", autoscaling=False)
+
+
+@pytest.mark.parametrize("uri", ["http://127.0.0.1:5000", "http://localhost:5000",
+                                 "https://[::1]:5000/", "http://0.0.0.0:5000",
+                                 "http://127.0.1.1:80"])
+def test_a_loopback_tracking_server_is_node_local(tmp_path, uri):
+    spec = _spec(tmp_path, "s3://bucket/runs", uri)
+    with pytest.raises(SpecError, match="loopback") as e:
+        refuse_node_local(spec, uri, [NODE, NODE], env={SHARED_FS_ENV: "1"})  # not a path
+    assert [k for k, _ in e.value.problems] == ["tracking_uri"]
+    refuse_node_local(spec, uri, [NODE], env={})  # one node: fine
+    refuse_node_local(spec, "http://mlflow.internal:5000", [NODE, NODE], env={})
+
+
+@pytest.mark.timeout(120)
+def test_a_real_head_with_zero_cpus_refuses_node_local_stores(tmp_path):
+    """The decision on what a real Ray says: a one-node Ray whose node (the driver's) has 0
+    CPUs, as the head of our cluster manifests; asked of Ray, not given (`ray_facts`)."""
+    code = ("import sys, ray\n"
+            "from pipeline.cluster_check import refuse_node_local, ray_facts\n"
+            "from pipeline.spec import SpecError, parse_spec\n"
+            "ray.init(num_cpus=0, include_dashboard=False, log_to_driver=False)\n"
+            "print('facts', ray_facts())\n"
+            "spec = parse_spec('name: t\\nexperiment: e\\nfixed: {dataset: ToyShapes}\\n'\n"
+            "                  'storage: runs\\n', source='t.yaml', env={}, cwd=sys.argv[1])\n"
+            "try:\n"
+            "    refuse_node_local(spec, 'sqlite:///' + sys.argv[1] + '/m.db', ray.nodes(), {})\n"
+            "except SpecError as e:\n"
+            "    print(e)\n"
+            "    sys.exit(3)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, text=True,
+                         capture_output=True, timeout=110,
+                         env=cli_env({"RAY_ADDRESS": None, SHARED_FS_ENV: None}))
+    assert out.returncode == 3, out.stdout + out.stderr[-3000:]
+    assert "facts ('" in out.stdout and "', False)" in out.stdout, out.stdout
+    assert "t.yaml: tracking_uri: " in out.stdout, out.stdout
+    assert "cannot host a trial (0 CPU" in out.stdout, out.stdout
+
+
 # --- a real two-node Ray -------------------------------------------------------------------------
 
 
@@ -153,7 +216,8 @@ def test_pipeline_run_on_two_nodes_refuses_node_local_keys_before_anything(
     import boto3
 
     db, runs, cache = tmp_path / "mlflow.db", tmp_path / "runs", tmp_path / "cache"
-    server = f"http://127.0.0.1:{free_port()}"  # nothing listens: the refusal comes first
+    # nothing listens (the refusal comes first); not a loopback address, which is refused too
+    server = "http://perl-mlflow.invalid:5000"
     s3 = f"s3://{bucket}/runs"
     cases = {"tracking_uri": (f"sqlite:///{db}", s3, ""),
              "storage": (server, str(runs), ""),

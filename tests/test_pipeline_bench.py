@@ -155,7 +155,7 @@ def _context_of(sweep_yaml: str, tmp_path, env: dict[str, str]) -> dict:
     spec = parse_spec(sweep_yaml, env=env, cwd=tmp_path)
     args = argparse.Namespace(sweep=str(tmp_path / "s.yaml"), rerun=False,
                               ignore_code_version=False)
-    code = SimpleNamespace(sha="abc", dirty=False, fingerprint="abc")
+    code = SimpleNamespace(sha="abc", dirty=False, version="abc")
     return pickle.loads(pickle.dumps(trial_context(spec, "sqlite:///x.db", "1", "p", code, args)))
 
 
@@ -293,3 +293,14 @@ def test_fit_phases_of_a_resumed_attempt_are_its_own_and_add_up(world, tiny_arch
     assert phases["fit_checkpoint"] >= 0.1  # two slow saves (and the load)
     assert phases["fit_compute"] < result.train_seconds - again.resumed_train_s \
         + result.eval_seconds  # the save in the timer is not compute
+
+
+def test_bench_takes_set_overrides_and_refuses_a_bad_one_before_the_sweep(tmp_path, capsys,
+                                                                          monkeypatch):
+    from pipeline import run as pipeline_run
+    from pipeline.bench import main
+
+    monkeypatch.setattr(pipeline_run, "main", lambda argv: pytest.fail(f"ran {argv}"))
+    assert main(["--trials", "2", "--workdir", str(tmp_path), "--set", "fixed.lr=0"]) == 2
+    err = capsys.readouterr().err
+    assert "--set fixed.lr" in err and "lr=0" in err, err

@@ -223,14 +223,14 @@ def test_trial_records_and_tune_state_are_in_the_bucket(setup, first_run, s3_env
     # marked complete, so an identical submission does not)
     from ray import tune
 
-    from pipeline.run import _exists, tune_storage
+    from pipeline.tuning import exists, tune_storage
 
     storage_path, fs = tune_storage(f"s3://{setup['bucket']}/runs")
     names = {k.split("/")[2] for k in _keys(setup, "runs/tune/")}
     assert len(names) == 1, names
     path = f"{storage_path}/{names.pop()}"
     assert tune.Tuner.can_restore(path, storage_filesystem=fs)
-    assert _exists(fs, f"{path}/perl_phase_complete.json")
+    assert exists(fs, f"{path}/perl_phase_complete.json")
     # outage recovery from the bucket: --replay rebuilds both runs in an empty store
     empty = f"sqlite:///{tmp_path / 'empty.db'}"
     assert run([str(setup["sweep"]), "--replay", "--tracking-uri", empty]) == 0

@@ -34,6 +34,7 @@ PAPER = {
     "sensitivity.yaml": (165, {}),  # 5 arms x 11 datasets x 3 seeds
     "alignment.yaml": (198, {"anchor_weight": {0.0, 0.1, 0.3, 1.0, 3.0, 10.0}}),
     "hpo.yaml": (3, {}),
+    "precision.yaml": (6, {"precision": {"fp32", "bf16"}}),  # EuroSAT only
 }
 TOY = {"smoke.yaml": 3, "toy/base2novel.yaml": 12, "toy/cross_dataset.yaml": 2,
        "toy/domain_generalization.yaml": 2, "toy/ablation_steps.yaml": 5,
@@ -83,6 +84,9 @@ def test_paper_sweeps_validate_with_paper_settings(name, tmp_path):
         assert {c.config.protocol for c in grid} == {spec.name}
         targets = grid[0].config.eval_datasets
         assert len(targets) == (10 if spec.name == "cross_dataset" else 4)
+    elif spec.name == "precision":
+        assert {c.config.dataset for c in grid} == {"EuroSAT"}
+        assert {c.config.device for c in grid} == {"cuda"}
     elif spec.name != "hpo":
         assert {c.config.dataset for c in grid} == DATASETS_11
         assert {c.config.protocol for c in grid} == {"base2novel"}

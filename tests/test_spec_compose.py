@@ -109,3 +109,25 @@ def test_paper_sweeps_share_one_base():
             continue
         repeated = {k for k, v in (raw.get("fixed") or {}).items() if base.get(k) == v}
         assert not repeated, (path.name, repeated)
+
+
+def test_the_resolved_sweep_carries_no_literal_credential(tmp_path):
+    """`sweep/resolved.yaml` (logged as the parent run's artifact) is dumped before ${VAR}
+    substitution; credentials written in the file or in a --set are redacted too."""
+    sweep = write(tmp_path / "s.yaml", """\
+        name: s
+        experiment: test/s
+        tracking_uri: http://alice:pw-in-file@mlflow.example:5000
+        storage: s3://AKIAKEY:pw-in-storage@bucket/runs
+        fixed: {dataset: ToyShapes, arch: perl-tiny, pretrained: embedded,
+                data_root: "${DATA:-s3://k:pw-in-default@bucket/data}"}
+        """)
+    spec = load_spec(sweep, env={}, overrides=[
+        "tracking_uri=https://bob:pw-in-set@mlflow.example/x?y=1"])
+    text = spec.resolved_yaml
+    assert "pw-" not in text and "alice" not in text and "AKIAKEY" not in text, text
+    resolved = yaml.safe_load(text)
+    assert resolved["tracking_uri"] == "https://***@mlflow.example/x?y=1"
+    assert resolved["storage"] == "s3://***@bucket/runs"
+    assert resolved["fixed"]["data_root"] == "${DATA:-s3://***@bucket/data}"
+    assert spec.tracking_uri.startswith("https://bob:pw-in-set@")  # what runs keeps them

@@ -19,8 +19,8 @@ import torch
 
 from perl_core import TrainConfig
 from perl_core.checkpoint import DirCheckpoint, MemoryCheckpoint, pack_state, unpack_state
-from perl_core.train import (Callback, epoch_plan, fit, load_projectors, main, resolve_task,
-                             save_projectors)
+from perl_core.protocol import resolve_task
+from perl_core.train import Callback, epoch_plan, fit, load_projectors, main, save_projectors
 
 K = 2  # reasoning steps of the tiny test model
 
@@ -129,14 +129,27 @@ def test_resolve_task_protocols(cfg):
         resolve_task(cfg.replace(data_root=""))
 
 
+def test_protocol_rules_name_the_targets():
+    from perl_core.protocol import eval_datasets_problem, is_target_evalset, target_datasets
+
+    dg = TrainConfig(dataset="toyworld", protocol="domain_generalization")
+    assert target_datasets(dg) == ["ToyWorldV2", "ToyWorldSketch", "ToyWorldClutter"]
+    assert target_datasets(dg.replace(protocol="cross_dataset", eval_datasets=("toyshapes",))) \
+        == ["toyshapes"]
+    assert target_datasets(dg.replace(protocol="all")) == []
+    assert [is_target_evalset(e) for e in ("base", "val", "ToyShapes")] == [False, False, True]
+    assert "needs eval_datasets" in eval_datasets_problem(dg)  # the sweep names its targets
+    assert eval_datasets_problem(dg.replace(eval_datasets=("ToyWorldV2",))) is None
+
+
 def test_resolve_task_warns_when_shots_exceed_a_class(cfg, caplog):
     """Dassl takes a too-small class whole; a direct run says so (the pipeline refuses it)."""
-    with caplog.at_level("WARNING", logger="perl_core.train"):
+    with caplog.at_level("WARNING", logger="perl_core.protocol"):
         t = resolve_task(cfg.replace(shots=6))  # the world has 4 training images per class
     assert len(t.train_items) == 10 * 4
     assert "shots=6 but 20 class(es) have fewer training images" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="perl_core.train"):
+    with caplog.at_level("WARNING", logger="perl_core.protocol"):
         resolve_task(cfg)
     assert "fewer training images" not in caplog.text
 

@@ -459,3 +459,16 @@ def test_b2n_table_step0_columns_beside_the_clip_row():
     md = to_markdown(t)
     assert "Base step 0 (ours)" in md and "HM step 0 (paper)" in md and "Δ Novel step 0" in md
     assert any("generic template" in n for n in t.notes)
+
+
+def test_the_cli_takes_set_overrides_validated_like_pipeline_run(tmp_path, monkeypatch, capsys):
+    sweep = tmp_path / "z.yaml"
+    sweep.write_text("name: z\nexperiment: e\nfixed: {dataset: ToyShapes, arch: perl-tiny, "
+                     "pretrained: embedded}\n")
+    seen = {}
+    monkeypatch.setattr(zs, "check_sweep", lambda spec, grid, tol: seen.update(
+        datasets={c.config.dataset for c in grid}) or 0)
+    assert zs.main([str(sweep), "--set", "fixed.dataset=ToyCounts"]) == 0
+    assert seen["datasets"] == {"ToyCounts"}
+    assert zs.main([str(sweep), "--set", "fixed.shots=true"]) == 2
+    assert "--set fixed.shots" in capsys.readouterr().out

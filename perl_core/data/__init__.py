@@ -1,6 +1,8 @@
 """Data layer: CoOp-format benchmarks, Dassl few-shot sampling, prompts, transforms, images.
 
 Light modules are imported eagerly; `images` and `transforms` (torch / torchvision) on first use.
+The built-in datasets register themselves when their modules are imported, here (the registry
+imports none of them: no import cycle), before anything can look a name up.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from perl_core.data.fewshot import (check_shots, fewshot_index, fewshot_splits, 
 from perl_core.data.registry import DatasetSpec, get_spec, list_datasets, register
 from perl_core.data.storage import open_fs
 from perl_core.data.templates import class_prompts
+
+# the built-in datasets, in the registry's order: the real benchmarks, then the synthetic world
+from perl_core.data import benchmarks, toy_world  # noqa: F401  (imported to register)
 
 _LAZY = {
     "ImageListDataset": "perl_core.data.images",

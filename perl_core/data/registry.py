@@ -1,7 +1,9 @@
 """Benchmark registry: one DatasetSpec per dataset, looked up by name (case-insensitive, aliases).
 
-The 15 real benchmarks are registered in `perl_core.data.benchmarks`; the synthetic world of the
-embedded default in `perl_core.data.synthetic`. Adding a dataset is one
+The registry imports no dataset module: the package `perl_core.data` imports the built-in ones,
+which register themselves (the 15 real benchmarks in `perl_core.data.benchmarks`, the synthetic
+world of the embedded default in `perl_core.data.toy_world`), so they are in before any lookup
+(importing this module imports the package first). Adding a dataset is one
 `register(DatasetSpec(...))`.
 """
 
@@ -60,7 +62,6 @@ def import_modules(names: Iterable[str]) -> None:
 
 
 def get_spec(name: str) -> DatasetSpec:
-    _ensure_builtin()
     canonical = _KEYS.get(_norm(name))
     if canonical is None:
         raise KeyError(f"unknown dataset {name!r}; known datasets: {list_datasets()}")
@@ -68,10 +69,5 @@ def get_spec(name: str) -> DatasetSpec:
 
 
 def list_datasets(*, synthetic: bool | None = None) -> list[str]:
-    _ensure_builtin()
     return [n for n, s in _REGISTRY.items() if synthetic is None or s.synthetic == synthetic]
 
-
-def _ensure_builtin() -> None:
-    # Imported lazily so that registry.py has no import cycle with the modules that register.
-    from perl_core.data import benchmarks, synthetic  # noqa: F401

@@ -66,10 +66,10 @@ def _blob(i: int) -> bytes:
 
 
 def _listing(storage: str, experiment: str = "rel/s3") -> dict[str, bytes]:
-    from pipeline.tracking import _fs, records_dir
+    from pipeline.layout import open_fs, records_dir
 
     s3fs.S3FileSystem.clear_instance_cache()
-    fs, root = _fs(records_dir(storage, experiment))
+    fs, root = open_fs(records_dir(storage, experiment))
     return {p.rsplit("/", 1)[1]: fs.cat_file(p) for p in fs.find(root)}
 
 
@@ -142,14 +142,14 @@ def test_endpoint_outages_never_leave_a_record_taken_as_complete(s3, tmp_path):
 
 
 def test_a_damaged_blob_is_never_replayed(s3, tmp_path):
-    from pipeline import tracking
+    from pipeline import layout, tracking
 
     ep, storage = s3
     recs = [_record(i, "rel/s3r") for i in range(3)]
     for i, rec in enumerate(recs):
         tracking.write_record(storage, rec, _blob(i))
     # another writer cut one blob short after its JSON was written (a partial overwrite)
-    fs, root = tracking._fs(tracking.records_dir(storage, "rel/s3r"))
+    fs, root = layout.open_fs(layout.records_dir(storage, "rel/s3r"))
     with fs.open(f"{root}/{recs[1].stem()}.safetensors", "wb") as f:
         f.write(_blob(1)[:1000])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
