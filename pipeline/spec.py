@@ -1108,7 +1108,7 @@ def _storage_problem(storage: str) -> str | None:
         fs.pipe_file(f"{root.rstrip('/')}/{probe}", b"ok")
         fs.rm_file(f"{root.rstrip('/')}/{probe}")
     except Exception as e:
-        return (f"storage {storage} is not writable ({type(e).__name__}: "
+        return (f"storage {redact_uri(storage)} is not writable ({type(e).__name__}: "
                 f"{str(e).splitlines()[0][:300] if str(e) else ''}); every trial writes its "
                 f"record and Tune state there")
     return None

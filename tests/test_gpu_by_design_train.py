@@ -226,10 +226,10 @@ def _scalar_reads(events) -> int:
     return n
 
 
-def test_at_most_one_host_sync_per_training_step(cfg):
+def profiled_scalar_reads(cfg) -> tuple[int, int]:
+    """(steps profiled, device-to-host scalar reads in them) of `fit(cfg)`: steps 2..N (the
+    first one warms up; the epoch's plan is drawn before it)."""
     class Profile(Callback):
-        """Profiles steps 2..N (the first one warms up; the epoch's plan is drawn before it)."""
-
         def on_train_start(self, info):
             self.total = info["total_steps"]
             self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
@@ -241,12 +241,17 @@ def test_at_most_one_host_sync_per_training_step(cfg):
                 self.prof.stop()
 
     p = Profile()
-    fit(cfg, callbacks=[p])  # modality both: the text side is re-encoded every step
-    assert p.total - 1 >= 3
+    fit(cfg, callbacks=[p], progress=False)
+    return p.total - 1, _scalar_reads(p.prof.events())
+
+
+def test_at_most_one_host_sync_per_training_step(cfg):
+    steps, reads = profiled_scalar_reads(cfg)  # modality both: the text side every step
+    assert steps >= 3
     # The step's one host read, `.tolist()` of the three logged values, copies without a scalar
     # op; any other read in the step (a float() of a loss part, text_length's int()) shows here,
     # one per step. 0 in steps 2..N: one sync per step on a GPU.
-    assert _scalar_reads(p.prof.events()) == 0
+    assert reads == 0
 
 
 def test_text_length_given_once_gives_the_same_embeddings(make_tiny_perl):

@@ -177,19 +177,7 @@ def test_text_chunk_is_an_execution_field():
 def test_chunked_step_keeps_one_host_sync(cfg):
     """The chunked step reads nothing from the device besides the step's one `.tolist()`
     (the same profiler count as tests/test_gpu_by_design_train.py, 10 classes in 4 chunks)."""
-    from test_gpu_by_design_train import _scalar_reads
+    from test_gpu_by_design_train import profiled_scalar_reads
 
-    class Profile(train_mod.Callback):
-        def on_train_start(self, info):
-            self.total = info["total_steps"]
-            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-
-        def on_step_end(self, step, logs):
-            if step == 1:
-                self.prof.start()
-            elif step == self.total:
-                self.prof.stop()
-
-    p = Profile()
-    fit(cfg.replace(text_chunk=3, num_workers=0), callbacks=[p], progress=False)
-    assert p.total - 1 >= 3 and _scalar_reads(p.prof.events()) == 0
+    steps, reads = profiled_scalar_reads(cfg.replace(text_chunk=3, num_workers=0))
+    assert steps >= 3 and reads == 0
