@@ -276,7 +276,8 @@ def dry_run(spec: SweepSpec, grid: list[GridCell], uri: str, done_code_version: 
         + (f"; then an Optuna search of {spec.search.num_samples} samples on "
            f"{spec.search.metric} ({spec.search.mode})" if spec.search else ""))
     say(f"experiment {spec.experiment!r} at {layout.redact_uri(uri)}; "
-        f"storage {layout.redact_uri(spec.storage)}; per trial {spec.resources.cpu:g} CPU, {spec.resources.gpu:g} GPU")
+        f"storage {layout.redact_uri(spec.storage)}; "
+        f"per trial {spec.resources.cpu:g} CPU, {spec.resources.gpu:g} GPU")
     todo = [(c.name, c.config) for c in grid if c.config_hash not in finished]
     if spec.search is not None:  # the samples' searched fields are unknown: the fixed settings
         todo += [(f"search sample {i + 1}", spec.base_config(), "search (fixed settings)")
