@@ -205,7 +205,9 @@ def run_phases(sub: Submission, args: argparse.Namespace, grid: list[GridCell],
         prepare_data(todo, spec)
         init_ray()
         job = ray_job_id()
-        tracking.grid_data_digests([c.config for c in todo])  # (the world exists now)
+        # (the world exists now) the datasets the trials read: the cells', the search's base
+        tracking.grid_data_digests([c.config for c in todo] +
+                                   ([spec.base_config()] if spec.search else []))
     context = trial_context(spec, sub.uri, sub.exp_id, sub.parent, code, args, ray_job_id=job,
                             user=sub.user, varied_fields=tuple(spec.varied_fields),
                             known_data=tracking.known_digests())
@@ -382,11 +384,11 @@ def summary(spec: SweepSpec, uri: str, out: Outcome) -> None:
                          for k, v in out.search_best.items())
         say(f"  best search sample: {best}")
     say(f"runs: MLflow experiment {spec.experiment!r} at {layout.redact_uri(uri)}")
-    say(f"records: {layout.records_dir(spec.storage, spec.experiment)}")
+    say(f"records: {layout.redact_uri(layout.records_dir(spec.storage, spec.experiment))}")
     if out.storage_error:
         say(f"  STORAGE ERROR: {out.storage_error}. Every FINISHED run has its record; once "
-            f"{spec.storage} is reachable, run `python -m pipeline.run {spec.source}` again: it "
-            f"resumes the sweep and runs the cells that did not finish.")
+            f"{layout.redact_uri(spec.storage)} is reachable, run `python -m pipeline.run "
+            f"{spec.source}` again: it resumes the sweep and runs the cells that did not finish.")
     if out.tracking_error:
         say(f"  MLFLOW UNREACHABLE at the end of the sweep ({out.tracking_error}): "
             f"{len(out.unlogged)} finished cell(s) of this submission are only in the storage "

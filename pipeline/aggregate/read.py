@@ -24,8 +24,8 @@ NOT_AXES = ("dataset", "eval_datasets", "protocol", "seed")
 
 def make_client(tracking_uri: str, *, must_exist: bool = True):
     if must_exist and not layout.store_exists(tracking_uri):
-        raise SystemExit(f"no MLflow store at {tracking_uri} (run a sweep first, or pass "
-                         "--tracking-uri)")
+        raise SystemExit(f"no MLflow store at {layout.redact_uri(tracking_uri)} (run a sweep "
+                         "first, or pass --tracking-uri)")
     return queries.mlflow_client(tracking_uri)
 
 
