@@ -16,6 +16,9 @@ the estimate (`pipeline.estimate`), the zero-shot check and the aggregate share:
   where CoOp's val split is the test set (ImageNet).
 - `RESERVED_EVALSETS`: the evalset names that are no target; any other evalset is a target
   dataset (`is_target_evalset`), averaged into `target_avg`.
+- `training_hash(cfg)`: the config hash of what is *trained*. all, cross_dataset and
+  domain_generalization train the same thing (every class of the source) and differ only in
+  what they evaluate, so one cross-dataset training serves a DG cell (`pipeline.reuse`).
 
 Torch-free, and the data layer is imported where it is used: the aggregate imports this module
 on a machine with only the tracking dependencies.
@@ -23,6 +26,8 @@ on a machine with only the tracking dependencies.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -101,6 +106,22 @@ def eval_datasets_problem(cfg: TrainConfig) -> str | None:
         return (f"eval_datasets is only used by protocols {list(TARGET_PROTOCOLS)}; protocol is "
                 f"{cfg.protocol!r}")
     return None
+
+
+# what a protocol trains on: base2novel the base half; the others every class of the source
+_TRAINS_ON = {"base2novel": "base2novel", "all": "all", "cross_dataset": "all",
+              "domain_generalization": "all"}
+
+
+def training_hash(cfg: TrainConfig) -> str:
+    """sha256 of the hashed fields that decide the trained weights: `config_hash`'s, with
+    `eval_datasets` left out and `protocol` read as what it trains on (`_TRAINS_ON`). Two
+    configs of one training hash train bitwise the same projectors (tests/test_reuse.py)."""
+    d = cfg.hashed_fields()
+    d.pop("eval_datasets", None)
+    d["protocol"] = _TRAINS_ON[cfg.protocol]
+    blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _val_set(train_splits: Any, source: str) -> list[EvalSet]:
@@ -186,5 +207,5 @@ def resolve_task(cfg: TrainConfig) -> Task:
 
 
 __all__ = ["Task", "EvalSet", "resolve_task", "canonical_dataset", "dg_default_targets",
-           "target_datasets", "has_targets", "is_target_evalset", "eval_datasets_problem",
-           "TARGET_PROTOCOLS", "RESERVED_EVALSETS"]
+           "target_datasets", "has_targets", "training_hash", "is_target_evalset",
+           "eval_datasets_problem", "TARGET_PROTOCOLS", "RESERVED_EVALSETS"]

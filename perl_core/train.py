@@ -302,16 +302,9 @@ def fit(cfg: TrainConfig, callbacks: Sequence[Callback] | None = None,
     _validate(cfg, checkpoint_every)
     callbacks = list(callbacks or [])
     show = _want_progress(progress)
-    device = resolve_device(cfg.device) if device is None else torch.device(device)
-    check_precision(cfg.precision, device)
-    set_precision_flags(cfg.precision)
-    if model is None:
-        model = build_model(cfg)
-    seed_everything(cfg.seed)  # a given model was built by the caller; the RNGs restart anyway
-    task = resolve_task(cfg)
+    model, task, device = _prepare(cfg, model, device)
     if not task.train_items and cfg.epochs > 0:
         raise ValueError(f"{task.dataset}: the few-shot train set is empty (shots={cfg.shots})")
-    model.to(device)
     counts = model.trainable_parameter_counts()
     n_params = model.num_trainable_parameters()
     logger.info("PERL %s on %s (%s): %s trainable parameters (vision %s, text %s), device %s",
@@ -359,6 +352,43 @@ def fit(cfg: TrainConfig, callbacks: Sequence[Callback] | None = None,
                        per_class=per_class, num_trainable_parameters=n_params,
                        train_seconds=state.train_seconds, eval_seconds=eval_seconds,
                        epoch_history=state.epoch_history)
+
+
+def _prepare(cfg: TrainConfig, model: PerlModel | None, device: str | torch.device | None
+             ) -> tuple[PerlModel, Task, torch.device]:
+    """What training and evaluation-only both start with: the device (precision checked and
+    TF32 flags set for it), the model, the RNGs seeded, the task, the model on the device."""
+    device = resolve_device(cfg.device) if device is None else torch.device(device)
+    check_precision(cfg.precision, device)
+    set_precision_flags(cfg.precision)
+    if model is None:
+        model = build_model(cfg)
+    seed_everything(cfg.seed)  # a given model was built by the caller; the RNGs restart anyway
+    task = resolve_task(cfg)
+    model.to(device)
+    return model, task, device
+
+
+def evaluate_projectors(cfg: TrainConfig, projector_state: dict[str, torch.Tensor], *,
+                        model: PerlModel | None = None, progress: bool | None = None,
+                        cache: Any = None, device: str | torch.device | None = None
+                        ) -> TrainResult:
+    """Evaluate projectors trained elsewhere as `cfg` evaluates, without training: a DG cell
+    served by the cross-dataset training of the same `perl_core.protocol.training_hash`
+    (`pipeline.reuse`). `cfg` must describe that training (the caller checks the hash); its
+    history is empty and its train/* metrics are the caller's to add. Same numbers as the
+    evaluation at the end of `fit` with those weights."""
+    model, task, device = _prepare(cfg, model, device)
+    model.load_projector_state_dict({k: v.to(device) for k, v in projector_state.items()})
+    t0 = time.perf_counter()
+    metrics, per_class = evaluate_task(model, task, cfg, progress=_want_progress(progress),
+                                       cache=cache)
+    return TrainResult(config=cfg, metrics=metrics, history=[],
+                       projector_state={k: v.cpu() for k, v in
+                                        model.projector_state_dict().items()},
+                       per_class=per_class,
+                       num_trainable_parameters=model.num_trainable_parameters(),
+                       train_seconds=0.0, eval_seconds=time.perf_counter() - t0)
 
 
 def _train(cfg: TrainConfig, task: Task, model: PerlModel, optimizer: torch.optim.Optimizer | None,
@@ -645,13 +675,18 @@ def read_projectors_metadata(blob: bytes, where: str) -> dict[str, str]:
 def load_projectors(path: str | Path) -> tuple[dict[str, torch.Tensor], TrainConfig]:
     """Read a file written by `save_projectors` -> (projector state dict, its TrainConfig)."""
     import fsspec
-    from safetensors.torch import load
 
     with fsspec.open(str(path), "rb") as f:
-        blob = f.read()
-    meta = read_projectors_metadata(blob, str(path))
+        return projectors_from_bytes(f.read(), str(path))
+
+
+def projectors_from_bytes(blob: bytes, where: str) -> tuple[dict[str, torch.Tensor], TrainConfig]:
+    """`load_projectors` of a file's bytes (`where` names it in the errors)."""
+    from safetensors.torch import load
+
+    meta = read_projectors_metadata(blob, where)
     if meta.get("format") != PROJECTORS_FORMAT or "config" not in meta:
-        raise ValueError(f"{path} is not a PERL projector file (format {meta.get('format')!r}, "
+        raise ValueError(f"{where} is not a PERL projector file (format {meta.get('format')!r}, "
                          f"expected {PROJECTORS_FORMAT!r})")
     return load(blob), TrainConfig.from_record(json.loads(meta["config"]))
 
@@ -837,7 +872,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["fit", "build_model", "evaluate", "evaluate_task", "Callback",
-           "TrainResult", "save_projectors", "load_projectors",
+           "TrainResult", "save_projectors", "load_projectors", "projectors_from_bytes",
+           "evaluate_projectors",
            "seed_everything", "epoch_plan", "ensure_synthetic_data", "main"]
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ class PhaseResult:
     skipped: list[str] = field(default_factory=list)  # finished meanwhile by another submission
     failed: list[tuple[str, str]] = field(default_factory=list)  # (cell, reason)
     unlogged: list[str] = field(default_factory=list)  # finished, MLflow unreachable: record only
+    linked: list[str] = field(default_factory=list)  # runs of other experiments linked here
     storage_error: str = ""  # Tune itself stopped (its storage unreachable)
     best: dict[str, Any] | None = None  # the search phase's best sample
 
@@ -36,6 +37,8 @@ class Outcome:
     replayed: int = 0
     killed: int = 0
     unlogged: list[str] = field(default_factory=list)
+    linked: list[str] = field(default_factory=list)  # `pipeline.links`
+    evaluated: list[str] = field(default_factory=list)  # planned `evaluate` (pipeline.reuse)
     tracking_error: str = ""  # set when the final replay could not reach MLflow
     storage_error: str = ""  # set when Tune or the final replay could not use the storage
 
@@ -44,6 +47,7 @@ class Outcome:
         self.skipped += result.skipped
         self.failed += result.failed
         self.unlogged += result.unlogged
+        self.linked += result.linked
         self.storage_error = self.storage_error or result.storage_error
         self.search_best = result.best if result.best is not None else self.search_best
 
@@ -59,7 +63,7 @@ class Outcome:
     def count_tags(self) -> dict[str, str]:
         """The parent run's closing tags."""
         return {"num_finished": str(len(self.finished)), "num_failed": str(len(self.failed)),
-                "num_skipped": str(self.num_skipped)}
+                "num_skipped": str(self.num_skipped), "num_linked": str(len(self.linked))}
 
     @property
     def ok(self) -> bool:

@@ -4,9 +4,9 @@ Named after the whole grid, so an interrupted identical submission restores it."
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
-from pipeline import layout, tuning
+from pipeline import layout, reuse, tuning
 from pipeline.collect import PhaseResult, collect, collect_from_mlflow
 
 
@@ -21,12 +21,24 @@ def grid_tune_name(spec: Any, grid: list[Any], context: Any) -> str:
         sorted(c.config_hash for c in grid), context.done_code_version))
 
 
+def cell_entry(cell: Any, plan: Any = None) -> dict[str, Any]:
+    """A cell as Tune's grid holds it; an `evaluate` plan (`pipeline.reuse`) adds the run whose
+    weights it evaluates (`pipeline.trainable.cell_plan` reads it back)."""
+    entry = {"name": cell.name, "config": cell.config.to_dict(), "arm": cell.arm}
+    if plan is not None and plan.kind == reuse.EVALUATE:
+        entry["reuse"] = {"kind": plan.kind, "run_id": plan.source.run_id,
+                          "trained_by": plan.source.trained_by}
+    return entry
+
+
 def run_grid(spec: Any, grid: list[Any], todo: list[Any], context: Any,
-             max_concurrent: int | None = None, rerun: bool = False) -> PhaseResult:
-    """Run the cells `todo` (of `grid`) with `context` (a grid-phase TrialContext)."""
+             max_concurrent: int | None = None, rerun: bool = False,
+             plans: Mapping[str, Any] | None = None) -> PhaseResult:
+    """Run the cells `todo` (of `grid`) with `context` (a grid-phase TrialContext); `plans`:
+    cell name -> `pipeline.reuse.Plan` (none: every cell trains)."""
     from ray import tune
 
-    cells_ = [{"name": c.name, "config": c.config.to_dict(), "arm": c.arm} for c in todo]
+    cells_ = [cell_entry(c, (plans or {}).get(c.name)) for c in todo]
     tuner, marker = tuning.make_tuner(
         tuning.trainable(spec, context), grid_tune_name(spec, grid, context), spec,
         {"cell": tune.grid_search(cells_)},
@@ -45,4 +57,4 @@ def run_grid(spec: Any, grid: list[Any], todo: list[Any], context: Any,
     return collect(results, context, counted=done_before)
 
 
-__all__ = ["run_grid", "grid_tune_name"]
+__all__ = ["run_grid", "grid_tune_name", "cell_entry"]

@@ -97,6 +97,15 @@ def finished_runs(client: Any, experiment_id: str, *, phase: str | None = None,
         "phase": phase, "code_version": code_version, "sweep": sweep}))
 
 
+def finished_runs_anywhere(client: Any, experiment_ids: Iterable[str], *, phase: str,
+                           code_version: str | None) -> list:
+    """The FINISHED runs of a phase (and code version unless None) in the given experiments
+    (`pipeline.reuse`: every active experiment of the store, from `all_experiments`)."""
+    ids = list(experiment_ids)
+    return all_runs(client, ids, where(_FINISHED, {"phase": phase,
+                                                   "code_version": code_version})) if ids else []
+
+
 def finished_runs_of_hash(client: Any, experiment_id: str, config_hash: str, *, phase: str,
                           code_version: str | None, limit: int = 100) -> list:
     """The latest (at most `limit`, newest first) FINISHED runs of one config hash in a phase,
@@ -127,4 +136,5 @@ def failed_children(client: Any, experiment_id: str, parent_run_id: str) -> list
 
 __all__ = ["PAGE_SIZE", "mlflow_client", "where", "all_runs", "all_experiments",
            "has_sweep_runs", "sweep_runs", "running_runs", "finished_runs",
-           "finished_runs_of_hash", "search_phase_runs", "children", "failed_children"]
+           "finished_runs_anywhere", "finished_runs_of_hash", "search_phase_runs", "children",
+           "failed_children"]

@@ -3,6 +3,11 @@
     python -m pipeline.run SWEEP.yaml [--dry-run] [--rerun] [--replay] [--max-concurrent N]
                                       [--tracking-uri URI] [--ignore-code-version]
     python -m pipeline.run SWEEP.yaml --zero-shot-check [--tolerance P]   # step 0 only, no Ray
+    python -m pipeline.run SUITE.yaml | SWEEP.yaml SWEEP.yaml ... [--dry-run]  # one after another
+
+Several sweep files, or a suite file (sweeps/paper.yaml: the whole paper), run one after
+another (`pipeline.suite`), each as below; each distinct training of them runs once
+(`pipeline.reuse`).
 
 1. Validate the YAML (`pipeline.spec`), expand the grid into cells, hash them.
 2. MLflow: get-or-create the experiment, mark orphaned RUNNING runs of earlier submissions
@@ -10,7 +15,10 @@
    look up which hashes already have a FINISHED run (same code version unless
    --ignore-code-version): those cells are skipped (--rerun runs them again).
    --dry-run stops here and prints the cells (name, hash, done/todo); --replay stops after the
-   replay.
+   replay. The cells left are looked up in the whole store (`pipeline.reuse`, not with --rerun
+   or --no-reuse): a FINISHED run of the same config hash in another experiment is linked here
+   (`pipeline.links`, before any trial), one of the same training hash has its weights evaluated
+   by this cell's trial instead of training again.
 3. A parent run for this submission, then `ray.init()` (attaches to the cluster under
    `ray job submit` / $RAY_ADDRESS, else starts a local Ray; never a hard-coded address).
 4. Grid phase: ONE Tuner with one `grid_search` over the explicit list of remaining cells, ordered
@@ -47,15 +55,17 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 # (so that resume never points at a deleted checkpoint); Tune's warning about it is noise here.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
-from pipeline import layout, tracking  # noqa: E402
+from pipeline import layout, reuse, tracking  # noqa: E402
 from pipeline.collect import Outcome  # noqa: E402
 from pipeline.context import trial_context  # noqa: E402
 from pipeline.env import REPO, code_version  # noqa: E402
 from pipeline.grid import run_grid  # noqa: E402
+from pipeline.links import link_cells  # noqa: E402
 from pipeline.search import run_search  # noqa: E402
 from pipeline.spec import (GridCell, SpecError, SweepSpec, add_set_argument, cells,  # noqa: E402
                            group_order, load_spec, locate_sweep, preflight, resolve_tracking_uri)
 from pipeline.submission import Submission, lost_errors  # noqa: E402
+from pipeline.suite import SuiteError, sweep_files  # noqa: E402
 
 # Environment every trial process gets when this driver starts or joins Ray itself.
 TRIAL_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -73,12 +83,18 @@ def say(msg: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pipeline.run",
                                  description="Run a PERL sweep on Ray Tune, tracked in MLflow.")
-    ap.add_argument("sweep", help="sweep YAML (sweeps/*.yaml)")
+    ap.add_argument("sweeps", nargs="+", metavar="SWEEP",
+                    help="sweep YAML (sweeps/*.yaml); several, or one suite file "
+                         "(sweeps/paper.yaml), run one after another (pipeline/suite.py)")
     add_set_argument(ap)
     ap.add_argument("--dry-run", action="store_true",
                     help="print the cells (name, hash, done/todo) and totals; start no trial")
     ap.add_argument("--rerun", action="store_true",
                     help="run every cell again, even those with a FINISHED run")
+    ap.add_argument("--no-reuse", action="store_true",
+                    help="train every cell not FINISHED in its own experiment, even where "
+                         "another experiment of the store has its run or its training "
+                         "(default: link / evaluate those, pipeline/reuse.py)")
     ap.add_argument("--replay", action="store_true",
                     help="only log storage records that MLflow lacks (after an MLflow outage)")
     ap.add_argument("--max-concurrent", type=int, default=None, metavar="N",
@@ -109,12 +125,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Check the sweep, then a dry run, a zero-shot check, or a submission (`submit`)."""
+    """One sweep (`run_sweep`), or several / a suite file one after another (`run_suite`)."""
     args = build_parser().parse_args(argv)
     if args.max_concurrent is not None and args.max_concurrent < 1:
         say("--max-concurrent must be >= 1")
         return 2
-    args.sweep = locate_sweep(args.sweep, say)
+    try:
+        label, files = sweep_files(args.sweeps, lambda s: locate_sweep(s, say))
+    except SuiteError as e:
+        say(str(e))
+        return 2
+    if len(files) > 1:
+        return run_suite(args, label, files)
+    args.sweep = files[0]
+    return run_sweep(args)
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """Check the sweep, then a dry run, a zero-shot check, or a submission (`submit`)."""
     try:
         spec = load_spec(args.sweep, overrides=args.overrides)
         uri = resolve_tracking_uri(spec, args.tracking_uri)
@@ -137,13 +165,73 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     code = code_version()
     if args.dry_run:
-        return dry_run(spec, grid, uri, None if args.ignore_code_version else code.version,
-                       args.rerun, args.bench, args.trial_overhead_s, args.gpu_memory)
+        return dry_run(args, spec, grid, uri, None if args.ignore_code_version else code.version)
     if args.bench or args.trial_overhead_s is not None or args.gpu_memory:
         say("--bench, --trial-overhead-s and --gpu-memory go with --dry-run (they estimate, "
             "they run nothing)")
         return 2
     return submit(args, spec, uri, grid, code)
+
+
+# --- a suite -------------------------------------------------------------------------------------
+
+
+def load_suite_specs(args: argparse.Namespace, files: list[str]
+                     ) -> tuple[list[SweepSpec], str] | str:
+    """Every sweep of the suite checked (and their one tracking store) before any runs, or
+    every problem found as one message."""
+    specs, problems, uris = [], [], {}
+    for f in files:
+        try:
+            spec = load_spec(f, overrides=args.overrides)
+            uris.setdefault(resolve_tracking_uri(spec, args.tracking_uri), []).append(f)
+            specs.append(spec)
+        except SpecError as e:
+            problems.append(str(e))
+    if len(uris) > 1:  # reuse looks in one store; a suite over several would train twice
+        problems.append("the sweeps of a suite share one tracking store (--tracking-uri); "
+                        "these name different ones: " + "; ".join(
+                            f"{layout.redact_uri(u)}: {', '.join(fs)}" for u, fs in uris.items()))
+    return "\n".join(problems) if problems else (specs, next(iter(uris)))
+
+
+def run_suite(args: argparse.Namespace, label: str, files: list[str]) -> int:
+    """The sweeps one after another (`pipeline.suite`); stops at a sweep that cannot run (2)
+    or loses its tracking store (3). The exit code is the worst sweep's."""
+    if args.zero_shot_check or args.replay:
+        say("--zero-shot-check and --replay take one sweep file")
+        return 2
+    loaded = load_suite_specs(args, files)
+    if isinstance(loaded, str):
+        say(loaded)
+        say(f"suite {label}: nothing was run")
+        return 2
+    specs, uri = loaded
+    if args.dry_run:
+        return suite_dry_run(args, label, specs, uri)
+    codes: dict[str, int] = {}
+    for i, f in enumerate(files, 1):
+        say(f"\n=== suite {label}: sweep {i}/{len(files)}: {f} ===")
+        codes[f] = run_sweep(argparse.Namespace(**{**vars(args), "sweep": f}))
+        if codes[f] in (2, 3):
+            break
+    say(f"\n=== suite {label}: {len(codes)} of {len(files)} sweeps run ===")
+    for f in files:
+        say(f"  {f}: " + (f"exit {codes[f]}" if f in codes else "not run"))
+    return max(codes.values())
+
+
+def suite_dry_run(args: argparse.Namespace, label: str, specs: list[SweepSpec], uri: str) -> int:
+    from pipeline import dryrun
+
+    try:
+        opts = dryrun.Options(args.bench, args.trial_overhead_s, args.gpu_memory)
+    except dryrun.DryRunError as e:
+        say(str(e))
+        return 2
+    done_code = None if args.ignore_code_version else code_version().version
+    return dryrun.suite_dry_run(label, [(s, group_order(cells(s))) for s in specs], uri,
+                                done_code, args.rerun, not args.no_reuse, opts)
 
 
 def check_before_running(spec: SweepSpec, uri: str, grid: list[GridCell]) -> str:
@@ -188,18 +276,23 @@ def submit(args: argparse.Namespace, spec: SweepSpec, uri: str, grid: list[GridC
                 return sub.replay_done()
             done_code = None if args.ignore_code_version else code.version
             finished = {} if args.rerun else sub.finished(grid, done_code)
+            todo = sub.plan(grid, finished)
+            plans = {} if args.rerun or args.no_reuse else sub.reuse_plans(todo, done_code)
         except lost_errors() as e:
             return sub.lost(e, args.replay)
-        run_phases(sub, args, grid, sub.plan(grid, finished), code)
+        run_phases(sub, args, grid, todo, plans, code)
         sub.replay_records()
     summary(spec, uri, sub.outcome)
     return sub.outcome.exit_code()
 
 
 def run_phases(sub: Submission, args: argparse.Namespace, grid: list[GridCell],
-               todo: list[GridCell], code: Any) -> None:
-    """The grid phase over `todo`, then the search phase; their results go to `sub.outcome`."""
+               todo: list[GridCell], plans: dict[str, Any], code: Any) -> None:
+    """The link phase (cells served by runs of other experiments), the grid phase over the
+    rest of `todo`, then the search phase; their results go to `sub.outcome`."""
     spec = sub.spec
+    links = [c for c in todo if c.name in plans and plans[c.name].kind == reuse.LINK]
+    todo = [c for c in todo if c not in links]
     job = ""
     if todo or spec.search is not None:
         prepare_data(todo, spec)
@@ -211,8 +304,11 @@ def run_phases(sub: Submission, args: argparse.Namespace, grid: list[GridCell],
     context = trial_context(spec, sub.uri, sub.exp_id, sub.parent, code, args, ray_job_id=job,
                             user=sub.user, varied_fields=tuple(spec.varied_fields),
                             known_data=tracking.known_digests())
+    if links:
+        sub.outcome.add(link_cells(sub.tracker, context, links, plans))
     if todo:
-        sub.outcome.add(run_grid(spec, grid, todo, context, args.max_concurrent, args.rerun))
+        sub.outcome.add(run_grid(spec, grid, todo, context, args.max_concurrent, args.rerun,
+                                 plans))
         sub.kill_unfinished_children()
     if spec.search is not None:
         sub.outcome.add(run_search(spec, sub.tracker, context, args.max_concurrent, args.rerun))
@@ -221,88 +317,16 @@ def run_phases(sub: Submission, args: argparse.Namespace, grid: list[GridCell],
 # --- dry run -------------------------------------------------------------------------------------
 
 
-def _finished_for_dry_run(spec: SweepSpec, grid: list[GridCell], uri: str,
-                          code_version: str | None) -> dict[str, Any]:
-    """config hash -> FINISHED run of the cells done, read without creating anything."""
-    if not layout.store_exists(uri):  # (a dry run must not create a SQLite file)
-        return {}
-    tracker = tracking.Tracker(uri)
+def dry_run(args: argparse.Namespace, spec: SweepSpec, grid: list[GridCell], uri: str,
+            code_version: str | None) -> int:
+    from pipeline import dryrun
+
     try:
-        tracker.check()
-        exp = tracker.client.get_experiment_by_name(spec.experiment)
-        if exp is not None:
-            return tracker.finished_by_hash(
-                exp.experiment_id, phase=layout.GRID_PHASE, code_version=code_version, warn=say,
-                data=tracking.grid_data_digests([c.config for c in grid], say))
-    except Exception as e:  # a dry run still shows the work; a real run refuses (exit 2)
-        say(f"warning: {spec.source}: tracking store {layout.redact_uri(uri)} not "
-            f"readable ({type(e).__name__}): every cell is shown as todo; a real run "
-            f"would stop here")
-    return {}
-
-
-def dry_run(spec: SweepSpec, grid: list[GridCell], uri: str, done_code_version: str | None,
-            rerun: bool, bench_file: str | None = None,
-            overhead_s: float | None = None, gpu_memory: str | None = None) -> int:
-    from pipeline import estimate
-
-    bench = None
-    if overhead_s is not None and overhead_s < 0:
-        say(f"--trial-overhead-s must be >= 0, got {overhead_s:g}")
-        return 2
-    try:
-        gpu_gb = None if gpu_memory is None else estimate.parse_gpu_memory(gpu_memory)
-    except ValueError as e:
+        opts = dryrun.Options(args.bench, args.trial_overhead_s, args.gpu_memory)
+    except dryrun.DryRunError as e:
         say(str(e))
         return 2
-    if bench_file:
-        try:
-            bench = estimate.load_bench(bench_file)
-        except estimate.EstimateError as e:
-            say(str(e))
-            return 2
-    finished = {} if rerun else _finished_for_dry_run(spec, grid, uri, done_code_version)
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{spec.name}: {spec.source}")
-    for col in ("#", "cell", "config_hash", "state"):
-        table.add_column(col, justify="right" if col == "#" else "left")
-    for i, c in enumerate(grid, 1):
-        table.add_row(str(i), c.name, c.config_hash,
-                      "done" if c.config_hash in finished else "todo")
-    console = Console(width=max(120, Console().width))
-    console.print(table)
-    done = sum(c.config_hash in finished for c in grid)
-    say(f"total: {len(grid)} cells, {done} done, {len(grid) - done} todo"
-        + (f"; then an Optuna search of {spec.search.num_samples} samples on "
-           f"{spec.search.metric} ({spec.search.mode})" if spec.search else ""))
-    say(f"experiment {spec.experiment!r} at {layout.redact_uri(uri)}; "
-        f"storage {layout.redact_uri(spec.storage)}; "
-        f"per trial {spec.resources.cpu:g} CPU, {spec.resources.gpu:g} GPU")
-    todo = [(c.name, c.config) for c in grid if c.config_hash not in finished]
-    if spec.search is not None:  # the samples' searched fields are unknown: the fixed settings
-        todo += [(f"search sample {i + 1}", spec.base_config(), "search (fixed settings)")
-                 for i in range(spec.search.num_samples)]
-    overhead_from = "--trial-overhead-s"
-    if bench is not None and overhead_s is None and bench.trial_overhead_s is None:
-        overhead_s, n = estimate.measured_overhead(finished.values())
-        overhead_from = f"mean timing/overhead_s of {n} finished run(s) of this sweep"
-    try:
-        est = estimate.estimate(todo, bench, cache_enabled=_cache_enabled(spec),
-                                overhead_s=overhead_s, overhead_from=overhead_from)
-    except estimate.EstimateError as e:
-        say(f"{spec.source}: {e}")
-        return 2
-    estimate.report(est, say, arch=[c.config.arch for c in grid])
-    rows, _ = estimate.memory_by_dataset(todo)  # (cells of unknown size: said by report above)
-    estimate.memory_report(rows, say, spec.resources.gpu, gpu_gb)
-    return 0
-
-
-def _cache_enabled(spec: SweepSpec) -> bool:
-    cache = getattr(spec, "cache", None)  # the sweep's `cache:` block (feature cache, default on)
-    return bool(getattr(cache, "enabled", True))
+    return dryrun.dry_run(spec, grid, uri, code_version, args.rerun, not args.no_reuse, opts)
 
 
 def prepare_data(todo: list[GridCell], spec: SweepSpec) -> None:
@@ -376,7 +400,11 @@ def summary(spec: SweepSpec, uri: str, out: Outcome) -> None:
     say("")
     say(f"=== {spec.name}: {len(out.finished)} finished, "
         f"{out.num_skipped} skipped (already FINISHED), "
-        f"{len(out.failed)} failed ===")
+        + (f"{len(out.linked)} linked from other experiments, " if out.linked else "")
+        + f"{len(out.failed)} failed ===")
+    if out.evaluated:
+        say(f"  {len(out.evaluated)} cell(s) evaluated the weights of a finished training "
+            f"instead of training again (tags reuse, reused_from, trained_by)")
     for name, reason in out.failed:
         say(f"  FAILED {name}: {reason}")
     if out.search_best:

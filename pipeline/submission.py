@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any
 
-from pipeline import layout, tracking
+from pipeline import layout, reuse, tracking
 from pipeline.collect import Outcome
 from pipeline.env import versions
 
@@ -140,6 +140,20 @@ class Submission:
             f"already FINISHED, {len(todo)} to run; experiment {self.spec.experiment!r} at "
             f"{layout.redact_uri(self.uri)}")
         return todo
+
+    def reuse_plans(self, todo: list[Any], code_version: str | None) -> dict[str, Any]:
+        """cell name -> `pipeline.reuse.Plan` of the cells to run: linked from, or evaluated
+        with the weights of, a FINISHED run elsewhere in the store, else trained."""
+        index = reuse.ReuseIndex.from_store(self.tracker, code_version)
+        plans = reuse.plan_cells(index, todo, tracking.grid_data_digests(
+            [c.config for c in todo]))
+        n = reuse.count(plans)
+        self.outcome.evaluated = [c.name for c in todo if plans[c.name].kind == reuse.EVALUATE]
+        if n[reuse.LINK] or n[reuse.EVALUATE]:
+            say(f"reuse: {n[reuse.LINK]} cell(s) linked from runs of other experiments, "
+                f"{n[reuse.EVALUATE]} evaluated with the weights of a finished training, "
+                f"{n[reuse.TRAIN]} to train")
+        return plans
 
     def lost(self, e: BaseException, replay: bool) -> int:
         """MLflow went away before any trial ran: say so and leave the parent run (exit 3)."""

@@ -61,6 +61,7 @@ HEARTBEAT_S = 30.0  # the driver refreshes its parent run's heartbeat tag this o
 STALE_S = 300.0  # a RUNNING parent without a heartbeat for this long is an orphan
 _BATCH = 900  # metrics per log_batch call (MLflow's REST limit is 1000)
 RECORD_FORMAT = "perl-trial-record/1"
+PROJECTORS_FILE = "projectors.safetensors"  # a trial run's weights: artifact projectors/<this>
 # Bounded MLflow HTTP calls (set only where the user has not): a tracking server that is down
 # costs a trial ~10 s per call, not minutes; the record in storage covers the outage.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -782,7 +783,7 @@ class Tracker:
         with tempfile.TemporaryDirectory(prefix="perl-artifacts-") as tmp:
             t = Path(tmp)
             (t / "projectors").mkdir()
-            (t / "projectors" / "projectors.safetensors").write_bytes(projectors)
+            (t / "projectors" / PROJECTORS_FILE).write_bytes(projectors)
             (t / "config.json").write_text(json.dumps(record.config, indent=1))
             (t / "per_class.json").write_text(json.dumps(record.per_class, indent=1))
             (t / "metrics.json").write_text(json.dumps(record.metrics, indent=1, sort_keys=True))
@@ -793,6 +794,38 @@ class Tracker:
             results = results_note(record.metrics)
             done[NOTE_TAG] = _clip(record.tags[NOTE_TAG] + (f"\n\n{results}" if results else ""))
         self.set_tags(run_id, done)
+
+    def log_link(self, experiment_id: str, parent_run_id: str, run_name: str, cfg: TrainConfig,
+                 tags: dict[str, str], source_run_id: str, metrics: dict[str, float],
+                 inputs: list[dict[str, str]] | None = None) -> str:
+        """A FINISHED child run whose result is an existing run's (`pipeline.reuse`): this
+        cell's params, `tags`, `metrics` (the per-step ones charted as `log_result` does) and a
+        copy of the source's artifacts. Created RUNNING and closed last: a link cut off half-way
+        is never a result (the next submission marks it KILLED and links again)."""
+        from mlflow.entities import Metric
+
+        run_id = self.start_trial(experiment_id, parent_run_id, run_name, cfg, tags,
+                                  inputs=inputs)
+        now = int(time.time() * 1000)
+        batch = [Metric(k, v, now, step) for k, v, step in step_charted(metrics)]
+        for i in range(0, len(batch), _BATCH):
+            self.client.log_batch(run_id, metrics=batch[i:i + _BATCH])
+        with tempfile.TemporaryDirectory(prefix="perl-link-") as tmp:
+            got = self.client.download_artifacts(source_run_id, "", tmp)
+            if any(Path(got).iterdir()):
+                self.client.log_artifacts(run_id, got)
+        note = tags.get(NOTE_TAG)
+        if note:
+            results = results_note(metrics)
+            self.set_tags(run_id, {NOTE_TAG: _clip(note + (f"\n\n{results}" if results else ""))})
+        self.end(run_id, "FINISHED")
+        return run_id
+
+    def projectors(self, run_id: str) -> bytes:
+        """The projector file a trial run logged (`projectors/projectors.safetensors`)."""
+        with tempfile.TemporaryDirectory(prefix="perl-weights-") as tmp:
+            path = self.client.download_artifacts(run_id, f"projectors/{PROJECTORS_FILE}", tmp)
+            return Path(path).read_bytes()
 
     def end(self, run_id: str, status: str = "FINISHED", detail: str | None = None,
             end_ms: int | None = None) -> None:

@@ -11,7 +11,9 @@ like its steps, each a function below:
 3. `open_run`: the feature cache, the device, the tags and the child MLflow run (params = every
    TrainConfig field; tags: hash, code, node, trial, ...);
 4. `train`: `fit` with a callback that reports progress to Tune and a checkpoint adapter over
-   `tune.get_checkpoint()` / `tune.Checkpoint.from_directory`, so a retried trial resumes;
+   `tune.get_checkpoint()` / `tune.Checkpoint.from_directory`, so a retried trial resumes; a
+   cell the driver planned as `evaluate` (`pipeline.reuse`) instead loads the projectors of the
+   run that trained them and only evaluates (`evaluate_reused`);
 5. `persist_record`: the result as a storage record (JSON + safetensors, local or s3) *before*
    MLflow, so an MLflow outage loses nothing (`python -m pipeline.run SWEEP --replay`);
 6. `log_and_close`: metrics, curves (per optimizer step and per epoch) and artifacts to MLflow,
@@ -62,7 +64,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from perl_core.config import TrainConfig  # noqa: E402
-from pipeline import faults, layout, tracking  # noqa: E402
+from perl_core.protocol import training_hash  # noqa: E402
+from pipeline import faults, layout, reuse, tracking  # noqa: E402
 from pipeline.context import TrialContext  # noqa: E402
 from pipeline.env import device_info, versions  # noqa: E402
 
@@ -390,7 +393,8 @@ def trial_tags(cfg: TrainConfig, name: str, context: TrialContext, device: Any =
     except Exception:  # outside a Tune session (direct call in a test)
         trial_id = ""
     tags = {
-        "config_hash": cfg.config_hash(), "code_sha": context.code_sha,
+        "config_hash": cfg.config_hash(), reuse.TRAINING_HASH_TAG: training_hash(cfg),
+        "code_sha": context.code_sha,
         "code_dirty": context.code_dirty, "code_version": context.code_version,
         "sweep": context.sweep,
         "phase": context.phase, "dataset": cfg.dataset, "protocol": cfg.protocol,
@@ -440,6 +444,16 @@ def arm_tags(config: dict[str, Any], context: TrialContext | Mapping[str, Any]
     spec = _field(context, "sweep_arm_spec")
     return {"arm": arm, "sweep_arms": _field(context, "sweep_arms"),
             **({"sweep_arm_spec": spec} if spec else {})}
+
+
+def cell_plan(config: dict[str, Any]) -> reuse.Plan:
+    """The driver's plan of a grid cell (`pipeline.reuse`): train, unless the cell carries an
+    `evaluate` source (its `reuse` entry: kind, run_id, trained_by)."""
+    got = (config.get("cell") or {}).get("reuse") or {}
+    if got.get("kind") != reuse.EVALUATE:
+        return reuse.Plan(reuse.TRAIN)
+    return reuse.Plan(reuse.EVALUATE, reuse.Source(got["run_id"], got["run_id"],
+                                                   got.get("trained_by") or got["run_id"]))
 
 
 def import_sweep_modules(context: TrialContext) -> None:
@@ -588,7 +602,8 @@ def open_run(trial: Trial) -> OpenRun:
     except (ValueError, RuntimeError) as e:
         device, device_error = None, e
     tags = {**trial_tags(cfg, trial.name, ctx, device), **cache_tag,
-            **arm_tags(trial.config, ctx), **note_tags(cfg, trial.name, ctx, trial.data)}
+            **arm_tags(trial.config, ctx), **note_tags(cfg, trial.name, ctx, trial.data),
+            **reuse.reuse_tags(cell_plan(trial.config))}
     trial.clock.lap("tags")
     run = OpenRun(None, tags, int(time.time() * 1000), cache, device, device_error)
     if trial.tracker is not None:
@@ -633,10 +648,14 @@ def train(trial: Trial, run: OpenRun) -> Trained:
     clock.lap("build_model")
     before = run.cache.stats() if run.cache is not None else {}
     ckpt = TuneCheckpoint()
+    plan = cell_plan(trial.config)
     try:
-        result = fit(fit_cfg, callbacks=[_progress_callback(trial.name, cfg.dataset)],
-                     model=model, checkpoint=ckpt, progress=False,
-                     checkpoint_every=CHECKPOINT_EVERY, cache=run.cache, device=run.device)
+        if plan.kind == reuse.EVALUATE:
+            result = evaluate_reused(trial, run, model, fit_cfg, plan.source)
+        else:
+            result = fit(fit_cfg, callbacks=[_progress_callback(trial.name, cfg.dataset)],
+                         model=model, checkpoint=ckpt, progress=False,
+                         checkpoint_every=CHECKPOINT_EVERY, cache=run.cache, device=run.device)
     finally:
         # the trial's activations and optimizer state are freed (or going with the exception):
         # give the allocator's cached blocks back, or a reused actor keeps this trial's peak
@@ -647,6 +666,29 @@ def train(trial: Trial, run: OpenRun) -> Trained:
     metrics.update(cache_metrics(run.cache, before))
     metrics.update(clock.metrics(totals=False))  # phases so far (MLflow: timed below)
     return Trained(result, ckpt.resumed_step, metrics)
+
+
+def evaluate_reused(trial: Trial, run: OpenRun, model: Any, cfg: TrainConfig,
+                    source: reuse.Source) -> Any:
+    """An `evaluate` cell: the source run's projectors (its MLflow artifact), checked to be of
+    this cell's training, evaluated as this cell evaluates; the source's train/* losses kept
+    (they are the weights' training's)."""
+    from perl_core.train import evaluate_projectors, projectors_from_bytes
+
+    if trial.tracker is None:
+        raise RuntimeError(f"{trial.name}: the weights of run {source.run_id} (planned to be "
+                           f"evaluated, not retrained) cannot be fetched: MLflow is unreachable; "
+                           f"the next submission runs this cell again")
+    blob = trial.tracker.projectors(source.run_id)
+    state, trained_cfg = projectors_from_bytes(blob, f"run {source.run_id}'s projectors")
+    if training_hash(trained_cfg) != training_hash(cfg):
+        raise ValueError(f"{trial.name}: run {source.run_id}'s projectors are of another training "
+                         f"(training_hash {training_hash(trained_cfg)}, this cell's "
+                         f"{training_hash(cfg)}); refusing to evaluate them as this cell")
+    result = evaluate_projectors(cfg, state, model=model, cache=run.cache, device=run.device)
+    losses = trial.tracker.client.get_run(source.run_id).data.metrics
+    result.metrics.update({k: v for k, v in losses.items() if k.startswith("train/")})
+    return result
 
 
 def build_record(trial: Trial, run: OpenRun, trained: Trained) -> tracking.TrialRecord:
@@ -668,8 +710,8 @@ def projector_bytes(result: Any) -> bytes:
     from perl_core.train import save_projectors
 
     with tempfile.TemporaryDirectory(prefix="perl-proj-") as d:
-        save_projectors(Path(d) / "projectors.safetensors", result)
-        return (Path(d) / "projectors.safetensors").read_bytes()
+        save_projectors(Path(d) / tracking.PROJECTORS_FILE, result)
+        return (Path(d) / tracking.PROJECTORS_FILE).read_bytes()
 
 
 def persist_record(trial: Trial, run: OpenRun, trained: Trained

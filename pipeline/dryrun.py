@@ -1,0 +1,222 @@
+"""`pipeline.run ... --dry-run`: what a submission would do, read without creating anything.
+
+One sweep: every cell with its state (`done` in its experiment; `link` / `evaluate`: served by a
+run elsewhere in the store, `pipeline.reuse`; `todo`: trained), the totals, the workload and GPU
+time of the cells to run (`pipeline.estimate`; an `evaluate` cell counts its evaluation only) and
+the expected peak memory per trial.
+
+A suite (`pipeline.suite`): one line per sweep (cells, done, link, evaluate, train; a later
+sweep's cells that an earlier one runs are planned as link / evaluate, as the real run would
+find them), the distinct configs and trainings of the whole suite, and the workload (and GPU
+time, with --bench) before and after deduplication: before, each sweep on its own trains every
+cell it has not finished; after, each distinct training runs once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from perl_core.protocol import training_hash
+from pipeline import estimate, layout, reuse, tracking
+from pipeline.spec import GridCell, SweepSpec
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+class DryRunError(ValueError):
+    """A bad --bench / --gpu-memory / --trial-overhead-s value (exit 2)."""
+
+
+class Options:
+    """The estimate's inputs of the command line, checked once."""
+
+    def __init__(self, bench_file: str | None, overhead_s: float | None,
+                 gpu_memory: str | None):
+        if overhead_s is not None and overhead_s < 0:
+            raise DryRunError(f"--trial-overhead-s must be >= 0, got {overhead_s:g}")
+        try:
+            self.gpu_gb = None if gpu_memory is None else estimate.parse_gpu_memory(gpu_memory)
+            self.bench = estimate.load_bench(bench_file) if bench_file else None
+        except (ValueError, estimate.EstimateError) as e:
+            raise DryRunError(str(e)) from None
+        self.overhead_s = overhead_s
+
+
+def _store(uri: str, source: str) -> tracking.Tracker | None:
+    """The tracking store, when it exists and answers (a dry run must not create a SQLite
+    file); None with a warning when it does not answer."""
+    if not layout.store_exists(uri):
+        return None
+    tracker = tracking.Tracker(uri)
+    try:
+        tracker.check()
+        return tracker
+    except Exception as e:  # a dry run still shows the work; a real run refuses (exit 2)
+        say(f"warning: {source}: tracking store {layout.redact_uri(uri)} not readable "
+            f"({type(e).__name__}): every cell is shown as todo; a real run would stop here")
+        return None
+
+
+def finished(tracker: tracking.Tracker | None, spec: SweepSpec, grid: list[GridCell],
+             code_version: str | None) -> dict[str, Any]:
+    """config hash -> FINISHED run of the cells done in the sweep's experiment."""
+    if tracker is None:
+        return {}
+    exp = tracker.client.get_experiment_by_name(spec.experiment)
+    if exp is None:
+        return {}
+    return tracker.finished_by_hash(
+        exp.experiment_id, phase=layout.GRID_PHASE, code_version=code_version, warn=say,
+        data=tracking.grid_data_digests([c.config for c in grid], say))
+
+
+def reuse_index(tracker: tracking.Tracker | None, code_version: str | None,
+                enabled: bool) -> reuse.ReuseIndex:
+    if tracker is None or not enabled:
+        return reuse.ReuseIndex()
+    return reuse.ReuseIndex.from_store(tracker, code_version)
+
+
+def to_run(spec: SweepSpec, cells_: Iterable[GridCell], plans: dict[str, reuse.Plan]
+           ) -> list[tuple]:
+    """The estimate's (name, config, group) of the cells that run: a trained cell whole, an
+    `evaluate` cell as a training of no epoch (its evaluation only), a link not at all."""
+    out = []
+    for c in cells_:
+        kind = plans[c.name].kind if c.name in plans else reuse.TRAIN
+        if kind == reuse.TRAIN:
+            out.append((c.name, c.config, c.config.dataset))
+        elif kind == reuse.EVALUATE:
+            out.append((c.name, c.config.replace(epochs=0), f"{c.config.dataset} (evaluate)"))
+    return out
+
+
+def _estimate(spec: SweepSpec, named: list[tuple], opts: Options,
+              done_runs: Iterable[Any] = ()) -> estimate.Estimate:
+    overhead_s, overhead_from = opts.overhead_s, "--trial-overhead-s"
+    bench = opts.bench
+    if bench is not None and overhead_s is None and bench.trial_overhead_s is None:
+        overhead_s, n = estimate.measured_overhead(done_runs)
+        overhead_from = f"mean timing/overhead_s of {n} finished run(s) of this sweep"
+    return estimate.estimate(named, bench, cache_enabled=spec.cache.enabled,
+                             overhead_s=overhead_s, overhead_from=overhead_from)
+
+
+# --- one sweep -----------------------------------------------------------------------------------
+
+
+def dry_run(spec: SweepSpec, grid: list[GridCell], uri: str, code_version: str | None,
+            rerun: bool, use_reuse: bool, opts: Options) -> int:
+    """Print the cells and totals of one sweep (exit code 0, 2 for an estimate problem)."""
+    tracker = None if rerun else _store(uri, spec.source)
+    done = finished(tracker, spec, grid, code_version)
+    todo = [c for c in grid if c.config_hash not in done]
+    plans = reuse.plan_cells(reuse_index(tracker, code_version, use_reuse), todo,
+                             tracking.grid_data_digests([c.config for c in todo]))
+    _cell_table(spec, grid, done, plans)
+    n = reuse.count(plans)
+    say(f"total: {len(grid)} cells, {len(done)} done, {n[reuse.LINK]} to link, "
+        f"{n[reuse.EVALUATE]} to evaluate from a finished training, {n[reuse.TRAIN]} to train"
+        + (f"; then an Optuna search of {spec.search.num_samples} samples on "
+           f"{spec.search.metric} ({spec.search.mode})" if spec.search else ""))
+    say(f"experiment {spec.experiment!r} at {layout.redact_uri(uri)}; "
+        f"storage {layout.redact_uri(spec.storage)}; "
+        f"per trial {spec.resources.cpu:g} CPU, {spec.resources.gpu:g} GPU")
+    named = to_run(spec, todo, plans)
+    if spec.search is not None:  # the samples' searched fields are unknown: the fixed settings
+        named += [(f"search sample {i + 1}", spec.base_config(), "search (fixed settings)")
+                  for i in range(spec.search.num_samples)]
+    try:
+        est = _estimate(spec, named, opts, done.values())
+    except estimate.EstimateError as e:
+        say(f"{spec.source}: {e}")
+        return 2
+    estimate.report(est, say, arch=[c.config.arch for c in grid])
+    rows, _ = estimate.memory_by_dataset(named)  # (cells of unknown size: said by report above)
+    estimate.memory_report(rows, say, spec.resources.gpu, opts.gpu_gb)
+    return 0
+
+
+def _cell_table(spec: SweepSpec, grid: list[GridCell], done: dict[str, Any],
+                plans: dict[str, reuse.Plan]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{spec.name}: {spec.source}")
+    for col in ("#", "cell", "config_hash", "state"):
+        table.add_column(col, justify="right" if col == "#" else "left")
+    for i, c in enumerate(grid, 1):
+        plan = plans.get(c.name)
+        state = "done" if c.config_hash in done else (
+            "todo" if plan is None or plan.kind == reuse.TRAIN else
+            f"{plan.kind} ({plan.source.label})")
+        table.add_row(str(i), c.name, c.config_hash, state)
+    console = Console(width=max(120, Console().width))
+    console.print(table)
+
+
+# --- a suite -------------------------------------------------------------------------------------
+
+
+def suite_dry_run(label: str, specs: list[tuple[SweepSpec, list[GridCell]]], uri: str,
+                  code_version: str | None, rerun: bool, use_reuse: bool, opts: Options) -> int:
+    """Print the suite's per-sweep plan and its totals before and after deduplication."""
+    tracker = None if rerun else _store(uri, label)
+    index = reuse_index(tracker, code_version, use_reuse)
+    before: list[tuple] = []
+    after: list[tuple] = []
+    lines = []
+    for spec, grid in specs:
+        done = finished(tracker, spec, grid, code_version)
+        todo = [c for c in grid if c.config_hash not in done]
+        plans = reuse.plan_cells(index, todo, tracking.grid_data_digests(
+            [c.config for c in todo]))
+        if use_reuse:  # what this sweep runs, a later one finds (the real run's order)
+            index.add_planned([c for c in todo if plans[c.name].kind != reuse.LINK], spec.name)
+        n = reuse.count(plans)
+        lines.append(f"  {spec.name:<24} {len(grid):>5} cells {len(done):>5} done "
+                     f"{n[reuse.LINK]:>5} link {n[reuse.EVALUATE]:>4} evaluate "
+                     f"{n[reuse.TRAIN]:>5} train   ({spec.experiment})")
+        # (names made unique across sweeps: the estimate is keyed by them)
+        before += [(f"{spec.name}/{c.name}", c.config, spec.name) for c in todo]
+        after += [(f"{spec.name}/{name}", cfg, spec.name)
+                  for name, cfg, _ in to_run(spec, todo, plans)]
+    cells_ = [c for _, grid in specs for c in grid]
+    say(f"suite {label}: {len(specs)} sweeps, in this order, into {layout.redact_uri(uri)}")
+    for line in lines:
+        say(line)
+    say(f"total: {len(cells_)} cells, {len({c.config_hash for c in cells_})} distinct configs, "
+        f"{len({training_hash(c.config) for c in cells_})} distinct trainings")
+    try:
+        _work_line("before deduplication (each sweep alone)", specs, before, opts)
+        _work_line("after deduplication (this suite)", specs, after, opts)
+    except estimate.EstimateError as e:
+        say(f"{label}: {e}")
+        return 2
+    if opts.gpu_gb is not None:
+        for spec, grid in specs:
+            rows, _ = estimate.memory_by_dataset([(c.name, c.config) for c in grid])
+            say(f"{spec.name}:")
+            estimate.memory_report(rows, say, spec.resources.gpu, opts.gpu_gb)
+    return 0
+
+
+def _work_line(what: str, specs: list[tuple[SweepSpec, list[GridCell]]], named: list[tuple],
+               opts: Options) -> None:
+    est = _estimate(specs[0][0], named, opts)
+    batch = {name: cfg.batch_size for name, cfg, _ in named}
+    steps = sum(c.work.steps for c in est.cells)
+    line = (f"{what}: {len(named)} trial(s), {sum(1 for c in est.cells if c.work.steps)} of "
+            f"them training: {steps:,} training steps on "
+            f"{sum(c.work.steps * batch[c.name] for c in est.cells):,} training images, "
+            f"{sum(c.work.eval_images for c in est.cells):,} images evaluated")
+    if est.bench is not None:
+        line += f", {est.seconds / 3600:.3g} GPU-h ({est.bench.path})"
+    if est.unknown:
+        line += f"; {len(est.unknown)} trial(s) of unknown size not counted"
+    say(line)
+
+
+__all__ = ["DryRunError", "Options", "dry_run", "suite_dry_run", "finished", "to_run"]
