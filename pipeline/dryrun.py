@@ -117,8 +117,9 @@ def dry_run(spec: SweepSpec, grid: list[GridCell], uri: str, code_version: str |
                              tracking.grid_data_digests([c.config for c in todo]))
     _cell_table(spec, grid, done, plans)
     n = reuse.count(plans)
-    say(f"total: {len(grid)} cells, {len(done)} done, {n[reuse.LINK]} to link, "
-        f"{n[reuse.EVALUATE]} to evaluate from a finished training, {n[reuse.TRAIN]} to train"
+    reused = (f" ({n[reuse.LINK]} to link, {n[reuse.EVALUATE]} to evaluate from a finished "
+              f"training, {n[reuse.TRAIN]} to train)") if n[reuse.LINK] or n[reuse.EVALUATE] else ""
+    say(f"total: {len(grid)} cells, {len(done)} done, {len(todo)} todo{reused}"
         + (f"; then an Optuna search of {spec.search.num_samples} samples on "
            f"{spec.search.metric} ({spec.search.mode})" if spec.search else ""))
     say(f"experiment {spec.experiment!r} at {layout.redact_uri(uri)}; "

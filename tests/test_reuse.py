@@ -233,3 +233,25 @@ def ray_local_client(uri: str):
     from pipeline.queries import mlflow_client
 
     return mlflow_client(uri)
+
+
+def test_bad_suites_are_refused_naming_the_file_and_key(tmp_path, capsys):
+    from pipeline.run import main
+
+    (tmp_path / "a.yaml").write_text((REPO / "sweeps" / "smoke.yaml").read_text())
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: s\nsweeps: [a.yaml, missing.yaml]\nextra: 1\n")
+    assert main([str(bad), "--dry-run"]) == 2
+    out = capsys.readouterr().out
+    assert str(bad) in out and "extra" in out
+    bad.write_text("name: s\nsweeps: [a.yaml, missing.yaml]\n")
+    assert main([str(bad), "--dry-run"]) == 2
+    out = capsys.readouterr().out
+    assert "sweeps[1]" in out and "missing.yaml" in out
+    (tmp_path / "b.yaml").write_text("name: b\nexperiment: x\nfixed: {lr: -1}\n")
+    bad.write_text("name: s\nsweeps: [a.yaml, b.yaml]\n")
+    assert main([str(bad)]) == 2  # every sweep is checked before the first one runs
+    out = capsys.readouterr().out
+    assert "b.yaml" in out and "lr" in out and "suite s: nothing was run" in out
+    assert main([str(bad), str(tmp_path / "a.yaml")]) == 2
+    assert "given alone" in capsys.readouterr().out

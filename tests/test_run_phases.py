@@ -210,7 +210,9 @@ def test_phases_return_results_and_the_outcome_adds_them():
     out = Outcome(done_before=[NS(name="d")])
     out.add(got)
     out.add(PhaseResult(finished=["s1"], best={"value": 1.0}))
-    assert out.count_tags() == {"num_finished": "2", "num_failed": "1", "num_skipped": "2"}
+    out.add(PhaseResult(linked=["l1"]))  # the link phase (pipeline.links)
+    assert out.count_tags() == {"num_finished": "2", "num_failed": "1", "num_skipped": "2",
+                                "num_linked": "1"}
     assert out.search_best == {"value": 1.0} and out.exit_code() == 1
     out.replayed_at_end(1)
     assert out.unlogged == [] and out.replayed == 1
@@ -237,7 +239,7 @@ def test_the_cuda_cache_is_emptied_after_fit_even_when_it_fails(monkeypatch, fai
 
     monkeypatch.setattr(perl_core.train, "fit", fake_fit)
     cfg = TrainConfig(dataset="ToyShapes", arch="perl-tiny", num_workers=0)
-    trial = NS(cfg=cfg, name="c", clock=trainable._Clock())
+    trial = NS(cfg=cfg, name="c", clock=trainable._Clock(), config={"cell": {"name": "c"}})
     run = NS(device_error=None, device=None, cache=None)
     if fails:
         with pytest.raises(RuntimeError, match="boom"):

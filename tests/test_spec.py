@@ -41,6 +41,11 @@ TOY = {"smoke.yaml": 3, "toy/base2novel.yaml": 12, "toy/cross_dataset.yaml": 2,
        "toy/ablation_layer.yaml": 11, "toy/ablation_modality.yaml": 3,
        "toy/ablation_loop.yaml": 9, "toy/sensitivity.yaml": 5, "toy/alignment.yaml": 6,
        "toy/hpo.yaml": 1, "toy/base2novel_long.yaml": 9}
+# suite files (pipeline/suite.py): the paper's nine sweeps, and their embedded-default twins
+PAPER_SWEEPS = ["base2novel.yaml", "cross_dataset.yaml", "domain_generalization.yaml",
+                "ablation_steps.yaml", "ablation_layer.yaml", "ablation_modality.yaml",
+                "ablation_loop.yaml", "alignment.yaml", "sensitivity.yaml"]
+SUITES = {"paper.yaml": PAPER_SWEEPS, "toy/paper.yaml": PAPER_SWEEPS}
 PAPER_SETTINGS = {"arch": "ViT-B-16-quickgelu", "pretrained": "openai", "shots": 16,
                   "inject_layer": 7, "num_steps": 4, "rank": 1, "anchor_weight": 1.0, "lr": 1e-4,
                   "batch_size": 4, "epochs": 1}
@@ -58,7 +63,19 @@ def test_every_sweep_file_is_covered():
     # sweeps/base/ holds included settings (`base:`), not sweeps
     shipped = {p.relative_to(SWEEPS).as_posix() for p in SWEEPS.rglob("*.yaml")
                if p.parent.name != "base"}
-    assert shipped == set(PAPER) | set(TOY)
+    assert shipped == set(PAPER) | set(TOY) | set(SUITES)
+
+
+@pytest.mark.parametrize("name", sorted(SUITES))
+def test_suite_files_list_the_paper_sweeps(name):
+    from pipeline.suite import is_suite, load_suite
+
+    assert is_suite(str(SWEEPS / name))
+    suite, files = load_suite(str(SWEEPS / name))
+    assert [Path(f).name for f in files] == SUITES[name]
+    assert {Path(f).parent for f in files} == {(SWEEPS / name).parent}
+    for f in files:
+        load_spec(f)  # each validates
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
