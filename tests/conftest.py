@@ -15,6 +15,7 @@ tests.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import open_clip
@@ -105,3 +106,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ray_here():
+    """A local Ray (2 CPUs) for the tests of one module that call `pipeline.run.main` in-process:
+    trial workers import the project from the repository (PYTHONPATH)."""
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
+    os.environ.update(env)
+    import ray
+
+    repo = Path(__file__).resolve().parents[1]
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False,
+             runtime_env={"env_vars": {**env, "PYTHONPATH": str(repo)}})
+    yield ray
+    ray.shutdown()

@@ -46,17 +46,7 @@ def toy_hpo_yaml(path: Path, *, world: Path, weights: Path, tmp: Path, num_sampl
     return path
 
 
-@pytest.fixture(scope="module")
-def ray_here():
-    env = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
-    os.environ.update(env)
-    import ray
-
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False,
-             runtime_env={"env_vars": {**env, "PYTHONPATH": str(REPO)}})
-    yield ray
-    ray.shutdown()
+# `ray_here` (a module-scoped local Ray) comes from tests/conftest.py.
 
 
 def _main(path: Path) -> tuple[int, str]:

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -163,23 +162,11 @@ def _trials(uri: str, experiment: str) -> list:
     return [r for r in t.search(exp.experiment_id) if r.data.tags.get("phase") != PARENT_PHASE]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    env = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
-    os.environ.update(env)
-    import ray
-
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False,
-             runtime_env={"env_vars": {**env, "PYTHONPATH": str(REPO)}})
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_toy_suite_trains_each_shared_cell_once(tmp_path, xworld, weights, ray_local, capsys):
+def test_toy_suite_trains_each_shared_cell_once(tmp_path, xworld, weights, ray_here, capsys):
     from pipeline.aggregate import aggregate
+    from pipeline.queries import mlflow_client
     from pipeline.reuse import REUSE_TAG, REUSED_FROM_TAG, TRAINED_BY_TAG, TRAINING_HASH_TAG
     from pipeline.run import main
 
@@ -207,7 +194,7 @@ def test_toy_suite_trains_each_shared_cell_once(tmp_path, xworld, weights, ray_l
     assert link.data.tags["sweep"] == "mixed" and link.data.tags["arm"] == "xd"
     assert link.data.metrics["ToyShapes/acc"] == xd_k1.data.metrics["ToyShapes/acc"]
     assert not any(k.startswith("timing/") for k in link.data.metrics)
-    arts = {a.path for a in ray_local_client(uri).list_artifacts(link.info.run_id, "projectors")}
+    arts = {a.path for a in mlflow_client(uri).list_artifacts(link.info.run_id, "projectors")}
     assert arts == {"projectors/projectors.safetensors"}
     ev = next(r for r in mixed if r.data.tags.get(REUSE_TAG) == "evaluate")
     assert ev.data.tags[REUSED_FROM_TAG] == ev.data.tags[TRAINED_BY_TAG] == xd_k1.info.run_id
@@ -227,12 +214,6 @@ def test_toy_suite_trains_each_shared_cell_once(tmp_path, xworld, weights, ray_l
     out = capsys.readouterr().out
     assert rc == 0, out
     assert len(_trials(uri, "test/xd")) == 2 and len(_trials(uri, "test/mixed")) == 3, out
-
-
-def ray_local_client(uri: str):
-    from pipeline.queries import mlflow_client
-
-    return mlflow_client(uri)
 
 
 def test_bad_suites_are_refused_naming_the_file_and_key(tmp_path, capsys):

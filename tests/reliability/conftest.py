@@ -76,6 +76,24 @@ def child_runs(db: Path) -> list[dict]:
     return [r for r in runs(db) if r["tags"].get("phase") != "sweep" and "config_hash" in r["tags"]]
 
 
+def wait_for_running(db: Path, p, timeout: float = 240) -> list[dict]:
+    """The trial runs RUNNING in the store, as soon as there is one (or [] when the driver `p`
+    exits or `timeout` passes first)."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and p.poll() is None:
+        if db.exists():
+            try:
+                running = [r for r in child_runs(db) if r["status"] == "RUNNING"]
+            except Exception:  # the store is still being created
+                running = []
+            if running:
+                return running
+        time.sleep(0.5)
+    return []
+
+
 # --- a real `mlflow server` that a test can kill and restart (same port, same backend) ----------
 
 

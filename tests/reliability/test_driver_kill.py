@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from .conftest import child_runs, cli, finish, runs, start_cli, sweep_yaml
+from .conftest import child_runs, cli, finish, wait_for_running, runs, start_cli, sweep_yaml
 
 pytestmark = pytest.mark.reliability
 
@@ -25,16 +25,7 @@ def test_driver_sigkill_then_rerun_finishes_each_cell_once(tmp_path, world, weig
     slow = {"PERL_TEST_STEP_DELAY_S": "0.3"}
     p = start_cli([str(y), "--ignore-code-version"], log, env=slow)
     # wait until at least one trial run is RUNNING in MLflow, then kill the driver (only it)
-    deadline, running = time.time() + 240, []
-    while time.time() < deadline and p.poll() is None:
-        if db.exists():
-            try:
-                running = [r for r in child_runs(db) if r["status"] == "RUNNING"]
-            except Exception:  # the store is still being created
-                running = []
-            if running:
-                break
-        time.sleep(0.5)
+    running = wait_for_running(db, p)
     assert running, f"no trial started before the driver exited:\n{log.read_text()}"
     os.kill(p.pid, signal.SIGKILL)
     assert finish(p, 60) == -signal.SIGKILL

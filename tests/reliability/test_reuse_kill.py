@@ -7,13 +7,12 @@ from __future__ import annotations
 import collections
 import os
 import signal
-import time
 
 import pytest
 
 from test_reuse import write_two_sweep_suite  # tests/test_reuse.py
 
-from .conftest import child_runs, cli, finish, start_cli
+from .conftest import child_runs, cli, finish, wait_for_running, start_cli
 
 pytestmark = pytest.mark.reliability
 
@@ -35,16 +34,7 @@ def test_kill_during_the_shared_phase_loses_nothing(tmp_path, xworld, weights):
     # --ignore-code-version: the working tree may change between the two submissions
     p = start_cli([str(suite), "--ignore-code-version"], log,
                   env={"PERL_TEST_STEP_DELAY_S": "0.3"})
-    deadline, running = time.time() + 240, []
-    while time.time() < deadline and p.poll() is None:
-        if db.exists():
-            try:
-                running = [r for r in child_runs(db) if r["status"] == "RUNNING"]
-            except Exception:  # the store is still being created
-                running = []
-            if running:
-                break
-        time.sleep(0.5)
+    running = wait_for_running(db, p)
     assert running, f"no trial started before the driver exited:\n{log.read_text()}"
     assert {r["experiment"] for r in running} == {"test/xd"}  # killed in the shared phase
     os.kill(p.pid, signal.SIGKILL)
