@@ -3,6 +3,7 @@
 
     python -m pipeline.status SWEEP.yaml [--tracking-uri URI] [--ignore-code-version] [--cells]
                                          [--bench BENCH.json]
+    python -m pipeline.status SUITE.yaml | SWEEP.yaml SWEEP.yaml ...   # each sweep in turn
 
 Three sources, each optional but MLflow:
 
@@ -62,6 +63,8 @@ from pipeline import layout, queries, tracking  # noqa: E402
 from pipeline.env import code_fingerprint  # noqa: E402
 from pipeline.spec import (SpecError, add_set_argument, cells, load_spec, locate_sweep,  # noqa: E402
                            resolve_tracking_uri)
+from pipeline.reuse import LINK, REUSE_TAG  # noqa: E402
+from pipeline.suite import SuiteError, sweep_files  # noqa: E402
 
 STATES = ("done", "running", "failed", "left", "stale")
 STALE_LABEL = "stale (driver gone?)"
@@ -210,7 +213,9 @@ def cell_states(runs: list, grid: list, code_version: str | None,
                 not tracking.data_changed(r.data.tags, data or {})]
         if done:
             r = done[-1]
-            secs = ((r.info.end_time or 0) - (r.info.start_time or 0)) / 1000 or None
+            # a linked run took no trial time (`pipeline.reuse`): not a trial time for the ETA
+            secs = None if r.data.tags.get(REUSE_TAG) == LINK else (
+                (r.info.end_time or 0) - (r.info.start_time or 0)) / 1000 or None
             out.append(CellStatus(c.name, c.config_hash, "done", seconds=secs, tune=t))
             continue
         last = rs[-1] if rs else None
@@ -428,7 +433,8 @@ def apply_ray(drivers: dict[str, Driver], jobs: dict[str, str]) -> None:
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pipeline.status",
                                  description="Progress of a sweep from MLflow, Tune and Ray.")
-    ap.add_argument("sweep")
+    ap.add_argument("sweeps", nargs="+", metavar="SWEEP",
+                    help="sweep YAML; several, or a suite file (sweeps/paper.yaml): each in turn")
     add_set_argument(ap)  # the same overrides as the run it follows
     ap.add_argument("--tracking-uri", default=None)
     ap.add_argument("--ignore-code-version", action="store_true")
@@ -444,8 +450,23 @@ def _say(text: str) -> None:  # plain lines (no rich markup, no wrapping): grep-
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The status of each sweep given (a suite file: of each of its sweeps, in its order)."""
     args = _parser().parse_args(argv)
-    args.sweep = locate_sweep(args.sweep)
+    try:
+        _, files = sweep_files(args.sweeps, locate_sweep)
+    except SuiteError as e:
+        print(e)
+        return 2
+    codes = []
+    for i, f in enumerate(files):
+        if i:
+            _say("")
+        codes.append(sweep_status(argparse.Namespace(**{**vars(args), "sweep": f})))
+    return max(codes)
+
+
+def sweep_status(args: argparse.Namespace) -> int:
+    """The status of the one sweep `args.sweep`."""
     try:
         spec = load_spec(args.sweep, overrides=args.overrides)
         uri = resolve_tracking_uri(spec, args.tracking_uri)

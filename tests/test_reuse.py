@@ -209,6 +209,12 @@ def test_toy_suite_trains_each_shared_cell_once(tmp_path, xworld, weights, ray_h
     text = "\n".join(t.to_frame().to_csv() if hasattr(t, "to_frame") else str(t)
                      for t in agg.tables)
     assert "ToyWorldV2" in text and "ToyShapes" in text, text
+    from pipeline.status import main as status
+
+    assert status([str(suite)]) == 0  # a suite's status: each sweep in turn, links done
+    out = capsys.readouterr().out
+    assert "2 cells: 2 done, 0 running, 0 failed, 0 left" in out, out
+    assert "3 cells: 3 done, 0 running, 0 failed, 0 left" in out, out
     # a second submission of the suite runs nothing
     rc = main([str(suite)])
     out = capsys.readouterr().out
