@@ -35,6 +35,9 @@ class TrialContext:
     sweep_file: str = ""
     rerun: bool = False
     ignore_code_version: bool = False
+    # whether a grid cell may evaluate a finished training's weights (`pipeline.reuse`); off
+    # with --rerun / --no-reuse, also for the cells of a restored Tune experiment
+    reuse: bool = True
     imports: tuple[str, ...] = ()  # imported by every trial on its worker (registrations)
     sweep_arms: str = ""  # the arms' order, for the aggregate's rows
     sweep_arm_spec: str = ""  # how the aggregate places this sweep's runs without an arm tag
@@ -88,6 +91,7 @@ def trial_context(spec: Any, uri: str, exp_id: str, parent: str, code: Any, args
         cache=spec.cache.model_dump(), code_sha=code.sha, code_dirty=code.dirty,
         code_version=code.version, sweep_file=os.path.abspath(args.sweep),
         rerun=bool(args.rerun), ignore_code_version=bool(args.ignore_code_version),
+        reuse=not (args.rerun or getattr(args, "no_reuse", False)),
         imports=tuple(spec.imports), sweep_arms=",".join(spec.arm_names),
         sweep_arm_spec=arm_spec, phase=layout.GRID_PHASE, **more)
 

@@ -14,6 +14,7 @@ cell it has not finished; after, each distinct training runs once.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 from perl_core.protocol import training_hash
@@ -44,6 +45,18 @@ class Options:
         self.overhead_s = overhead_s
 
 
+@dataclass(frozen=True)
+class Versions:
+    """The code version a done run needs (None: any, --ignore-code-version) and this code's."""
+
+    done: str | None
+    current: str
+
+    @classmethod
+    def of(cls, args: Any, current: str) -> "Versions":
+        return cls(None if args.ignore_code_version else current, current)
+
+
 def _store(uri: str, source: str) -> tracking.Tracker | None:
     """The tracking store, when it exists and answers (a dry run must not create a SQLite
     file); None with a warning when it does not answer."""
@@ -72,11 +85,11 @@ def finished(tracker: tracking.Tracker | None, spec: SweepSpec, grid: list[GridC
         data=tracking.grid_data_digests([c.config for c in grid], say))
 
 
-def reuse_index(tracker: tracking.Tracker | None, code_version: str | None,
+def reuse_index(tracker: tracking.Tracker | None, versions: Versions,
                 enabled: bool) -> reuse.ReuseIndex:
     if tracker is None or not enabled:
         return reuse.ReuseIndex()
-    return reuse.ReuseIndex.from_store(tracker, code_version)
+    return reuse.ReuseIndex.from_store(tracker, versions.done, versions.current)
 
 
 def to_run(spec: SweepSpec, cells_: Iterable[GridCell], plans: dict[str, reuse.Plan]
@@ -107,14 +120,15 @@ def _estimate(spec: SweepSpec, named: list[tuple], opts: Options,
 # --- one sweep -----------------------------------------------------------------------------------
 
 
-def dry_run(spec: SweepSpec, grid: list[GridCell], uri: str, code_version: str | None,
+def dry_run(spec: SweepSpec, grid: list[GridCell], uri: str, versions: Versions,
             rerun: bool, use_reuse: bool, opts: Options) -> int:
     """Print the cells and totals of one sweep (exit code 0, 2 for an estimate problem)."""
     tracker = None if rerun else _store(uri, spec.source)
-    done = finished(tracker, spec, grid, code_version)
+    done = _guarded(lambda: finished(tracker, spec, grid, versions.done), {}, spec.source, uri)
     todo = [c for c in grid if c.config_hash not in done]
-    plans = reuse.plan_cells(reuse_index(tracker, code_version, use_reuse), todo,
-                             tracking.grid_data_digests([c.config for c in todo]))
+    index = _guarded(lambda: reuse_index(tracker, versions, use_reuse), reuse.ReuseIndex(),
+                     spec.source, uri)
+    plans = reuse.plan_cells(index, todo, tracking.grid_data_digests([c.config for c in todo]))
     _cell_table(spec, grid, done, plans)
     n = reuse.count(plans)
     reused = (f" ({n[reuse.LINK]} to link, {n[reuse.EVALUATE]} to evaluate from a finished "
@@ -162,15 +176,16 @@ def _cell_table(spec: SweepSpec, grid: list[GridCell], done: dict[str, Any],
 
 
 def suite_dry_run(label: str, specs: list[tuple[SweepSpec, list[GridCell]]], uri: str,
-                  code_version: str | None, rerun: bool, use_reuse: bool, opts: Options) -> int:
+                  versions: Versions, rerun: bool, use_reuse: bool, opts: Options) -> int:
     """Print the suite's per-sweep plan and its totals before and after deduplication."""
     tracker = None if rerun else _store(uri, label)
-    index = reuse_index(tracker, code_version, use_reuse)
-    before: list[tuple] = []
-    after: list[tuple] = []
+    index = _guarded(lambda: reuse_index(tracker, versions, use_reuse), reuse.ReuseIndex(),
+                     label, uri)
+    before: dict[str, tuple[SweepSpec, list[tuple]]] = {}
+    after: dict[str, tuple[SweepSpec, list[tuple]]] = {}
     lines = []
     for spec, grid in specs:
-        done = finished(tracker, spec, grid, code_version)
+        done = _guarded(lambda: finished(tracker, spec, grid, versions.done), {}, spec.source, uri)
         todo = [c for c in grid if c.config_hash not in done]
         plans = reuse.plan_cells(index, todo, tracking.grid_data_digests(
             [c.config for c in todo]))
@@ -180,10 +195,10 @@ def suite_dry_run(label: str, specs: list[tuple[SweepSpec, list[GridCell]]], uri
         lines.append(f"  {spec.name:<24} {len(grid):>5} cells {len(done):>5} done "
                      f"{n[reuse.LINK]:>5} link {n[reuse.EVALUATE]:>4} evaluate "
                      f"{n[reuse.TRAIN]:>5} train   ({spec.experiment})")
-        # (names made unique across sweeps: the estimate is keyed by them)
-        before += [(f"{spec.name}/{c.name}", c.config, spec.name) for c in todo]
-        after += [(f"{spec.name}/{name}", cfg, spec.name)
-                  for name, cfg, _ in to_run(spec, todo, plans)]
+        search = [(f"search sample {i + 1}", spec.base_config(), "search")
+                  for i in range(spec.search.num_samples)] if spec.search else []
+        before[spec.name] = (spec, [(c.name, c.config, spec.name) for c in todo] + search)
+        after[spec.name] = (spec, to_run(spec, todo, plans) + search)
     cells_ = [c for _, grid in specs for c in grid]
     say(f"suite {label}: {len(specs)} sweeps, in this order, into {layout.redact_uri(uri)}")
     for line in lines:
@@ -191,8 +206,8 @@ def suite_dry_run(label: str, specs: list[tuple[SweepSpec, list[GridCell]]], uri
     say(f"total: {len(cells_)} cells, {len({c.config_hash for c in cells_})} distinct configs, "
         f"{len({training_hash(c.config) for c in cells_})} distinct trainings")
     try:
-        _work_line("before deduplication (each sweep alone)", specs, before, opts)
-        _work_line("after deduplication (this suite)", specs, after, opts)
+        _work_line("before deduplication (each sweep alone)", before, opts)
+        _work_line("after deduplication (this suite)", after, opts)
     except estimate.EstimateError as e:
         say(f"{label}: {e}")
         return 2
@@ -204,20 +219,41 @@ def suite_dry_run(label: str, specs: list[tuple[SweepSpec, list[GridCell]]], uri
     return 0
 
 
-def _work_line(what: str, specs: list[tuple[SweepSpec, list[GridCell]]], named: list[tuple],
+def _guarded(read: Any, empty: Any, source: str, uri: str) -> Any:
+    """`read()`, or `empty` with a warning when the store fails on it (a dry run still shows
+    the work; a real run would stop)."""
+    try:
+        return read()
+    except Exception as e:
+        say(f"warning: {source}: tracking store {layout.redact_uri(uri)} not readable "
+            f"({type(e).__name__}: {tracking.short_error(e)}): shown as if empty; a real run "
+            f"would stop here")
+        return empty
+
+
+def _work_line(what: str, named: dict[str, tuple[SweepSpec, list[tuple]]],
                opts: Options) -> None:
-    est = _estimate(specs[0][0], named, opts)
-    batch = {name: cfg.batch_size for name, cfg, _ in named}
-    steps = sum(c.work.steps for c in est.cells)
-    line = (f"{what}: {len(named)} trial(s), {sum(1 for c in est.cells if c.work.steps)} of "
-            f"them training: {steps:,} training steps on "
-            f"{sum(c.work.steps * batch[c.name] for c in est.cells):,} training images, "
-            f"{sum(c.work.eval_images for c in est.cells):,} images evaluated")
-    if est.bench is not None:
-        line += f", {est.seconds / 3600:.3g} GPU-h ({est.bench.path})"
-    if est.unknown:
-        line += f"; {len(est.unknown)} trial(s) of unknown size not counted"
+    """Trials, trainings, steps, images (and GPU-h) of `named`: per sweep (its own cache
+    setting), summed."""
+    trials = trainings = steps = images = evals = unknown = 0
+    seconds, bench = 0.0, None
+    for spec, items in named.values():
+        est = _estimate(spec, items, opts)
+        batch = {name: cfg.batch_size for name, cfg, _ in items}
+        trials += len(items)
+        trainings += sum(1 for _, cfg, _ in items if cfg.epochs)  # (evaluate cells: epochs 0)
+        steps += sum(c.work.steps for c in est.cells)
+        images += sum(c.work.steps * batch[c.name] for c in est.cells)
+        evals += sum(c.work.eval_images for c in est.cells)
+        unknown += len(est.unknown)
+        seconds, bench = seconds + est.seconds, est.bench
+    line = (f"{what}: {trials} trial(s), {trainings} of them training: {steps:,} training "
+            f"steps on {images:,} training images, {evals:,} images evaluated")
+    if bench is not None:
+        line += f", {seconds / 3600:.3g} GPU-h ({bench.path})"
+    if unknown:
+        line += f"; {unknown} trial(s) of unknown size not counted"
     say(line)
 
 
-__all__ = ["DryRunError", "Options", "dry_run", "suite_dry_run", "finished", "to_run"]
+__all__ = ["DryRunError", "Options", "Versions", "dry_run", "suite_dry_run", "finished", "to_run"]

@@ -16,6 +16,8 @@ torch.
 
 from __future__ import annotations
 
+import re
+
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -124,8 +126,24 @@ def redact_uri(uri: str) -> str:
     return uri
 
 
+_URI_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"{}]+")
+
+
+def redact_text(text: str) -> str:
+    """Every URI in `text` through `redact_uri`: an exception's message (MLflow's "API request
+    to <tracking URI> failed", botocore's endpoint) may quote a URI with its user:password."""
+
+    def one(m: re.Match) -> str:
+        try:
+            return redact_uri(m.group(0))
+        except ValueError:  # (a port that is no number) whatever it holds, it is not logged
+            return "<a URI that does not parse>"
+
+    return _URI_RE.sub(one, text)
+
+
 __all__ = ["GRID_PHASE", "SEARCH_PHASE", "PARENT_PHASE", "PHASES", "RESOLVED_SWEEP", "TUNE_DIR",
            "PHASE_COMPLETE",
            "experiment_slug", "tune_prefix", "tune_name", "records_dir", "study_path",
            "tune_dir", "open_fs", "default_tracking_uri", "sqlite_path", "store_exists",
-           "sqlite_artifact_location", "redact_uri"]
+           "sqlite_artifact_location", "redact_uri", "redact_text"]

@@ -8,52 +8,56 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from perl_core.protocol import training_hash
 from pipeline import reuse, tracking
 from pipeline.collect import PhaseResult
 from pipeline.context import TrialContext
-from pipeline.trainable import arm_tags, note_tags
+from pipeline.trainable import arm_tags, note_tags, placement_tags, trial_data
 
 
 def say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def placement_tags(cell: Any, context: TrialContext, data: list[Any]) -> dict[str, str]:
-    """What a trial of this cell in this submission would be tagged with for its place: the
-    sweep, phase, cell, arms and note; the hashes (identical to the source's)."""
-    cfg = cell.config
-    return {"config_hash": cell.config_hash, reuse.TRAINING_HASH_TAG: training_hash(cfg),
-            "sweep": context.sweep, "phase": context.phase, "cell": cell.name,
-            "sweep_file": context.sweep_file, "ray_job_id": context.ray_job_id,
-            "mlflow.user": context.user,
-            **arm_tags({"cell": {"arm": cell.arm}}, context),
-            **note_tags(cfg, cell.name, context, data)}
+def link_tags(cell: Any, context: TrialContext, plan: reuse.Plan, data: list[Any]
+              ) -> dict[str, str]:
+    """The source's provenance tags, this cell's place (as its trial would be tagged), the
+    lineage."""
+    place = {**placement_tags(cell.config, cell.name, context),
+             **arm_tags({"cell": {"arm": cell.arm}}, context),
+             **note_tags(cell.config, cell.name, context, data)}
+    return reuse.link_tags(plan.source, place, plan)
 
 
 def link_cells(tracker: tracking.Tracker, context: TrialContext, cells: list[Any],
-               plans: Mapping[str, reuse.Plan]) -> PhaseResult:
-    """Link every cell of `cells` (all planned `link`) into `context`'s experiment."""
-    out = PhaseResult()
+               plans: Mapping[str, reuse.Plan]) -> tuple[PhaseResult, list[Any]]:
+    """Link every cell of `cells` (all planned `link`) into `context`'s experiment. Returns
+    the result and the cells to train instead: those whose source could not be copied (its
+    artifacts gone, ...). When MLflow itself stops answering, the cells left fail (the next
+    submission links them) instead of each waiting out its retries."""
+    out, train = PhaseResult(), []
     if cells:
         say(f"link phase: {len(cells)} cell(s) already FINISHED in another experiment of the "
             f"store, linked here instead of trained again")
-    for cell in cells:
-        plan = plans[cell.name]
-        src = plan.source
+    for i, cell in enumerate(cells):
+        src = plans[cell.name].source
         try:
             run = tracker.client.get_run(src.run_id)
-            data = tracking.data_digests(cell.config)
-            tags = reuse.link_tags(src, placement_tags(cell, context, data), plan)
+            data = trial_data(cell.config, cell.name, context.known_data)
             tracker.log_link(context.experiment_id, context.parent_run_id, cell.name,
-                             cell.config, tags, src.run_id,
-                             reuse.result_metrics(run.data.metrics),
+                             cell.config, link_tags(cell, context, plans[cell.name], data),
+                             src.run_id, reuse.result_metrics(run.data.metrics),
                              inputs=tracking.data_inputs(data))
             out.linked.append(cell.name)
         except Exception as e:
-            out.failed.append((cell.name, f"could not link {src.label}: {type(e).__name__}: "
-                                          f"{tracking.short_error(e)}"))
-    return out
+            why = f"{type(e).__name__}: {tracking.short_error(e)}"
+            try:
+                tracker.check()
+            except tracking.TrackingUnavailable as gone:
+                out.failed += [(c.name, f"not linked: {gone}") for c in cells[i:]]
+                break
+            say(f"warning: {cell.name}: could not link {src.label} ({why}); training it")
+            train.append(cell)
+    return out, train
 
 
-__all__ = ["link_cells", "placement_tags"]
+__all__ = ["link_cells", "link_tags"]

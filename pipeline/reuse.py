@@ -93,16 +93,21 @@ class ReuseIndex:
             self.by_training.setdefault(train_hash, []).append(source)
 
     @classmethod
-    def from_store(cls, tracker: tracking.Tracker, code_version: str | None) -> "ReuseIndex":
-        """Every grid-phase FINISHED run of the store (of `code_version` unless None)."""
+    def from_store(cls, tracker: tracking.Tracker, code_version: str | None,
+                   current_version: str) -> "ReuseIndex":
+        """Every grid-phase FINISHED run of the store (of `code_version` unless None). A source
+        of weights to evaluate is of `current_version` even then: an evaluation run is tagged
+        with the code that evaluated, so its training must be of that code too."""
         index = cls()
         exps = {e.experiment_id: e.name for e in queries.all_experiments(tracker.client)}
         runs = queries.finished_runs_anywhere(tracker.client, list(exps),
                                               phase=layout.GRID_PHASE, code_version=code_version)
         for r in sorted(runs, key=lambda r: -(r.info.end_time or 0)):
             tags = r.data.tags
+            same_code = tags.get("code_version") == current_version
             index.add(Source.of_run(r, exps.get(r.info.experiment_id, "?")),
-                      tags.get("config_hash", ""), tags.get(TRAINING_HASH_TAG, ""))
+                      tags.get("config_hash", ""),
+                      tags.get(TRAINING_HASH_TAG, "") if same_code else "")
         return index
 
     def add_planned(self, cells: Iterable[Any], sweep: str) -> None:

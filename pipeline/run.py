@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """One sweep (`run_sweep`), or several / a suite file one after another (`run_suite`)."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # (options between sweep files too)
     if args.max_concurrent is not None and args.max_concurrent < 1:
         say("--max-concurrent must be >= 1")
         return 2
@@ -165,7 +165,7 @@ def run_sweep(args: argparse.Namespace) -> int:
             return 2
     code = code_version()
     if args.dry_run:
-        return dry_run(args, spec, grid, uri, None if args.ignore_code_version else code.version)
+        return dry_run(args, spec, grid, uri, code.version)
     if args.bench or args.trial_overhead_s is not None or args.gpu_memory:
         say("--bench, --trial-overhead-s and --gpu-memory go with --dry-run (they estimate, "
             "they run nothing)")
@@ -197,7 +197,8 @@ def load_suite_specs(args: argparse.Namespace, files: list[str]
 
 def run_suite(args: argparse.Namespace, label: str, files: list[str]) -> int:
     """The sweeps one after another (`pipeline.suite`); stops at a sweep that cannot run (2)
-    or loses its tracking store (3). The exit code is the worst sweep's."""
+    or loses its tracking store (3), which is then the suite's exit code; else 1 when a cell of
+    any sweep failed, 0 when every cell of every sweep finished."""
     if args.zero_shot_check or args.replay:
         say("--zero-shot-check and --replay take one sweep file")
         return 2
@@ -209,6 +210,12 @@ def run_suite(args: argparse.Namespace, label: str, files: list[str]) -> int:
     specs, uri = loaded
     if args.dry_run:
         return suite_dry_run(args, label, specs, uri)
+    refused = [r for r in (check_before_running(s, uri, group_order(cells(s))) for s in specs)
+               if r]  # every sweep's storage, checkpoint and data checked before the first runs
+    if refused:
+        say("\n".join(refused))
+        say(f"suite {label}: nothing was run")
+        return 2
     codes: dict[str, int] = {}
     for i, f in enumerate(files, 1):
         say(f"\n=== suite {label}: sweep {i}/{len(files)}: {f} ===")
@@ -229,9 +236,9 @@ def suite_dry_run(args: argparse.Namespace, label: str, specs: list[SweepSpec], 
     except dryrun.DryRunError as e:
         say(str(e))
         return 2
-    done_code = None if args.ignore_code_version else code_version().version
     return dryrun.suite_dry_run(label, [(s, group_order(cells(s))) for s in specs], uri,
-                                done_code, args.rerun, not args.no_reuse, opts)
+                                dryrun.Versions.of(args, code_version().version), args.rerun,
+                                not (args.rerun or args.no_reuse), opts)
 
 
 def check_before_running(spec: SweepSpec, uri: str, grid: list[GridCell]) -> str:
@@ -276,8 +283,9 @@ def submit(args: argparse.Namespace, spec: SweepSpec, uri: str, grid: list[GridC
                 return sub.replay_done()
             done_code = None if args.ignore_code_version else code.version
             finished = {} if args.rerun else sub.finished(grid, done_code)
-            todo = sub.plan(grid, finished)
-            plans = {} if args.rerun or args.no_reuse else sub.reuse_plans(todo, done_code)
+            todo = sub.todo(grid, finished)
+            plans = {} if args.rerun or args.no_reuse else sub.reuse_plans(todo, done_code,
+                                                                           code.version)
         except lost_errors() as e:
             return sub.lost(e, args.replay)
         run_phases(sub, args, grid, todo, plans, code)
@@ -288,37 +296,43 @@ def submit(args: argparse.Namespace, spec: SweepSpec, uri: str, grid: list[GridC
 
 def run_phases(sub: Submission, args: argparse.Namespace, grid: list[GridCell],
                todo: list[GridCell], plans: dict[str, Any], code: Any) -> None:
-    """The link phase (cells served by runs of other experiments), the grid phase over the
-    rest of `todo`, then the search phase; their results go to `sub.outcome`."""
+    """The link phase (cells served by runs of other experiments; one whose source cannot be
+    copied trains instead), the grid phase over the rest of `todo`, then the search phase;
+    their results go to `sub.outcome`."""
     spec = sub.spec
     links = [c for c in todo if c.name in plans and plans[c.name].kind == reuse.LINK]
     todo = [c for c in todo if c not in links]
-    job = ""
-    if todo or spec.search is not None:
-        prepare_data(todo, spec)
-        init_ray()
-        job = ray_job_id()
-        # (the world exists now) the datasets the trials read: the cells', the search's base
-        tracking.grid_data_digests([c.config for c in todo] +
-                                   ([spec.base_config()] if spec.search else []))
-    context = trial_context(spec, sub.uri, sub.exp_id, sub.parent, code, args, ray_job_id=job,
-                            user=sub.user, varied_fields=tuple(spec.varied_fields),
-                            known_data=tracking.known_digests())
-    if links:
-        sub.outcome.add(link_cells(sub.tracker, context, links, plans))
+
+    def context(job: str = "") -> Any:
+        return trial_context(spec, sub.uri, sub.exp_id, sub.parent, code, args, ray_job_id=job,
+                             user=sub.user, varied_fields=tuple(spec.varied_fields),
+                             known_data=tracking.known_digests())
+
+    if links:  # in the driver, before Ray: no trial, no job
+        linked, fallback = link_cells(sub.tracker, context(), links, plans)
+        sub.outcome.add(linked)
+        todo += fallback
+        sub.kill_unfinished_children()
+    if not todo and spec.search is None:
+        return
+    prepare_data(todo, spec)
+    init_ray()
+    # (the world exists now) the datasets the trials read: the cells', the search's base
+    tracking.grid_data_digests([c.config for c in todo] +
+                               ([spec.base_config()] if spec.search else []))
+    ctx = context(ray_job_id())
     if todo:
-        sub.outcome.add(run_grid(spec, grid, todo, context, args.max_concurrent, args.rerun,
-                                 plans))
+        sub.outcome.add(run_grid(spec, grid, todo, ctx, args.max_concurrent, args.rerun, plans))
         sub.kill_unfinished_children()
     if spec.search is not None:
-        sub.outcome.add(run_search(spec, sub.tracker, context, args.max_concurrent, args.rerun))
+        sub.outcome.add(run_search(spec, sub.tracker, ctx, args.max_concurrent, args.rerun))
 
 
 # --- dry run -------------------------------------------------------------------------------------
 
 
 def dry_run(args: argparse.Namespace, spec: SweepSpec, grid: list[GridCell], uri: str,
-            code_version: str | None) -> int:
+            current_version: str) -> int:
     from pipeline import dryrun
 
     try:
@@ -326,7 +340,8 @@ def dry_run(args: argparse.Namespace, spec: SweepSpec, grid: list[GridCell], uri
     except dryrun.DryRunError as e:
         say(str(e))
         return 2
-    return dryrun.dry_run(spec, grid, uri, code_version, args.rerun, not args.no_reuse, opts)
+    return dryrun.dry_run(spec, grid, uri, dryrun.Versions.of(args, current_version),
+                          args.rerun, not (args.rerun or args.no_reuse), opts)
 
 
 def prepare_data(todo: list[GridCell], spec: SweepSpec) -> None:

@@ -57,7 +57,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
                       field_validator, model_validator)
 
 from pipeline.env import REPO
-from pipeline.layout import default_tracking_uri, redact_uri
+from pipeline.layout import default_tracking_uri, redact_text, redact_uri
 from perl_core.config import (EXECUTION_FIELDS, FIELD_NAMES, ConfigError, TrainConfig,
                               file_value_problem, unknown_field, validate_field)
 from perl_core.configfile import ConfigFileError, Locator, format_path, read_yaml
@@ -486,25 +486,13 @@ def _apply_overrides(raw: dict, lines: dict, overrides: list[str], source: str) 
     return raw
 
 
-_URI_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"{}]+")
-
-
 def _redacted(value: Any) -> Any:
     """Every URI-like part of every string through `layout.redact_uri` (user:password@ off)."""
     if isinstance(value, dict):
         return {k: _redacted(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_redacted(v) for v in value]
-    if not isinstance(value, str):
-        return value
-
-    def one(m: re.Match) -> str:
-        try:
-            return redact_uri(m.group(0))
-        except ValueError:  # (a port that is no number) whatever it holds, it is not logged
-            return "<a URI that does not parse>"
-
-    return _URI_RE.sub(one, value)
+    return redact_text(value) if isinstance(value, str) else value
 
 
 def _merge_into(d: dict, path: tuple, value: Any) -> None:

@@ -132,7 +132,7 @@ class Submission:
             self.exp_id, phase=layout.GRID_PHASE, code_version=code_version, warn=say,
             data=tracking.grid_data_digests([c.config for c in grid], say))
 
-    def plan(self, grid: list[Any], finished: dict[str, Any]) -> list[Any]:
+    def todo(self, grid: list[Any], finished: dict[str, Any]) -> list[Any]:
         """The cells to run (the others count as done before this submission)."""
         todo = [c for c in grid if c.config_hash not in finished]
         self.outcome.done_before = [c for c in grid if c.config_hash in finished]
@@ -141,10 +141,11 @@ class Submission:
             f"{layout.redact_uri(self.uri)}")
         return todo
 
-    def reuse_plans(self, todo: list[Any], code_version: str | None) -> dict[str, Any]:
+    def reuse_plans(self, todo: list[Any], code_version: str | None,
+                    current_version: str) -> dict[str, Any]:
         """cell name -> `pipeline.reuse.Plan` of the cells to run: linked from, or evaluated
         with the weights of, a FINISHED run elsewhere in the store, else trained."""
-        index = reuse.ReuseIndex.from_store(self.tracker, code_version)
+        index = reuse.ReuseIndex.from_store(self.tracker, code_version, current_version)
         plans = reuse.plan_cells(index, todo, tracking.grid_data_digests(
             [c.config for c in todo]))
         n = reuse.count(plans)

@@ -53,7 +53,7 @@ from pipeline import queries
 # the layout and the store's location live in pipeline.layout (re-exported: callers and tests
 # import them from here too)
 from pipeline.layout import (GRID_PHASE, PARENT_PHASE, PHASES, RESOLVED_SWEEP, SEARCH_PHASE,
-                             experiment_slug, open_fs, records_dir, redact_uri,
+                             experiment_slug, open_fs, records_dir, redact_text, redact_uri,
                              sqlite_artifact_location, sqlite_path, study_path)
 from pipeline.queries import mlflow_client
 
@@ -806,18 +806,27 @@ class Tracker:
 
         run_id = self.start_trial(experiment_id, parent_run_id, run_name, cfg, tags,
                                   inputs=inputs)
-        now = int(time.time() * 1000)
-        batch = [Metric(k, v, now, step) for k, v, step in step_charted(metrics)]
-        for i in range(0, len(batch), _BATCH):
-            self.client.log_batch(run_id, metrics=batch[i:i + _BATCH])
-        with tempfile.TemporaryDirectory(prefix="perl-link-") as tmp:
-            got = self.client.download_artifacts(source_run_id, "", tmp)
-            if any(Path(got).iterdir()):
-                self.client.log_artifacts(run_id, got)
-        note = tags.get(NOTE_TAG)
-        if note:
-            results = results_note(metrics)
-            self.set_tags(run_id, {NOTE_TAG: _clip(note + (f"\n\n{results}" if results else ""))})
+        try:
+            now = int(time.time() * 1000)
+            batch = [Metric(k, v, now, step) for k, v, step in step_charted(metrics)]
+            for i in range(0, len(batch), _BATCH):
+                self.client.log_batch(run_id, metrics=batch[i:i + _BATCH])
+            with tempfile.TemporaryDirectory(prefix="perl-link-") as tmp:
+                got = self.client.download_artifacts(source_run_id, "", tmp)
+                if any(Path(got).iterdir()):
+                    self.client.log_artifacts(run_id, got)
+            note = tags.get(NOTE_TAG)
+            if note:
+                results = results_note(metrics)
+                self.set_tags(run_id, {NOTE_TAG: _clip(note + (f"\n\n{results}" if results
+                                                               else ""))})
+        except Exception as e:  # never a half link left RUNNING (MLflow gone: the next
+            try:  # submission marks it KILLED)
+                self.end(run_id, "FAILED", f"link of run {source_run_id} failed: "
+                                           f"{type(e).__name__}: {short_error(e)}")
+            except Exception:
+                pass
+            raise
         self.end(run_id, "FINISHED")
         return run_id
 
@@ -896,7 +905,7 @@ def credentials_source() -> str:
 def short_error(e: BaseException) -> str:
     """The first line of an exception, without MLflow's long retry chains."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return text[:300]
+    return redact_text(text)[:300]  # (MLflow's errors quote the tracking URI)
 
 
 def is_finite(v: Any) -> bool:

@@ -384,8 +384,21 @@ def _short(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
+def placement_tags(cfg: TrainConfig, name: str, context: TrialContext) -> dict[str, str]:
+    """Which cell of which submission a run is: a trial's, and a link's (`pipeline.links`),
+    whose other tags are its source's."""
+    tags = {"config_hash": cfg.config_hash(), reuse.TRAINING_HASH_TAG: training_hash(cfg),
+            "sweep": context.sweep, "phase": context.phase, "dataset": cfg.dataset,
+            "protocol": cfg.protocol, "cell": name, "ray_job_id": context.ray_job_id,
+            "sweep_file": context.sweep_file,
+            # the UI's User column: the driver's (the submitter)
+            "mlflow.user": tracking.source_tags("", context.user)["mlflow.user"]}
+    return {k: str(v) for k, v in tags.items()}
+
+
 def trial_tags(cfg: TrainConfig, name: str, context: TrialContext, device: Any = None
                ) -> dict[str, str]:
+    """`placement_tags` and how the trial computes: code, node, trial, versions, device."""
     from ray import tune
 
     try:
@@ -393,18 +406,12 @@ def trial_tags(cfg: TrainConfig, name: str, context: TrialContext, device: Any =
     except Exception:  # outside a Tune session (direct call in a test)
         trial_id = ""
     tags = {
-        "config_hash": cfg.config_hash(), reuse.TRAINING_HASH_TAG: training_hash(cfg),
-        "code_sha": context.code_sha,
-        "code_dirty": context.code_dirty, "code_version": context.code_version,
-        "sweep": context.sweep,
-        "phase": context.phase, "dataset": cfg.dataset, "protocol": cfg.protocol,
-        "cell": name, "ray_node_id": _node_id(), "trial_id": trial_id,
-        "ray_job_id": context.ray_job_id, "sweep_file": context.sweep_file,
+        "code_sha": context.code_sha, "code_dirty": context.code_dirty,
+        "code_version": context.code_version, "ray_node_id": _node_id(), "trial_id": trial_id,
         **versions(), **device_info(device),
-        # the UI's Source and User columns (the user is the driver's: the submitter)
-        **tracking.source_tags(context.code_sha, context.user),
+        **tracking.source_tags(context.code_sha, context.user),  # the UI's Source column
     }
-    return {k: str(v) for k, v in tags.items()}
+    return {**{k: str(v) for k, v in tags.items()}, **placement_tags(cfg, name, context)}
 
 
 def trial_data(cfg: TrainConfig, name: str, known: tuple = ()) -> list[Any]:
@@ -446,11 +453,12 @@ def arm_tags(config: dict[str, Any], context: TrialContext | Mapping[str, Any]
             **({"sweep_arm_spec": spec} if spec else {})}
 
 
-def cell_plan(config: dict[str, Any]) -> reuse.Plan:
+def cell_plan(config: dict[str, Any], context: TrialContext) -> reuse.Plan:
     """The driver's plan of a grid cell (`pipeline.reuse`): train, unless the cell carries an
-    `evaluate` source (its `reuse` entry: kind, run_id, trained_by)."""
+    `evaluate` source (its `reuse` entry: kind, run_id, trained_by) and this submission
+    reuses (a restored Tune experiment keeps the entries of the submission that made it)."""
     got = (config.get("cell") or {}).get("reuse") or {}
-    if got.get("kind") != reuse.EVALUATE:
+    if got.get("kind") != reuse.EVALUATE or not context.reuse:
         return reuse.Plan(reuse.TRAIN)
     return reuse.Plan(reuse.EVALUATE, reuse.Source(got["run_id"], got["run_id"],
                                                    got.get("trained_by") or got["run_id"]))
@@ -507,6 +515,10 @@ class Trial:
     data: list[Any]  # DataDigests of what it reads
     tracker: tracking.Tracker | None
     clock: "_Clock"
+    # `reused_weights`: an `evaluate` plan whose weights were fetched (else: train)
+    plan: reuse.Plan = reuse.Plan(reuse.TRAIN)
+    weights: dict[str, Any] | None = None  # the source's projectors
+    source_losses: dict[str, float] | None = None  # the source's train/* metrics
 
 
 @dataclass
@@ -530,13 +542,15 @@ class Trained:
 
 def train_cell(config: dict[str, Any], context: Any = None) -> None:
     """The Tune function trainable (wrapped with tune.with_parameters(context=...)):
-    skip if finished -> open run -> train -> persist record -> log and close."""
+    skip if finished -> the weights an `evaluate` cell evaluates -> open run -> train (or
+    evaluate) -> persist record -> log and close."""
     assert context is not None, "train_cell needs its context (tune.with_parameters)"
     trial = start_trial(config, TrialContext.from_any(context))
     done = finished_elsewhere(trial)
     if done is not None:
         report_skipped(trial, done)
         return
+    reused_weights(trial)
     run = open_run(trial)
     trained, record, blob = train_and_persist(trial, run)
     log_and_close(trial, run, trained, record, blob)
@@ -603,7 +617,7 @@ def open_run(trial: Trial) -> OpenRun:
         device, device_error = None, e
     tags = {**trial_tags(cfg, trial.name, ctx, device), **cache_tag,
             **arm_tags(trial.config, ctx), **note_tags(cfg, trial.name, ctx, trial.data),
-            **reuse.reuse_tags(cell_plan(trial.config))}
+            **reuse.reuse_tags(trial.plan)}
     trial.clock.lap("tags")
     run = OpenRun(None, tags, int(time.time() * 1000), cache, device, device_error)
     if trial.tracker is not None:
@@ -648,10 +662,13 @@ def train(trial: Trial, run: OpenRun) -> Trained:
     clock.lap("build_model")
     before = run.cache.stats() if run.cache is not None else {}
     ckpt = TuneCheckpoint()
-    plan = cell_plan(trial.config)
     try:
-        if plan.kind == reuse.EVALUATE:
-            result = evaluate_reused(trial, run, model, fit_cfg, plan.source)
+        if trial.weights is not None:  # an `evaluate` cell whose source's weights are here
+            from perl_core.train import evaluate_projectors
+
+            result = evaluate_projectors(fit_cfg, trial.weights, model=model, cache=run.cache,
+                                         device=run.device)
+            result.metrics.update(trial.source_losses or {})
         else:
             result = fit(fit_cfg, callbacks=[_progress_callback(trial.name, cfg.dataset)],
                          model=model, checkpoint=ckpt, progress=False,
@@ -668,27 +685,33 @@ def train(trial: Trial, run: OpenRun) -> Trained:
     return Trained(result, ckpt.resumed_step, metrics)
 
 
-def evaluate_reused(trial: Trial, run: OpenRun, model: Any, cfg: TrainConfig,
-                    source: reuse.Source) -> Any:
-    """An `evaluate` cell: the source run's projectors (its MLflow artifact), checked to be of
-    this cell's training, evaluated as this cell evaluates; the source's train/* losses kept
-    (they are the weights' training's)."""
-    from perl_core.train import evaluate_projectors, projectors_from_bytes
+def reused_weights(trial: Trial) -> None:
+    """An `evaluate` cell: the projectors of the run that trained them (its MLflow artifact),
+    checked to be of this cell's training (`training_hash`), and that training's train/*
+    losses. When they cannot be had (MLflow away, the artifacts gone, another training) the
+    cell trains instead, said in the trial's log: a bad source never fails a cell."""
+    from perl_core.train import projectors_from_bytes
 
-    if trial.tracker is None:
-        raise RuntimeError(f"{trial.name}: the weights of run {source.run_id} (planned to be "
-                           f"evaluated, not retrained) cannot be fetched: MLflow is unreachable; "
-                           f"the next submission runs this cell again")
-    blob = trial.tracker.projectors(source.run_id)
-    state, trained_cfg = projectors_from_bytes(blob, f"run {source.run_id}'s projectors")
-    if training_hash(trained_cfg) != training_hash(cfg):
-        raise ValueError(f"{trial.name}: run {source.run_id}'s projectors are of another training "
-                         f"(training_hash {training_hash(trained_cfg)}, this cell's "
-                         f"{training_hash(cfg)}); refusing to evaluate them as this cell")
-    result = evaluate_projectors(cfg, state, model=model, cache=run.cache, device=run.device)
-    losses = trial.tracker.client.get_run(source.run_id).data.metrics
-    result.metrics.update({k: v for k, v in losses.items() if k.startswith("train/")})
-    return result
+    plan = cell_plan(trial.config, trial.context)
+    if plan.kind != reuse.EVALUATE:
+        return
+    src = plan.source.run_id
+    try:
+        if trial.tracker is None:
+            raise RuntimeError("MLflow is unreachable")
+        state, trained = projectors_from_bytes(trial.tracker.projectors(src), f"run {src}")
+        if training_hash(trained) != training_hash(trial.cfg):
+            raise ValueError(f"they are of another training (training_hash "
+                             f"{training_hash(trained)}, the cell's {training_hash(trial.cfg)})")
+        metrics = trial.tracker.client.get_run(src).data.metrics
+    except Exception as e:
+        logger.warning("%s: the weights of run %s cannot be evaluated (%s: %s); training the "
+                       "cell instead", trial.name, src, type(e).__name__, tracking.short_error(e))
+        trial.clock.lap("reused_weights")
+        return
+    trial.plan, trial.weights = plan, state
+    trial.source_losses = {k: v for k, v in metrics.items() if k.startswith("train/")}
+    trial.clock.lap("reused_weights")
 
 
 def build_record(trial: Trial, run: OpenRun, trained: Trained) -> tracking.TrialRecord:
@@ -725,8 +748,8 @@ def persist_record(trial: Trial, run: OpenRun, trained: Trained
 
 def fail_run(trial: Trial, run: OpenRun, e: BaseException) -> None:
     """Free an OOM's memory and close the run FAILED/KILLED with the reason."""
-    detail = f"{type(e).__name__}: {e}\n" + "".join(
-        traceback.format_exception(type(e), e, e.__traceback__)[-6:])
+    detail = layout.redact_text(f"{type(e).__name__}: {e}\n" + "".join(
+        traceback.format_exception(type(e), e, e.__traceback__)[-6:]))
     if is_oom(e):  # free this trial's memory now, so the worker is not left holding it
         _release_after_oom(e, trial.name)
     if trial.tracker is not None and run.run_id is not None:

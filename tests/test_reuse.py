@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -242,3 +243,71 @@ def test_bad_suites_are_refused_naming_the_file_and_key(tmp_path, capsys):
     assert "b.yaml" in out and "lr" in out and "suite s: nothing was run" in out
     assert main([str(bad), str(tmp_path / "a.yaml")]) == 2
     assert "given alone" in capsys.readouterr().out
+
+
+# --- a source that cannot serve: the cell trains, nothing is left RUNNING -------------------------
+
+
+def _context(uri: str, exp_id: str, parent: str):
+    from pipeline.context import TrialContext
+
+    return TrialContext(tracking_uri=uri, experiment="test/links", experiment_id=exp_id,
+                        parent_run_id=parent, sweep="links", storage="", cache={},
+                        code_sha="abc", code_dirty=False, code_version="v1")
+
+
+def test_a_link_whose_source_cannot_be_copied_trains_instead(tmp_path, capsys):
+    from pipeline.links import link_cells
+    from pipeline.reuse import LINK, Plan, Source
+    from pipeline.spec import GridCell
+    from pipeline.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    t = Tracker(uri)
+    exp = t.experiment_id("test/links")
+    cfg = TrainConfig(dataset="ToyShapes", data_root=str(tmp_path / "none"))
+    src = t.start_trial(exp, "", "src", cfg, {"config_hash": cfg.config_hash(), "phase": "final"})
+    t.end(src, "FINISHED")
+    cells_ = [GridCell("a", cfg, cfg.config_hash()), GridCell("b", cfg, cfg.config_hash())]
+    plans = {"a": Plan(LINK, Source("0" * 32, "a run that is not there", "0" * 32)),
+             "b": Plan(LINK, Source(src, "src", src))}
+    out, train = link_cells(t, _context(uri, exp, ""), cells_, plans)
+    assert [c.name for c in train] == ["a"] and out.linked == ["b"] and not out.failed
+    assert "could not link a run that is not there" in capsys.readouterr().out
+    runs = t.search(exp)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    b = next(r for r in runs if r.data.tags.get("cell") == "b")
+    assert b.data.tags["reuse"] == "link" and b.data.tags["reused_from"] == src
+    assert b.data.params["dataset"] == "ToyShapes"  # the cell's params
+
+
+def test_an_evaluate_cell_whose_weights_are_gone_trains(tmp_path):
+    from pipeline.reuse import EVALUATE, TRAIN
+    from pipeline.tracking import Tracker
+    from pipeline.trainable import Trial, _Clock, reused_weights
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    t = Tracker(uri)
+    exp = t.experiment_id("test/links")
+    cfg = TrainConfig(dataset="ToyShapes")
+    src = t.start_trial(exp, "", "src", cfg, {})  # no projectors logged
+    t.end(src, "FINISHED")
+    cell = {"name": "c", "config": cfg.to_dict(),
+            "reuse": {"kind": EVALUATE, "run_id": src, "trained_by": src}}
+    trial = Trial({"cell": cell}, _context(uri, exp, ""), "c", cfg, cfg.config_hash(), [], t,
+                  _Clock())
+    reused_weights(trial)
+    assert trial.plan.kind == TRAIN and trial.weights is None  # trains: a bad source never fails
+    no_reuse = dataclasses.replace(_context(uri, exp, ""), reuse=False)
+    off = Trial({"cell": cell}, no_reuse, "c", cfg, cfg.config_hash(), [], t, _Clock())
+    reused_weights(off)  # --no-reuse on a restored Tune grid: the entry is not followed
+    assert off.plan.kind == TRAIN
+
+
+def test_errors_quoting_a_uri_lose_its_credentials():
+    from pipeline.layout import redact_text
+    from pipeline.tracking import short_error
+
+    e = RuntimeError("API request to http://alice:s3cret@mlflow:5000/api/2.0/runs/get failed")
+    assert "s3cret" not in short_error(e) and "http://***@mlflow:5000" in short_error(e)
+    assert redact_text("no uri here") == "no uri here"

@@ -239,7 +239,7 @@ def test_the_cuda_cache_is_emptied_after_fit_even_when_it_fails(monkeypatch, fai
 
     monkeypatch.setattr(perl_core.train, "fit", fake_fit)
     cfg = TrainConfig(dataset="ToyShapes", arch="perl-tiny", num_workers=0)
-    trial = NS(cfg=cfg, name="c", clock=trainable._Clock(), config={"cell": {"name": "c"}})
+    trial = NS(cfg=cfg, name="c", clock=trainable._Clock(), weights=None)
     run = NS(device_error=None, device=None, cache=None)
     if fails:
         with pytest.raises(RuntimeError, match="boom"):

@@ -43,12 +43,20 @@ def parser() -> argparse.ArgumentParser:
 def _sweep_target(sweep: str, names: list[str] | None, tracking_uri: str | None,
                   overrides: list[str] = ()) -> tuple[str, list[str]]:
     """The sweep file's tracking URI and experiment (first, then `names`), with its `--set`
-    overrides; SpecError / OSError when the file does not load."""
-    from pipeline.spec import load_spec, locate_sweep, resolve_tracking_uri
+    overrides; a suite file's: its sweeps' experiments. SpecError / OSError when a file does
+    not load."""
+    from pipeline.spec import SpecError, load_spec, locate_sweep, resolve_tracking_uri
+    from pipeline.suite import is_suite, load_suite
 
-    spec = load_spec(locate_sweep(sweep), overrides=overrides)
-    uri = resolve_tracking_uri(spec, tracking_uri)
-    return uri, [spec.experiment] + [n for n in names or [] if n != spec.experiment]
+    path = locate_sweep(sweep)
+    files = load_suite(path)[1] if is_suite(path) else [path]  # a suite: all its sweeps
+    specs = [load_spec(f, overrides=overrides) for f in files]
+    uris = {resolve_tracking_uri(s, tracking_uri) for s in specs}
+    if len(uris) > 1:
+        raise SpecError(path, [("", "its sweeps name different tracking stores; give "
+                                    "--tracking-uri")])
+    mine = [s.experiment for s in specs]
+    return uris.pop(), mine + [n for n in names or [] if n not in mine]
 
 
 def _print(agg: Aggregate, uri: str, out: Path, files: list[Path], quiet: bool) -> None:

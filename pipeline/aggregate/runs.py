@@ -11,6 +11,7 @@ import pandas as pd
 
 from perl_core.config import CANONICAL_FIELDS, EXECUTION_FIELDS, FIELD_NAMES, canonical_values
 from pipeline.layout import SEARCH_PHASE
+from pipeline.reuse import LINK, REUSE_TAG, REUSED_FROM_TAG
 
 # Every field that changes a result, except the seed: runs that share these values are one cell,
 # and their seeds are averaged.
@@ -122,6 +123,16 @@ def _seed_run(chosen: pd.Series) -> SeedRun:
         sweep=sweep_name(chosen.get("tags.sweep")))
 
 
+def _origin(fin: pd.DataFrame, chosen: pd.Series) -> pd.Series:
+    """A linked run (`pipeline.reuse`: the same result, copied) gives way to its source when
+    both are read, so that the run a table cell points to is the one that computed it."""
+    source = plain(chosen.get(f"tags.{REUSED_FROM_TAG}"))
+    if plain(chosen.get(f"tags.{REUSE_TAG}")) != LINK or source is None:
+        return chosen
+    match = fin[fin["run_id"] == source]
+    return match.iloc[-1] if len(match) else chosen
+
+
 def resolve(df: pd.DataFrame) -> tuple[Pool, pd.DataFrame]:
     """Dedupe by config_hash: the latest FINISHED run wins; a hash with no FINISHED run is FAILED
     if any run failed, else incomplete. Returns the pool and `df` with a `resolution` column."""
@@ -133,7 +144,7 @@ def resolve(df: pd.DataFrame) -> tuple[Pool, pd.DataFrame]:
         fin = grp[grp["status"] == "FINISHED"]
         bad = grp[grp["status"] == "FAILED"]
         if len(fin):
-            chosen, target, label = fin.iloc[-1], pool.finished, "used"
+            chosen, target, label = _origin(fin, fin.iloc[-1]), pool.finished, "used"
         elif len(bad):
             chosen, target, label = bad.iloc[-1], pool.failed, "failed"
         else:
