@@ -79,7 +79,9 @@ def load_suite(path: str) -> tuple[SuiteSpec, list[str]]:
 def sweep_files(given: list[str], locate: Any) -> tuple[str, list[str]]:
     """(label, sweep files) of the command line's SWEEP arguments: one suite file expands to its
     sweeps; sweep files are taken as they are (`locate`: the driver's `locate_sweep`)."""
-    located = [locate(g) for g in given]
+    # (absolute as each is located: `locate` may move to the project folder for the next one)
+    located = [locate(g) for g in given] if len(given) == 1 else \
+        [os.path.abspath(locate(g)) for g in given]
     suites = [g for g in located if is_suite(g)]
     if suites and len(located) > 1:
         raise SuiteError(suites[0], [("", "a suite file is given alone (it lists its sweeps)")])
