@@ -864,14 +864,17 @@ class Tracker:
             if only_children_of is not None:
                 if tags.get("mlflow.parentRunId") != only_children_of:
                     continue
-                why = "the trial process ended without closing its run (crash or kill)"
+                why = ("marked KILLED by its submission after the phase: the trial ended "
+                       "without closing its run (a crash or kill, or MLflow failing while it "
+                       "logged; a stored record is replayed as a new run)")
             elif rid in parents:
                 why = "the driver of this submission is gone (killed or lost)"
             elif tags.get("mlflow.parentRunId") in live:
                 continue
             else:
                 why = "its submission's driver is gone (killed or lost)"
-            self.end(rid, "KILLED", f"marked KILLED by a later submission: {why}")
+            self.end(rid, "KILLED", why if only_children_of is not None
+                     else f"marked KILLED by a later submission: {why}")
             killed.append(rid)
         return killed
 

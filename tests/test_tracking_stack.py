@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -194,6 +195,46 @@ def _s3_objects(stack) -> dict[str, bytes]:
     return {k: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
 
 
+def _weights_problems(children: list, objects: dict[str, bytes], experiment_id: str,
+                      cells: int, log: str) -> tuple[list[str], list[str]]:
+    """(problems, superseded) of the trial runs' weights in the bucket. The results are the
+    FINISHED runs (one per cell, as `check_against_records` has checked): each must have its
+    `projectors/projectors.safetensors` object. Any other child is an attempt whose own MLflow
+    logging failed part-way (`pipeline.trainable.log_result`: the run is left RUNNING, the driver
+    marks it KILLED after the phase and replays the trial's record into a new FINISHED run tagged
+    `replayed`): it has no weights to hold, but it must be KILLED and its cell must have that
+    replayed result, else it is a problem too. `superseded` names those attempts, with the
+    sweep log's lines that say why."""
+    def key(r) -> str:
+        return (f"mlartifacts/{experiment_id}/{r.info.run_id}/artifacts/projectors/"
+                "projectors.safetensors")
+
+    def about(r) -> str:
+        t = r.data.tags
+        return (f"run {r.info.run_id} ({t.get('cell')}, {r.info.status}, replayed="
+                f"{t.get('replayed')}, record_id={t.get('record_id')}, status_detail="
+                f"{t.get('status_detail')!r}; its objects: "
+                f"{sorted(k for k in objects if f'/{r.info.run_id}/' in k)})")
+
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    problems = [f"{len(finished)} FINISHED trial runs, not {cells}"] \
+        if len(finished) != cells else []
+    problems += [f"weights missing in the bucket: {key(r)} of {about(r)}"
+                 for r in finished if key(r) not in objects]
+    replayed = {r.data.tags.get("cell") for r in finished if r.data.tags.get("replayed") == "true"}
+    why = [line.strip() for line in log.splitlines()
+           if "MLflow logging of" in line or "cannot create the MLflow run" in line]
+    superseded = []
+    for r in children:
+        if r.info.status == "FINISHED":
+            continue
+        if r.info.status == "KILLED" and r.data.tags.get("cell") in replayed:
+            superseded.append(about(r))
+        else:
+            problems.append(f"a trial run that is no result and was not replayed: {about(r)}")
+    return problems, (superseded + why if superseded else [])
+
+
 @pytest.mark.slow
 def test_sweep_as_runner_lands_in_postgres_and_s3(stack, sweep, as_runner, tmp_path):
     from mlflow import MlflowClient
@@ -215,11 +256,14 @@ def test_sweep_as_runner_lands_in_postgres_and_s3(stack, sweep, as_runner, tmp_p
     spans = [(r.info.start_time, r.info.end_time) for r in children]
     overlap = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
     assert overlap >= 3, spans  # the trials really logged to the one server at once
-    objects = _s3_objects(stack)
-    for r in children:  # the weights are objects in the bucket, put there by the server
-        key = (f"mlartifacts/{exp.experiment_id}/{r.info.run_id}/artifacts/projectors/"
-               "projectors.safetensors")
-        assert key in objects, sorted(objects)
+    # the weights are objects in the bucket, put there by the server: every result's (a trial
+    # whose own logging failed left a KILLED attempt beside its replayed result; said, not failed)
+    problems, superseded = _weights_problems(children, _s3_objects(stack), exp.experiment_id,
+                                             4, sweep["out"])
+    assert not problems, "\n".join(problems + superseded)
+    if superseded:
+        warnings.warn("a trial's own MLflow logging failed; its record was replayed:\n"
+                      + "\n".join(superseded))
     # all of it was done as the runner, who is no admin: creating a user is refused to it
     _auth_api(server.url, "POST", "users/create", (RUNNER, stack["keys"]["runner"]), status=403,
               json={"username": "intruder", "password": _secret("intruder")})
