@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import time
+from pathlib import Path
 
 import pytest
 
@@ -61,7 +62,7 @@ def check_against_records(server, experiment: str, storage, cells: int = 8) -> d
         points += len(rec.metrics) + len(curve)
         local = client.download_artifacts(r.info.run_id, "projectors/projectors.safetensors",
                                           str(server.tmp / "dl" / r.info.run_id))
-        assert open(local, "rb").read() == read_bytes(url)  # the weights, byte for byte
+        assert Path(local).read_bytes() == read_bytes(url)  # the weights, byte for byte
     return {"runs": len(finished), "points": points, "all_runs": len(all_runs)}
 
 
