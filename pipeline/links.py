@@ -32,13 +32,13 @@ def link_cells(tracker: tracking.Tracker, context: TrialContext, cells: list[Any
                plans: Mapping[str, reuse.Plan]) -> tuple[PhaseResult, list[Any]]:
     """Link every cell of `cells` (all planned `link`) into `context`'s experiment. Returns
     the result and the cells to train instead: those whose source could not be copied (its
-    artifacts gone, ...). When MLflow itself stops answering, the cells left fail (the next
-    submission links them) instead of each waiting out its retries."""
+    artifacts gone, ...). When MLflow itself stops answering, raises its TrackingUnavailable
+    at once (no cell waits out the retries again; the next submission links the rest)."""
     out, train = PhaseResult(), []
     if cells:
         say(f"link phase: {len(cells)} cell(s) already FINISHED in another experiment of the "
             f"store, linked here instead of trained again")
-    for i, cell in enumerate(cells):
+    for cell in cells:
         src = plans[cell.name].source
         try:
             run = tracker.client.get_run(src.run_id)
@@ -50,11 +50,7 @@ def link_cells(tracker: tracking.Tracker, context: TrialContext, cells: list[Any
             out.linked.append(cell.name)
         except Exception as e:
             why = f"{type(e).__name__}: {tracking.short_error(e)}"
-            try:
-                tracker.check()
-            except tracking.TrackingUnavailable as gone:
-                out.failed += [(c.name, f"not linked: {gone}") for c in cells[i:]]
-                break
+            tracker.check()  # (raises TrackingUnavailable when MLflow itself is gone)
             say(f"warning: {cell.name}: could not link {src.label} ({why}); training it")
             train.append(cell)
     return out, train

@@ -286,7 +286,8 @@ def submit(args: argparse.Namespace, spec: SweepSpec, uri: str, grid: list[GridC
             todo = sub.todo(grid, finished)
             plans = {} if args.rerun or args.no_reuse else sub.reuse_plans(todo, done_code,
                                                                            code.version)
-        except lost_errors() as e:
+            todo = link_phase(sub, args, todo, plans, code)
+        except lost_errors() as e:  # (before any trial: the link phase raises it too)
             return sub.lost(e, args.replay)
         run_phases(sub, args, grid, todo, plans, code)
         sub.replay_records()
@@ -294,25 +295,32 @@ def submit(args: argparse.Namespace, spec: SweepSpec, uri: str, grid: list[GridC
     return sub.outcome.exit_code()
 
 
+def phase_context(sub: Submission, args: argparse.Namespace, code: Any, job: str = "") -> Any:
+    """The grid phase's TrialContext of this submission (`job`: the Ray job, "" before Ray)."""
+    spec = sub.spec
+    return trial_context(spec, sub.uri, sub.exp_id, sub.parent, code, args, ray_job_id=job,
+                         user=sub.user, varied_fields=tuple(spec.varied_fields),
+                         known_data=tracking.known_digests())
+
+
+def link_phase(sub: Submission, args: argparse.Namespace, todo: list[GridCell],
+               plans: dict[str, Any], code: Any) -> list[GridCell]:
+    """Link the cells planned `link` (in the driver, before Ray: no trial, no job); returns the
+    cells left to run, with those whose source could not be copied. MLflow lost: raises
+    `TrackingUnavailable` (the submission then stops as before any trial, exit 3)."""
+    links = [c for c in todo if c.name in plans and plans[c.name].kind == reuse.LINK]
+    if not links:
+        return todo
+    linked, fallback = link_cells(sub.tracker, phase_context(sub, args, code), links, plans)
+    sub.outcome.add(linked)
+    return [c for c in todo if c not in links] + fallback
+
+
 def run_phases(sub: Submission, args: argparse.Namespace, grid: list[GridCell],
                todo: list[GridCell], plans: dict[str, Any], code: Any) -> None:
-    """The link phase (cells served by runs of other experiments; one whose source cannot be
-    copied trains instead), the grid phase over the rest of `todo`, then the search phase;
-    their results go to `sub.outcome`."""
+    """The grid phase over `todo` (trained and `evaluate` cells), then the search phase; their
+    results go to `sub.outcome`."""
     spec = sub.spec
-    links = [c for c in todo if c.name in plans and plans[c.name].kind == reuse.LINK]
-    todo = [c for c in todo if c not in links]
-
-    def context(job: str = "") -> Any:
-        return trial_context(spec, sub.uri, sub.exp_id, sub.parent, code, args, ray_job_id=job,
-                             user=sub.user, varied_fields=tuple(spec.varied_fields),
-                             known_data=tracking.known_digests())
-
-    if links:  # in the driver, before Ray: no trial, no job
-        linked, fallback = link_cells(sub.tracker, context(), links, plans)
-        sub.outcome.add(linked)
-        todo += fallback
-        sub.kill_unfinished_children()
     if not todo and spec.search is None:
         return
     prepare_data(todo, spec)
@@ -320,7 +328,7 @@ def run_phases(sub: Submission, args: argparse.Namespace, grid: list[GridCell],
     # (the world exists now) the datasets the trials read: the cells', the search's base
     tracking.grid_data_digests([c.config for c in todo] +
                                ([spec.base_config()] if spec.search else []))
-    ctx = context(ray_job_id())
+    ctx = phase_context(sub, args, code, ray_job_id())
     if todo:
         sub.outcome.add(run_grid(spec, grid, todo, ctx, args.max_concurrent, args.rerun, plans))
         sub.kill_unfinished_children()

@@ -335,3 +335,24 @@ def signal_pids(pids: list[int], sig: int) -> None:
 __all__ = ["MlflowServer", "S3Endpoint", "free_port", "cli_env", "start_cli", "finish",
            "kill_group", "processes_naming", "signal_pids", "RecipeMlflowServer", "Postgres",
            "postgres_bindir", "postgres_missing"]
+
+
+def results_and_attempts(children: list) -> tuple[list, list, list[str]]:
+    """(FINISHED runs, superseded attempts, problems) of a sweep's trial runs (MLflow `Run`s).
+    A trial whose own MLflow logging failed part-way leaves its run RUNNING, which the driver
+    marks KILLED after the phase, and the trial's storage record is replayed into a new FINISHED
+    run tagged `replayed` (`pipeline.trainable.log_result`, by design; seen under load). Such a
+    KILLED attempt is no problem beside that replayed result; any other non-FINISHED run is."""
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    replayed = {r.data.tags.get("cell") for r in finished if r.data.tags.get("replayed") == "true"}
+    attempts, problems = [], []
+    for r in children:
+        if r.info.status == "FINISHED":
+            continue
+        if r.info.status == "KILLED" and r.data.tags.get("cell") in replayed:
+            attempts.append(r)
+        else:
+            problems.append(f"run {r.info.run_id} ({r.data.tags.get('cell')}, {r.info.status}, "
+                            f"status_detail={r.data.tags.get('status_detail')!r}) is no result "
+                            f"and was not replayed")
+    return finished, attempts, problems

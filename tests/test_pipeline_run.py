@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from servers import MlflowServer  # tests/servers.py
+from servers import MlflowServer, results_and_attempts  # tests/servers.py
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -487,8 +487,12 @@ def test_parallel_trials_against_a_tracking_server_lose_no_metric(tmp_path, worl
                    storage=tmp_path / "runs", tracking=mlflow_server, name="server")
     rc, out = run([str(y), "--max-concurrent", "2"], capsys)
     assert rc == 0, out
-    runs = {r.data.tags["record_id"]: r for r in children(mlflow_server, "test/server")}
-    assert len(runs) == 4 and {r.info.status for r in runs.values()} == {"FINISHED"}
+    # (a trial whose own logging failed under load leaves a KILLED attempt beside its replayed
+    # result: by design, tests/servers.py results_and_attempts)
+    finished, _, problems = results_and_attempts(children(mlflow_server, "test/server"))
+    assert not problems, problems
+    runs = {r.data.tags["record_id"]: r for r in finished}
+    assert len(runs) == 4
     # trials overlapped in time (two at once on two CPUs)
     spans = sorted((r.info.start_time, r.info.end_time) for r in runs.values())
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:]))

@@ -311,3 +311,22 @@ def test_errors_quoting_a_uri_lose_its_credentials():
     e = RuntimeError("API request to http://alice:s3cret@mlflow:5000/api/2.0/runs/get failed")
     assert "s3cret" not in short_error(e) and "http://***@mlflow:5000" in short_error(e)
     assert redact_text("no uri here") == "no uri here"
+
+
+def test_mlflow_gone_during_the_link_phase_stops_it(tmp_path, monkeypatch):
+    from servers import free_port  # tests/servers.py
+
+    from pipeline.links import link_cells
+    from pipeline.reuse import LINK, Plan, Source
+    from pipeline.spec import GridCell
+    from pipeline.submission import lost_errors
+    from pipeline.tracking import Tracker
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast; user values win
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    down = Tracker(f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    cfg = TrainConfig(dataset="ToyShapes")
+    cells_ = [GridCell("a", cfg, cfg.config_hash())]
+    with pytest.raises(lost_errors()):  # the submission's exit 3, not a cell trained instead
+        link_cells(down, _context(down.tracking_uri, "1", ""), cells_,
+                   {"a": Plan(LINK, Source("0" * 32, "src", "0" * 32))})

@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 from servers import (REPO, Postgres, RecipeMlflowServer, finish, postgres_missing,  # tests/
-                     start_cli)
+                     results_and_attempts, start_cli)
 
 pytestmark = pytest.mark.timeout(900)  # the first test starts the stack and runs the sweep
 
@@ -216,22 +216,14 @@ def _weights_problems(children: list, objects: dict[str, bytes], experiment_id: 
                 f"{t.get('status_detail')!r}; its objects: "
                 f"{sorted(k for k in objects if f'/{r.info.run_id}/' in k)})")
 
-    finished = [r for r in children if r.info.status == "FINISHED"]
-    problems = [f"{len(finished)} FINISHED trial runs, not {cells}"] \
-        if len(finished) != cells else []
+    finished, attempts, problems = results_and_attempts(children)
+    if len(finished) != cells:
+        problems.append(f"{len(finished)} FINISHED trial runs, not {cells}")
     problems += [f"weights missing in the bucket: {key(r)} of {about(r)}"
                  for r in finished if key(r) not in objects]
-    replayed = {r.data.tags.get("cell") for r in finished if r.data.tags.get("replayed") == "true"}
     why = [line.strip() for line in log.splitlines()
            if "MLflow logging of" in line or "cannot create the MLflow run" in line]
-    superseded = []
-    for r in children:
-        if r.info.status == "FINISHED":
-            continue
-        if r.info.status == "KILLED" and r.data.tags.get("cell") in replayed:
-            superseded.append(about(r))
-        else:
-            problems.append(f"a trial run that is no result and was not replayed: {about(r)}")
+    superseded = [about(r) for r in attempts]
     return problems, (superseded + why if superseded else [])
 
 

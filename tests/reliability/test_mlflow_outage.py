@@ -88,7 +88,9 @@ def test_parallel_trials_then_an_outage_lose_nothing(tmp_path, world, weights, m
                    storage=tmp_path / "runs-outage", tracking=server.url, name="srv",
                    experiment="rel/srv-outage", **GRID)
     log = tmp_path / "outage.log"
-    p = start_cli([str(y), "--max-concurrent", "4", "--ignore-code-version"], log)
+    # --no-reuse: the cells of step 1 are in the store; this step is about trials that train
+    # (and log) while the server goes away, not about linking them (pipeline/reuse.py)
+    p = start_cli([str(y), "--max-concurrent", "4", "--ignore-code-version", "--no-reuse"], log)
     deadline, running = time.time() + 300, []
     while time.time() < deadline and p.poll() is None and not running:
         running = [r for r in _children(server.db) if r["status"] == "RUNNING"
