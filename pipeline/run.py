@@ -426,8 +426,9 @@ def summary(spec: SweepSpec, uri: str, out: Outcome) -> None:
         + (f"{len(out.linked)} linked from other experiments, " if out.linked else "")
         + f"{len(out.failed)} failed ===")
     if out.evaluated:
-        say(f"  {len(out.evaluated)} cell(s) evaluated the weights of a finished training "
-            f"instead of training again (tags reuse, reused_from, trained_by)")
+        say(f"  {len(out.evaluated)} cell(s) planned to evaluate the weights of a finished "
+            f"training instead of training again (their runs: tag reuse=evaluate; one whose "
+            f"weights could not be fetched trained, its trial's log says why)")
     for name, reason in out.failed:
         say(f"  FAILED {name}: {reason}")
     if out.search_best:
