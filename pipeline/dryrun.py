@@ -63,26 +63,44 @@ def _store(uri: str, source: str) -> tracking.Tracker | None:
     if not layout.store_exists(uri):
         return None
     tracker = tracking.Tracker(uri)
+    return _guarded(lambda: tracker.check() or tracker, None, source, uri)
+
+
+def _guarded(read: Any, empty: Any, source: str, uri: str) -> Any:
+    """`read()`, or `empty` with a warning when the store fails on it (a dry run still shows
+    the work; a real run refuses, exit 2)."""
     try:
-        tracker.check()
-        return tracker
-    except Exception as e:  # a dry run still shows the work; a real run refuses (exit 2)
+        return read()
+    except Exception as e:
         say(f"warning: {source}: tracking store {layout.redact_uri(uri)} not readable "
-            f"({type(e).__name__}): every cell is shown as todo; a real run would stop here")
-        return None
+            f"({type(e).__name__}: {tracking.short_error(e)}): shown as if empty; a real run "
+            f"would stop here")
+        return empty
 
 
 def finished(tracker: tracking.Tracker | None, spec: SweepSpec, grid: list[GridCell],
              code_version: str | None) -> dict[str, Any]:
     """config hash -> FINISHED run of the cells done in the sweep's experiment."""
-    if tracker is None:
-        return {}
-    exp = tracker.client.get_experiment_by_name(spec.experiment)
-    if exp is None:
-        return {}
-    return tracker.finished_by_hash(
-        exp.experiment_id, phase=layout.GRID_PHASE, code_version=code_version, warn=say,
-        data=tracking.grid_data_digests([c.config for c in grid], say))
+    exp = tracker.client.get_experiment_by_name(spec.experiment) if tracker else None
+    return {} if exp is None else tracker.finished_cells(
+        exp.experiment_id, [c.config for c in grid], code_version, say)
+
+
+def plan_sweep(tracker: tracking.Tracker | None, index: reuse.ReuseIndex, spec: SweepSpec,
+               grid: list[GridCell], versions: Versions
+               ) -> tuple[dict[str, Any], list[GridCell], dict[str, reuse.Plan]]:
+    """(done runs by hash, cells to run, their plans) of one sweep, as a submission finds them."""
+    done = _guarded(lambda: finished(tracker, spec, grid, versions.done), {}, spec.source,
+                    tracker.tracking_uri if tracker else "")
+    todo = [c for c in grid if c.config_hash not in done]
+    return done, todo, reuse.plan_cells(index, todo, tracking.grid_data_digests(
+        [c.config for c in todo]))
+
+
+def search_samples(spec: SweepSpec) -> list[tuple]:
+    """The estimate's search samples: their searched fields are unknown, the fixed settings."""
+    return [(f"search sample {i + 1}", spec.base_config(), "search (fixed settings)")
+            for i in range(spec.search.num_samples)] if spec.search else []
 
 
 def reuse_index(tracker: tracking.Tracker | None, versions: Versions,
@@ -124,11 +142,9 @@ def dry_run(spec: SweepSpec, grid: list[GridCell], uri: str, versions: Versions,
             rerun: bool, use_reuse: bool, opts: Options) -> int:
     """Print the cells and totals of one sweep (exit code 0, 2 for an estimate problem)."""
     tracker = None if rerun else _store(uri, spec.source)
-    done = _guarded(lambda: finished(tracker, spec, grid, versions.done), {}, spec.source, uri)
-    todo = [c for c in grid if c.config_hash not in done]
     index = _guarded(lambda: reuse_index(tracker, versions, use_reuse), reuse.ReuseIndex(),
                      spec.source, uri)
-    plans = reuse.plan_cells(index, todo, tracking.grid_data_digests([c.config for c in todo]))
+    done, todo, plans = plan_sweep(tracker, index, spec, grid, versions)
     _cell_table(spec, grid, done, plans)
     n = reuse.count(plans)
     reused = (f" ({n[reuse.LINK]} to link, {n[reuse.EVALUATE]} to evaluate from a finished "
@@ -139,10 +155,7 @@ def dry_run(spec: SweepSpec, grid: list[GridCell], uri: str, versions: Versions,
     say(f"experiment {spec.experiment!r} at {layout.redact_uri(uri)}; "
         f"storage {layout.redact_uri(spec.storage)}; "
         f"per trial {spec.resources.cpu:g} CPU, {spec.resources.gpu:g} GPU")
-    named = to_run(spec, todo, plans)
-    if spec.search is not None:  # the samples' searched fields are unknown: the fixed settings
-        named += [(f"search sample {i + 1}", spec.base_config(), "search (fixed settings)")
-                  for i in range(spec.search.num_samples)]
+    named = to_run(spec, todo, plans) + search_samples(spec)
     try:
         est = _estimate(spec, named, opts, done.values())
     except estimate.EstimateError as e:
@@ -185,20 +198,16 @@ def suite_dry_run(label: str, specs: list[tuple[SweepSpec, list[GridCell]]], uri
     after: dict[str, tuple[SweepSpec, list[tuple]]] = {}
     lines = []
     for spec, grid in specs:
-        done = _guarded(lambda: finished(tracker, spec, grid, versions.done), {}, spec.source, uri)
-        todo = [c for c in grid if c.config_hash not in done]
-        plans = reuse.plan_cells(index, todo, tracking.grid_data_digests(
-            [c.config for c in todo]))
+        done, todo, plans = plan_sweep(tracker, index, spec, grid, versions)
         if use_reuse:  # what this sweep runs, a later one finds (the real run's order)
             index.add_planned([c for c in todo if plans[c.name].kind != reuse.LINK], spec.name)
         n = reuse.count(plans)
         lines.append(f"  {spec.name:<24} {len(grid):>5} cells {len(done):>5} done "
                      f"{n[reuse.LINK]:>5} link {n[reuse.EVALUATE]:>4} evaluate "
                      f"{n[reuse.TRAIN]:>5} train   ({spec.experiment})")
-        search = [(f"search sample {i + 1}", spec.base_config(), "search")
-                  for i in range(spec.search.num_samples)] if spec.search else []
-        before[spec.name] = (spec, [(c.name, c.config, spec.name) for c in todo] + search)
-        after[spec.name] = (spec, to_run(spec, todo, plans) + search)
+        before[spec.name] = (spec, [(c.name, c.config, spec.name) for c in todo]
+                             + search_samples(spec))
+        after[spec.name] = (spec, to_run(spec, todo, plans) + search_samples(spec))
     cells_ = [c for _, grid in specs for c in grid]
     say(f"suite {label}: {len(specs)} sweeps, in this order, into {layout.redact_uri(uri)}")
     for line in lines:
@@ -217,18 +226,6 @@ def suite_dry_run(label: str, specs: list[tuple[SweepSpec, list[GridCell]]], uri
             say(f"{spec.name}:")
             estimate.memory_report(rows, say, spec.resources.gpu, opts.gpu_gb)
     return 0
-
-
-def _guarded(read: Any, empty: Any, source: str, uri: str) -> Any:
-    """`read()`, or `empty` with a warning when the store fails on it (a dry run still shows
-    the work; a real run would stop)."""
-    try:
-        return read()
-    except Exception as e:
-        say(f"warning: {source}: tracking store {layout.redact_uri(uri)} not readable "
-            f"({type(e).__name__}: {tracking.short_error(e)}): shown as if empty; a real run "
-            f"would stop here")
-        return empty
 
 
 def _work_line(what: str, named: dict[str, tuple[SweepSpec, list[tuple]]],
@@ -256,4 +253,5 @@ def _work_line(what: str, named: dict[str, tuple[SweepSpec, list[tuple]]],
     say(line)
 
 
-__all__ = ["DryRunError", "Options", "Versions", "dry_run", "suite_dry_run", "finished", "to_run"]
+__all__ = ["DryRunError", "Options", "Versions", "dry_run", "suite_dry_run", "finished",
+           "plan_sweep", "search_samples", "to_run"]

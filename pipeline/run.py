@@ -141,11 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     return run_sweep(args)
 
 
-def run_sweep(args: argparse.Namespace) -> int:
-    """Check the sweep, then a dry run, a zero-shot check, or a submission (`submit`)."""
+def run_sweep(args: argparse.Namespace, loaded: tuple[SweepSpec, str] | None = None) -> int:
+    """Check the sweep (`loaded`: its spec and tracking URI, already read by a suite), then a
+    dry run, a zero-shot check, or a submission (`submit`)."""
     try:
-        spec = load_spec(args.sweep, overrides=args.overrides)
-        uri = resolve_tracking_uri(spec, args.tracking_uri)
+        spec = loaded[0] if loaded else load_spec(args.sweep, overrides=args.overrides)
+        uri = loaded[1] if loaded else resolve_tracking_uri(spec, args.tracking_uri)
     except SpecError as e:
         say(str(e))
         return 2
@@ -163,9 +164,9 @@ def run_sweep(args: argparse.Namespace) -> int:
         if refused:
             say(refused)
             return 2
-    code = code_version()
     if args.dry_run:
-        return dry_run(args, spec, grid, uri, code.version)
+        return dry_run(args, [(spec, grid)], uri)
+    code = code_version()
     if args.bench or args.trial_overhead_s is not None or args.gpu_memory:
         say("--bench, --trial-overhead-s and --gpu-memory go with --dry-run (they estimate, "
             "they run nothing)")
@@ -209,7 +210,7 @@ def run_suite(args: argparse.Namespace, label: str, files: list[str]) -> int:
         return 2
     specs, uri = loaded
     if args.dry_run:
-        return suite_dry_run(args, label, specs, uri)
+        return dry_run(args, [(s, group_order(cells(s))) for s in specs], uri, suite=label)
     refused = [r for r in (check_before_running(s, uri, group_order(cells(s))) for s in specs)
                if r]  # every sweep's storage, checkpoint and data checked before the first runs
     if refused:
@@ -217,28 +218,15 @@ def run_suite(args: argparse.Namespace, label: str, files: list[str]) -> int:
         say(f"suite {label}: nothing was run")
         return 2
     codes: dict[str, int] = {}
-    for i, f in enumerate(files, 1):
+    for i, (f, spec) in enumerate(zip(files, specs), 1):
         say(f"\n=== suite {label}: sweep {i}/{len(files)}: {f} ===")
-        codes[f] = run_sweep(argparse.Namespace(**{**vars(args), "sweep": f}))
+        codes[f] = run_sweep(argparse.Namespace(**{**vars(args), "sweep": f}), (spec, uri))
         if codes[f] in (2, 3):
             break
     say(f"\n=== suite {label}: {len(codes)} of {len(files)} sweeps run ===")
     for f in files:
         say(f"  {f}: " + (f"exit {codes[f]}" if f in codes else "not run"))
     return max(codes.values())
-
-
-def suite_dry_run(args: argparse.Namespace, label: str, specs: list[SweepSpec], uri: str) -> int:
-    from pipeline import dryrun
-
-    try:
-        opts = dryrun.Options(args.bench, args.trial_overhead_s, args.gpu_memory)
-    except dryrun.DryRunError as e:
-        say(str(e))
-        return 2
-    return dryrun.suite_dry_run(label, [(s, group_order(cells(s))) for s in specs], uri,
-                                dryrun.Versions.of(args, code_version().version), args.rerun,
-                                not (args.rerun or args.no_reuse), opts)
 
 
 def check_before_running(spec: SweepSpec, uri: str, grid: list[GridCell]) -> str:
@@ -339,8 +327,9 @@ def run_phases(sub: Submission, args: argparse.Namespace, grid: list[GridCell],
 # --- dry run -------------------------------------------------------------------------------------
 
 
-def dry_run(args: argparse.Namespace, spec: SweepSpec, grid: list[GridCell], uri: str,
-            current_version: str) -> int:
+def dry_run(args: argparse.Namespace, sweeps: list[tuple[SweepSpec, list[GridCell]]], uri: str,
+            suite: str = "") -> int:
+    """`--dry-run` of one sweep, or of the suite `suite` (`pipeline.dryrun`)."""
     from pipeline import dryrun
 
     try:
@@ -348,8 +337,12 @@ def dry_run(args: argparse.Namespace, spec: SweepSpec, grid: list[GridCell], uri
     except dryrun.DryRunError as e:
         say(str(e))
         return 2
-    return dryrun.dry_run(spec, grid, uri, dryrun.Versions.of(args, current_version),
-                          args.rerun, not (args.rerun or args.no_reuse), opts)
+    versions = dryrun.Versions.of(args, code_version().version)
+    use_reuse = not (args.rerun or args.no_reuse)
+    if suite:
+        return dryrun.suite_dry_run(suite, sweeps, uri, versions, args.rerun, use_reuse, opts)
+    (spec, grid), = sweeps
+    return dryrun.dry_run(spec, grid, uri, versions, args.rerun, use_reuse, opts)
 
 
 def prepare_data(todo: list[GridCell], spec: SweepSpec) -> None:

@@ -128,9 +128,8 @@ class Submission:
 
     def finished(self, grid: list[Any], code_version: str | None) -> dict[str, Any]:
         """config hash -> the FINISHED grid-phase run of each cell already done."""
-        return self.tracker.finished_by_hash(
-            self.exp_id, phase=layout.GRID_PHASE, code_version=code_version, warn=say,
-            data=tracking.grid_data_digests([c.config for c in grid], say))
+        return self.tracker.finished_cells(self.exp_id, [c.config for c in grid], code_version,
+                                           say)
 
     def todo(self, grid: list[Any], finished: dict[str, Any]) -> list[Any]:
         """The cells to run (the others count as done before this submission)."""

@@ -689,6 +689,13 @@ class Tracker:
                 warn(line)
         return out
 
+    def finished_cells(self, experiment_id: str, configs: list[TrainConfig],
+                       code_version: str | None, warn: Any) -> dict[str, Any]:
+        """config hash -> the FINISHED grid-phase run of each of `configs` already done, by
+        the data they read now (the driver's and the dry run's "what is done")."""
+        return self.finished_by_hash(experiment_id, phase=GRID_PHASE, code_version=code_version,
+                                     warn=warn, data=grid_data_digests(configs, warn))
+
     def finished_run(self, experiment_id: str, config_hash: str, *, phase: str,
                      code_version: str | None, data: dict[str, Any] | None = None
                      ) -> Any | None:

@@ -13,7 +13,7 @@ like its steps, each a function below:
 4. `train`: `fit` with a callback that reports progress to Tune and a checkpoint adapter over
    `tune.get_checkpoint()` / `tune.Checkpoint.from_directory`, so a retried trial resumes; a
    cell the driver planned as `evaluate` (`pipeline.reuse`) instead loads the projectors of the
-   run that trained them and only evaluates (`evaluate_reused`);
+   run that trained them (`reused_weights`, before the run opens) and only evaluates;
 5. `persist_record`: the result as a storage record (JSON + safetensors, local or s3) *before*
    MLflow, so an MLflow outage loses nothing (`python -m pipeline.run SWEEP --replay`);
 6. `log_and_close`: metrics, curves (per optimizer step and per epoch) and artifacts to MLflow,
@@ -707,10 +707,9 @@ def reused_weights(trial: Trial) -> None:
     except Exception as e:
         logger.warning("%s: the weights of run %s cannot be evaluated (%s: %s); training the "
                        "cell instead", trial.name, src, type(e).__name__, tracking.short_error(e))
-        trial.clock.lap("reused_weights")
-        return
-    trial.plan, trial.weights = plan, state
-    trial.source_losses = {k: v for k, v in metrics.items() if k.startswith("train/")}
+    else:
+        trial.plan, trial.weights = plan, state
+        trial.source_losses = {k: v for k, v in metrics.items() if k.startswith("train/")}
     trial.clock.lap("reused_weights")
 
 

@@ -444,16 +444,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from pipeline.spec import SpecError, cells, group_order, load_spec, locate_sweep
-
     from pipeline.suite import is_suite
 
     args = build_parser().parse_args(argv)
-    if is_suite(locate_sweep(args.sweep, print)):
+    path = locate_sweep(args.sweep, print)
+    if is_suite(path):
         print(f"{args.sweep} is a suite file: give one of its sweeps (they share datasets; "
               f"`sweeps/base2novel.yaml` and `sweeps/cross_dataset.yaml` cover the paper's)")
         return 2
     try:
-        spec = load_spec(locate_sweep(args.sweep, print), overrides=args.overrides)
+        spec = load_spec(path, overrides=args.overrides)
     except SpecError as e:
         print(str(e))
         return 2
