@@ -281,7 +281,12 @@ def test_a_link_whose_source_cannot_be_copied_trains_instead(tmp_path, capsys):
     assert b.data.params["dataset"] == "ToyShapes"  # the cell's params
 
 
-def test_an_evaluate_cell_whose_weights_are_gone_trains(tmp_path):
+def test_an_evaluate_cell_takes_good_weights_and_trains_without_them(tmp_path):
+    import json
+
+    from safetensors.torch import save
+
+    from perl_core.train import PROJECTORS_FORMAT
     from pipeline.reuse import EVALUATE, TRAIN
     from pipeline.tracking import Tracker
     from pipeline.trainable import Trial, _Clock, reused_weights
@@ -289,19 +294,43 @@ def test_an_evaluate_cell_whose_weights_are_gone_trains(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     t = Tracker(uri)
     exp = t.experiment_id("test/links")
-    cfg = TrainConfig(dataset="ToyShapes")
-    src = t.start_trial(exp, "", "src", cfg, {})  # no projectors logged
-    t.end(src, "FINISHED")
-    cell = {"name": "c", "config": cfg.to_dict(),
-            "reuse": {"kind": EVALUATE, "run_id": src, "trained_by": src}}
-    trial = Trial({"cell": cell}, _context(uri, exp, ""), "c", cfg, cfg.config_hash(), [], t,
-                  _Clock())
-    reused_weights(trial)
-    assert trial.plan.kind == TRAIN and trial.weights is None  # trains: a bad source never fails
-    no_reuse = dataclasses.replace(_context(uri, exp, ""), reuse=False)
-    off = Trial({"cell": cell}, no_reuse, "c", cfg, cfg.config_hash(), [], t, _Clock())
-    reused_weights(off)  # --no-reuse on a restored Tune grid: the entry is not followed
-    assert off.plan.kind == TRAIN
+    cfg = TrainConfig(dataset="ToyWorld", protocol="domain_generalization",
+                      eval_datasets=("ToyWorldV2",))
+    trained = cfg.replace(protocol="cross_dataset", eval_datasets=("ToyShapes",))
+    good = t.start_trial(exp, "", "good", trained, {})  # projectors of the same training
+    blob = save({"w": torch.ones(2)}, metadata={"format": PROJECTORS_FORMAT,
+                                                "config": json.dumps(trained.to_dict())})
+    (tmp_path / "projectors").mkdir()
+    (tmp_path / "projectors" / "projectors.safetensors").write_bytes(blob)
+    t.client.log_artifacts(good, str(tmp_path / "projectors"), "projectors")
+    t.client.log_metric(good, "train/loss", 0.5)
+    gone = t.start_trial(exp, "", "gone", trained, {})  # no projectors logged
+    for rid in (good, gone):
+        t.end(rid, "FINISHED")
+
+    def trial(src: str, reuse: bool = True) -> Trial:
+        cell = {"name": "c", "config": cfg.to_dict(),
+                "reuse": {"kind": EVALUATE, "run_id": src, "trained_by": src}}
+        ctx = dataclasses.replace(_context(uri, exp, ""), reuse=reuse)
+        got = Trial({"cell": cell}, ctx, "c", cfg, cfg.config_hash(), [], t, _Clock())
+        reused_weights(got)
+        return got
+
+    ok = trial(good)
+    assert ok.plan.kind == EVALUATE and ok.plan.source.run_id == good
+    assert torch.equal(ok.weights["w"], torch.ones(2))
+    assert ok.source_losses == {"train/loss": 0.5}
+    bad = trial(gone)
+    assert bad.plan.kind == TRAIN and bad.weights is None  # trains: a bad source never fails
+    off = trial(good, reuse=False)  # --no-reuse on a restored Tune grid: the entry not followed
+    assert off.plan.kind == TRAIN and off.weights is None
+    other = cfg.replace(seed=2)  # weights of another training are refused: it trains
+    cell = {"name": "c", "config": other.to_dict(),
+            "reuse": {"kind": EVALUATE, "run_id": good, "trained_by": good}}
+    wrong = Trial({"cell": cell}, _context(uri, exp, ""), "c", other, other.config_hash(), [],
+                  t, _Clock())
+    reused_weights(wrong)
+    assert wrong.plan.kind == TRAIN and wrong.weights is None
 
 
 def test_errors_quoting_a_uri_lose_its_credentials():
