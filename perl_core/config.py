@@ -157,8 +157,14 @@ class TrainConfig:
 
     def config_hash(self) -> str:
         """sha256 of the canonical JSON of every field that can change the result."""
-        blob = json.dumps(self.hashed_fields(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return fields_digest(self.hashed_fields())
+
+
+def fields_digest(d: dict[str, Any]) -> str:
+    """The 16-hex sha256 of a mapping's canonical JSON: `config_hash`, and
+    `perl_core.protocol.training_hash` of a reduced set of the hashed fields."""
+    blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 EXECUTION_FIELDS = ("data_root", "device", "eval_batch_size", "num_workers", "jacobian_samples",
@@ -367,6 +373,6 @@ _ADAPTERS = {name: TypeAdapter(Annotated[(info.annotation, *info.metadata)] if i
 
 __all__ = ["TrainConfig", "ConfigError", "validate_field", "decode_param", "field_rule",
            "unknown_field",
-           "SCHEMA_VERSION", "FIELD_NAMES", "EXECUTION_FIELDS", "LEGACY_VALUES",
+           "SCHEMA_VERSION", "fields_digest", "FIELD_NAMES", "EXECUTION_FIELDS", "LEGACY_VALUES",
            "SPECIFIC_VARIANTS", "CANONICAL_FIELDS", "canonical_values", "literal_choices",
            "is_list_field"]

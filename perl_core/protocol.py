@@ -26,13 +26,11 @@ on a machine with only the tracking dependencies.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
-from perl_core.config import TrainConfig, literal_choices
+from perl_core.config import TrainConfig, fields_digest, literal_choices
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +118,7 @@ def training_hash(cfg: TrainConfig) -> str:
     d = cfg.hashed_fields()
     d.pop("eval_datasets", None)
     d["protocol"] = _TRAINS_ON[cfg.protocol]
-    blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return fields_digest(d)
 
 
 def _val_set(train_splits: Any, source: str) -> list[EvalSet]:
