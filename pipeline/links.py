@@ -1,8 +1,9 @@
 """The driver's link phase (`pipeline.reuse`, plan `link`): each cell whose config hash already
 has a FINISHED run elsewhere in the store becomes a FINISHED run of this submission, in this
 sweep's experiment, carrying the source's result (`Tracker.log_link`). It runs before the grid
-phase, needs no Ray and starts no trial; a link that fails (the source's artifacts gone, MLflow
-away) fails its cell with the reason, and the next submission links it again."""
+phase, needs no Ray and starts no trial. A cell whose source cannot be copied (its artifacts
+gone) trains instead; when MLflow itself goes away the phase raises, and the submission stops as
+one that lost MLflow before any trial (exit 3; the next submission links the rest)."""
 
 from __future__ import annotations
 
